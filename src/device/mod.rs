@@ -1,0 +1,166 @@
+//! Devices: the CPU (always there), every CUDA GPU and every wgpu adapter.
+//!
+//! Device contexts are created at first use and live for the rest of the process; a
+//! [`Device`] is a small copyable handle that names one of them.
+
+pub(crate) mod cpu;
+#[cfg(feature = "cuda")]
+pub(crate) mod cuda;
+pub(crate) mod pool;
+#[cfg(feature = "wgpu")]
+pub(crate) mod wgpu;
+
+use crate::{Error, Result};
+use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+/// Where a tensor lives and its ops run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Device {
+    /// The host, with rayon. Every op's reference implementation.
+    Cpu,
+    /// A CUDA GPU, by driver ordinal.
+    Cuda(usize),
+    /// A wgpu adapter, by its index in the list [`Device::all`] enumerates (Vulkan, Metal, DX12).
+    Wgpu(usize),
+}
+
+/// What kind of hardware a device is, for choosing among them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceKind {
+    Cpu,
+    /// A GPU driven through CUDA.
+    CudaGpu,
+    /// A discrete GPU behind wgpu.
+    DiscreteGpu,
+    /// An integrated GPU behind wgpu.
+    IntegratedGpu,
+    /// A GPU of unknown or virtual kind behind wgpu.
+    OtherGpu,
+    /// A software rasteriser such as Mesa's lavapipe: correct, but slower than the CPU backend.
+    SoftwareAdapter,
+}
+
+/// What a device is, as [`Device::info`] reports it.
+#[derive(Debug, Clone)]
+pub struct DeviceInfo {
+    pub device: Device,
+    pub kind: DeviceKind,
+    pub name: String,
+    /// Total memory in bytes, where the backend reports it.
+    pub memory_bytes: Option<u64>,
+    /// CUDA compute capability (major, minor).
+    pub compute_capability: Option<(u32, u32)>,
+    /// Backend-specific facts: driver, wgpu backend, limits, features such as f16 and subgroups.
+    pub details: Vec<(String, String)>,
+}
+
+impl fmt::Display for Device {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Device::Cpu => write!(f, "cpu"),
+            Device::Cuda(i) => write!(f, "cuda:{i}"),
+            Device::Wgpu(i) => write!(f, "wgpu:{i}"),
+        }
+    }
+}
+
+impl Device {
+    /// The CPU, every CUDA GPU and every wgpu adapter present, in that order.
+    /// Never panics: a machine without a CUDA driver or Vulkan gives just the CPU.
+    pub fn all() -> Vec<Device> {
+        let mut all = vec![Device::Cpu];
+        all.extend(Self::cuda_devices());
+        all.extend(Self::wgpu_devices());
+        all
+    }
+
+    /// Every CUDA GPU present; empty when there is no driver.
+    pub fn cuda_devices() -> Vec<Device> {
+        #[cfg(feature = "cuda")]
+        {
+            (0..cuda::device_count()).map(Device::Cuda).collect()
+        }
+        #[cfg(not(feature = "cuda"))]
+        {
+            Vec::new()
+        }
+    }
+
+    /// Every wgpu adapter present (software ones included); empty when there is none.
+    pub fn wgpu_devices() -> Vec<Device> {
+        #[cfg(feature = "wgpu")]
+        {
+            (0..wgpu::adapter_count()).map(Device::Wgpu).collect()
+        }
+        #[cfg(not(feature = "wgpu"))]
+        {
+            Vec::new()
+        }
+    }
+
+    /// The fastest kind present: a CUDA GPU, else a discrete, integrated or other GPU behind
+    /// wgpu, else the CPU. Software adapters lose to the CPU backend and are never picked.
+    pub fn best() -> Device {
+        let rank = |kind: DeviceKind| match kind {
+            DeviceKind::CudaGpu => 0,
+            DeviceKind::DiscreteGpu => 1,
+            DeviceKind::IntegratedGpu => 2,
+            DeviceKind::OtherGpu => 3,
+            DeviceKind::Cpu => 4,
+            DeviceKind::SoftwareAdapter => 5,
+        };
+        Self::all()
+            .into_iter()
+            .filter_map(|d| d.info().ok().map(|i| (rank(i.kind), d)))
+            .min_by_key(|(r, _)| *r)
+            .map(|(_, d)| d)
+            .unwrap_or(Device::Cpu)
+    }
+
+    /// Name, memory and capabilities of the device.
+    pub fn info(&self) -> Result<DeviceInfo> {
+        match *self {
+            Device::Cpu => Ok(cpu::info()),
+            #[cfg(feature = "cuda")]
+            Device::Cuda(i) => cuda::CudaDevice::get(i)?.info(),
+            #[cfg(feature = "wgpu")]
+            Device::Wgpu(i) => wgpu::info(i),
+            #[allow(unreachable_patterns)]
+            other => Err(Error::NoDevice(format!(
+                "{other}: kiln was built without this backend's feature"
+            ))),
+        }
+    }
+
+    /// Whether this is a CPU device.
+    pub fn is_cpu(&self) -> bool {
+        matches!(self, Device::Cpu)
+    }
+
+    /// Wait until all work queued on the device has finished. Timing code calls this.
+    pub fn synchronize(&self) -> Result<()> {
+        match *self {
+            Device::Cpu => Ok(()),
+            #[cfg(feature = "cuda")]
+            Device::Cuda(i) => cuda::CudaDevice::get(i)?.synchronize(),
+            #[cfg(feature = "wgpu")]
+            Device::Wgpu(i) => wgpu::WgpuDevice::get(i)?.synchronize(),
+            #[allow(unreachable_patterns)]
+            other => Err(Error::NoDevice(format!("{other}: backend not built"))),
+        }
+    }
+}
+
+static POISON_OUTPUTS: AtomicBool = AtomicBool::new(false);
+
+/// When on, every output buffer an op allocates is filled with NaN bytes (0xFF) before the
+/// kernel runs, so an element a kernel forgets to write shows up as NaN. Tests turn it on;
+/// it costs a fill per allocation, so it is off by default.
+pub fn set_poison_outputs(on: bool) {
+    POISON_OUTPUTS.store(on, Ordering::Relaxed);
+}
+
+pub(crate) fn poison_outputs() -> bool {
+    POISON_OUTPUTS.load(Ordering::Relaxed)
+}

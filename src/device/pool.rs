@@ -1,0 +1,89 @@
+//! A cache of device buffers keyed by byte size, so a loop of ops with the same shapes
+//! allocates once. A buffer goes back to its pool when the last tensor using it drops.
+//!
+//! Work on a device is queued in order on one stream (CUDA) or one queue (wgpu), so a
+//! buffer handed out again is only written after every queued read of its old contents.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+/// Round sizes up to this many bytes so nearby sizes share a bucket.
+const GRANULE: usize = 256;
+
+pub(crate) struct Pool<B> {
+    inner: Mutex<PoolInner<B>>,
+    /// The most bytes kept idle; past it, returned buffers are freed.
+    max_idle_bytes: usize,
+}
+
+struct PoolInner<B> {
+    free: HashMap<usize, Vec<B>>,
+    idle_bytes: usize,
+}
+
+impl<B> Pool<B> {
+    pub(crate) fn new(max_idle_bytes: usize) -> Arc<Self> {
+        Arc::new(Pool {
+            inner: Mutex::new(PoolInner { free: HashMap::new(), idle_bytes: 0 }),
+            max_idle_bytes,
+        })
+    }
+
+    /// The size a request of `bytes` is rounded to (never 0: backends refuse empty buffers).
+    pub(crate) fn bucket(bytes: usize) -> usize {
+        bytes.max(1).div_ceil(GRANULE) * GRANULE
+    }
+
+    /// Takes an idle buffer of the bucket's size, if one is there.
+    pub(crate) fn take(&self, bucket: usize) -> Option<B> {
+        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let buf = inner.free.get_mut(&bucket)?.pop()?;
+        inner.idle_bytes -= bucket;
+        Some(buf)
+    }
+
+    fn put(&self, bucket: usize, buf: B) {
+        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        if inner.idle_bytes + bucket <= self.max_idle_bytes {
+            inner.idle_bytes += bucket;
+            inner.free.entry(bucket).or_default().push(buf);
+        }
+    }
+
+    /// Frees every idle buffer (after an allocation failed, before retrying it).
+    pub(crate) fn clear(&self) {
+        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        inner.free.clear();
+        inner.idle_bytes = 0;
+    }
+}
+
+/// A buffer on loan from a pool; it goes back when dropped.
+pub(crate) struct Pooled<B> {
+    buf: Option<B>,
+    bucket: usize,
+    pool: Arc<Pool<B>>,
+}
+
+impl<B> Pooled<B> {
+    pub(crate) fn new(buf: B, bucket: usize, pool: Arc<Pool<B>>) -> Self {
+        Pooled { buf: Some(buf), bucket, pool }
+    }
+
+    pub(crate) fn get(&self) -> &B {
+        // Only `drop` takes the buffer out.
+        self.buf.as_ref().expect("pooled buffer present until drop")
+    }
+
+    pub(crate) fn get_mut(&mut self) -> &mut B {
+        self.buf.as_mut().expect("pooled buffer present until drop")
+    }
+}
+
+impl<B> Drop for Pooled<B> {
+    fn drop(&mut self) {
+        if let Some(buf) = self.buf.take() {
+            self.pool.put(self.bucket, buf);
+        }
+    }
+}

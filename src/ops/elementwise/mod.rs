@@ -1,0 +1,158 @@
+//! Elementwise ops and a row-wise reduction: `add`, `mul`, `scale`, `sum_rows`, `cast`.
+//!
+//! Half-precision operands are widened to f32, combined, and rounded once on the way out.
+//! Kernels: the CPU code here, `kernels/elementwise.cu`, `shaders/elementwise.wgsl`.
+
+#[cfg(feature = "cuda")]
+pub(crate) mod cuda;
+#[cfg(feature = "wgpu")]
+pub(crate) mod wgpu;
+
+use crate::tensor::{CpuStorage, Storage};
+use crate::{DType, Element, Error, Result, Tensor};
+use half::{bf16, f16};
+use rayon::prelude::*;
+
+/// Binary elementwise operations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum BinaryOp {
+    Add,
+    Mul,
+}
+
+impl BinaryOp {
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            BinaryOp::Add => "add",
+            BinaryOp::Mul => "mul",
+        }
+    }
+
+    fn apply(self, x: f32, y: f32) -> f32 {
+        match self {
+            BinaryOp::Add => x + y,
+            BinaryOp::Mul => x * y,
+        }
+    }
+}
+
+/// `a + b`, elementwise. Same shape, dtype and device; `Err(Shape | DType | DeviceMismatch)`
+/// otherwise.
+pub fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    binary(BinaryOp::Add, a, b)
+}
+
+/// `a ⊙ b`, elementwise. Same contract as [`add`].
+pub fn mul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    binary(BinaryOp::Mul, a, b)
+}
+
+fn binary(op: BinaryOp, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    crate::ops::same_device(op.name(), &[a, b])?;
+    if a.shape() != b.shape() {
+        return Err(Error::Shape(format!("{}: shapes {:?} and {:?} differ", op.name(), a.shape(), b.shape())));
+    }
+    if a.dtype() != b.dtype() {
+        return Err(Error::DType(format!("{}: dtypes {} and {} differ", op.name(), a.dtype(), b.dtype())));
+    }
+    match (a.storage(), b.storage()) {
+        (Storage::Cpu(x), Storage::Cpu(y)) => {
+            let out = match (x, y) {
+                (CpuStorage::F32(x), CpuStorage::F32(y)) => CpuStorage::F32(zip_map(x, y, op)),
+                (CpuStorage::F16(x), CpuStorage::F16(y)) => CpuStorage::F16(zip_map(x, y, op)),
+                (CpuStorage::BF16(x), CpuStorage::BF16(y)) => CpuStorage::BF16(zip_map(x, y, op)),
+                _ => unreachable!("dtypes checked above"),
+            };
+            Ok(Tensor::from_cpu_storage(out, a.shape(), a.dtype()))
+        }
+        #[cfg(feature = "cuda")]
+        (Storage::Cuda { dev, buf: x }, Storage::Cuda { buf: y, .. }) => cuda::binary(dev, op, a, x, y),
+        #[cfg(feature = "wgpu")]
+        (Storage::Wgpu { dev, buf: x }, Storage::Wgpu { buf: y, .. }) => wgpu::binary(dev, op, a, x, y),
+        #[allow(unreachable_patterns)]
+        _ => Err(Error::DeviceMismatch(format!("{}: operands on different backends", op.name()))),
+    }
+}
+
+fn zip_map<T: Element>(x: &[T], y: &[T], op: BinaryOp) -> Vec<T> {
+    x.par_iter().zip(y.par_iter()).map(|(&x, &y)| T::from_f32(op.apply(x.to_f32(), y.to_f32()))).collect()
+}
+
+/// `s · a`, elementwise, computed in f32. `Err(InvalidArgument)` when `s` is not finite.
+pub fn scale(a: &Tensor, s: f32) -> Result<Tensor> {
+    if !s.is_finite() {
+        return Err(Error::InvalidArgument(format!("scale: factor {s} is not finite")));
+    }
+    match a.storage() {
+        Storage::Cpu(x) => {
+            let out = match x {
+                CpuStorage::F32(x) => CpuStorage::F32(map(x, |v| v * s)),
+                CpuStorage::F16(x) => CpuStorage::F16(map(x, |v| v * s)),
+                CpuStorage::BF16(x) => CpuStorage::BF16(map(x, |v| v * s)),
+            };
+            Ok(Tensor::from_cpu_storage(out, a.shape(), a.dtype()))
+        }
+        #[cfg(feature = "cuda")]
+        Storage::Cuda { dev, buf } => cuda::scale(dev, a, buf, s),
+        #[cfg(feature = "wgpu")]
+        Storage::Wgpu { dev, buf } => wgpu::scale(dev, a, buf, s),
+    }
+}
+
+fn map<T: Element>(x: &[T], f: impl Fn(f32) -> f32 + Sync) -> Vec<T> {
+    x.par_iter().map(|&v| T::from_f32(f(v.to_f32()))).collect()
+}
+
+/// Sum over the last dimension, accumulated in f32: `[.., n]` → `[..]` (a rank-1 input
+/// gives shape `[]`, one element). An empty row sums to 0. `Err(Shape)` for a rank-0 input.
+pub fn sum_rows(a: &Tensor) -> Result<Tensor> {
+    let Some((&cols, lead)) = a.shape().split_last() else {
+        return Err(Error::Shape("sum_rows needs at least one dimension, got a scalar".into()));
+    };
+    let rows: usize = lead.iter().product();
+    match a.storage() {
+        Storage::Cpu(x) => {
+            let out = match x {
+                CpuStorage::F32(x) => CpuStorage::F32(row_sums(x, rows, cols)),
+                CpuStorage::F16(x) => CpuStorage::F16(row_sums(x, rows, cols)),
+                CpuStorage::BF16(x) => CpuStorage::BF16(row_sums(x, rows, cols)),
+            };
+            Ok(Tensor::from_cpu_storage(out, lead, a.dtype()))
+        }
+        #[cfg(feature = "cuda")]
+        Storage::Cuda { dev, buf } => cuda::sum_rows(dev, a, buf, rows, cols),
+        #[cfg(feature = "wgpu")]
+        Storage::Wgpu { dev, buf } => wgpu::sum_rows(dev, a, buf, rows, cols),
+    }
+}
+
+fn row_sums<T: Element>(x: &[T], rows: usize, cols: usize) -> Vec<T> {
+    (0..rows)
+        .into_par_iter()
+        .map(|r| T::from_f32(x[r * cols..(r + 1) * cols].iter().map(|v| v.to_f32()).sum()))
+        .collect()
+}
+
+/// The elements converted to `dtype`, rounding to nearest even (f32 → f16 overflows to ±inf
+/// as IEEE conversion does). Casting to the same dtype returns the tensor itself.
+pub fn cast(a: &Tensor, dtype: DType) -> Result<Tensor> {
+    if a.dtype() == dtype {
+        return Ok(a.clone());
+    }
+    match a.storage() {
+        Storage::Cpu(x) => {
+            let out = match (x, dtype) {
+                (CpuStorage::F32(x), d) => CpuStorage::from_f32(d, x),
+                (CpuStorage::F16(x), DType::F32) => CpuStorage::F32(x.par_iter().map(|v| v.to_f32()).collect()),
+                (CpuStorage::F16(x), _) => CpuStorage::BF16(x.par_iter().map(|v| bf16::from_f32(v.to_f32())).collect()),
+                (CpuStorage::BF16(x), DType::F32) => CpuStorage::F32(x.par_iter().map(|v| v.to_f32()).collect()),
+                (CpuStorage::BF16(x), _) => CpuStorage::F16(x.par_iter().map(|v| f16::from_f32(v.to_f32())).collect()),
+            };
+            Ok(Tensor::from_cpu_storage(out, a.shape(), dtype))
+        }
+        #[cfg(feature = "cuda")]
+        Storage::Cuda { dev, buf } => cuda::cast(dev, a, buf, dtype),
+        #[cfg(feature = "wgpu")]
+        Storage::Wgpu { dev, buf } => wgpu::cast(dev, a, buf, dtype),
+    }
+}

@@ -1,0 +1,372 @@
+//! Dense matmul: `C = op(A) · op(B)`, where `op` is the identity or the transpose, with an
+//! optional leading batch dimension.
+//!
+//! Kernels by backend:
+//! - CPU (here): operands packed into f32 panels, a 6×16 register-blocked micro-kernel
+//!   (AVX2+FMA when the processor has it), cache blocking over k, rayon over output tiles.
+//! - CUDA (`kernels/matmul.cu`): a tensor-core kernel for f16/bf16 on sm_80+ (`mma.sync`,
+//!   `ldmatrix`, `cp.async`) when rows are 16-byte aligned, else a tiled SIMT kernel.
+//! - WGSL (`shaders/matmul.wgsl`): register-blocked, 4×4 outputs per invocation.
+
+#[cfg(feature = "cuda")]
+pub(crate) mod cuda;
+#[cfg(feature = "wgpu")]
+pub(crate) mod wgpu;
+
+use crate::ops::SharedMut;
+use crate::tensor::{CpuStorage, Storage};
+use crate::{DType, Element, Error, Result, Tensor};
+use half::{bf16, f16};
+use rayon::prelude::*;
+
+/// How [`matmul_with`] reads its operands and what it writes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MatmulOptions {
+    /// Use Aᵀ: `a` is stored `[.., k, m]`.
+    pub trans_a: bool,
+    /// Use Bᵀ: `b` is stored `[.., n, k]` (the layout of a `[out, in]` weight).
+    pub trans_b: bool,
+    /// Output dtype; `None` means the inputs' dtype. Accumulation is f32 whatever it is.
+    pub out_dtype: Option<DType>,
+}
+
+impl MatmulOptions {
+    /// A·Bᵀ, the product of activations with a `[out, in]` weight (and backward's dy·Wᵀ).
+    pub fn nt() -> Self {
+        MatmulOptions { trans_b: true, ..Default::default() }
+    }
+
+    /// Aᵀ·B, backward's weight gradient xᵀ·dy.
+    pub fn tn() -> Self {
+        MatmulOptions { trans_a: true, ..Default::default() }
+    }
+
+    pub fn out_dtype(self, dtype: DType) -> Self {
+        MatmulOptions { out_dtype: Some(dtype), ..self }
+    }
+}
+
+/// The sizes and layout of one matmul, shared by every backend's launcher.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct MatmulProblem {
+    pub batch: usize,
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    pub trans_a: bool,
+    pub trans_b: bool,
+    /// Elements between consecutive batches of A; 0 when A is shared by every batch.
+    pub batch_stride_a: usize,
+    pub batch_stride_b: usize,
+    pub in_dtype: DType,
+    pub out_dtype: DType,
+}
+
+impl MatmulProblem {
+    /// Elements between rows of A as stored (k, or m when transposed).
+    pub fn lda(&self) -> usize {
+        if self.trans_a { self.m } else { self.k }
+    }
+
+    pub fn ldb(&self) -> usize {
+        if self.trans_b { self.k } else { self.n }
+    }
+
+    /// Offset of A(i, p) within a batch.
+    #[inline(always)]
+    fn a_index(&self, i: usize, p: usize) -> usize {
+        if self.trans_a { p * self.m + i } else { i * self.k + p }
+    }
+
+    /// Offset of B(p, j) within a batch.
+    #[inline(always)]
+    fn b_index(&self, p: usize, j: usize) -> usize {
+        if self.trans_b { j * self.k + p } else { p * self.n + j }
+    }
+}
+
+/// `a · b` with the inputs' dtype out. See [`matmul_with`].
+pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    matmul_with(a, b, MatmulOptions::default())
+}
+
+/// `C = op(A) · op(B)` on the operands' device, accumulating in f32.
+///
+/// Shapes: `a` is `[m, k]` (`[k, m]` with `trans_a`), `b` is `[k, n]` (`[n, k]` with
+/// `trans_b`), each optionally with a leading batch dimension. When both have one they must
+/// agree; when one has it, the other is shared by every batch. The output is `[m, n]`, or
+/// `[batch, m, n]` when either input is batched.
+///
+/// Dtypes: `a` and `b` share one of f32, f16, bf16; the output is `options.out_dtype` (any
+/// of the three) or the inputs' dtype.
+///
+/// Errors: `Shape` when ranks are not 2 or 3, inner or batch dimensions differ (the message
+/// names both shapes); `DType` when `a` and `b` differ; `DeviceMismatch`; `OutOfMemory`.
+/// Zero-sized dimensions are valid: an empty output, or zeros when `k` is 0.
+pub fn matmul_with(a: &Tensor, b: &Tensor, options: MatmulOptions) -> Result<Tensor> {
+    crate::ops::same_device("matmul", &[a, b])?;
+    let (problem, out_shape) = plan(a, b, options)?;
+    let device = a.device();
+    if problem.k == 0 {
+        return Tensor::zeros(&out_shape, problem.out_dtype, &device);
+    }
+    if out_shape.contains(&0) {
+        return Tensor::empty(&out_shape, problem.out_dtype, &device);
+    }
+    match (a.storage(), b.storage()) {
+        (Storage::Cpu(sa), Storage::Cpu(sb)) => {
+            Ok(Tensor::from_cpu_storage(cpu_matmul(&problem, sa, sb), &out_shape, problem.out_dtype))
+        }
+        #[cfg(feature = "cuda")]
+        (Storage::Cuda { dev, buf: ba }, Storage::Cuda { buf: bb, .. }) => {
+            let out = Tensor::empty(&out_shape, problem.out_dtype, &device)?;
+            cuda::matmul(dev, &problem, ba, bb, &out)?;
+            Ok(out)
+        }
+        #[cfg(feature = "wgpu")]
+        (Storage::Wgpu { dev, buf: ba }, Storage::Wgpu { buf: bb, .. }) => {
+            wgpu::matmul(dev, &problem, ba, bb, device, &out_shape)
+        }
+        #[allow(unreachable_patterns)]
+        _ => Err(Error::DeviceMismatch("matmul: operands on different backends".into())),
+    }
+}
+
+/// Checks shapes and dtypes and works out the problem and the output shape.
+fn plan(a: &Tensor, b: &Tensor, o: MatmulOptions) -> Result<(MatmulProblem, Vec<usize>)> {
+    let (sa, sb) = (a.shape(), b.shape());
+    let describe = || {
+        format!(
+            "a {sa:?}{} · b {sb:?}{}",
+            if o.trans_a { "ᵀ" } else { "" },
+            if o.trans_b { "ᵀ" } else { "" }
+        )
+    };
+    if !(2..=3).contains(&sa.len()) || !(2..=3).contains(&sb.len()) {
+        return Err(Error::Shape(format!("matmul takes rank 2 or 3 operands, got {}", describe())));
+    }
+    if a.dtype() != b.dtype() {
+        return Err(Error::DType(format!(
+            "matmul operands must share a dtype, got {} and {} ({})",
+            a.dtype(),
+            b.dtype(),
+            describe()
+        )));
+    }
+    let (ra, rb) = (sa.len(), sb.len());
+    let (m, ka) = if o.trans_a { (sa[ra - 1], sa[ra - 2]) } else { (sa[ra - 2], sa[ra - 1]) };
+    let (kb, n) = if o.trans_b { (sb[rb - 1], sb[rb - 2]) } else { (sb[rb - 2], sb[rb - 1]) };
+    if ka != kb {
+        return Err(Error::Shape(format!("matmul inner dimensions differ ({ka} vs {kb}): {}", describe())));
+    }
+    let batch_a = if ra == 3 { Some(sa[0]) } else { None };
+    let batch_b = if rb == 3 { Some(sb[0]) } else { None };
+    let batch = match (batch_a, batch_b) {
+        (Some(x), Some(y)) if x != y => {
+            return Err(Error::Shape(format!("matmul batch dimensions differ ({x} vs {y}): {}", describe())));
+        }
+        (Some(x), _) | (_, Some(x)) => Some(x),
+        (None, None) => None,
+    };
+    let problem = MatmulProblem {
+        batch: batch.unwrap_or(1),
+        m,
+        n,
+        k: ka,
+        trans_a: o.trans_a,
+        trans_b: o.trans_b,
+        batch_stride_a: if batch_a.is_some() { m * ka } else { 0 },
+        batch_stride_b: if batch_b.is_some() { ka * n } else { 0 },
+        in_dtype: a.dtype(),
+        out_dtype: o.out_dtype.unwrap_or(a.dtype()),
+    };
+    let out_shape = match batch {
+        Some(bs) => vec![bs, m, n],
+        None => vec![m, n],
+    };
+    Ok((problem, out_shape))
+}
+
+// ---------------------------------------------------------------------------------------
+// CPU
+
+/// Rows of A per micro-kernel call.
+const MR: usize = 6;
+/// Columns of B per micro-kernel call (two 8-wide AVX registers).
+const NR: usize = 16;
+/// Depth of one packed panel: an MR×KC strip of A and a KC×NR strip of B stay in L1.
+const KC: usize = 256;
+/// Rows of A packed together (a multiple of MR), sized for L2.
+const MC: usize = 72;
+/// Columns of C per task, so narrow and wide problems both split across threads.
+const NC: usize = 256;
+
+fn cpu_matmul(p: &MatmulProblem, a: &CpuStorage, b: &CpuStorage) -> CpuStorage {
+    match (a, b) {
+        (CpuStorage::F32(a), CpuStorage::F32(b)) => cpu_matmul_typed(p, a, b),
+        (CpuStorage::F16(a), CpuStorage::F16(b)) => cpu_matmul_typed(p, a, b),
+        (CpuStorage::BF16(a), CpuStorage::BF16(b)) => cpu_matmul_typed(p, a, b),
+        _ => unreachable!("plan() checked that the dtypes agree"),
+    }
+}
+
+fn cpu_matmul_typed<T: Element>(p: &MatmulProblem, a: &[T], b: &[T]) -> CpuStorage {
+    let (m, n) = (p.m, p.n);
+    let mut c = vec![0f32; p.batch * m * n];
+    for (bi, c_batch) in c.chunks_mut(m * n).enumerate() {
+        let a = &a[bi * p.batch_stride_a..];
+        let b = &b[bi * p.batch_stride_b..];
+        let c_ptr = SharedMut(c_batch.as_mut_ptr());
+        for pc in (0..p.k).step_by(KC) {
+            let kc = KC.min(p.k - pc);
+            let b_packed = pack_b(p, b, pc, kc);
+            let row_blocks = m.div_ceil(MC);
+            let col_blocks = n.div_ceil(NC);
+            (0..row_blocks * col_blocks).into_par_iter().for_each(|t| {
+                let (ib, jb) = (t / col_blocks, t % col_blocks);
+                let (i0, j0) = (ib * MC, jb * NC);
+                let mc = MC.min(m - i0);
+                let nc = NC.min(n - j0);
+                let a_packed = pack_a(p, a, i0, mc, pc, kc);
+                for s in 0..mc.div_ceil(MR) {
+                    for js in (j0 / NR)..(j0 + nc).div_ceil(NR) {
+                        let (ri, cj) = (i0 + s * MR, js * NR);
+                        // SAFETY: tasks own disjoint (rows, columns) tiles of C, and the
+                        // micro-kernel writes only rows ri..ri+mr, columns cj..cj+nr.
+                        unsafe {
+                            micro_kernel(
+                                kc,
+                                &a_packed[s * MR * kc..],
+                                &b_packed[js * NR * kc..],
+                                c_ptr.ptr().add(ri * n + cj),
+                                n,
+                                MR.min(m - ri),
+                                NR.min(n - cj),
+                                pc > 0,
+                            );
+                        }
+                    }
+                }
+            });
+        }
+    }
+    match p.out_dtype {
+        DType::F32 => CpuStorage::F32(c),
+        DType::F16 => CpuStorage::F16(c.par_iter().map(|&x| f16::from_f32(x)).collect()),
+        DType::BF16 => CpuStorage::BF16(c.par_iter().map(|&x| bf16::from_f32(x)).collect()),
+    }
+}
+
+/// Packs B(pc..pc+kc, 0..n) as strips of NR columns: strip j holds, for each depth step,
+/// NR consecutive values (zero past column n).
+fn pack_b<T: Element>(p: &MatmulProblem, b: &[T], pc: usize, kc: usize) -> Vec<f32> {
+    let strips = p.n.div_ceil(NR);
+    let mut out = vec![0f32; strips * NR * kc];
+    out.par_chunks_mut(NR * kc).enumerate().for_each(|(js, strip)| {
+        for d in 0..kc {
+            for jj in 0..NR {
+                let j = js * NR + jj;
+                if j < p.n {
+                    strip[d * NR + jj] = b[p.b_index(pc + d, j)].to_f32();
+                }
+            }
+        }
+    });
+    out
+}
+
+/// Packs A(i0..i0+mc, pc..pc+kc) as strips of MR rows, like [`pack_b`].
+fn pack_a<T: Element>(p: &MatmulProblem, a: &[T], i0: usize, mc: usize, pc: usize, kc: usize) -> Vec<f32> {
+    let strips = mc.div_ceil(MR);
+    let mut out = vec![0f32; strips * MR * kc];
+    for (s, strip) in out.chunks_mut(MR * kc).enumerate() {
+        for ii in 0..MR {
+            let i = s * MR + ii;
+            if i < mc {
+                for d in 0..kc {
+                    strip[d * MR + ii] = a[p.a_index(i0 + i, pc + d)].to_f32();
+                }
+            }
+        }
+    }
+    out
+}
+
+/// C[0..mr, 0..nr] (+)= Apanel · Bpanel over `kc` steps; `ldc` is C's row stride.
+///
+/// # Safety
+/// `c` must be valid for writes of rows `0..mr` and columns `0..nr` at stride `ldc`.
+#[allow(clippy::too_many_arguments)]
+unsafe fn micro_kernel(kc: usize, a: &[f32], b: &[f32], c: *mut f32, ldc: usize, mr: usize, nr: usize, accumulate: bool) {
+    debug_assert!(a.len() >= kc * MR && b.len() >= kc * NR);
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+        // SAFETY: the features are present; the caller upholds the pointer contract.
+        unsafe { micro_kernel_avx2(kc, a.as_ptr(), b.as_ptr(), c, ldc, mr, nr, accumulate) };
+        return;
+    }
+    let mut acc = [[0f32; NR]; MR];
+    for d in 0..kc {
+        let bd = &b[d * NR..d * NR + NR];
+        for i in 0..MR {
+            let ai = a[d * MR + i];
+            for j in 0..NR {
+                acc[i][j] += ai * bd[j];
+            }
+        }
+    }
+    // SAFETY: the caller guarantees the tile is writable.
+    unsafe { store_tile(&acc, c, ldc, mr, nr, accumulate) };
+}
+
+unsafe fn store_tile(acc: &[[f32; NR]; MR], c: *mut f32, ldc: usize, mr: usize, nr: usize, accumulate: bool) {
+    for (i, row) in acc.iter().enumerate().take(mr) {
+        for (j, &v) in row.iter().enumerate().take(nr) {
+            // SAFETY: i < mr and j < nr, inside the caller's tile.
+            unsafe {
+                let dst = c.add(i * ldc + j);
+                *dst = if accumulate { *dst + v } else { v };
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn micro_kernel_avx2(kc: usize, a: *const f32, b: *const f32, c: *mut f32, ldc: usize, mr: usize, nr: usize, accumulate: bool) {
+    use std::arch::x86_64::*;
+    // SAFETY (whole body): a holds kc·MR and b kc·NR floats; c as the caller promises.
+    unsafe {
+        let mut lo = [_mm256_setzero_ps(); MR];
+        let mut hi = [_mm256_setzero_ps(); MR];
+        for d in 0..kc {
+            let b0 = _mm256_loadu_ps(b.add(d * NR));
+            let b1 = _mm256_loadu_ps(b.add(d * NR + 8));
+            for i in 0..MR {
+                let ai = _mm256_broadcast_ss(&*a.add(d * MR + i));
+                lo[i] = _mm256_fmadd_ps(ai, b0, lo[i]);
+                hi[i] = _mm256_fmadd_ps(ai, b1, hi[i]);
+            }
+        }
+        if mr == MR && nr == NR {
+            for i in 0..MR {
+                let row = c.add(i * ldc);
+                let (mut x, mut y) = (lo[i], hi[i]);
+                if accumulate {
+                    x = _mm256_add_ps(x, _mm256_loadu_ps(row));
+                    y = _mm256_add_ps(y, _mm256_loadu_ps(row.add(8)));
+                }
+                _mm256_storeu_ps(row, x);
+                _mm256_storeu_ps(row.add(8), y);
+            }
+        } else {
+            let mut acc = [[0f32; NR]; MR];
+            for i in 0..MR {
+                _mm256_storeu_ps(acc[i].as_mut_ptr(), lo[i]);
+                _mm256_storeu_ps(acc[i].as_mut_ptr().add(8), hi[i]);
+            }
+            store_tile(&acc, c, ldc, mr, nr, accumulate);
+        }
+    }
+}

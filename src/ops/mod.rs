@@ -1,0 +1,40 @@
+//! Ops, one folder per family: `mod.rs` holds the public function with its contract and the
+//! CPU implementation; `cuda.rs` and `wgpu.rs` hold the launchers of the GPU kernels.
+
+pub mod elementwise;
+pub mod matmul;
+
+pub use elementwise::{add, cast, mul, scale, sum_rows};
+pub use matmul::{MatmulOptions, matmul, matmul_with};
+
+use crate::{Error, Result, Tensor};
+
+/// `Err(DeviceMismatch)` unless every tensor is on the same device.
+pub(crate) fn same_device(op: &str, tensors: &[&Tensor]) -> Result<()> {
+    if let Some(first) = tensors.first() {
+        for t in &tensors[1..] {
+            if t.device() != first.device() {
+                return Err(Error::DeviceMismatch(format!(
+                    "{op}: operands on {} and {}; move them with to_device first",
+                    first.device(),
+                    t.device()
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A raw pointer that rayon tasks writing disjoint parts of one buffer may share.
+#[derive(Clone, Copy)]
+pub(crate) struct SharedMut<T>(pub(crate) *mut T);
+// SAFETY: users write only disjoint regions, which the call sites document.
+unsafe impl<T> Send for SharedMut<T> {}
+unsafe impl<T> Sync for SharedMut<T> {}
+
+impl<T> SharedMut<T> {
+    /// The pointer (a method, so closures capture the whole `Send` wrapper).
+    pub(crate) fn ptr(self) -> *mut T {
+        self.0
+    }
+}
