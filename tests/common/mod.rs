@@ -1,0 +1,88 @@
+//! Shared by the test files: the devices every test body runs on, and the tolerance check.
+#![allow(dead_code)]
+
+use kiln::{DType, Device, DeviceKind};
+use std::sync::Once;
+
+/// Every device present, CPU first. Prints, once per test binary, the devices the tests run
+/// on and why any backend is skipped. With `CI=true`, a missing wgpu adapter is a failure:
+/// CI installs lavapipe so the WGSL kernels really run.
+pub fn devices() -> Vec<Device> {
+    static REPORT: Once = Once::new();
+    let all = Device::all();
+    REPORT.call_once(|| {
+        let names: Vec<String> = all
+            .iter()
+            .map(|d| match d.info() {
+                Ok(i) if i.kind == DeviceKind::SoftwareAdapter => format!("{d} ({}, software)", i.name),
+                Ok(i) => format!("{d} ({})", i.name),
+                Err(e) => format!("{d} (info failed: {e})"),
+            })
+            .collect();
+        println!("kiln tests run on: {}", names.join(", "));
+        if Device::cuda_devices().is_empty() {
+            println!("SKIP cuda runtime tests: no CUDA GPU or driver on this machine");
+        }
+        if Device::wgpu_devices().is_empty() {
+            println!("SKIP wgpu runtime tests: no wgpu adapter (install mesa-vulkan-drivers for lavapipe)");
+        }
+    });
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        assert!(
+            !Device::wgpu_devices().is_empty(),
+            "CI=true but no wgpu adapter was found: the WGSL tests must run on lavapipe in CI"
+        );
+    }
+    kiln::set_poison_outputs(true);
+    all
+}
+
+/// The devices other than the CPU, which are checked against it.
+pub fn gpu_devices() -> Vec<Device> {
+    devices().into_iter().filter(|d| !d.is_cpu()).collect()
+}
+
+/// Unit roundoff of f32 accumulation.
+pub const U32: f64 = f32::EPSILON as f64 / 2.0;
+
+/// Asserts `|got - want| <= atol[i] + roundings * (u * |want| + s / 2)` for every element,
+/// where u is the output dtype's unit roundoff and s its smallest subnormal (rounding error
+/// is relative for normal values, absolute for subnormal ones). NaN fails, so an element a
+/// kernel left poisoned fails too. `atol` is per element: it scales with each element's
+/// reduction. `roundings` counts the output roundings the comparison allows (1 for one
+/// round-to-nearest).
+pub fn assert_close(what: &str, got: &[f32], want: &[f64], atol: &[f64], dtype: DType, roundings: f64) {
+    assert_eq!(got.len(), want.len(), "{what}: {} elements, expected {}", got.len(), want.len());
+    let u = dtype.unit_roundoff();
+    let subnormal = match dtype {
+        DType::F32 => 2f64.powi(-149),
+        DType::F16 => 2f64.powi(-24),
+        DType::BF16 => 2f64.powi(-133),
+    };
+    let tol = |i: usize| atol[i] + roundings * (u * want[i].abs() + subnormal / 2.0);
+    let mut worst: Option<(usize, f64)> = None;
+    let mut bad = 0usize;
+    for i in 0..got.len() {
+        let err = (got[i] as f64 - want[i]).abs();
+        if !(err <= tol(i)) {
+            bad += 1;
+            let ratio = if err.is_nan() { f64::INFINITY } else { err / tol(i).max(f64::MIN_POSITIVE) };
+            if worst.is_none_or(|(_, r)| ratio > r) {
+                worst = Some((i, ratio));
+            }
+        }
+    }
+    if let Some((i, _)) = worst {
+        panic!(
+            "{what}: {bad} of {} elements out of tolerance; worst at {i}: got {}, want {}, tol {}",
+            got.len(),
+            got[i],
+            want[i],
+            tol(i)
+        );
+    }
+}
+
+/// Output roundings allowed when a backend is compared with the CPU: each result may be one
+/// ulp (2u) from the exact value when a backend rounds either way, as WGSL allows.
+pub const BACKEND_ROUNDINGS: f64 = 4.0;
