@@ -68,9 +68,15 @@ impl CpuStorage {
 pub(crate) enum Storage {
     Cpu(CpuStorage),
     #[cfg(feature = "cuda")]
-    Cuda { dev: Arc<CudaDevice>, buf: CudaBuffer },
+    Cuda {
+        dev: Arc<CudaDevice>,
+        buf: CudaBuffer,
+    },
     #[cfg(feature = "wgpu")]
-    Wgpu { dev: Arc<WgpuDevice>, buf: WgpuBuffer },
+    Wgpu {
+        dev: Arc<WgpuDevice>,
+        buf: WgpuBuffer,
+    },
 }
 
 /// An n-dimensional array on one device. See the crate docs for a tour.
@@ -101,10 +107,7 @@ impl Tensor {
     pub fn from_slice<T: Element>(data: &[T], shape: &[usize], device: &Device) -> Result<Tensor> {
         let n = elem_count(shape)?;
         if n != data.len() {
-            return Err(Error::Shape(format!(
-                "shape {shape:?} holds {n} elements but {} were given",
-                data.len()
-            )));
+            return Err(Error::Shape(format!("shape {shape:?} holds {n} elements but {} were given", data.len())));
         }
         let host = match T::DTYPE {
             DType::F32 => CpuStorage::F32(bytemuck::cast_slice(data).to_vec()),
@@ -118,10 +121,7 @@ impl Tensor {
     pub fn from_f32(data: &[f32], shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor> {
         let n = elem_count(shape)?;
         if n != data.len() {
-            return Err(Error::Shape(format!(
-                "shape {shape:?} holds {n} elements but {} were given",
-                data.len()
-            )));
+            return Err(Error::Shape(format!("shape {shape:?} holds {n} elements but {} were given", data.len())));
         }
         Self::from_host(CpuStorage::from_f32(dtype, data), shape, dtype, device)
     }

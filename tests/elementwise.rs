@@ -47,7 +47,14 @@ fn check_everywhere(
         let out = make(&device);
         assert_eq!(out.shape(), cpu.shape(), "{device} {what}");
         assert_eq!(out.dtype(), cpu.dtype(), "{device} {what}");
-        assert_close(&format!("{device} {what}"), &out.to_vec_f32().unwrap(), &cpu_ref, &atol2, out_dtype, BACKEND_ROUNDINGS);
+        assert_close(
+            &format!("{device} {what}"),
+            &out.to_vec_f32().unwrap(),
+            &cpu_ref,
+            &atol2,
+            out_dtype,
+            BACKEND_ROUNDINGS,
+        );
     }
 }
 

@@ -138,7 +138,14 @@ fn check(case: &Case) {
         let out = matmul_with(&a, &b, case.options()).unwrap();
         assert_eq!(out.shape(), out_shape.as_slice());
         assert_eq!(out.device(), device);
-        assert_close(&format!("{device} {case:?}"), &out.to_vec_f32().unwrap(), &cpu_ref, &atol2, case.out_dtype, BACKEND_ROUNDINGS);
+        assert_close(
+            &format!("{device} {case:?}"),
+            &out.to_vec_f32().unwrap(),
+            &cpu_ref,
+            &atol2,
+            case.out_dtype,
+            BACKEND_ROUNDINGS,
+        );
     }
 }
 

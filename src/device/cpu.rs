@@ -7,8 +7,7 @@ pub(crate) fn info() -> DeviceInfo {
     let mut details = vec![("threads".to_string(), threads.to_string())];
     #[cfg(target_arch = "x86_64")]
     {
-        let simd = if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
-        {
+        let simd = if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
             "avx2+fma"
         } else {
             "sse2"

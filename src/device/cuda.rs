@@ -8,8 +8,7 @@ use super::pool::{Pool, Pooled};
 use super::{Device, DeviceInfo, DeviceKind};
 use crate::{Error, Result};
 use cudarc::driver::{
-    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, DriverError,
-    result as dres, sys as dsys,
+    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, DriverError, result as dres, sys as dsys,
 };
 use cudarc::nvrtc::{Ptx, sys as nsys};
 use std::collections::HashMap;
@@ -28,10 +27,7 @@ pub struct KernelSource {
 }
 
 /// Every CUDA source of the crate; the compile check builds each of them for each real arch.
-pub const KERNELS: &[KernelSource] = &[
-    crate::ops::matmul::cuda::SOURCE,
-    crate::ops::elementwise::cuda::SOURCE,
-];
+pub const KERNELS: &[KernelSource] = &[crate::ops::matmul::cuda::SOURCE, crate::ops::elementwise::cuda::SOURCE];
 
 fn driver_present() -> bool {
     // SAFETY: only probes whether the shared library can be opened.
@@ -82,9 +78,7 @@ impl CudaDevice {
         static DEVICES: OnceLock<Mutex<HashMap<usize, Arc<CudaDevice>>>> = OnceLock::new();
         let n = device_count();
         if ordinal >= n {
-            return Err(Error::NoDevice(format!(
-                "cuda:{ordinal} requested, {n} CUDA device(s) present"
-            )));
+            return Err(Error::NoDevice(format!("cuda:{ordinal} requested, {n} CUDA device(s) present")));
         }
         let map = DEVICES.get_or_init(Default::default);
         let mut map = map.lock().unwrap_or_else(|p| p.into_inner());
@@ -92,8 +86,7 @@ impl CudaDevice {
             return Ok(d.clone());
         }
         let ctx = CudaContext::new(ordinal).map_err(|e| driver_err("creating context", e))?;
-        let (major, minor) =
-            ctx.compute_capability().map_err(|e| driver_err("compute capability", e))?;
+        let (major, minor) = ctx.compute_capability().map_err(|e| driver_err("compute capability", e))?;
         let total = ctx.total_mem().map_err(|e| driver_err("total memory", e))?;
         let stream = ctx.default_stream();
         let dev = Arc::new(CudaDevice {
@@ -167,9 +160,7 @@ impl CudaDevice {
         if !bytes.is_empty() {
             let dst = buf.get_mut();
             let mut view = dst.slice_mut(0..bytes.len());
-            self.stream
-                .memcpy_htod(bytes, &mut view)
-                .map_err(|e| driver_err("copying to the device", e))?;
+            self.stream.memcpy_htod(bytes, &mut view).map_err(|e| driver_err("copying to the device", e))?;
         }
         Ok(buf)
     }
@@ -178,9 +169,7 @@ impl CudaDevice {
         if bytes == 0 {
             return Ok(Vec::new());
         }
-        self.stream
-            .clone_dtoh(&buf.get().slice(0..bytes))
-            .map_err(|e| driver_err("copying from the device", e))
+        self.stream.clone_dtoh(&buf.get().slice(0..bytes)).map_err(|e| driver_err("copying from the device", e))
     }
 
     pub(crate) fn synchronize(&self) -> Result<()> {
@@ -198,9 +187,9 @@ impl CudaDevice {
                     let compiled = compile_cached(source, &target)?;
                     let image = match compiled.kind {
                         ImageKind::Cubin => Ptx::from_binary(compiled.image),
-                        ImageKind::Ptx => Ptx::from_src(
-                            String::from_utf8_lossy(&compiled.image).trim_end_matches('\0').to_string(),
-                        ),
+                        ImageKind::Ptx => {
+                            Ptx::from_src(String::from_utf8_lossy(&compiled.image).trim_end_matches('\0').to_string())
+                        }
                     };
                     let m = self
                         .ctx
@@ -211,9 +200,7 @@ impl CudaDevice {
                 }
             }
         };
-        module
-            .load_function(name)
-            .map_err(|e| driver_err(&format!("kernel {name} in {}", source.name), e))
+        module.load_function(name).map_err(|e| driver_err(&format!("kernel {name} in {}", source.name), e))
     }
 
     /// The real arch of this GPU when this NVRTC knows it; otherwise PTX for the newest
@@ -225,9 +212,12 @@ impl CudaDevice {
         if supported.contains(&base) {
             return Ok(arch);
         }
-        let best = supported.iter().copied().filter(|a| *a <= base).max().ok_or_else(|| {
-            Error::Unsupported(format!("NVRTC supports no architecture at or below sm_{base}"))
-        })?;
+        let best = supported
+            .iter()
+            .copied()
+            .filter(|a| *a <= base)
+            .max()
+            .ok_or_else(|| Error::Unsupported(format!("NVRTC supports no architecture at or below sm_{base}")))?;
         Ok(format!("compute_{best}"))
     }
 
@@ -311,15 +301,11 @@ fn options_for(target: &str) -> Vec<String> {
 pub fn compile(source: &KernelSource, target: &str) -> Result<Compiled> {
     require_nvrtc()?;
     let options = options_for(target);
-    let to_err = |log: String| Error::Compile {
-        kernel: format!("kernels/{}.cu", source.name),
-        target: target.to_string(),
-        log,
-    };
+    let to_err =
+        |log: String| Error::Compile { kernel: format!("kernels/{}.cu", source.name), target: target.to_string(), log };
     let src = CString::new(source.source).map_err(|_| to_err("source contains a NUL byte".into()))?;
     let name = CString::new(format!("{}.cu", source.name)).map_err(|_| to_err("bad name".into()))?;
-    let c_opts: Vec<CString> =
-        options.iter().map(|o| CString::new(o.as_str()).expect("options have no NUL")).collect();
+    let c_opts: Vec<CString> = options.iter().map(|o| CString::new(o.as_str()).expect("options have no NUL")).collect();
     let c_ptrs: Vec<*const c_char> = c_opts.iter().map(|o| o.as_ptr()).collect();
     let mut prog: nsys::nvrtcProgram = std::ptr::null_mut();
     // SAFETY: all pointers point into CStrings that outlive the program.

@@ -6,6 +6,7 @@
 pub(crate) mod cpu;
 #[cfg(feature = "cuda")]
 pub(crate) mod cuda;
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
 pub(crate) mod pool;
 #[cfg(feature = "wgpu")]
 pub(crate) mod wgpu;
@@ -127,9 +128,7 @@ impl Device {
             #[cfg(feature = "wgpu")]
             Device::Wgpu(i) => wgpu::info(i),
             #[allow(unreachable_patterns)]
-            other => Err(Error::NoDevice(format!(
-                "{other}: kiln was built without this backend's feature"
-            ))),
+            other => Err(Error::NoDevice(format!("{other}: kiln was built without this backend's feature"))),
         }
     }
 

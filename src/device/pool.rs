@@ -23,10 +23,7 @@ struct PoolInner<B> {
 
 impl<B> Pool<B> {
     pub(crate) fn new(max_idle_bytes: usize) -> Arc<Self> {
-        Arc::new(Pool {
-            inner: Mutex::new(PoolInner { free: HashMap::new(), idle_bytes: 0 }),
-            max_idle_bytes,
-        })
+        Arc::new(Pool { inner: Mutex::new(PoolInner { free: HashMap::new(), idle_bytes: 0 }), max_idle_bytes })
     }
 
     /// The size a request of `bytes` is rounded to (never 0: backends refuse empty buffers).
@@ -75,6 +72,7 @@ impl<B> Pooled<B> {
         self.buf.as_ref().expect("pooled buffer present until drop")
     }
 
+    #[cfg(feature = "cuda")]
     pub(crate) fn get_mut(&mut self) -> &mut B {
         self.buf.as_mut().expect("pooled buffer present until drop")
     }

@@ -10,9 +10,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 pub(crate) type WgpuBuffer = Pooled<wgpu::Buffer>;
 
-const BACKENDS: wgpu::Backends = wgpu::Backends::VULKAN
-    .union(wgpu::Backends::METAL)
-    .union(wgpu::Backends::DX12);
+const BACKENDS: wgpu::Backends = wgpu::Backends::VULKAN.union(wgpu::Backends::METAL).union(wgpu::Backends::DX12);
 
 struct AdapterSlot {
     adapter: wgpu::Adapter,
@@ -224,9 +222,8 @@ impl WgpuDevice {
         rx.recv()
             .map_err(|_| Error::Wgpu("readback callback dropped".into()))?
             .map_err(|e| Error::Wgpu(format!("mapping a readback buffer: {e}")))?;
-        let data = staging
-            .get_mapped_range(..)
-            .map_err(|e| Error::Wgpu(format!("reading a mapped buffer: {e}")))?[..bytes]
+        let data = staging.get_mapped_range(..).map_err(|e| Error::Wgpu(format!("reading a mapped buffer: {e}")))?
+            [..bytes]
             .to_vec();
         staging.unmap();
         Ok(data)
@@ -370,9 +367,7 @@ pub(crate) fn wgsl_output_words(binding: u32, dtype: crate::DType) -> String {
     use crate::DType;
     let decl = |ty: &str| format!("@group(0) @binding({binding}) var<storage, read_write> out: array<{ty}>;\n");
     match dtype {
-        DType::F32 => {
-            decl("f32") + "const ELEMS: u32 = 1u;\nfn store_word(w: u32, v: vec2<f32>) { out[w] = v.x; }\n"
-        }
+        DType::F32 => decl("f32") + "const ELEMS: u32 = 1u;\nfn store_word(w: u32, v: vec2<f32>) { out[w] = v.x; }\n",
         DType::F16 => {
             decl("u32") + "const ELEMS: u32 = 2u;\nfn store_word(w: u32, v: vec2<f32>) { out[w] = pack2x16float(v); }\n"
         }

@@ -64,7 +64,8 @@ pub fn assert_close(what: &str, got: &[f32], want: &[f64], atol: &[f64], dtype: 
     let mut bad = 0usize;
     for i in 0..got.len() {
         let err = (got[i] as f64 - want[i]).abs();
-        if !(err <= tol(i)) {
+        let within = err <= tol(i); // false for NaN
+        if !within {
             bad += 1;
             let ratio = if err.is_nan() { f64::INFINITY } else { err / tol(i).max(f64::MIN_POSITIVE) };
             if worst.is_none_or(|(_, r)| ratio > r) {

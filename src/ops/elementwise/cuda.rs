@@ -21,7 +21,13 @@ fn grid_stride(n: usize) -> LaunchConfig {
     }
 }
 
-pub(crate) fn binary(dev: &Arc<CudaDevice>, op: BinaryOp, a: &Tensor, x: &CudaBuffer, y: &CudaBuffer) -> Result<Tensor> {
+pub(crate) fn binary(
+    dev: &Arc<CudaDevice>,
+    op: BinaryOp,
+    a: &Tensor,
+    x: &CudaBuffer,
+    y: &CudaBuffer,
+) -> Result<Tensor> {
     let out = Tensor::empty(a.shape(), a.dtype(), &a.device())?;
     let n = a.elem_count() as u64;
     let name = format!("{}_{}", op.name(), a.dtype());
@@ -65,11 +71,8 @@ pub(crate) fn sum_rows(dev: &Arc<CudaDevice>, a: &Tensor, x: &CudaBuffer, rows: 
     let name = format!("sum_rows_{}", a.dtype());
     let f = dev.function(&SOURCE, &name)?;
     let (rows64, cols64) = (rows as u64, cols as u64);
-    let cfg = LaunchConfig {
-        grid_dim: (rows.clamp(1, 1 << 16) as u32, 1, 1),
-        block_dim: (256, 1, 1),
-        shared_mem_bytes: 0,
-    };
+    let cfg =
+        LaunchConfig { grid_dim: (rows.clamp(1, 1 << 16) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
     let mut launch = dev.stream.launch_builder(&f);
     launch.arg(x.get()).arg(out.cuda_buffer()?).arg(&rows64).arg(&cols64);
     // SAFETY: x holds rows·cols elements, out holds rows.

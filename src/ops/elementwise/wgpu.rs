@@ -9,19 +9,19 @@ use std::sync::Arc;
 const MAP_SHADER: &str = include_str!("../../../shaders/elementwise.wgsl");
 const SUM_ROWS_SHADER: &str = include_str!("../../../shaders/sum_rows.wgsl");
 
-/// Runs the map shader over `inputs` (all of `in_dtype`) into a new `out_dtype` tensor of
-/// `like`'s shape. `apply` is the WGSL body of `fn apply(i: u32) -> f32`.
+/// Runs the map shader over `inputs` (of `like`'s dtype and shape) into a new `out_dtype`
+/// tensor of that shape. `apply` is the WGSL body of `fn apply(i: u32) -> f32`.
 fn map(
     dev: &Arc<WgpuDevice>,
     key: &str,
     like: &Tensor,
     inputs: &[&WgpuBuffer],
-    in_dtype: DType,
     out_dtype: DType,
     apply: &str,
     s: f32,
 ) -> Result<Tensor> {
     let names = ["x", "y"];
+    let in_dtype = like.dtype();
     let native_f16 = in_dtype == DType::F16 && dev.shader_f16;
     let key = format!("{key}_{in_dtype}_{out_dtype}{}", if native_f16 { "_native" } else { "" });
     let n_in = inputs.len() as u32;
@@ -54,20 +54,26 @@ fn map(
     Ok(out)
 }
 
-pub(crate) fn binary(dev: &Arc<WgpuDevice>, op: BinaryOp, a: &Tensor, x: &WgpuBuffer, y: &WgpuBuffer) -> Result<Tensor> {
+pub(crate) fn binary(
+    dev: &Arc<WgpuDevice>,
+    op: BinaryOp,
+    a: &Tensor,
+    x: &WgpuBuffer,
+    y: &WgpuBuffer,
+) -> Result<Tensor> {
     let apply = match op {
         BinaryOp::Add => "return load_x(i) + load_y(i);",
         BinaryOp::Mul => "return load_x(i) * load_y(i);",
     };
-    map(dev, op.name(), a, &[x, y], a.dtype(), a.dtype(), apply, 0.0)
+    map(dev, op.name(), a, &[x, y], a.dtype(), apply, 0.0)
 }
 
 pub(crate) fn scale(dev: &Arc<WgpuDevice>, a: &Tensor, x: &WgpuBuffer, s: f32) -> Result<Tensor> {
-    map(dev, "scale", a, &[x], a.dtype(), a.dtype(), "return load_x(i) * params.s;", s)
+    map(dev, "scale", a, &[x], a.dtype(), "return load_x(i) * params.s;", s)
 }
 
 pub(crate) fn cast(dev: &Arc<WgpuDevice>, a: &Tensor, x: &WgpuBuffer, dtype: DType) -> Result<Tensor> {
-    map(dev, "cast", a, &[x], a.dtype(), dtype, "return load_x(i);", 0.0)
+    map(dev, "cast", a, &[x], dtype, "return load_x(i);", 0.0)
 }
 
 pub(crate) fn sum_rows(dev: &Arc<WgpuDevice>, a: &Tensor, x: &WgpuBuffer, rows: usize, cols: usize) -> Result<Tensor> {

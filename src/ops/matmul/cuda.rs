@@ -35,10 +35,16 @@ fn grid(what: &str, v: usize) -> Result<u32> {
 
 /// Whether the tensor-core kernel takes this problem.
 pub(crate) fn uses_tensor_cores(cc: (u32, u32), p: &MatmulProblem) -> bool {
-    p.in_dtype != DType::F32 && cc.0 >= 8 && p.lda() % 8 == 0 && p.ldb() % 8 == 0
+    p.in_dtype != DType::F32 && cc.0 >= 8 && p.lda().is_multiple_of(8) && p.ldb().is_multiple_of(8)
 }
 
-pub(crate) fn matmul(dev: &Arc<CudaDevice>, p: &MatmulProblem, a: &CudaBuffer, b: &CudaBuffer, out: &Tensor) -> Result<()> {
+pub(crate) fn matmul(
+    dev: &Arc<CudaDevice>,
+    p: &MatmulProblem,
+    a: &CudaBuffer,
+    b: &CudaBuffer,
+    out: &Tensor,
+) -> Result<()> {
     let c = out.cuda_buffer()?;
     let kind = out_kind(p.out_dtype);
     let (m, n, k) = (to_i32("m", p.m)?, to_i32("n", p.n)?, to_i32("k", p.k)?);

@@ -75,13 +75,13 @@ impl MatmulProblem {
     /// Offset of A(i, p) within a batch.
     #[inline(always)]
     fn a_index(&self, i: usize, p: usize) -> usize {
-        if self.trans_a { p * self.m + i } else { i * self.k + p }
+        if self.trans_a { p * self.lda() + i } else { i * self.lda() + p }
     }
 
     /// Offset of B(p, j) within a batch.
     #[inline(always)]
     fn b_index(&self, p: usize, j: usize) -> usize {
-        if self.trans_b { j * self.k + p } else { p * self.n + j }
+        if self.trans_b { j * self.ldb() + p } else { p * self.ldb() + j }
     }
 }
 
@@ -135,13 +135,8 @@ pub fn matmul_with(a: &Tensor, b: &Tensor, options: MatmulOptions) -> Result<Ten
 /// Checks shapes and dtypes and works out the problem and the output shape.
 fn plan(a: &Tensor, b: &Tensor, o: MatmulOptions) -> Result<(MatmulProblem, Vec<usize>)> {
     let (sa, sb) = (a.shape(), b.shape());
-    let describe = || {
-        format!(
-            "a {sa:?}{} · b {sb:?}{}",
-            if o.trans_a { "ᵀ" } else { "" },
-            if o.trans_b { "ᵀ" } else { "" }
-        )
-    };
+    let describe =
+        || format!("a {sa:?}{} · b {sb:?}{}", if o.trans_a { "ᵀ" } else { "" }, if o.trans_b { "ᵀ" } else { "" });
     if !(2..=3).contains(&sa.len()) || !(2..=3).contains(&sb.len()) {
         return Err(Error::Shape(format!("matmul takes rank 2 or 3 operands, got {}", describe())));
     }
@@ -194,8 +189,8 @@ fn plan(a: &Tensor, b: &Tensor, o: MatmulOptions) -> Result<(MatmulProblem, Vec<
 const MR: usize = 6;
 /// Columns of B per micro-kernel call (two 8-wide AVX registers).
 const NR: usize = 16;
-/// Depth of one packed panel: an MR×KC strip of A and a KC×NR strip of B stay in L1.
-const KC: usize = 256;
+/// Depth of one packed panel (tuned on a 2-core AVX2 machine; 256 and 384 were slower).
+const KC: usize = 512;
 /// Rows of A packed together (a multiple of MR), sized for L2.
 const MC: usize = 72;
 /// Columns of C per task, so narrow and wide problems both split across threads.
@@ -221,12 +216,19 @@ fn cpu_matmul_typed<T: Element>(p: &MatmulProblem, a: &[T], b: &[T]) -> CpuStora
             let kc = KC.min(p.k - pc);
             let b_packed = pack_b(p, b, pc, kc);
             let row_blocks = m.div_ceil(MC);
-            let col_blocks = n.div_ceil(NC);
+            // Split columns too only when rows alone leave threads idle: each column block
+            // packs its A block again.
+            let col_blocks = if row_blocks >= 4 * rayon::current_num_threads() { 1 } else { n.div_ceil(NC) };
+            let nc_block = n.div_ceil(col_blocks);
             (0..row_blocks * col_blocks).into_par_iter().for_each(|t| {
                 let (ib, jb) = (t / col_blocks, t % col_blocks);
-                let (i0, j0) = (ib * MC, jb * NC);
+                let (i0, j0) = (ib * MC, (jb * nc_block).div_ceil(NR) * NR);
                 let mc = MC.min(m - i0);
-                let nc = NC.min(n - j0);
+                let j1 = (((jb + 1) * nc_block).div_ceil(NR) * NR).min(n);
+                if j0 >= j1 {
+                    return;
+                }
+                let nc = j1 - j0;
                 let a_packed = pack_a(p, a, i0, mc, pc, kc);
                 for s in 0..mc.div_ceil(MR) {
                     for js in (j0 / NR)..(j0 + nc).div_ceil(NR) {
@@ -297,7 +299,16 @@ fn pack_a<T: Element>(p: &MatmulProblem, a: &[T], i0: usize, mc: usize, pc: usiz
 /// # Safety
 /// `c` must be valid for writes of rows `0..mr` and columns `0..nr` at stride `ldc`.
 #[allow(clippy::too_many_arguments)]
-unsafe fn micro_kernel(kc: usize, a: &[f32], b: &[f32], c: *mut f32, ldc: usize, mr: usize, nr: usize, accumulate: bool) {
+unsafe fn micro_kernel(
+    kc: usize,
+    a: &[f32],
+    b: &[f32],
+    c: *mut f32,
+    ldc: usize,
+    mr: usize,
+    nr: usize,
+    accumulate: bool,
+) {
     debug_assert!(a.len() >= kc * MR && b.len() >= kc * NR);
     #[cfg(target_arch = "x86_64")]
     if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
@@ -334,7 +345,16 @@ unsafe fn store_tile(acc: &[[f32; NR]; MR], c: *mut f32, ldc: usize, mr: usize, 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn micro_kernel_avx2(kc: usize, a: *const f32, b: *const f32, c: *mut f32, ldc: usize, mr: usize, nr: usize, accumulate: bool) {
+unsafe fn micro_kernel_avx2(
+    kc: usize,
+    a: *const f32,
+    b: *const f32,
+    c: *mut f32,
+    ldc: usize,
+    mr: usize,
+    nr: usize,
+    accumulate: bool,
+) {
     use std::arch::x86_64::*;
     // SAFETY (whole body): a holds kc·MR and b kc·NR floats; c as the caller promises.
     unsafe {
