@@ -3,14 +3,24 @@
 //! inline PTX) and WGSL (wgpu).
 //!
 //! ```no_run
-//! use kiln::{Device, DType, Tensor, ops};
+//! use kiln::{DType, Device, Tensor, ops};
 //! # fn main() -> kiln::Result<()> {
-//! let device = Device::best();
-//! let a = Tensor::randn(&[256, 512], 0.0, 1.0, 1, DType::BF16, &device)?;
-//! let w = Tensor::randn(&[128, 512], 0.0, 0.02, 2, DType::BF16, &device)?;
-//! // y = a · wᵀ with f32 output, accumulated in f32.
-//! let y = ops::matmul_with(&a, &w, ops::MatmulOptions::nt().out_dtype(DType::F32))?;
-//! let host: Vec<f32> = y.to_vec()?;
+//! let device = Device::best(); // CUDA GPU > discrete/integrated wgpu GPU > CPU
+//! for d in Device::all() {
+//!     println!("{d}: {}", d.info()?.name);
+//! }
+//! // Seeded values are a function of (seed, index): the same on every device.
+//! let x = Tensor::randn(&[512, 4096], 0.0, 1.0, 1, DType::BF16, &device)?;
+//! let w = Tensor::randn(&[1024, 4096], 0.0, 0.02, 2, DType::BF16, &device)?;
+//! // y = x · wᵀ, accumulated in f32, written as f32.
+//! let y = ops::matmul_with(&x, &w, ops::MatmulOptions::nt().out_dtype(DType::F32))?;
+//! // Backward of that layer: dx = dy · w, dw = dyᵀ · x.
+//! let dx = ops::matmul(&y.to_dtype(DType::BF16)?, &w)?;
+//! let dw = ops::matmul_with(&y, &x.to_dtype(DType::F32)?, ops::MatmulOptions::tn())?;
+//! assert_eq!((dx.shape(), dw.shape()), (&[512, 4096][..], &[1024, 4096][..]));
+//! let host: Vec<f32> = ops::sum_rows(&y)?.to_vec()?;
+//! let on_cpu = y.to_device(&Device::Cpu)?;
+//! # let _ = (host, on_cpu);
 //! # Ok(()) }
 //! ```
 //!

@@ -22,13 +22,26 @@ pub(crate) enum CpuStorage {
 
 impl CpuStorage {
     /// `len` elements, NaN when output poisoning is on and zero otherwise.
-    pub(crate) fn alloc(dtype: DType, len: usize) -> CpuStorage {
+    pub(crate) fn alloc(dtype: DType, len: usize) -> Result<CpuStorage> {
         let v = if crate::device::poison_outputs() { f32::NAN } else { 0.0 };
-        match dtype {
-            DType::F32 => CpuStorage::F32(vec![v; len]),
-            DType::F16 => CpuStorage::F16(vec![f16::from_f32(v); len]),
-            DType::BF16 => CpuStorage::BF16(vec![bf16::from_f32(v); len]),
+        Self::filled(dtype, len, |_| v)
+    }
+
+    /// `len` elements with element `i` set to `f(i)` (rounded to `dtype`). A host allocation
+    /// that fails is `Err(OutOfMemory)`, not an abort.
+    pub(crate) fn filled(dtype: DType, len: usize, f: impl Fn(usize) -> f32 + Sync + Send) -> Result<CpuStorage> {
+        fn build<T: Element>(len: usize, f: impl Fn(usize) -> f32 + Sync + Send) -> Result<Vec<T>> {
+            let mut v = Vec::new();
+            v.try_reserve_exact(len)
+                .map_err(|_| Error::OutOfMemory(format!("host allocation of {len} elements of {} failed", T::DTYPE)))?;
+            v.par_extend((0..len).into_par_iter().map(|i| T::from_f32(f(i))));
+            Ok(v)
         }
+        Ok(match dtype {
+            DType::F32 => CpuStorage::F32(build(len, f)?),
+            DType::F16 => CpuStorage::F16(build(len, f)?),
+            DType::BF16 => CpuStorage::BF16(build(len, f)?),
+        })
     }
 
     pub(crate) fn from_f32(dtype: DType, data: &[f32]) -> CpuStorage {
@@ -101,6 +114,12 @@ fn elem_count(shape: &[usize]) -> Result<usize> {
         .ok_or_else(|| Error::Shape(format!("shape {shape:?} has more elements than fit in usize")))
 }
 
+fn byte_count(shape: &[usize], dtype: DType) -> Result<usize> {
+    elem_count(shape)?
+        .checked_mul(dtype.size_in_bytes())
+        .ok_or_else(|| Error::Shape(format!("shape {shape:?} has more bytes than fit in usize")))
+}
+
 impl Tensor {
     /// A tensor holding `data` (row-major) with `shape`, on `device`.
     /// `Err(Shape)` when the shape's element count is not `data.len()`.
@@ -127,22 +146,39 @@ impl Tensor {
     }
 
     fn from_host(host: CpuStorage, shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor> {
+        Self::materialize(shape, dtype, device, || Ok(host))
+    }
+
+    /// A tensor whose elements `make_host` produces on the host. The device buffer is taken
+    /// first, so a size the device cannot hold fails before any host memory is filled.
+    fn materialize(
+        shape: &[usize],
+        dtype: DType,
+        device: &Device,
+        make_host: impl FnOnce() -> Result<CpuStorage>,
+    ) -> Result<Tensor> {
+        let bytes = byte_count(shape, dtype)?;
         let storage = match *device {
-            Device::Cpu => Storage::Cpu(host),
+            Device::Cpu => Storage::Cpu(make_host()?),
             #[cfg(feature = "cuda")]
             Device::Cuda(i) => {
                 let dev = CudaDevice::get(i)?;
-                let buf = dev.upload(host.as_bytes())?;
+                let mut buf = dev.alloc(bytes)?;
+                dev.write(&mut buf, make_host()?.as_bytes())?;
                 Storage::Cuda { dev, buf }
             }
             #[cfg(feature = "wgpu")]
             Device::Wgpu(i) => {
                 let dev = WgpuDevice::get(i)?;
-                let buf = dev.upload(host.as_bytes())?;
+                let buf = dev.alloc(bytes)?;
+                dev.write(&buf, make_host()?.as_bytes())?;
                 Storage::Wgpu { dev, buf }
             }
             #[allow(unreachable_patterns)]
-            other => return Err(Error::NoDevice(format!("{other}: backend not built"))),
+            other => {
+                let _ = (bytes, make_host);
+                return Err(Error::NoDevice(format!("{other}: backend not built")));
+            }
         };
         Ok(Tensor { storage: Arc::new(storage), shape: shape.to_vec(), dtype, device: *device })
     }
@@ -155,7 +191,7 @@ impl Tensor {
     /// A tensor with every element `value` (rounded to `dtype`).
     pub fn full(shape: &[usize], value: f32, dtype: DType, device: &Device) -> Result<Tensor> {
         let n = elem_count(shape)?;
-        Self::from_f32(&vec![value; n], shape, dtype, device)
+        Self::materialize(shape, dtype, device, || CpuStorage::filled(dtype, n, |_| value))
     }
 
     /// Uniform values in `[low, high)` from `seed`. Element `i` depends only on `seed` and `i`,
@@ -165,9 +201,9 @@ impl Tensor {
             return Err(Error::InvalidArgument(format!("rand range [{low}, {high}) is not a finite interval")));
         }
         let n = elem_count(shape)?;
-        let data: Vec<f32> =
-            (0..n).into_par_iter().map(|i| low + (high - low) * unit_uniform(seed, 2 * i as u64)).collect();
-        Self::from_f32(&data, shape, dtype, device)
+        Self::materialize(shape, dtype, device, || {
+            CpuStorage::filled(dtype, n, |i| low + (high - low) * unit_uniform(seed, 2 * i as u64))
+        })
     }
 
     /// Normal values with `mean` and `std` from `seed` (Box-Muller over the same counter-based
@@ -177,25 +213,22 @@ impl Tensor {
             return Err(Error::InvalidArgument(format!("randn needs finite mean and std >= 0, got {mean}, {std}")));
         }
         let n = elem_count(shape)?;
-        let data: Vec<f32> = (0..n)
-            .into_par_iter()
-            .map(|i| {
+        Self::materialize(shape, dtype, device, || {
+            CpuStorage::filled(dtype, n, |i| {
                 let u1 = 1.0 - unit_uniform(seed, 2 * i as u64); // (0, 1]
                 let u2 = unit_uniform(seed, 2 * i as u64 + 1);
                 let z = (-2.0 * (u1 as f64).ln()).sqrt() * (std::f64::consts::TAU * u2 as f64).cos();
                 mean + std * z as f32
             })
-            .collect();
-        Self::from_f32(&data, shape, dtype, device)
+        })
     }
 
     /// An output tensor whose contents the caller will write in full (NaN-filled when output
     /// poisoning is on).
     pub(crate) fn empty(shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor> {
-        let n = elem_count(shape)?;
-        let bytes = n.checked_mul(dtype.size_in_bytes()).ok_or_else(|| Error::Shape(format!("{shape:?} too large")))?;
+        let bytes = byte_count(shape, dtype)?;
         let storage = match *device {
-            Device::Cpu => Storage::Cpu(CpuStorage::alloc(dtype, n)),
+            Device::Cpu => Storage::Cpu(CpuStorage::alloc(dtype, elem_count(shape)?)?),
             #[cfg(feature = "cuda")]
             Device::Cuda(i) => {
                 let dev = CudaDevice::get(i)?;

@@ -102,3 +102,18 @@ fn device_enumeration_never_panics() {
         d.synchronize().unwrap();
     }
 }
+
+#[test]
+fn allocations_that_cannot_succeed_are_errors_not_aborts() {
+    for device in devices() {
+        // 2^50 f32 elements: 4 PiB on any device.
+        match Tensor::zeros(&[1 << 40, 1 << 10], DType::F32, &device) {
+            Err(Error::OutOfMemory(m)) => assert!(!m.is_empty()),
+            other => panic!("{device}: expected OutOfMemory, got {other:?}"),
+        }
+        let a = Tensor::zeros(&[1, 1], DType::F32, &device).unwrap();
+        let b = Tensor::zeros(&[1, 1], DType::F32, &device).unwrap();
+        // The device is still usable afterwards.
+        assert_eq!(kiln::ops::matmul(&a, &b).unwrap().to_vec::<f32>().unwrap(), vec![0.0], "{device}");
+    }
+}

@@ -155,14 +155,13 @@ impl CudaDevice {
         Ok(Pooled::new(slice, bucket, self.pool.clone()))
     }
 
-    pub(crate) fn upload(&self, bytes: &[u8]) -> Result<CudaBuffer> {
-        let mut buf = self.alloc(bytes.len())?;
+    /// Copies `bytes` to the start of `buf`, which holds at least that many.
+    pub(crate) fn write(&self, buf: &mut CudaBuffer, bytes: &[u8]) -> Result<()> {
         if !bytes.is_empty() {
-            let dst = buf.get_mut();
-            let mut view = dst.slice_mut(0..bytes.len());
+            let mut view = buf.get_mut().slice_mut(0..bytes.len());
             self.stream.memcpy_htod(bytes, &mut view).map_err(|e| driver_err("copying to the device", e))?;
         }
-        Ok(buf)
+        Ok(())
     }
 
     pub(crate) fn download(&self, buf: &CudaBuffer, bytes: usize) -> Result<Vec<u8>> {

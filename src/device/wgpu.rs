@@ -181,8 +181,9 @@ impl WgpuDevice {
         Ok(Pooled::new(buf, bucket, self.pool.clone()))
     }
 
-    pub(crate) fn upload(&self, bytes: &[u8]) -> Result<WgpuBuffer> {
-        let buf = self.alloc(bytes.len())?;
+    /// Copies `bytes` to the start of `buf`, which holds at least that many (rounded up to
+    /// whole words, as the pool sizes every buffer).
+    pub(crate) fn write(&self, buf: &WgpuBuffer, bytes: &[u8]) -> Result<()> {
         let whole = bytes.len() / 4 * 4;
         if whole > 0 {
             self.queue.write_buffer(buf.get(), 0, &bytes[..whole]);
@@ -193,7 +194,7 @@ impl WgpuDevice {
             tail[..bytes.len() - whole].copy_from_slice(&bytes[whole..]);
             self.queue.write_buffer(buf.get(), whole as u64, &tail);
         }
-        Ok(buf)
+        Ok(())
     }
 
     pub(crate) fn download(&self, buf: &WgpuBuffer, bytes: usize) -> Result<Vec<u8>> {

@@ -265,11 +265,18 @@ fn pack_b<T: Element>(p: &MatmulProblem, b: &[T], pc: usize, kc: usize) -> Vec<f
     let strips = p.n.div_ceil(NR);
     let mut out = vec![0f32; strips * NR * kc];
     out.par_chunks_mut(NR * kc).enumerate().for_each(|(js, strip)| {
-        for d in 0..kc {
-            for jj in 0..NR {
-                let j = js * NR + jj;
-                if j < p.n {
-                    strip[d * NR + jj] = b[p.b_index(pc + d, j)].to_f32();
+        let cols = NR.min(p.n - js * NR);
+        // Walk the stored rows contiguously: along k when B is transposed, along n otherwise.
+        if p.trans_b {
+            for jj in 0..cols {
+                for d in 0..kc {
+                    strip[d * NR + jj] = b[p.b_index(pc + d, js * NR + jj)].to_f32();
+                }
+            }
+        } else {
+            for d in 0..kc {
+                for jj in 0..cols {
+                    strip[d * NR + jj] = b[p.b_index(pc + d, js * NR + jj)].to_f32();
                 }
             }
         }
@@ -282,11 +289,18 @@ fn pack_a<T: Element>(p: &MatmulProblem, a: &[T], i0: usize, mc: usize, pc: usiz
     let strips = mc.div_ceil(MR);
     let mut out = vec![0f32; strips * MR * kc];
     for (s, strip) in out.chunks_mut(MR * kc).enumerate() {
-        for ii in 0..MR {
-            let i = s * MR + ii;
-            if i < mc {
+        let rows = MR.min(mc - s * MR);
+        // Walk the stored rows contiguously: along m when A is transposed, along k otherwise.
+        if p.trans_a {
+            for d in 0..kc {
+                for ii in 0..rows {
+                    strip[d * MR + ii] = a[p.a_index(i0 + s * MR + ii, pc + d)].to_f32();
+                }
+            }
+        } else {
+            for ii in 0..rows {
                 for d in 0..kc {
-                    strip[d * MR + ii] = a[p.a_index(i0 + i, pc + d)].to_f32();
+                    strip[d * MR + ii] = a[p.a_index(i0 + s * MR + ii, pc + d)].to_f32();
                 }
             }
         }
