@@ -15,7 +15,7 @@ fn resource_lines(log: &str) -> Vec<String> {
         if let Some(rest) = line.split("Compiling entry function '").nth(1) {
             current = rest.split('\'').next().map(str::to_string);
         } else if line.contains("bytes stack frame") {
-            spill = line.rsplit(':').next().unwrap_or("").trim().to_string();
+            spill = line.trim_start_matches(|c: char| !c.is_ascii_digit()).trim().to_string();
         } else if line.contains("Used") && line.contains("registers") {
             if let Some(name) = current.take() {
                 let usage = line.split(':').nth(1).unwrap_or("").trim();
