@@ -59,3 +59,30 @@ fn every_kernel_compiles_for_sm80_and_sm90() {
     }
     assert!(failures.is_empty(), "kernels failed to compile:\n{}", failures.join("\n\n"));
 }
+
+#[test]
+fn a_kernel_that_does_not_compile_is_an_error_carrying_nvrtcs_log() {
+    if !nvrtc_present() {
+        println!("SKIP: libnvrtc not found");
+        return;
+    }
+    let broken = kiln::cuda::KernelSource {
+        name: "broken",
+        source: "extern \"C\" __global__ void k(float* x) { x[0] = undefined_name; }",
+        needs_sm90a: false,
+    };
+    match compile(&broken, "sm_80") {
+        Err(kiln::Error::Compile { kernel, target, log }) => {
+            assert_eq!((kernel.as_str(), target.as_str()), ("kernels/broken.cu", "sm_80"));
+            assert!(log.contains("undefined_name"), "the log names the problem: {log}");
+        }
+        other => panic!("expected a compile error, got {other:?}"),
+    }
+    // Inline PTX is checked by ptxas for a real arch: a bad instruction fails too.
+    let bad_ptx = kiln::cuda::KernelSource {
+        name: "bad_ptx",
+        source: "extern \"C\" __global__ void k(float* x) { asm volatile(\"not.an.instruction;\"); }",
+        needs_sm90a: false,
+    };
+    assert!(matches!(compile(&bad_ptx, "sm_90"), Err(kiln::Error::Compile { .. })));
+}

@@ -85,3 +85,34 @@ impl<B> Drop for Pooled<B> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buffers_return_to_their_bucket_and_the_idle_cap_holds() {
+        let pool: Arc<Pool<Vec<u8>>> = Pool::new(1024);
+        assert_eq!(Pool::<Vec<u8>>::bucket(0), 256);
+        assert_eq!(Pool::<Vec<u8>>::bucket(257), 512);
+        let bucket = Pool::<Vec<u8>>::bucket(300);
+        assert!(pool.take(bucket).is_none());
+        drop(Pooled::new(vec![7u8; bucket], bucket, pool.clone()));
+        let reused = pool.take(bucket).expect("the dropped buffer is idle in its bucket");
+        assert_eq!(reused[0], 7);
+        assert!(pool.take(bucket).is_none());
+        // Past the idle cap, returned buffers are freed instead of kept.
+        for _ in 0..4 {
+            drop(Pooled::new(vec![0u8; 512], 512, pool.clone()));
+        }
+        let mut kept = 0;
+        let mut loans = Vec::new();
+        while let Some(b) = pool.take(512) {
+            kept += 1;
+            loans.push(b);
+        }
+        assert_eq!(kept, 2, "a 1024-byte idle cap keeps two of the four 512-byte buffers");
+        pool.clear();
+        assert!(pool.take(512).is_none());
+    }
+}
