@@ -304,7 +304,11 @@ pub fn compile(source: &KernelSource, target: &str) -> Result<Compiled> {
         |log: String| Error::Compile { kernel: format!("kernels/{}.cu", source.name), target: target.to_string(), log };
     let src = CString::new(source.source).map_err(|_| to_err("source contains a NUL byte".into()))?;
     let name = CString::new(format!("{}.cu", source.name)).map_err(|_| to_err("bad name".into()))?;
-    let c_opts: Vec<CString> = options.iter().map(|o| CString::new(o.as_str()).expect("options have no NUL")).collect();
+    let c_opts = options
+        .iter()
+        .map(|o| CString::new(o.as_str()))
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .map_err(|_| to_err("an option contains a NUL byte".into()))?;
     let c_ptrs: Vec<*const c_char> = c_opts.iter().map(|o| o.as_ptr()).collect();
     let mut prog: nsys::nvrtcProgram = std::ptr::null_mut();
     // SAFETY: all pointers point into CStrings that outlive the program.

@@ -5,6 +5,7 @@
 //! buffer handed out again is only written after every queued read of its old contents.
 
 use std::collections::HashMap;
+use std::mem::ManuallyDrop;
 use std::sync::{Arc, Mutex};
 
 /// Round sizes up to this many bytes so nearby sizes share a bucket.
@@ -57,32 +58,31 @@ impl<B> Pool<B> {
 
 /// A buffer on loan from a pool; it goes back when dropped.
 pub(crate) struct Pooled<B> {
-    buf: Option<B>,
+    buf: ManuallyDrop<B>,
     bucket: usize,
     pool: Arc<Pool<B>>,
 }
 
 impl<B> Pooled<B> {
     pub(crate) fn new(buf: B, bucket: usize, pool: Arc<Pool<B>>) -> Self {
-        Pooled { buf: Some(buf), bucket, pool }
+        Pooled { buf: ManuallyDrop::new(buf), bucket, pool }
     }
 
     pub(crate) fn get(&self) -> &B {
-        // Only `drop` takes the buffer out.
-        self.buf.as_ref().expect("pooled buffer present until drop")
+        &self.buf
     }
 
     #[cfg(feature = "cuda")]
     pub(crate) fn get_mut(&mut self) -> &mut B {
-        self.buf.as_mut().expect("pooled buffer present until drop")
+        &mut self.buf
     }
 }
 
 impl<B> Drop for Pooled<B> {
     fn drop(&mut self) {
-        if let Some(buf) = self.buf.take() {
-            self.pool.put(self.bucket, buf);
-        }
+        // SAFETY: `buf` is taken exactly once, here, and never touched again.
+        let buf = unsafe { ManuallyDrop::take(&mut self.buf) };
+        self.pool.put(self.bucket, buf);
     }
 }
 
