@@ -4,6 +4,7 @@
 // inline PTX, so the kernels need no CUDA headers at run time. Out-dtype codes shared with
 // the Rust launchers: 0 = f32, 1 = f16, 2 = bf16.
 
+typedef unsigned char u8;
 typedef unsigned short u16;
 typedef unsigned int u32;
 typedef unsigned long long u64;

@@ -6,21 +6,12 @@
 // Transposes only change how the tiles are loaded (coalesced along the stored rows).
 //
 // The Rust side prepends the bindings of A and B (0 and 1) with `load_a(i) -> f32` and
-// `load_b(i) -> f32`, which read element i whatever the stored dtype (f32; f16 natively or
-// packed in u32; bf16 packed in u32).
+// `load_b(i) -> f32`, which read element i whatever the stored form (f32; f16 natively or
+// packed in u32; bf16 packed in u32; quantized blocks decoded on the fly), and
+// `struct Params` whose first fields are
+//     m, n, k, lda, ldb, stride_a, stride_b, trans_a, trans_b: u32
+// (a loader may append its own).
 // Dispatch: (ceil(n / 64), ceil(m / 64), batch).
-
-struct Params {
-    m: u32,
-    n: u32,
-    k: u32,
-    lda: u32,
-    ldb: u32,
-    stride_a: u32,
-    stride_b: u32,
-    trans_a: u32,
-    trans_b: u32,
-}
 
 @group(0) @binding(2) var<storage, read_write> c: array<f32>;
 @group(0) @binding(3) var<uniform> params: Params;

@@ -52,6 +52,14 @@ impl CpuStorage {
         }
     }
 
+    /// Takes an f32 vector, rounding it when `dtype` is a half type.
+    pub(crate) fn from_f32_vec(dtype: DType, data: Vec<f32>) -> CpuStorage {
+        match dtype {
+            DType::F32 => CpuStorage::F32(data),
+            _ => Self::from_f32(dtype, &data),
+        }
+    }
+
     fn from_bytes(dtype: DType, bytes: &[u8]) -> CpuStorage {
         match dtype {
             DType::F32 => CpuStorage::F32(bytemuck::pod_collect_to_vec(bytes)),
@@ -377,6 +385,69 @@ impl Tensor {
             Storage::Cuda { buf, .. } => Ok(buf.get()),
             #[allow(unreachable_patterns)]
             _ => Err(Error::DeviceMismatch(format!("expected a CUDA tensor, found one on {}", self.device))),
+        }
+    }
+}
+
+/// Untyped bytes on a device: the storage of quantized weights, whose layout the owning
+/// type knows.
+pub(crate) enum RawBuffer {
+    Cpu(Vec<u8>),
+    #[cfg(feature = "cuda")]
+    Cuda {
+        dev: Arc<CudaDevice>,
+        buf: CudaBuffer,
+        len: usize,
+    },
+    #[cfg(feature = "wgpu")]
+    Wgpu {
+        dev: Arc<WgpuDevice>,
+        buf: WgpuBuffer,
+        len: usize,
+    },
+}
+
+impl RawBuffer {
+    pub(crate) fn new(bytes: Vec<u8>, device: &Device) -> Result<RawBuffer> {
+        match *device {
+            Device::Cpu => Ok(RawBuffer::Cpu(bytes)),
+            #[cfg(feature = "cuda")]
+            Device::Cuda(i) => {
+                let dev = CudaDevice::get(i)?;
+                let mut buf = dev.alloc(bytes.len())?;
+                dev.write(&mut buf, &bytes)?;
+                Ok(RawBuffer::Cuda { dev, buf, len: bytes.len() })
+            }
+            #[cfg(feature = "wgpu")]
+            Device::Wgpu(i) => {
+                let dev = WgpuDevice::get(i)?;
+                let buf = dev.alloc(bytes.len())?;
+                dev.write(&buf, &bytes)?;
+                Ok(RawBuffer::Wgpu { dev, buf, len: bytes.len() })
+            }
+            #[allow(unreachable_patterns)]
+            other => Err(Error::NoDevice(format!("{other}: backend not built"))),
+        }
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        match self {
+            RawBuffer::Cpu(v) => v.len(),
+            #[cfg(feature = "cuda")]
+            RawBuffer::Cuda { len, .. } => *len,
+            #[cfg(feature = "wgpu")]
+            RawBuffer::Wgpu { len, .. } => *len,
+        }
+    }
+
+    /// The bytes, copied to the host.
+    pub(crate) fn to_vec(&self) -> Result<Vec<u8>> {
+        match self {
+            RawBuffer::Cpu(v) => Ok(v.clone()),
+            #[cfg(feature = "cuda")]
+            RawBuffer::Cuda { dev, buf, len } => dev.download(buf, *len),
+            #[cfg(feature = "wgpu")]
+            RawBuffer::Wgpu { dev, buf, len } => dev.download(buf, *len),
         }
     }
 }

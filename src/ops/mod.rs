@@ -3,9 +3,11 @@
 
 pub mod elementwise;
 pub mod matmul;
+pub mod quant;
 
 pub use elementwise::{add, cast, mul, scale, sum_rows};
 pub use matmul::{MatmulOptions, matmul, matmul_with};
+pub use quant::{QTensor, QuantFormat, qmatmul, qmatmul_input_grad};
 
 use crate::{Error, Result, Tensor};
 

@@ -9,7 +9,11 @@ use std::sync::Arc;
 
 pub(crate) const SOURCE: KernelSource = KernelSource {
     name: "matmul",
-    source: concat!(include_str!("../../../kernels/common.cuh"), include_str!("../../../kernels/matmul.cu")),
+    source: concat!(
+        include_str!("../../../kernels/common.cuh"),
+        include_str!("../../../kernels/gemm.cuh"),
+        include_str!("../../../kernels/matmul.cu")
+    ),
     needs_sm90a: false,
 };
 

@@ -16,7 +16,6 @@ pub(crate) mod wgpu;
 use crate::ops::SharedMut;
 use crate::tensor::{CpuStorage, Storage};
 use crate::{DType, Element, Error, Result, Tensor};
-use half::{bf16, f16};
 use rayon::prelude::*;
 
 /// How [`matmul_with`] reads its operands and what it writes.
@@ -197,15 +196,18 @@ const MC: usize = 72;
 const NC: usize = 256;
 
 fn cpu_matmul(p: &MatmulProblem, a: &CpuStorage, b: &CpuStorage) -> CpuStorage {
-    match (a, b) {
-        (CpuStorage::F32(a), CpuStorage::F32(b)) => cpu_matmul_typed(p, a, b),
-        (CpuStorage::F16(a), CpuStorage::F16(b)) => cpu_matmul_typed(p, a, b),
-        (CpuStorage::BF16(a), CpuStorage::BF16(b)) => cpu_matmul_typed(p, a, b),
+    let c = match (a, b) {
+        (CpuStorage::F32(a), CpuStorage::F32(b)) => cpu_matmul_f32_out(p, a, b),
+        (CpuStorage::F16(a), CpuStorage::F16(b)) => cpu_matmul_f32_out(p, a, b),
+        (CpuStorage::BF16(a), CpuStorage::BF16(b)) => cpu_matmul_f32_out(p, a, b),
         _ => unreachable!("plan() checked that the dtypes agree"),
-    }
+    };
+    CpuStorage::from_f32_vec(p.out_dtype, c)
 }
 
-fn cpu_matmul_typed<T: Element>(p: &MatmulProblem, a: &[T], b: &[T]) -> CpuStorage {
+/// The CPU matmul with its f32 accumulators as the result (row-major [batch, m, n]).
+/// Other families call it on panels they have decoded to f32.
+pub(crate) fn cpu_matmul_f32_out<T: Element>(p: &MatmulProblem, a: &[T], b: &[T]) -> Vec<f32> {
     let (m, n) = (p.m, p.n);
     let mut c = vec![0f32; p.batch * m * n];
     for (bi, c_batch) in c.chunks_mut(m * n).enumerate() {
@@ -252,11 +254,7 @@ fn cpu_matmul_typed<T: Element>(p: &MatmulProblem, a: &[T], b: &[T]) -> CpuStora
             });
         }
     }
-    match p.out_dtype {
-        DType::F32 => CpuStorage::F32(c),
-        DType::F16 => CpuStorage::F16(c.par_iter().map(|&x| f16::from_f32(x)).collect()),
-        DType::BF16 => CpuStorage::BF16(c.par_iter().map(|&x| bf16::from_f32(x)).collect()),
-    }
+    c
 }
 
 /// Packs B(pc..pc+kc, 0..n) as strips of NR columns: strip j holds, for each depth step,

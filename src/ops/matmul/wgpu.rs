@@ -5,7 +5,11 @@ use crate::device::wgpu::{WgpuBuffer, WgpuDevice, fits_u32, wgsl_input};
 use crate::{DType, Result, Tensor};
 use std::sync::Arc;
 
-const SHADER: &str = include_str!("../../../shaders/matmul.wgsl");
+pub(crate) const SHADER: &str = include_str!("../../../shaders/matmul.wgsl");
+
+/// The fields `shaders/matmul.wgsl` reads; a loader appends its own after them.
+pub(crate) const PARAMS_FIELDS: &str =
+    "m: u32, n: u32, k: u32, lda: u32, ldb: u32, stride_a: u32, stride_b: u32, trans_a: u32, trans_b: u32,";
 
 pub(crate) fn matmul(
     dev: &Arc<WgpuDevice>,
@@ -20,17 +24,23 @@ pub(crate) fn matmul(
     let pipeline = dev.pipeline(&key, || {
         let enable = if native_f16 { "enable f16;\n" } else { "" };
         format!(
-            "{enable}{}{}{SHADER}",
+            "{enable}struct Params {{ {PARAMS_FIELDS} }}\n{}{}{SHADER}",
             wgsl_input("a", 0, p.in_dtype, native_f16),
             wgsl_input("b", 1, p.in_dtype, native_f16)
         )
     })?;
     // The kernel writes f32; another dtype is a rounding pass after it.
     let c = Tensor::empty(out_shape, DType::F32, &device)?;
+    dev.dispatch(&pipeline, &[a.get(), b.get(), c.wgpu_buffer()?], &params(p)?, groups(p)?)?;
+    c.to_dtype(p.out_dtype)
+}
+
+/// The values of [`PARAMS_FIELDS`] for a problem.
+pub(crate) fn params(p: &MatmulProblem) -> Result<Vec<u32>> {
     fits_u32("matmul output elements", p.batch * p.m * p.n)?;
     fits_u32("matmul A elements", p.batch_stride_a.max(p.m * p.k) * p.batch)?;
     fits_u32("matmul B elements", p.batch_stride_b.max(p.k * p.n) * p.batch)?;
-    let params = [
+    Ok(vec![
         fits_u32("m", p.m)?,
         fits_u32("n", p.n)?,
         fits_u32("k", p.k)?,
@@ -40,8 +50,10 @@ pub(crate) fn matmul(
         fits_u32("batch stride of B", p.batch_stride_b)?,
         p.trans_a as u32,
         p.trans_b as u32,
-    ];
-    let groups = (p.n.div_ceil(64) as u32, p.m.div_ceil(64) as u32, fits_u32("batch", p.batch)?);
-    dev.dispatch(&pipeline, &[a.get(), b.get(), c.wgpu_buffer()?], &params, groups)?;
-    c.to_dtype(p.out_dtype)
+    ])
+}
+
+/// Workgroups covering the output: 64×64 tiles, one z slice per batch.
+pub(crate) fn groups(p: &MatmulProblem) -> Result<(u32, u32, u32)> {
+    Ok((fits_u32("n tiles", p.n.div_ceil(64))?, fits_u32("m tiles", p.m.div_ceil(64))?, fits_u32("batch", p.batch)?))
 }

@@ -1,0 +1,67 @@
+// Decoding quantized weights on the fly: `quant_weight(e)` is element e (row-major, flat)
+// of an [out, in] quantized weight, bound as `w: array<u32>` (the raw bytes; see
+// src/ops/quant/mod.rs for the formats). The including shader's `params` carries
+//     q_format: 0 Q8_0, 1 Q4_0, 2 NF4, 3 NF4 with double quantisation
+//     q_absmax, q_nested, q_code: byte offsets of the NF4 state; q_offset: f32 (bits)
+// Each weight is `code · scale` rounded once in f32, as the CPU decodes it.
+
+var<private> NF4: array<f32, 16> = array<f32, 16>(
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
+    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
+);
+
+fn byte_at(addr: u32) -> u32 {
+    return (w[addr >> 2u] >> ((addr & 3u) * 8u)) & 0xffu;
+}
+
+// An f16 at an even byte address.
+fn f16_at(addr: u32) -> f32 {
+    return unpack2x16float(w[addr >> 2u])[(addr >> 1u) & 1u];
+}
+
+// An f32 at a 4-aligned byte address.
+fn f32_at(addr: u32) -> f32 {
+    return bitcast<f32>(w[addr >> 2u]);
+}
+
+fn block_size() -> u32 {
+    return select(32u, 64u, params.q_format >= 2u);
+}
+
+// The scale of block b.
+fn block_scale(b: u32) -> f32 {
+    switch params.q_format {
+        case 0u: { return f16_at(b * 34u); }
+        case 1u: { return f16_at(b * 18u); }
+        case 2u: { return f32_at(params.q_absmax + 4u * b); }
+        default: {
+            let code = f32_at(params.q_code + 4u * byte_at(params.q_absmax + b));
+            return code * f32_at(params.q_nested + 4u * (b / 256u)) + bitcast<f32>(params.q_offset);
+        }
+    }
+}
+
+// The unscaled value of element e: the integer of Q8_0/Q4_0, the NF4 code value.
+fn block_code(e: u32) -> f32 {
+    let j = e % 32u;
+    switch params.q_format {
+        case 0u: {
+            let q = byte_at((e / 32u) * 34u + 2u + j);
+            return f32(bitcast<i32>(q << 24u) >> 24u);
+        }
+        case 1u: {
+            let byte = byte_at((e / 32u) * 18u + 2u + (j & 15u));
+            return f32(i32(select(byte & 15u, byte >> 4u, j >= 16u)) - 8);
+        }
+        default: {
+            let byte = byte_at(e >> 1u);
+            return NF4[select(byte >> 4u, byte & 15u, (e & 1u) == 1u)];
+        }
+    }
+}
+
+fn quant_weight(e: u32) -> f32 {
+    return block_code(e) * block_scale(e / block_size());
+}
