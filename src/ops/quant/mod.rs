@@ -116,9 +116,9 @@ pub const NF4_CODE: [f32; 16] = [
 /// 127 negative values spread over 7 decades, 0 and 1, sorted.
 pub fn dynamic_code() -> [f32; 256] {
     let mut values: Vec<f64> = Vec::with_capacity(256);
-    for i in 0..7 {
+    for i in 0..7i32 {
         let items = (1usize << i) + 1;
-        let scale = 10f64.powi(i as i32 - 6);
+        let scale = 10f64.powi(i - 6);
         for j in 0..items - 1 {
             let lo = 0.1 + 0.9 * j as f64 / (items - 1) as f64;
             let hi = 0.1 + 0.9 * (j + 1) as f64 / (items - 1) as f64;
