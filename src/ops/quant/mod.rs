@@ -86,6 +86,17 @@ impl QuantFormat {
     }
 }
 
+impl std::str::FromStr for QuantFormat {
+    type Err = Error;
+
+    /// Parses `q8_0`, `q4_0`, `nf4`, `nf4dq` (case-insensitive).
+    fn from_str(s: &str) -> Result<QuantFormat> {
+        QuantFormat::ALL.into_iter().find(|f| f.name().eq_ignore_ascii_case(s)).ok_or_else(|| {
+            Error::InvalidArgument(format!("unknown quantized format {s:?}; known: q8_0, q4_0, nf4, nf4dq"))
+        })
+    }
+}
+
 impl fmt::Display for QuantFormat {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.name())

@@ -1,0 +1,304 @@
+//! Quantized weights: formats byte for byte against their definitions, round-trip error
+//! bounds, and every product path on every device against dequantise-then-f32-matmul.
+
+mod common;
+
+use common::{BACKEND_ROUNDINGS, U32, assert_close, devices, gpu_devices};
+use kiln::ops::quant::{NF4_CODE, Nf4Absmax, dynamic_code};
+use kiln::ops::{QTensor, QuantFormat, qmatmul, qmatmul_input_grad};
+use kiln::{DType, Device, Error, Tensor};
+use proptest::prelude::*;
+
+fn weights(values: &[f32], shape: &[usize]) -> Tensor {
+    Tensor::from_slice(values, shape, &Device::Cpu).unwrap()
+}
+
+#[test]
+fn q8_0_blocks_match_ggml_byte_for_byte() {
+    // q_j = 127 − 8j, x = q / 2: amax 63.5, so d = 63.5 / 127 = 0.5 (f16 0x3800) and q = 2x.
+    let q: Vec<i8> = (0..32).map(|j| (127 - 8 * j) as i8).collect();
+    let x: Vec<f32> = q.iter().map(|&v| v as f32 / 2.0).collect();
+    let mut want = vec![0x00, 0x38];
+    want.extend(q.iter().map(|&v| v as u8));
+    for device in devices() {
+        let w = QTensor::quantize(&weights(&x, &[1, 32]).to_device(&device).unwrap(), QuantFormat::Q8_0).unwrap();
+        assert_eq!(w.to_bytes().unwrap(), want, "{device}");
+        assert_eq!(w.dequantize(DType::F32).unwrap().to_vec::<f32>().unwrap(), x, "{device}: exact values round-trip");
+        let loaded = QTensor::from_ggml_blocks(QuantFormat::Q8_0, &want, &[1, 32], &device).unwrap();
+        assert_eq!(loaded.dequantize(DType::F32).unwrap().to_vec::<f32>().unwrap(), x, "{device}");
+    }
+}
+
+#[test]
+fn q4_0_blocks_match_ggml_byte_for_byte() {
+    // x_j = (j mod 16) − 8: the largest magnitude is −8 (first at j = 0), so d = −8 / −8 = 1
+    // (f16 0x3C00) and q_j = j mod 16; byte j = q_j | q_(j+16) << 4 = 0x00, 0x11, …, 0xFF.
+    let x: Vec<f32> = (0..32).map(|j| (j % 16) as f32 - 8.0).collect();
+    let mut want = vec![0x00, 0x3C];
+    want.extend((0..16u8).map(|j| j | (j << 4)));
+    for device in devices() {
+        let w = QTensor::quantize(&weights(&x, &[1, 32]).to_device(&device).unwrap(), QuantFormat::Q4_0).unwrap();
+        assert_eq!(w.to_bytes().unwrap(), want, "{device}");
+        assert_eq!(w.dequantize(DType::F32).unwrap().to_vec::<f32>().unwrap(), x, "{device}");
+    }
+    // ggml's nibble order, decoded by hand: low nibbles are weights 0..16, high ones 16..32.
+    let mut block = vec![0x00, 0x40]; // d = 2.0
+    block.extend((0..16).map(|_| 0x9Fu8)); // low 15 → (15 − 8)·2 = 14, high 9 → (9 − 8)·2 = 2
+    let w = QTensor::from_ggml_blocks(QuantFormat::Q4_0, &block, &[1, 32], &Device::Cpu).unwrap();
+    let v = w.dequantize(DType::F32).unwrap().to_vec::<f32>().unwrap();
+    assert!(v[..16].iter().all(|&x| x == 14.0) && v[16..].iter().all(|&x| x == 2.0), "{v:?}");
+}
+
+#[test]
+fn nf4_matches_bitsandbytes_packing() {
+    // x_j = 2 · NF4[j mod 16]: absmax 2, codes j mod 16, first weight in the high nibble.
+    let x: Vec<f32> = (0..64).map(|j| 2.0 * NF4_CODE[j % 16]).collect();
+    let packed: Vec<u8> = (0..32).map(|i| (((2 * i) % 16) << 4 | (2 * i + 1) % 16) as u8).collect();
+    let mut want = packed.clone();
+    want.extend(2.0f32.to_le_bytes());
+    for device in devices() {
+        let w = QTensor::quantize(&weights(&x, &[1, 64]).to_device(&device).unwrap(), QuantFormat::Nf4).unwrap();
+        assert_eq!(w.to_bytes().unwrap(), want, "{device}");
+        assert_eq!(w.dequantize(DType::F32).unwrap().to_vec::<f32>().unwrap(), x, "{device}");
+        let loaded = QTensor::from_nf4(&packed, Nf4Absmax::F32(&[2.0]), &[1, 64], &device).unwrap();
+        assert_eq!(loaded.dequantize(DType::F32).unwrap().to_vec::<f32>().unwrap(), x, "{device}");
+    }
+}
+
+#[test]
+fn nf4_double_quant_state_loads_as_bitsandbytes_defines_it() {
+    let code = dynamic_code();
+    assert!(code.windows(2).all(|p| p[0] <= p[1]), "sorted");
+    assert_eq!((code[255], code.iter().filter(|&&c| c == 0.0).count()), (1.0, 1));
+    assert!((code[0] + 0.99296875).abs() < 1e-6, "smallest: −(0.9859375 + 1) / 2, got {}", code[0]);
+    // Two blocks: absmax_0 = code[255]·0.5 + 1 = 1.5, absmax_1 = code[0]·0.5 + 1.
+    let packed: Vec<u8> = (0..64).map(|i| ((i % 16) << 4 | 15 - i % 16) as u8).collect();
+    let state = Nf4Absmax::DoubleQuant { quantized: &[255, 0], nested_absmax: &[0.5], nested_code: &code, offset: 1.0 };
+    let absmax = [1.5f32, code[0] * 0.5 + 1.0];
+    let want: Vec<f32> = (0..128)
+        .map(|e| {
+            let byte = packed[e / 2];
+            let q = if e % 2 == 0 { byte >> 4 } else { byte & 15 };
+            NF4_CODE[q as usize] * absmax[e / 64]
+        })
+        .collect();
+    for device in devices() {
+        let w = QTensor::from_nf4(&packed, state, &[2, 64], &device).unwrap();
+        assert_eq!(w.format(), QuantFormat::Nf4DoubleQuant);
+        assert_eq!(w.dequantize(DType::F32).unwrap().to_vec::<f32>().unwrap(), want, "{device}");
+    }
+}
+
+/// Largest round-trip error each format allows for a block whose largest magnitude is
+/// `amax`: half a quantization step (a whole step where Q4_0 clamps its top value), plus the
+/// rounding of the stored scale.
+fn round_trip_bound(format: QuantFormat, amax: f32) -> f32 {
+    match format {
+        QuantFormat::Q8_0 => amax / 127.0 * 0.5 + amax * 2f32.powi(-11),
+        QuantFormat::Q4_0 => amax / 8.0 + amax * 2f32.powi(-11),
+        // Half the widest gap of the NF4 code (between −1.0 and −0.6962).
+        QuantFormat::Nf4 => amax * (1.0 - 0.696_192_8) / 2.0 * 1.0001,
+        // Plus the 8-bit absmax error: half the widest step of the dynamic code near 1,
+        // times the nested scale (at most the largest |absmax − mean|, below amax).
+        QuantFormat::Nf4DoubleQuant => amax * ((1.0 - 0.696_192_8) / 2.0 + 0.0071) * 1.0001,
+    }
+}
+
+#[test]
+fn round_trip_errors_stay_within_each_formats_bound() {
+    let (rows, cols) = (16, 256);
+    let w = Tensor::randn(&[rows, cols], 0.0, 0.05, 3, DType::F32, &Device::Cpu).unwrap();
+    let x = w.to_vec::<f32>().unwrap();
+    for format in QuantFormat::ALL {
+        let q = QTensor::quantize(&w, format).unwrap();
+        let back = q.dequantize(DType::F32).unwrap().to_vec::<f32>().unwrap();
+        let bs = format.block_size();
+        for (b, (orig, deq)) in x.chunks(bs).zip(back.chunks(bs)).enumerate() {
+            let amax = orig.iter().fold(0f32, |m, v| m.max(v.abs()));
+            // Double quantization shares scales across the tensor: bound by the largest.
+            let scale_amax =
+                if format == QuantFormat::Nf4DoubleQuant { x.iter().fold(0f32, |m, v| m.max(v.abs())) } else { amax };
+            let bound = round_trip_bound(format, scale_amax);
+            for (o, d) in orig.iter().zip(deq) {
+                assert!((o - d).abs() <= bound, "{format} block {b}: {o} came back as {d} (bound {bound})");
+            }
+        }
+    }
+}
+
+#[test]
+fn bits_per_weight_are_what_each_format_promises() {
+    let w = Tensor::zeros(&[2048, 4096], DType::BF16, &Device::Cpu).unwrap();
+    let bits = |f| QTensor::quantize(&w, f).unwrap().bits_per_weight();
+    assert_eq!(bits(QuantFormat::Q8_0), 8.5);
+    assert_eq!(bits(QuantFormat::Q4_0), 4.5);
+    assert_eq!(bits(QuantFormat::Nf4), 4.5);
+    let dq = bits(QuantFormat::Nf4DoubleQuant);
+    assert!(dq <= 4.13 && dq > 4.127, "NF4 with double quantization: {dq} bits per weight");
+}
+
+#[test]
+fn bad_input_is_an_error_naming_the_problem() {
+    let nan = weights(&[f32::NAN; 32], &[1, 32]);
+    assert!(matches!(QTensor::quantize(&nan, QuantFormat::Q8_0), Err(Error::InvalidArgument(_))));
+    let inf = weights(&[f32::INFINITY; 64], &[1, 64]);
+    assert!(matches!(QTensor::quantize(&inf, QuantFormat::Nf4), Err(Error::InvalidArgument(_))));
+    let odd = Tensor::zeros(&[2, 48], DType::F32, &Device::Cpu).unwrap();
+    match QTensor::quantize(&odd, QuantFormat::Q4_0) {
+        Err(Error::Shape(m)) => assert!(m.contains("[2, 48]") && m.contains("32"), "{m}"),
+        other => panic!("expected a shape error, got {other:?}"),
+    }
+    assert!(matches!(QTensor::quantize(&odd.reshape(&[96]).unwrap(), QuantFormat::Q8_0), Err(Error::Shape(_))));
+    // Truncated, oversized and wrong-format buffers.
+    let blocks = vec![0u8; 34 * 4];
+    assert!(QTensor::from_ggml_blocks(QuantFormat::Q8_0, &blocks, &[2, 64], &Device::Cpu).is_ok());
+    for len in [34 * 4 - 1, 34 * 5] {
+        assert!(matches!(
+            QTensor::from_ggml_blocks(
+                QuantFormat::Q8_0,
+                &blocks.iter().copied().cycle().take(len).collect::<Vec<_>>(),
+                &[2, 64],
+                &Device::Cpu
+            ),
+            Err(Error::InvalidArgument(_))
+        ));
+    }
+    assert!(QTensor::from_ggml_blocks(QuantFormat::Nf4, &blocks, &[2, 64], &Device::Cpu).is_err());
+    assert!(matches!(
+        QTensor::from_nf4(&[0u8; 32], Nf4Absmax::F32(&[1.0, 2.0]), &[1, 64], &Device::Cpu),
+        Err(Error::InvalidArgument(_))
+    ));
+    assert!(matches!("q5_k".parse::<QuantFormat>(), Err(Error::InvalidArgument(_))));
+    assert_eq!("NF4DQ".parse::<QuantFormat>().unwrap(), QuantFormat::Nf4DoubleQuant);
+    // Products check the activations against the weight.
+    for device in devices() {
+        let w = QTensor::quantize(&Tensor::zeros(&[8, 64], DType::F32, &device).unwrap(), QuantFormat::Q8_0).unwrap();
+        let x = Tensor::zeros(&[3, 32], DType::F32, &device).unwrap();
+        match qmatmul(&x, &w) {
+            Err(Error::Shape(m)) => assert!(m.contains("[3, 32]") && m.contains("[8, 64]"), "{m}"),
+            other => panic!("expected a shape error, got {other:?}"),
+        }
+        assert!(matches!(qmatmul_input_grad(&x, &w), Err(Error::Shape(_))));
+        let empty = Tensor::zeros(&[0, 64], DType::F32, &device).unwrap();
+        assert_eq!(qmatmul(&empty, &w).unwrap().shape(), &[0, 8]);
+    }
+    for device in gpu_devices() {
+        let w =
+            QTensor::quantize(&Tensor::zeros(&[8, 64], DType::F32, &Device::Cpu).unwrap(), QuantFormat::Q4_0).unwrap();
+        let x = Tensor::zeros(&[1, 64], DType::F32, &device).unwrap();
+        assert!(matches!(qmatmul(&x, &w), Err(Error::DeviceMismatch(_))));
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Case {
+    tokens: usize,
+    out: usize,
+    blocks: usize,
+    format: QuantFormat,
+    dtype: DType,
+    input_grad: bool,
+    seed: u64,
+}
+
+fn cases() -> impl Strategy<Value = Case> {
+    (
+        prop::sample::select(vec![1usize, 2, 7, 64, 300]),
+        prop::sample::select(vec![1usize, 3, 37, 130]),
+        prop::sample::select(vec![1usize, 2, 3, 5]),
+        prop::sample::select(QuantFormat::ALL.to_vec()),
+        prop::sample::select(DType::ALL.to_vec()),
+        any::<bool>(),
+        any::<u64>(),
+    )
+        .prop_map(|(tokens, out, blocks, format, dtype, input_grad, seed)| Case {
+            tokens,
+            out,
+            blocks,
+            format,
+            dtype,
+            input_grad,
+            seed,
+        })
+}
+
+/// The test body: every device's product against the f64 product of the activations and
+/// the CPU-dequantized weight.
+fn check(case: &Case) {
+    let cols = case.blocks * case.format.block_size();
+    let w = Tensor::randn(&[case.out, cols], 0.0, 0.1, case.seed, DType::F32, &Device::Cpu).unwrap();
+    let q = QTensor::quantize(&w, case.format).unwrap();
+    let dense = q.dequantize(DType::F32).unwrap().to_vec::<f32>().unwrap();
+    let (k, n) = if case.input_grad { (case.out, cols) } else { (cols, case.out) };
+    let x = Tensor::randn(&[case.tokens, k], 0.0, 1.0, case.seed ^ 1, case.dtype, &Device::Cpu).unwrap();
+    let xs = x.to_vec_f32().unwrap();
+    let weight =
+        |kk: usize, nn: usize| if case.input_grad { dense[kk * cols + nn] } else { dense[nn * cols + kk] } as f64;
+    let (mut exact, mut mass) = (vec![0f64; case.tokens * n], vec![0f64; case.tokens * n]);
+    for t in 0..case.tokens {
+        for j in 0..n {
+            for p in 0..k {
+                let v = xs[t * k + p] as f64 * weight(p, j);
+                exact[t * n + j] += v;
+                mass[t * n + j] += v.abs();
+            }
+        }
+    }
+    let run = |device: &Device| {
+        let (x, q) = (x.to_device(device).unwrap(), q.to_device(device).unwrap());
+        let y = if case.input_grad { qmatmul_input_grad(&x, &q) } else { qmatmul(&x, &q) }.unwrap();
+        assert_eq!(y.shape(), &[case.tokens, n]);
+        assert_eq!(y.dtype(), case.dtype);
+        y.to_vec_f32().unwrap()
+    };
+    let atol: Vec<f64> = mass.iter().map(|m| 2.0 * k as f64 * U32 * m).collect();
+    let cpu = run(&Device::Cpu);
+    assert_close(&format!("cpu {case:?}"), &cpu, &exact, &atol, case.dtype, 1.0);
+    let cpu_ref: Vec<f64> = cpu.iter().map(|&v| v as f64).collect();
+    for device in gpu_devices() {
+        // CUDA's tensor-core GEMM rounds each decoded weight to the activations' half type:
+        // one more rounding of every term. The other kernels decode to f32.
+        let weight_rounding = match device {
+            Device::Cuda(_) if case.dtype != DType::F32 => case.dtype.unit_roundoff(),
+            _ => 0.0,
+        };
+        let atol2: Vec<f64> = atol.iter().zip(&mass).map(|(a, m)| 2.0 * a + weight_rounding * m).collect();
+        assert_close(&format!("{device} {case:?}"), &run(&device), &cpu_ref, &atol2, case.dtype, BACKEND_ROUNDINGS);
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 40, failure_persistence: None, ..ProptestConfig::default() })]
+    #[test]
+    fn products_match_dequantize_then_matmul_on_every_device(case in cases()) {
+        check(&case);
+    }
+}
+
+#[test]
+fn every_format_and_path_is_covered() {
+    // Deterministic coverage on top of the random cases: each format through GEMV and GEMM
+    // forward and the input gradient.
+    for format in QuantFormat::ALL {
+        for dtype in [DType::F32, DType::BF16] {
+            for (tokens, input_grad) in [(1, false), (5, false), (40, false), (3, true), (33, true)] {
+                check(&Case { tokens, out: 72, blocks: 3, format, dtype, input_grad, seed: 9 });
+            }
+        }
+    }
+}
+
+#[test]
+fn dequantize_matches_the_cpu_bit_for_bit() {
+    let w = Tensor::randn(&[7, 192], 0.0, 1.0, 5, DType::F32, &Device::Cpu).unwrap();
+    for format in QuantFormat::ALL {
+        let q = QTensor::quantize(&w, format).unwrap();
+        for dtype in DType::ALL {
+            let want = q.dequantize(dtype).unwrap().to_bytes().unwrap();
+            for device in gpu_devices() {
+                let got = q.to_device(&device).unwrap().dequantize(dtype).unwrap();
+                assert_eq!(got.to_bytes().unwrap(), want, "{device} {format} -> {dtype}");
+            }
+        }
+    }
+}
