@@ -53,7 +53,7 @@ fn q4_0_blocks_match_ggml_byte_for_byte() {
 fn nf4_matches_bitsandbytes_packing() {
     // x_j = 2 · NF4[j mod 16]: absmax 2, codes j mod 16, first weight in the high nibble.
     let x: Vec<f32> = (0..64).map(|j| 2.0 * NF4_CODE[j % 16]).collect();
-    let packed: Vec<u8> = (0..32).map(|i| (((2 * i) % 16) << 4 | (2 * i + 1) % 16) as u8).collect();
+    let packed: Vec<u8> = (0..32).map(|i| ((((2 * i) % 16) << 4) | ((2 * i + 1) % 16)) as u8).collect();
     let mut want = packed.clone();
     want.extend(2.0f32.to_le_bytes());
     for device in devices() {
@@ -72,7 +72,7 @@ fn nf4_double_quant_state_loads_as_bitsandbytes_defines_it() {
     assert_eq!((code[255], code.iter().filter(|&&c| c == 0.0).count()), (1.0, 1));
     assert!((code[0] + 0.99296875).abs() < 1e-6, "smallest: −(0.9859375 + 1) / 2, got {}", code[0]);
     // Two blocks: absmax_0 = code[255]·0.5 + 1 = 1.5, absmax_1 = code[0]·0.5 + 1.
-    let packed: Vec<u8> = (0..64).map(|i| ((i % 16) << 4 | 15 - i % 16) as u8).collect();
+    let packed: Vec<u8> = (0..64).map(|i| (((i % 16) << 4) | (15 - i % 16)) as u8).collect();
     let state = Nf4Absmax::DoubleQuant { quantized: &[255, 0], nested_absmax: &[0.5], nested_code: &code, offset: 1.0 };
     let absmax = [1.5f32, code[0] * 0.5 + 1.0];
     let want: Vec<f32> = (0..128)
