@@ -1,5 +1,6 @@
 //! Element types. Activations and weights are `f32`, `f16` or `bf16`; reductions accumulate in f32.
 
+use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
 use std::fmt;
 
@@ -53,6 +54,12 @@ pub trait Element: Copy + Send + Sync + bytemuck::Pod + 'static {
     const DTYPE: DType;
     fn to_f32(self) -> f32;
     fn from_f32(v: f32) -> Self;
+    /// Converts a run of values (with SIMD where the type has it).
+    fn slice_to_f32(src: &[Self], dst: &mut [f32]) {
+        for (d, s) in dst.iter_mut().zip(src) {
+            *d = s.to_f32();
+        }
+    }
 }
 
 impl Element for f32 {
@@ -73,6 +80,9 @@ impl Element for f16 {
     fn from_f32(v: f32) -> Self {
         f16::from_f32(v)
     }
+    fn slice_to_f32(src: &[Self], dst: &mut [f32]) {
+        src.convert_to_f32_slice(dst);
+    }
 }
 
 impl Element for bf16 {
@@ -82,5 +92,8 @@ impl Element for bf16 {
     }
     fn from_f32(v: f32) -> Self {
         bf16::from_f32(v)
+    }
+    fn slice_to_f32(src: &[Self], dst: &mut [f32]) {
+        src.convert_to_f32_slice(dst);
     }
 }

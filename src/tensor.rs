@@ -350,6 +350,27 @@ impl Tensor {
         Self::from_host(host, &self.shape, self.dtype, device)
     }
 
+    /// A copy in new storage on the same device (a device-to-device copy on GPUs).
+    pub fn copy(&self) -> Result<Tensor> {
+        let bytes = self.size_in_bytes();
+        let storage = match self.storage() {
+            Storage::Cpu(s) => Storage::Cpu(CpuStorage::from_bytes(self.dtype, &s.as_bytes()[..bytes])),
+            #[cfg(feature = "cuda")]
+            Storage::Cuda { dev, buf } => {
+                let mut dst = dev.alloc(bytes)?;
+                dev.copy(buf, &mut dst, bytes)?;
+                Storage::Cuda { dev: dev.clone(), buf: dst }
+            }
+            #[cfg(feature = "wgpu")]
+            Storage::Wgpu { dev, buf } => {
+                let dst = dev.alloc(bytes)?;
+                dev.copy(buf, &dst, bytes)?;
+                Storage::Wgpu { dev: dev.clone(), buf: dst }
+            }
+        };
+        Ok(Tensor { storage: Arc::new(storage), ..self.clone() })
+    }
+
     /// The elements converted to `dtype` (rounding to nearest even), on the same device.
     pub fn to_dtype(&self, dtype: DType) -> Result<Tensor> {
         crate::ops::cast(self, dtype)

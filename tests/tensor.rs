@@ -117,3 +117,13 @@ fn allocations_that_cannot_succeed_are_errors_not_aborts() {
         assert_eq!(kiln::ops::matmul(&a, &b).unwrap().to_vec::<f32>().unwrap(), vec![0.0], "{device}");
     }
 }
+
+#[test]
+fn copy_makes_an_equal_tensor_in_new_storage() {
+    for device in devices() {
+        let t = Tensor::randn(&[3, 37], 0.0, 1.0, 8, DType::F16, &device).unwrap();
+        let c = t.copy().unwrap();
+        assert_eq!((c.shape(), c.dtype(), c.device()), (t.shape(), t.dtype(), t.device()));
+        assert_eq!(c.to_bytes().unwrap(), t.to_bytes().unwrap(), "{device}");
+    }
+}

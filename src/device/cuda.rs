@@ -165,6 +165,17 @@ impl CudaDevice {
         Ok(())
     }
 
+    /// Copies the first `bytes` bytes of `src` into `dst` on the device.
+    pub(crate) fn copy(&self, src: &CudaBuffer, dst: &mut CudaBuffer, bytes: usize) -> Result<()> {
+        if bytes > 0 {
+            let mut view = dst.get_mut().slice_mut(0..bytes);
+            self.stream
+                .memcpy_dtod(&src.get().slice(0..bytes), &mut view)
+                .map_err(|e| driver_err("device-to-device copy", e))?;
+        }
+        Ok(())
+    }
+
     pub(crate) fn download(&self, buf: &CudaBuffer, bytes: usize) -> Result<Vec<u8>> {
         if bytes == 0 {
             return Ok(Vec::new());

@@ -197,6 +197,18 @@ impl WgpuDevice {
         Ok(())
     }
 
+    /// Copies the first `bytes` bytes (rounded up to whole words) of `src` into `dst`.
+    pub(crate) fn copy(&self, src: &WgpuBuffer, dst: &WgpuBuffer, bytes: usize) -> Result<()> {
+        if bytes > 0 {
+            self.scoped("device-to-device copy", || {
+                let mut encoder = self.device.create_command_encoder(&Default::default());
+                encoder.copy_buffer_to_buffer(src.get(), 0, dst.get(), 0, bytes.div_ceil(4) as u64 * 4);
+                self.queue.submit([encoder.finish()]);
+            })?;
+        }
+        Ok(())
+    }
+
     pub(crate) fn download(&self, buf: &WgpuBuffer, bytes: usize) -> Result<Vec<u8>> {
         if bytes == 0 {
             return Ok(Vec::new());

@@ -40,3 +40,17 @@ impl<T> SharedMut<T> {
         self.0
     }
 }
+
+/// Dot product with eight independent partial sums, so it vectorises.
+pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
+    debug_assert_eq!(a.len(), b.len());
+    let mut s = [0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
+    for (ca, cb) in ca.zip(cb) {
+        for i in 0..8 {
+            s[i] += ca[i] * cb[i];
+        }
+    }
+    s.iter().sum::<f32>() + tail
+}

@@ -213,6 +213,10 @@ pub(crate) fn cpu_matmul_f32_out<T: Element>(p: &MatmulProblem, a: &[T], b: &[T]
     for (bi, c_batch) in c.chunks_mut(m * n).enumerate() {
         let a = &a[bi * p.batch_stride_a..];
         let b = &b[bi * p.batch_stride_b..];
+        if m <= SMALL_M {
+            small_m(p, a, b, c_batch);
+            continue;
+        }
         let c_ptr = SharedMut(c_batch.as_mut_ptr());
         for pc in (0..p.k).step_by(KC) {
             let kc = KC.min(p.k - pc);
@@ -255,6 +259,52 @@ pub(crate) fn cpu_matmul_f32_out<T: Element>(p: &MatmulProblem, a: &[T], b: &[T]
         }
     }
     c
+}
+
+/// Rows of A up to which the product streams B once instead of packing it (decoding).
+const SMALL_M: usize = 4;
+
+/// C = A·B for a few rows of A: B is read once, in its stored order, in chunks converted to
+/// f32, and every row of A is applied to each chunk. Parallel over columns of C.
+fn small_m<T: Element>(p: &MatmulProblem, a: &[T], b: &[T], c: &mut [f32]) {
+    const CHUNK: usize = 64;
+    let (m, n, k) = (p.m, p.n, p.k);
+    let a_rows: Vec<Vec<f32>> = (0..m).map(|i| (0..k).map(|q| a[p.a_index(i, q)].to_f32()).collect()).collect();
+    let columns: Vec<(usize, Vec<f32>)> = (0..n.div_ceil(CHUNK))
+        .into_par_iter()
+        .map(|chunk| {
+            let (j0, j1) = (chunk * CHUNK, ((chunk + 1) * CHUNK).min(n));
+            let mut out = vec![0f32; m * (j1 - j0)];
+            let mut row = vec![0f32; k.max(CHUNK)];
+            if p.trans_b {
+                // B stored [n, k]: each column j of C is a dot product with B's row j.
+                for j in j0..j1 {
+                    T::slice_to_f32(&b[j * p.ldb()..j * p.ldb() + k], &mut row[..k]);
+                    for i in 0..m {
+                        out[i * (j1 - j0) + j - j0] = crate::ops::dot(&a_rows[i], &row[..k]);
+                    }
+                }
+            } else {
+                // B stored [k, n]: C's chunk accumulates a[i][q] · B's row q, chunk columns.
+                for q in 0..k {
+                    T::slice_to_f32(&b[q * p.ldb() + j0..q * p.ldb() + j1], &mut row[..j1 - j0]);
+                    for i in 0..m {
+                        let s = a_rows[i][q];
+                        for (o, r) in out[i * (j1 - j0)..(i + 1) * (j1 - j0)].iter_mut().zip(&row) {
+                            *o += s * r;
+                        }
+                    }
+                }
+            }
+            (j0, out)
+        })
+        .collect();
+    for (j0, out) in columns {
+        let width = out.len() / m;
+        for i in 0..m {
+            c[i * n + j0..i * n + j0 + width].copy_from_slice(&out[i * width..(i + 1) * width]);
+        }
+    }
 }
 
 /// Packs B(pc..pc+kc, 0..n) as strips of NR columns: strip j holds, for each depth step,
