@@ -1,37 +1,72 @@
-"""Joins criterion's estimates for matmul/cuda:* with torch's times into a markdown table."""
+"""Joins criterion's CUDA estimates with torch's times (ci/torch_matmul.py) into markdown."""
 import json
 import os
 import sys
 
 out = sys.argv[1]
 root = os.path.join(out, "criterion")
-torch = {}
 try:
     with open(os.path.join(out, "torch.json")) as f:
         data = json.load(f)
-        torch = data["times"]
-        header = f"torch {data['torch']} (tf32 {data['tf32']})"
+    torch, header = data["times"], f"torch {data['torch']} (tf32 {data['tf32']})"
 except (OSError, ValueError, KeyError):
-    header = "torch: not measured"
+    torch, header = {}, "torch: not measured"
+
+# (group, function, parameter) -> (median seconds, throughput dict)
+results = {}
+for dirpath, _, files in os.walk(root):
+    if os.path.basename(dirpath) != "new" or "estimates.json" not in files:
+        continue
+    with open(os.path.join(dirpath, "estimates.json")) as f:
+        secs = json.load(f)["median"]["point_estimate"] / 1e9
+    with open(os.path.join(dirpath, "benchmark.json")) as f:
+        bench = json.load(f)
+    results[(bench["group_id"], bench.get("function_id"), bench.get("value_str"))] = (secs, bench.get("throughput") or {})
 
 with open(os.path.join(out, "gpu.txt")) as f:
     print("GPU:", " ".join(f.read().split()))
 print(header)
-print()
-print("| bench | n | kiln ms | TFLOP/s | cuBLAS ms | kiln / cuBLAS time |")
-print("|---|---|---|---|---|---|")
-for dirpath, _, files in sorted(os.walk(root)):
-    if "estimates.json" not in files or not dirpath.endswith("new"):
+
+
+def ratio(ours, theirs):
+    return f"{ours / theirs:.2f}" if theirs else "-"
+
+
+print("\n## matmul (a @ b.T): kiln time / cuBLAS time\n")
+print("| group | dtype | n | kiln ms | TFLOP/s | cuBLAS ms | kiln / cuBLAS |")
+print("|---|---|---|---|---|---|---|")
+for (group, fn, param), (secs, tp) in sorted(results.items()):
+    if not group.startswith("matmul/cuda"):
         continue
-    rel = os.path.relpath(os.path.dirname(dirpath), root)  # matmul_cuda_0/bf16_nt/4096
-    parts = rel.split(os.sep)
-    if len(parts) < 3:
+    dtype = fn.split("_")[0]
+    ref = torch.get(f"{dtype}/{param}")
+    flops = tp.get("Elements", 0)
+    print(f"| {group} | {fn} | {param} | {secs * 1e3:.3f} | {flops / secs / 1e12:.1f} | "
+          f"{ref * 1e3 if ref else float('nan'):.3f} | {ratio(secs, ref)} |")
+
+print("\n## quantized GEMV, batch 1, 8192x8192: GB/s of weight bytes; torch bf16 x @ W.T time / kiln time\n")
+print("| group | format | kiln us | GB/s | of copy GB/s | torch bf16 us | speed-up over torch |")
+print("|---|---|---|---|---|---|---|")
+for (group, fn, param), (secs, tp) in sorted(results.items()):
+    if not group.startswith("quant_gemv/cuda"):
         continue
-    dtype, n = parts[-2].split("_")[0], parts[-1]
-    with open(os.path.join(dirpath, "estimates.json")) as f:
-        secs = json.load(f)["median"]["point_estimate"] / 1e9
-    tflops = 2 * int(n) ** 3 / secs / 1e12
-    ref = torch.get(f"{dtype}/{n}")
-    ratio = f"{secs / ref:.2f}" if ref else "-"
-    ref_ms = f"{ref * 1e3:.3f}" if ref else "-"
-    print(f"| {'/'.join(parts[:-1])} | {n} | {secs * 1e3:.3f} | {tflops:.1f} | {ref_ms} | {ratio} |")
+    copy = results.get((group, "copy", param))
+    copy_gbs = copy[1].get("Bytes", 0) / copy[0] / 1e9 if copy else 0
+    gbs = tp.get("Bytes", 0) / secs / 1e9
+    ref = torch.get("linear_bf16/1")
+    share = f"{gbs / copy_gbs:.2f}" if copy_gbs else "-"
+    speedup = f"{ref / secs:.2f}" if ref else "-"
+    print(f"| {group} | {fn} | {secs * 1e6:.1f} | {gbs:.0f} | {share} | {ref * 1e6 if ref else float('nan'):.1f} | {speedup} |")
+
+print("\n## quantized GEMM, 8192x8192: torch bf16 time / kiln time\n")
+print("| group | format | tokens | kiln us | TFLOP/s | torch bf16 us | speed-up over torch |")
+print("|---|---|---|---|---|---|---|")
+for (group, fn, param), (secs, tp) in sorted(results.items()):
+    if not group.startswith("quant_gemm/cuda"):
+        continue
+    tokens = param.split("/t")[-1]
+    ref = torch.get(f"linear_bf16/{tokens}")
+    flops = tp.get("Elements", 0)
+    speedup = f"{ref / secs:.2f}" if ref else "-"
+    print(f"| {group} | {fn} | {tokens} | {secs * 1e6:.1f} | {flops / secs / 1e12:.1f} | "
+          f"{ref * 1e6 if ref else float('nan'):.1f} | {speedup} |")

@@ -1,27 +1,38 @@
-"""torch.matmul (cuBLAS) on the shapes benches/matmul.rs measures: a @ b.T, square n.
-
-Prints JSON: {"<dtype>/<n>": median seconds}. Timed with CUDA events after a warm-up.
+"""torch (cuBLAS) on the shapes the kiln benches measure, timed with CUDA events after a
+warm-up; prints JSON with median seconds:
+  "<dtype>/<n>"          a @ b.T, square n (benches/matmul.rs)
+  "linear_bf16/<t>"      x @ W.T, x [t, 8192], W [8192, 8192] bf16 (benches/quant.rs)
 """
 import json
 
 import torch
 
 RUNS = 20
+
+
+def median_seconds(fn):
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(RUNS):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    times.sort()
+    return times[len(times) // 2]
+
+
 out = {}
 for name, dtype in [("f32", torch.float32), ("f16", torch.float16), ("bf16", torch.bfloat16)]:
     for n in [1024, 2048, 4096]:
         a = torch.randn(n, n, device="cuda", dtype=dtype)
         b = torch.randn(n, n, device="cuda", dtype=dtype)
-        for _ in range(3):
-            a @ b.T
-        times = []
-        for _ in range(RUNS):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            a @ b.T
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        times.sort()
-        out[f"{name}/{n}"] = times[len(times) // 2]
+        out[f"{name}/{n}"] = median_seconds(lambda: a @ b.T)
+w = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+for t in [1, 16, 64, 512]:
+    x = torch.randn(t, 8192, device="cuda", dtype=torch.bfloat16)
+    out[f"linear_bf16/{t}"] = median_seconds(lambda: x @ w.T)
 print(json.dumps({"torch": torch.__version__, "tf32": torch.backends.cuda.matmul.allow_tf32, "times": out}))
