@@ -96,7 +96,7 @@ __device__ void gemm_simt(const typename T::storage* __restrict__ A, const BLoad
 // B as a dense row-major matrix: [K, N], or [N, K] when trans.
 template <class T>
 struct DenseB {
-    const typename T::storage* B;
+    const typename T::storage* __restrict__ B;
     int ldb;
     u64 stride_b;
     int trans;

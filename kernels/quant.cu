@@ -1,6 +1,8 @@
 // Quantized weights: decoding, dequantize, and the products y = x·Wᵀ and dx = dy·W with W
 // an [out, in] quantized weight (formats in src/ops/quant/mod.rs). Every weight is
-// `code · scale` rounded once in f32, as the CPU decodes it (explicit _rn ops, no fusing).
+// `code · scale` rounded once in f32, as the CPU decodes it (explicit _rn ops, no fusing);
+// the tensor-core GEMM then rounds it once more to the activations' half type (the
+// launcher keeps f16 off that path when |w| could exceed f16's range).
 //
 // dequantize                        one element per thread, grid-stride; out_kind picks the
 //                                    output dtype

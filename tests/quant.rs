@@ -112,6 +112,8 @@ fn round_trip_errors_stay_within_each_formats_bound() {
     for format in QuantFormat::ALL {
         let q = QTensor::quantize(&w, format).unwrap();
         let back = q.dequantize(DType::F32).unwrap().to_vec::<f32>().unwrap();
+        let largest = back.iter().fold(0f32, |m, v| m.max(v.abs()));
+        assert!(q.max_abs_bound() >= largest && q.max_abs_bound() <= 1.2 * largest.max(1e-30), "{format}");
         let bs = format.block_size();
         for (b, (orig, deq)) in x.chunks(bs).zip(back.chunks(bs)).enumerate() {
             let amax = orig.iter().fold(0f32, |m, v| m.max(v.abs()));

@@ -97,7 +97,9 @@ pub(crate) fn product(
         unsafe { launch.launch(cfg) }.map_err(|e| CudaDevice::launch_err(&name, e))?;
         return Ok(());
     }
-    let tensor_cores = xd != DType::F32 && dev.cc.0 >= 8 && p.k.is_multiple_of(8);
+    // The tensor-core kernel rounds decoded weights to x's half type: f16 only when they fit.
+    let fits = xd == DType::BF16 || (xd == DType::F16 && w.max_abs_bound() <= 65504.0);
+    let tensor_cores = fits && dev.cc.0 >= 8 && p.k.is_multiple_of(8);
     if tensor_cores {
         let dir = if p.direction == Direction::Forward { "fwd" } else { "bwd" };
         let name = format!("quant_gemm_mma_{xd}_{dir}");

@@ -178,6 +178,9 @@ pub struct QTensor {
     cols: usize,
     device: Device,
     layout: Nf4Layout,
+    /// An upper bound on |w| over the tensor (from its block scales), so a kernel that
+    /// rounds weights to f16 knows whether they fit.
+    max_abs: f32,
     data: Arc<RawBuffer>,
 }
 
@@ -237,6 +240,11 @@ impl QTensor {
     /// The raw bytes: ggml blocks, or the NF4 parts laid out as [`QTensor::nf4_layout`] says.
     pub fn to_bytes(&self) -> Result<Vec<u8>> {
         self.data.to_vec()
+    }
+
+    /// An upper bound on |w| over the whole tensor.
+    pub fn max_abs_bound(&self) -> f32 {
+        self.max_abs
     }
 
     pub(crate) fn raw(&self) -> &RawBuffer {
@@ -336,7 +344,32 @@ impl QTensor {
         bytes: Vec<u8>,
         device: &Device,
     ) -> Result<QTensor> {
-        Ok(QTensor { format, rows, cols, device: *device, layout, data: Arc::new(RawBuffer::new(bytes, device)?) })
+        let mut w = QTensor {
+            format,
+            rows,
+            cols,
+            device: Device::Cpu,
+            layout,
+            max_abs: 0.0,
+            data: Arc::new(RawBuffer::Cpu(Vec::new())),
+        };
+        // Largest |code| of the format times each block's |scale|.
+        let code_max = match format {
+            QuantFormat::Q8_0 => 128.0,
+            QuantFormat::Q4_0 => 8.0,
+            QuantFormat::Nf4 | QuantFormat::Nf4DoubleQuant => 1.0,
+        };
+        let blocks = rows * cols / format.block_size();
+        w.max_abs = (0..blocks)
+            .map(|b| match format {
+                QuantFormat::Q8_0 => f16::from_le_bytes([bytes[34 * b], bytes[34 * b + 1]]).to_f32(),
+                QuantFormat::Q4_0 => f16::from_le_bytes([bytes[18 * b], bytes[18 * b + 1]]).to_f32(),
+                _ => nf4_absmax(&w, &bytes, b),
+            })
+            .fold(0f32, |m, s| m.max(s.abs() * code_max));
+        w.device = *device;
+        w.data = Arc::new(RawBuffer::new(bytes, device)?);
+        Ok(w)
     }
 
     /// Quantizes an `[out, in]` weight (any float dtype, any device) on the CPU, as ggml's
