@@ -266,6 +266,16 @@ impl Tensor {
         &self.storage
     }
 
+    /// Mutable access to the storage for an op that updates this tensor in place. Storage
+    /// shared with another tensor is copied first, so no other tensor sees the change.
+    pub(crate) fn storage_mut(&mut self) -> Result<&mut Storage> {
+        if Arc::get_mut(&mut self.storage).is_none() {
+            *self = self.copy()?;
+        }
+        Arc::get_mut(&mut self.storage)
+            .ok_or_else(|| Error::InvalidArgument("tensor storage is shared while being updated".into()))
+    }
+
     pub fn shape(&self) -> &[usize] {
         &self.shape
     }

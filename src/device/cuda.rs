@@ -27,8 +27,12 @@ pub struct KernelSource {
 }
 
 /// Every CUDA source of the crate; the compile check builds each of them for each real arch.
-pub const KERNELS: &[KernelSource] =
-    &[crate::ops::matmul::cuda::SOURCE, crate::ops::elementwise::cuda::SOURCE, crate::ops::quant::cuda::SOURCE];
+pub const KERNELS: &[KernelSource] = &[
+    crate::ops::matmul::cuda::SOURCE,
+    crate::ops::elementwise::cuda::SOURCE,
+    crate::ops::quant::cuda::SOURCE,
+    crate::ops::optim::cuda::SOURCE,
+];
 
 fn driver_present() -> bool {
     // SAFETY: only probes whether the shared library can be opened.

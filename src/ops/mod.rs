@@ -3,6 +3,7 @@
 
 pub mod elementwise;
 pub mod matmul;
+pub mod optim;
 pub mod quant;
 
 pub use elementwise::{add, cast, mul, scale, sum_rows};

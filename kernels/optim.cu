@@ -1,0 +1,116 @@
+// Fused optimizer kernels over a list of parameter tensors in one launch (multi-tensor).
+//
+// The launcher uploads a table with one row of 10 u64 per tensor:
+//   master, m, v, grad, working, anchor, fisher (device pointers; 0 when absent), n,
+//   kinds (grad dtype | working dtype << 8 | has working << 16 | has anchor << 17
+//          | has fisher << 18), first chunk
+// Blocks take chunks of CHUNK elements: block b serves the tensor whose chunk range holds
+// b (binary search over the first-chunk column). 256 threads per block.
+//
+// grad_sq_norm      Σ g² over every gradient (f32 per thread, f64 across blocks with
+//                   atomicAdd) and a flag set when any g is NaN or inf. out: {f64, u32}.
+// adamw_step        reads that result: a set flag skips the step (nothing written);
+//                   otherwise clip = min(1, max_norm / (√Σg² + 1e-6)) and every element
+//                   takes the update of src/ops/optim/mod.rs, in the same order of f32
+//                   operations (explicit _rn intrinsics, so nothing is fused).
+// fisher_accumulate F += (g² − F) · inv_count, one tensor, grid-stride.
+
+#define CHUNK 8192
+#define ROW 10
+
+struct Slot {
+    u64 n;
+    int grad_kind, working_kind;
+    bool has_working, has_anchor, has_fisher;
+    u64 first_chunk;
+    const u64* row;
+};
+
+__device__ __forceinline__ float load_any(const void* p, u64 i, int kind) {
+    if (kind == 0) return ((const float*)p)[i];
+    if (kind == 1) return f16_to_f32(((const u16*)p)[i]);
+    return bf16_to_f32(((const u16*)p)[i]);
+}
+
+// The tensor that block b works on, found by binary search over the first-chunk column.
+__device__ __forceinline__ Slot find_slot(const u64* table, int slots, u64 b) {
+    int lo = 0, hi = slots - 1;
+    while (lo < hi) {
+        const int mid = (lo + hi + 1) / 2;
+        if (table[mid * ROW + 9] <= b) lo = mid; else hi = mid - 1;
+    }
+    const u64* row = table + lo * ROW;
+    const u64 kinds = row[8];
+    return Slot{row[7], (int)(kinds & 0xff), (int)((kinds >> 8) & 0xff), ((kinds >> 16) & 1) != 0,
+                ((kinds >> 17) & 1) != 0, ((kinds >> 18) & 1) != 0, row[9], row};
+}
+
+extern "C" __global__ void __launch_bounds__(256) grad_sq_norm(const u64* table, int slots, double* sumsq,
+                                                               u32* nonfinite) {
+    __shared__ double warp_sums[8];
+    const Slot s = find_slot(table, slots, blockIdx.x);
+    const void* grad = (const void*)s.row[3];
+    const u64 start = (blockIdx.x - s.first_chunk) * (u64)CHUNK;
+    const u64 end = min(start + CHUNK, s.n);
+    float acc = 0.f;
+    bool bad = false;
+    for (u64 i = start + threadIdx.x; i < end; i += blockDim.x) {
+        const float g = load_any(grad, i, s.grad_kind);
+        bad |= !isfinite(g);
+        acc = __fadd_rn(acc, __fmul_rn(g, g));
+    }
+    double d = acc;
+    for (int off = 16; off > 0; off >>= 1) d += __shfl_xor_sync(0xffffffffu, d, off);
+    if ((threadIdx.x & 31) == 0) warp_sums[threadIdx.x >> 5] = d;
+    if (__syncthreads_or(bad) && threadIdx.x == 0) atomicOr(nonfinite, 1u);
+    if (threadIdx.x == 0) {
+        double total = 0.0;
+        for (int w = 0; w < 8; w++) total += warp_sums[w];
+        atomicAdd(sumsq, total);
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(256) adamw_step(
+    const u64* table, int slots, const double* sumsq, const u32* nonfinite, float beta1, float beta2,
+    float eps, float decay, float step_size, float bc2_sqrt, float lambda, float max_norm, int use_fisher) {
+    if (*nonfinite) return;
+    const float norm = (float)sqrt(*sumsq);
+    const float clip = max_norm > 0.f ? fminf(__fdiv_rn(max_norm, __fadd_rn(norm, 1e-6f)), 1.f) : 1.f;
+    const Slot s = find_slot(table, slots, blockIdx.x);
+    float* master = (float*)s.row[0];
+    float* m = (float*)s.row[1];
+    float* v = (float*)s.row[2];
+    const void* grad = (const void*)s.row[3];
+    void* working = (void*)s.row[4];
+    const float* anchor = (const float*)s.row[5];
+    const float* fisher = (const float*)s.row[6];
+    const float w1 = 1.f - beta1, w2 = 1.f - beta2;
+    const u64 start = (blockIdx.x - s.first_chunk) * (u64)CHUNK;
+    const u64 end = min(start + CHUNK, s.n);
+    for (u64 i = start + threadIdx.x; i < end; i += blockDim.x) {
+        float theta = master[i];
+        float g = __fmul_rn(load_any(grad, i, s.grad_kind), clip);
+        if (s.has_anchor) {
+            const float pull = __fmul_rn(lambda, __fsub_rn(theta, anchor[i]));
+            g = __fadd_rn(g, use_fisher ? __fmul_rn(fisher[i], pull) : pull);
+        }
+        theta = __fmul_rn(theta, decay);
+        float mi = m[i];
+        mi = w1 < 0.5f ? __fadd_rn(mi, __fmul_rn(w1, __fsub_rn(g, mi)))
+                       : __fsub_rn(g, __fmul_rn(__fsub_rn(g, mi), __fsub_rn(1.f, w1)));
+        const float vi = __fadd_rn(__fmul_rn(v[i], beta2), __fmul_rn(w2, __fmul_rn(g, g)));
+        const float denom = __fadd_rn(__fdiv_rn(__fsqrt_rn(vi), bc2_sqrt), eps);
+        theta = __fsub_rn(theta, __fmul_rn(step_size, __fdiv_rn(mi, denom)));
+        master[i] = theta;
+        m[i] = mi;
+        v[i] = vi;
+        if (s.has_working) store_out(working, i, theta, s.working_kind);
+    }
+}
+
+extern "C" __global__ void fisher_accumulate(float* fisher, const void* grad, int grad_kind, u64 n, float inv_count) {
+    for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x) {
+        const float g = load_any(grad, i, grad_kind);
+        fisher[i] = __fadd_rn(fisher[i], __fmul_rn(__fsub_rn(__fmul_rn(g, g), fisher[i]), inv_count));
+    }
+}

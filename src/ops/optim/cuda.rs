@@ -1,0 +1,126 @@
+//! CUDA launchers for the optimizer (`kernels/optim.cu`): one norm launch and one step
+//! launch for the whole list of parameters, driven by a table of device pointers.
+
+use super::{ParamSlot, StepConstants, StepReport};
+use crate::device::cuda::{CudaDevice, KernelSource};
+use crate::ops::matmul::cuda::out_kind;
+use crate::tensor::Storage;
+use crate::{Error, Result, Tensor};
+use cudarc::driver::{DevicePtr, LaunchConfig, PushKernelArg};
+use std::sync::Arc;
+
+pub(crate) const SOURCE: KernelSource = KernelSource {
+    name: "optim",
+    source: concat!(include_str!("../../../kernels/common.cuh"), include_str!("../../../kernels/optim.cu")),
+    needs_sm90a: false,
+};
+
+/// Elements per block, as `CHUNK` in the kernel.
+const CHUNK: usize = 8192;
+
+fn device_of(t: &Tensor) -> Result<Arc<CudaDevice>> {
+    match t.storage() {
+        Storage::Cuda { dev, .. } => Ok(dev.clone()),
+        #[allow(unreachable_patterns)]
+        _ => Err(Error::DeviceMismatch(format!("expected a CUDA tensor, found one on {}", t.device()))),
+    }
+}
+
+fn ptr(dev: &CudaDevice, t: &Tensor) -> Result<u64> {
+    let (p, _sync) = t.cuda_buffer()?.device_ptr(&dev.stream);
+    Ok(p)
+}
+
+pub(crate) fn step(slots: &mut [ParamSlot<'_>], c: &StepConstants) -> Result<StepReport> {
+    let dev = device_of(slots[0].master)?;
+    // Tensors updated in place must own their storage before their pointers are taken.
+    for s in slots.iter_mut() {
+        s.master.storage_mut()?;
+        s.m.storage_mut()?;
+        s.v.storage_mut()?;
+        if let Some(w) = s.working.as_mut() {
+            w.storage_mut()?;
+        }
+    }
+    let mut table: Vec<u64> = Vec::with_capacity(slots.len() * 10);
+    let mut chunks = 0usize;
+    for s in slots.iter() {
+        let n = s.master.elem_count();
+        let opt = |t: Option<&Tensor>| t.map(|t| ptr(&dev, t)).transpose().map(|p| p.unwrap_or(0));
+        let working = s.working.as_deref();
+        let kinds = out_kind(s.grad.dtype()) as u64
+            | (working.map_or(0, |w| out_kind(w.dtype())) as u64) << 8
+            | (working.is_some() as u64) << 16
+            | (s.anchor.is_some() as u64) << 17
+            | (s.fisher.is_some() as u64) << 18;
+        table.extend([
+            ptr(&dev, s.master)?,
+            ptr(&dev, s.m)?,
+            ptr(&dev, s.v)?,
+            ptr(&dev, s.grad)?,
+            opt(working)?,
+            opt(s.anchor)?,
+            opt(s.fisher)?,
+            n as u64,
+            kinds,
+            chunks as u64,
+        ]);
+        chunks += n.div_ceil(CHUNK).max(1);
+    }
+    let table_buf = {
+        let bytes: &[u8] = bytemuck::cast_slice(&table);
+        let mut buf = dev.alloc(bytes.len())?;
+        dev.write(&mut buf, bytes)?;
+        buf
+    };
+    let mut result = dev.alloc(16)?;
+    dev.write(&mut result, &[0u8; 16])?;
+    let (result_ptr, _sync) = result.get().device_ptr(&dev.stream);
+    let (sumsq_ptr, flag_ptr) = (result_ptr, result_ptr + 8);
+    let count = i32::try_from(slots.len()).map_err(|_| Error::InvalidArgument("too many parameters".into()))?;
+    let cfg = LaunchConfig {
+        grid_dim: (u32::try_from(chunks).map_err(|_| Error::Unsupported("too many elements".into()))?, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+
+    let f = dev.function(&SOURCE, "grad_sq_norm")?;
+    let mut launch = dev.stream.launch_builder(&f);
+    launch.arg(table_buf.get()).arg(&count).arg(&sumsq_ptr).arg(&flag_ptr);
+    // SAFETY: the table describes live tensors of the stated sizes and dtypes; the result
+    // buffer holds an f64 and a u32.
+    unsafe { launch.launch(cfg) }.map_err(|e| CudaDevice::launch_err("grad_sq_norm", e))?;
+
+    let use_fisher = c.use_fisher as i32;
+    let f = dev.function(&SOURCE, "adamw_step")?;
+    let mut launch = dev.stream.launch_builder(&f);
+    launch.arg(table_buf.get()).arg(&count).arg(&sumsq_ptr).arg(&flag_ptr);
+    launch.arg(&c.beta1).arg(&c.beta2).arg(&c.eps).arg(&c.decay).arg(&c.step_size).arg(&c.bc2_sqrt);
+    launch.arg(&c.lambda).arg(&c.max_norm).arg(&use_fisher);
+    // SAFETY: as above; master, m, v and working are owned by this step (storage_mut).
+    unsafe { launch.launch(cfg) }.map_err(|e| CudaDevice::launch_err("adamw_step", e))?;
+
+    let bytes = dev.download(&result, 16)?;
+    let sumsq = f64::from_le_bytes(bytes[0..8].try_into().unwrap_or([0; 8]));
+    let skipped = u32::from_le_bytes(bytes[8..12].try_into().unwrap_or([0; 4])) != 0;
+    let norm = sumsq.sqrt() as f32;
+    Ok(StepReport { grad_norm: norm, clip_scale: if skipped { 1.0 } else { c.clip(norm) }, skipped })
+}
+
+pub(crate) fn fisher_accumulate(fisher: &mut Tensor, grad: &Tensor, inv_count: f32) -> Result<()> {
+    let dev = device_of(fisher)?;
+    fisher.storage_mut()?;
+    let n = fisher.elem_count() as u64;
+    let kind = out_kind(grad.dtype());
+    let f = dev.function(&SOURCE, "fisher_accumulate")?;
+    let mut launch = dev.stream.launch_builder(&f);
+    launch.arg(fisher.cuda_buffer()?).arg(grad.cuda_buffer()?).arg(&kind).arg(&n).arg(&inv_count);
+    let cfg = LaunchConfig {
+        grid_dim: ((n as usize).div_ceil(256).clamp(1, 1 << 16) as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: both hold n elements; fisher is owned by this call.
+    unsafe { launch.launch(cfg) }.map_err(|e| CudaDevice::launch_err("fisher_accumulate", e))?;
+    Ok(())
+}

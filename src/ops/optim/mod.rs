@@ -1,0 +1,372 @@
+//! Fused optimizer steps: AdamW with f32 master weights and moments, global-norm clipping
+//! and non-finite detection on the device, and the continual-learning penalties (EWC and
+//! L2-to-anchor) folded into the same pass.
+//!
+//! One step reads every parameter's gradient, master weight and moments once and writes the
+//! master weight, the moments and the working copy once. The update follows PyTorch's
+//! `torch.optim.AdamW` (decoupled weight decay, bias correction, `lerp` for the first
+//! moment) in f32:
+//!
+//! ```text
+//! g  = grad · clip + λ·F⊙(θ − θ*)   (EWC; λ·(θ − θ*) for L2-to-anchor)
+//! θ ← θ·(1 − lr·wd)
+//! m ← lerp(m, g, 1 − β1)
+//! v ← β2·v + (1 − β2)·g²
+//! θ ← θ − (lr / (1 − β1ᵗ)) · m / (√v / √(1 − β2ᵗ) + ε)
+//! ```
+//!
+//! `clip = min(1, max_norm / (‖grad‖ + 1e-6))` over the gradients of all slots. A
+//! non-finite gradient anywhere skips the step: nothing is written, and the report says so.
+
+#[cfg(feature = "cuda")]
+pub(crate) mod cuda;
+#[cfg(feature = "wgpu")]
+pub(crate) mod wgpu;
+
+use crate::tensor::{CpuStorage, Storage};
+use crate::{DType, Error, Result, Tensor};
+use rayon::prelude::*;
+
+/// What protects the knowledge of earlier tasks.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Penalty {
+    None,
+    /// Elastic weight consolidation: adds λ·F⊙(θ − θ*) to the gradient (slots need an
+    /// anchor θ* and a Fisher diagonal F).
+    Ewc {
+        lambda: f32,
+    },
+    /// Adds λ·(θ − θ*) to the gradient (slots need an anchor).
+    L2Anchor {
+        lambda: f32,
+    },
+}
+
+/// Hyperparameters of one step; all are run-time values, so no kernel is rebuilt per step.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdamWHyper {
+    pub lr: f32,
+    pub beta1: f32,
+    pub beta2: f32,
+    pub eps: f32,
+    pub weight_decay: f32,
+    /// Clip the global gradient norm to this value.
+    pub max_grad_norm: Option<f32>,
+    pub penalty: Penalty,
+}
+
+impl Default for AdamWHyper {
+    /// PyTorch's defaults: lr 1e-3, betas (0.9, 0.999), eps 1e-8, weight decay 1e-2.
+    fn default() -> Self {
+        AdamWHyper {
+            lr: 1e-3,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 1e-2,
+            max_grad_norm: None,
+            penalty: Penalty::None,
+        }
+    }
+}
+
+impl AdamWHyper {
+    fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(Error::InvalidArgument(m));
+        if !(self.lr.is_finite() && self.lr >= 0.0) {
+            return bad(format!("learning rate must be finite and >= 0, got {}", self.lr));
+        }
+        for (name, b) in [("beta1", self.beta1), ("beta2", self.beta2)] {
+            if !(0.0..1.0).contains(&b) {
+                return bad(format!("{name} must be in [0, 1), got {b}"));
+            }
+        }
+        if !(self.eps.is_finite() && self.eps > 0.0) {
+            return bad(format!("eps must be finite and > 0, got {}", self.eps));
+        }
+        if !(self.weight_decay.is_finite() && self.weight_decay >= 0.0) {
+            return bad(format!("weight decay must be finite and >= 0, got {}", self.weight_decay));
+        }
+        if let Some(n) = self.max_grad_norm {
+            if !(n.is_finite() && n > 0.0) {
+                return bad(format!("max_grad_norm must be finite and > 0, got {n}"));
+            }
+        }
+        match self.penalty {
+            Penalty::Ewc { lambda } | Penalty::L2Anchor { lambda } if !(lambda.is_finite() && lambda >= 0.0) => {
+                bad(format!("penalty λ must be finite and >= 0, got {lambda}"))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// λ for the kernels: 0 without a penalty.
+    pub(crate) fn lambda(&self) -> f32 {
+        match self.penalty {
+            Penalty::None => 0.0,
+            Penalty::Ewc { lambda } | Penalty::L2Anchor { lambda } => lambda,
+        }
+    }
+}
+
+/// One parameter tensor's part in a step. `master`, `m`, `v`, `anchor` and `fisher` are
+/// f32; `grad` any float dtype; `working` (the copy the model computes with) any float
+/// dtype, rounded to nearest from the new master weight.
+pub struct ParamSlot<'a> {
+    pub master: &'a mut Tensor,
+    pub m: &'a mut Tensor,
+    pub v: &'a mut Tensor,
+    pub grad: &'a Tensor,
+    pub working: Option<&'a mut Tensor>,
+    /// θ* of the penalty; slots without one are not penalised.
+    pub anchor: Option<&'a Tensor>,
+    /// F of EWC (required with an anchor under `Penalty::Ewc`).
+    pub fisher: Option<&'a Tensor>,
+}
+
+/// What a step did.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StepReport {
+    /// The global L2 norm of the gradients before clipping (NaN or inf when skipped).
+    pub grad_norm: f32,
+    /// The factor the gradients were scaled by (1 without clipping).
+    pub clip_scale: f32,
+    /// A gradient held NaN or inf: no state was changed.
+    pub skipped: bool,
+}
+
+/// Checks the slots and returns their common device.
+fn validate(slots: &[ParamSlot<'_>], h: &AdamWHyper, step: u64) -> Result<crate::Device> {
+    h.validate()?;
+    if step == 0 {
+        return Err(Error::InvalidArgument("the step number counts from 1".into()));
+    }
+    let Some(first) = slots.first() else {
+        return Err(Error::InvalidArgument("an optimizer step needs at least one parameter".into()));
+    };
+    let device = first.master.device();
+    for (i, s) in slots.iter().enumerate() {
+        let shape = s.master.shape();
+        let mut parts: Vec<(&str, &Tensor, bool)> =
+            vec![("master", &*s.master, true), ("m", &*s.m, true), ("v", &*s.v, true), ("grad", s.grad, false)];
+        if let Some(w) = &s.working {
+            parts.push(("working", &**w, false));
+        }
+        if let Some(a) = s.anchor {
+            parts.push(("anchor", a, true));
+        }
+        if let Some(f) = s.fisher {
+            parts.push(("fisher", f, true));
+        }
+        for (name, t, must_be_f32) in parts {
+            if t.shape() != shape {
+                return Err(Error::Shape(format!("parameter {i}: {name} is {:?}, master is {shape:?}", t.shape())));
+            }
+            if must_be_f32 && t.dtype() != DType::F32 {
+                return Err(Error::DType(format!("parameter {i}: {name} must be f32, got {}", t.dtype())));
+            }
+            if t.device() != device {
+                return Err(Error::DeviceMismatch(format!(
+                    "parameter {i}: {name} on {}, master on {device}",
+                    t.device()
+                )));
+            }
+        }
+        if matches!(h.penalty, Penalty::Ewc { .. }) && s.anchor.is_some() && s.fisher.is_none() {
+            return Err(Error::InvalidArgument(format!("parameter {i}: EWC needs a Fisher diagonal with its anchor")));
+        }
+        if s.anchor.is_none() && s.fisher.is_some() {
+            return Err(Error::InvalidArgument(format!("parameter {i}: a Fisher diagonal needs an anchor")));
+        }
+    }
+    Ok(device)
+}
+
+/// The constants every backend's kernel derives from the hyperparameters and the step.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct StepConstants {
+    pub beta1: f32,
+    pub beta2: f32,
+    pub eps: f32,
+    /// 1 − lr·wd
+    pub decay: f32,
+    /// lr / (1 − β1ᵗ)
+    pub step_size: f32,
+    /// √(1 − β2ᵗ)
+    pub bc2_sqrt: f32,
+    pub lambda: f32,
+    /// Clip threshold; 0 for none.
+    pub max_norm: f32,
+    /// Whether the penalty multiplies by F (EWC) or not (L2).
+    pub use_fisher: bool,
+}
+
+impl StepConstants {
+    fn new(h: &AdamWHyper, step: u64) -> StepConstants {
+        let t = step.min(i32::MAX as u64) as i32;
+        StepConstants {
+            beta1: h.beta1,
+            beta2: h.beta2,
+            eps: h.eps,
+            decay: 1.0 - h.lr * h.weight_decay,
+            step_size: h.lr / (1.0 - h.beta1.powi(t)),
+            bc2_sqrt: (1.0 - h.beta2.powi(t)).sqrt(),
+            lambda: h.lambda(),
+            max_norm: h.max_grad_norm.unwrap_or(0.0),
+            use_fisher: matches!(h.penalty, Penalty::Ewc { .. }),
+        }
+    }
+
+    /// The clip factor for a gradient norm.
+    pub(crate) fn clip(&self, norm: f32) -> f32 {
+        if self.max_norm > 0.0 { (self.max_norm / (norm + 1e-6)).min(1.0) } else { 1.0 }
+    }
+}
+
+/// torch.lerp: `start + w·(end − start)` for w < 0.5, `end − (end − start)·(1 − w)` otherwise.
+#[inline(always)]
+fn lerp(start: f32, end: f32, w: f32) -> f32 {
+    if w < 0.5 { start + w * (end - start) } else { end - (end - start) * (1.0 - w) }
+}
+
+/// The gradient an element's update uses: clipped, plus the penalty's pull toward the
+/// anchor when the slot has one.
+#[inline(always)]
+fn effective_grad(c: &StepConstants, grad: f32, clip: f32, theta: f32, anchor: Option<(f32, f32)>) -> f32 {
+    let g = grad * clip;
+    match anchor {
+        Some((a, f)) => {
+            let pull = c.lambda * (theta - a);
+            g + if c.use_fisher { f * pull } else { pull }
+        }
+        None => g,
+    }
+}
+
+/// One element of the update: returns (θ, m, v). The reference every kernel follows, in the
+/// same order of f32 operations.
+#[inline(always)]
+fn update(c: &StepConstants, theta: f32, m: f32, v: f32, g: f32) -> (f32, f32, f32) {
+    let theta = theta * c.decay;
+    let m = lerp(m, g, 1.0 - c.beta1);
+    let v = v * c.beta2 + (1.0 - c.beta2) * (g * g);
+    let denom = v.sqrt() / c.bc2_sqrt + c.eps;
+    (theta - c.step_size * (m / denom), m, v)
+}
+
+/// One fused AdamW step over every slot (see the module docs). `step` is the 1-based count
+/// of steps taken including this one. Parameters, moments and working copies are updated in
+/// place (a tensor whose storage is shared is copied first).
+///
+/// Errors: `InvalidArgument` for a negative or non-finite learning rate, betas outside
+/// [0, 1), eps ≤ 0, step 0, an EWC anchor without a Fisher diagonal; `Shape`, `DType` and
+/// `DeviceMismatch` for slots whose tensors disagree (the message names the parameter).
+pub fn adamw_step(slots: &mut [ParamSlot<'_>], h: &AdamWHyper, step: u64) -> Result<StepReport> {
+    let device = validate(slots, h, step)?;
+    let c = StepConstants::new(h, step);
+    match device {
+        crate::Device::Cpu => cpu_step(slots, &c),
+        #[cfg(feature = "cuda")]
+        crate::Device::Cuda(_) => cuda::step(slots, &c),
+        #[cfg(feature = "wgpu")]
+        crate::Device::Wgpu(_) => wgpu::step(slots, &c),
+        #[allow(unreachable_patterns)]
+        other => Err(Error::NoDevice(format!("{other}: backend not built"))),
+    }
+}
+
+fn f32s(t: &Tensor) -> Result<&[f32]> {
+    match t.storage() {
+        Storage::Cpu(CpuStorage::F32(v)) => Ok(v),
+        _ => Err(Error::DType(format!("expected an f32 CPU tensor, got {} on {}", t.dtype(), t.device()))),
+    }
+}
+
+fn f32s_mut(t: &mut Tensor) -> Result<&mut [f32]> {
+    match t.storage_mut()? {
+        Storage::Cpu(CpuStorage::F32(v)) => Ok(v),
+        _ => Err(Error::DType("expected an f32 CPU tensor".into())),
+    }
+}
+
+/// Σ g² (in f64) and whether any g is not finite, over every gradient.
+fn cpu_grad_norm(slots: &[ParamSlot<'_>]) -> (f64, bool) {
+    slots
+        .iter()
+        .map(|s| {
+            let g = match s.grad.storage() {
+                Storage::Cpu(st) => st.to_f32_vec(),
+                #[allow(unreachable_patterns)]
+                _ => Vec::new(),
+            };
+            let sum: f64 = g.par_iter().map(|&x| (x as f64) * (x as f64)).sum();
+            (sum, g.par_iter().any(|x| !x.is_finite()))
+        })
+        .fold((0.0, false), |(a, b), (c, d)| (a + c, b || d))
+}
+
+fn cpu_step(slots: &mut [ParamSlot<'_>], c: &StepConstants) -> Result<StepReport> {
+    let (sumsq, nonfinite) = cpu_grad_norm(slots);
+    let norm = sumsq.sqrt() as f32;
+    if nonfinite {
+        return Ok(StepReport { grad_norm: norm, clip_scale: 1.0, skipped: true });
+    }
+    let clip = c.clip(norm);
+    for s in slots.iter_mut() {
+        let grad = match s.grad.storage() {
+            Storage::Cpu(st) => st.to_f32_vec(),
+            #[allow(unreachable_patterns)]
+            _ => return Err(Error::DeviceMismatch("gradient not on the CPU".into())),
+        };
+        let anchor = s.anchor.map(f32s).transpose()?;
+        let fisher = s.fisher.map(f32s).transpose()?;
+        let theta = f32s_mut(s.master)?;
+        let m = f32s_mut(s.m)?;
+        let v = f32s_mut(s.v)?;
+        theta.par_iter_mut().zip(m.par_iter_mut()).zip(v.par_iter_mut()).enumerate().for_each(|(i, ((t, mm), vv))| {
+            let pin = anchor.map(|a| (a[i], fisher.map_or(1.0, |f| f[i])));
+            let g = effective_grad(c, grad[i], clip, *t, pin);
+            (*t, *mm, *vv) = update(c, *t, *mm, *vv, g);
+        });
+        if let Some(w) = s.working.as_mut() {
+            let rounded = CpuStorage::from_f32(w.dtype(), f32s(s.master)?);
+            *w.storage_mut()? = Storage::Cpu(rounded);
+        }
+    }
+    Ok(StepReport { grad_norm: norm, clip_scale: clip, skipped: false })
+}
+
+/// Accumulates a diagonal Fisher estimate in place: `F ← F + (g² − F) / count`, the running
+/// mean of squared gradients after `count` samples (count ≥ 1, this one included).
+/// `fisher` is f32; `grad` any float dtype of the same shape on the same device.
+pub fn fisher_accumulate(fisher: &mut Tensor, grad: &Tensor, count: u64) -> Result<()> {
+    if count == 0 {
+        return Err(Error::InvalidArgument("the Fisher sample count starts at 1".into()));
+    }
+    if fisher.dtype() != DType::F32 {
+        return Err(Error::DType(format!("the Fisher diagonal is f32, got {}", fisher.dtype())));
+    }
+    if fisher.shape() != grad.shape() {
+        return Err(Error::Shape(format!("Fisher {:?} and gradient {:?} differ", fisher.shape(), grad.shape())));
+    }
+    crate::ops::same_device("fisher_accumulate", &[fisher, grad])?;
+    let inv = 1.0 / count as f32;
+    match fisher.device() {
+        crate::Device::Cpu => {
+            let g = match grad.storage() {
+                Storage::Cpu(st) => st.to_f32_vec(),
+                #[allow(unreachable_patterns)]
+                _ => return Err(Error::DeviceMismatch("gradient not on the CPU".into())),
+            };
+            let f = f32s_mut(fisher)?;
+            f.par_iter_mut().zip(g.par_iter()).for_each(|(f, &g)| *f += (g * g - *f) * inv);
+            Ok(())
+        }
+        #[cfg(feature = "cuda")]
+        crate::Device::Cuda(_) => cuda::fisher_accumulate(fisher, grad, inv),
+        #[cfg(feature = "wgpu")]
+        crate::Device::Wgpu(_) => wgpu::fisher_accumulate(fisher, grad, inv),
+        #[allow(unreachable_patterns)]
+        other => Err(Error::NoDevice(format!("{other}: backend not built"))),
+    }
+}
