@@ -1,0 +1,32 @@
+// Folds the per-workgroup partials of optim_norm.wgsl into result = {Σ g² (f32 bits),
+// non-finite flag}. One workgroup of 256 invocations.
+
+struct Params {
+    count: u32,
+}
+
+@group(0) @binding(0) var<storage, read> partials: array<f32>;
+@group(0) @binding(1) var<storage, read_write> result: array<u32>;
+@group(0) @binding(2) var<uniform> params: Params;
+
+var<workgroup> sums: array<vec2<f32>, 256>;
+
+@compute @workgroup_size(256)
+fn main(@builtin(local_invocation_index) li: u32) {
+    var acc = vec2<f32>(0.0, 0.0);
+    for (var i = li; i < params.count; i += 256u) {
+        acc = vec2<f32>(acc.x + partials[2u * i], max(acc.y, partials[2u * i + 1u]));
+    }
+    sums[li] = acc;
+    workgroupBarrier();
+    for (var stride = 128u; stride > 0u; stride >>= 1u) {
+        if (li < stride) {
+            sums[li] = vec2<f32>(sums[li].x + sums[li + stride].x, max(sums[li].y, sums[li + stride].y));
+        }
+        workgroupBarrier();
+    }
+    if (li == 0u) {
+        result[0] = bitcast<u32>(sums[0].x);
+        result[1] = select(0u, 1u, sums[0].y > 0.0);
+    }
+}

@@ -1,0 +1,259 @@
+//! The fused optimizer step: the CPU against PyTorch's AdamW worked by hand, every device
+//! against the CPU over 100 steps, clipping, skipping, the EWC term against finite
+//! differences, Fisher accumulation, and bad input.
+
+mod common;
+
+use common::{devices, gpu_devices};
+use kiln::ops::optim::{AdamWHyper, ParamSlot, Penalty, StepReport, adamw_step, fisher_accumulate};
+use kiln::{DType, Device, Error, Tensor};
+
+/// A parameter's optimizer state on one device.
+struct State {
+    master: Tensor,
+    m: Tensor,
+    v: Tensor,
+    working: Option<Tensor>,
+    anchor: Option<Tensor>,
+    fisher: Option<Tensor>,
+}
+
+impl State {
+    fn new(shape: &[usize], seed: u64, working: Option<DType>, ewc: bool, device: &Device) -> State {
+        let master = Tensor::randn(shape, 0.0, 1.0, seed, DType::F32, device).unwrap();
+        State {
+            working: working.map(|d| master.to_dtype(d).unwrap()),
+            m: Tensor::zeros(shape, DType::F32, device).unwrap(),
+            v: Tensor::zeros(shape, DType::F32, device).unwrap(),
+            anchor: ewc.then(|| Tensor::randn(shape, 0.0, 1.0, seed + 1, DType::F32, device).unwrap()),
+            fisher: ewc.then(|| Tensor::rand(shape, 0.0, 2.0, seed + 2, DType::F32, device).unwrap()),
+            master,
+        }
+    }
+}
+
+fn step(states: &mut [State], grads: &[Tensor], h: &AdamWHyper, t: u64) -> kiln::Result<StepReport> {
+    let mut slots: Vec<ParamSlot<'_>> = states
+        .iter_mut()
+        .zip(grads)
+        .map(|(s, g)| ParamSlot {
+            master: &mut s.master,
+            m: &mut s.m,
+            v: &mut s.v,
+            grad: g,
+            working: s.working.as_mut(),
+            anchor: s.anchor.as_ref(),
+            fisher: s.fisher.as_ref(),
+        })
+        .collect();
+    adamw_step(&mut slots, h, t)
+}
+
+fn scalar_state(theta: f32) -> State {
+    let t = |v: f32| Tensor::from_slice(&[v], &[1], &Device::Cpu).unwrap();
+    State { master: t(theta), m: t(0.0), v: t(0.0), working: None, anchor: None, fisher: None }
+}
+
+#[test]
+fn cpu_step_follows_pytorch_adamw_worked_by_hand() {
+    // θ0 = 1, lr 0.1, betas (0.9, 0.999), eps 1e-8, weight decay 0.01; grads 0.5 then −0.25.
+    // Step 1: m = 0.05, v = 0.00025; m̂ = 0.5, √v̂ = 0.5, so θ1 = 1·(1 − 0.001) − 0.1·0.5/(0.5 + 1e-8) = 0.899.
+    // Step 2: m = 0.05 + 0.1·(−0.25 − 0.05) = 0.02, v = 0.999·0.00025 + 0.001·0.0625 = 0.00031225;
+    //   m̂ = 0.02 / 0.19 = 0.1052632, √v̂ = √(0.00031225 / 0.001999) = 0.3952246,
+    //   θ2 = 0.899·0.999 − 0.1·0.1052632 / (0.3952246 + 1e-8) = 0.898101 − 0.0266336 = 0.8714674.
+    let h = AdamWHyper { lr: 0.1, weight_decay: 0.01, ..AdamWHyper::default() };
+    let mut s = [scalar_state(1.0)];
+    let grad = |g: f32| Tensor::from_slice(&[g], &[1], &Device::Cpu).unwrap();
+    step(&mut s, &[grad(0.5)], &h, 1).unwrap();
+    let read = |t: &Tensor| t.to_vec::<f32>().unwrap()[0];
+    assert!((read(&s[0].master) - 0.899).abs() < 1e-6, "θ1 = {}", read(&s[0].master));
+    // In f32, 1 − 0.999 is 0.00099998713: values agree to its relative error.
+    let close = |x: f32, want: f64| ((x as f64) - want).abs() <= 2e-5 * want.abs();
+    assert!(close(read(&s[0].m), 0.05) && close(read(&s[0].v), 0.00025), "m1 {}, v1 {}", read(&s[0].m), read(&s[0].v));
+    step(&mut s, &[grad(-0.25)], &h, 2).unwrap();
+    assert!(close(read(&s[0].m), 0.02), "m2 = {}", read(&s[0].m));
+    assert!(close(read(&s[0].v), 0.00031225), "v2 = {}", read(&s[0].v));
+    assert!((read(&s[0].master) - 0.8714674).abs() < 2e-6, "θ2 = {}", read(&s[0].master));
+}
+
+/// Gradients for step `t`, the same on every device.
+fn grads(shapes: &[Vec<usize>], dtypes: &[DType], t: u64, device: &Device) -> Vec<Tensor> {
+    shapes
+        .iter()
+        .zip(dtypes)
+        .enumerate()
+        .map(|(j, (s, &d))| Tensor::randn(s, 0.0, 0.3, 1000 * t + j as u64, d, device).unwrap())
+        .collect()
+}
+
+#[test]
+fn every_device_follows_the_cpu_over_100_steps() {
+    // 18 tensors (more than one shader group), odd sizes, every gradient and working dtype,
+    // EWC on some, clipping that engages.
+    let shapes: Vec<Vec<usize>> = (0..18).map(|j| vec![[1, 7, 1000, 4097, 33, 2][j % 6], 1 + j % 3]).collect();
+    let grad_dtypes: Vec<DType> = (0..18).map(|j| DType::ALL[j % 3]).collect();
+    let working: Vec<Option<DType>> =
+        (0..18).map(|j| [None, Some(DType::BF16), Some(DType::F16), Some(DType::F32)][j % 4]).collect();
+    let h = AdamWHyper {
+        lr: 1e-2,
+        max_grad_norm: Some(5.0),
+        penalty: Penalty::Ewc { lambda: 0.5 },
+        ..AdamWHyper::default()
+    };
+    let steps = 100u64;
+    let run = |device: &Device| {
+        let mut states: Vec<State> = shapes
+            .iter()
+            .enumerate()
+            .map(|(j, s)| State::new(s, 10 + j as u64, working[j], j % 2 == 0, device))
+            .collect();
+        let mut clipped = 0;
+        for t in 1..=steps {
+            let report = step(&mut states, &grads(&shapes, &grad_dtypes, t, device), &h, t).unwrap();
+            assert!(!report.skipped);
+            clipped += (report.clip_scale < 1.0) as usize;
+        }
+        (states, clipped)
+    };
+    let (cpu, clipped) = run(&Device::Cpu);
+    assert!(clipped > 0, "the test means clipping to engage");
+    for device in gpu_devices() {
+        let (other, _) = run(&device);
+        for (j, (a, b)) in cpu.iter().zip(&other).enumerate() {
+            // Each step rounds θ, m and v a few times in f32 (u = 2⁻²⁴) and the norms differ
+            // in summation order; over 100 steps the states may drift by 100·16·u relative
+            // to their size, plus as much of one learning-rate-sized update.
+            let bound = |x: f32| steps as f32 * 16.0 * f32::EPSILON / 2.0 * (x.abs() + h.lr);
+            for (name, x, y) in [("master", &a.master, &b.master), ("m", &a.m, &b.m), ("v", &a.v, &b.v)] {
+                let (x, y) = (x.to_vec::<f32>().unwrap(), y.to_vec::<f32>().unwrap());
+                for (i, (p, q)) in x.iter().zip(&y).enumerate() {
+                    assert!((p - q).abs() <= bound(*p), "{device} tensor {j} {name}[{i}]: cpu {p}, {device} {q}");
+                }
+            }
+            if let (Some(x), Some(y)) = (&a.working, &b.working) {
+                let (x, y) = (x.to_vec_f32().unwrap(), y.to_vec_f32().unwrap());
+                let u = x.len().min(1) as f32 * a.working.as_ref().unwrap().dtype().unit_roundoff() as f32;
+                for (i, (p, q)) in x.iter().zip(&y).enumerate() {
+                    assert!(
+                        (p - q).abs() <= bound(*p) + 2.0 * u * p.abs(),
+                        "{device} tensor {j} working[{i}]: {p} vs {q}"
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn clipping_uses_the_global_norm_and_a_nonfinite_gradient_skips_the_step() {
+    for device in devices() {
+        let shapes = [vec![3, 5], vec![17]];
+        let mut states: Vec<State> =
+            shapes.iter().enumerate().map(|(j, s)| State::new(s, j as u64, None, false, &device)).collect();
+        let g = grads(&shapes, &[DType::F32, DType::BF16], 1, &device);
+        let direct: f64 =
+            g.iter().flat_map(|t| t.to_vec_f32().unwrap()).map(|x| (x as f64) * (x as f64)).sum::<f64>().sqrt();
+        let h = AdamWHyper { max_grad_norm: Some(0.5), ..AdamWHyper::default() };
+        let report = step(&mut states, &g, &h, 1).unwrap();
+        assert!(
+            (report.grad_norm as f64 - direct).abs() <= 1e-5 * direct,
+            "{device}: {} vs {direct}",
+            report.grad_norm
+        );
+        assert!((report.clip_scale as f64 - 0.5 / (direct + 1e-6)).abs() <= 1e-5, "{device}");
+        // A NaN in one gradient: nothing changes, and the report says so.
+        let before: Vec<Vec<u8>> =
+            states.iter().flat_map(|s| [&s.master, &s.m, &s.v]).map(|t| t.to_bytes().unwrap()).collect();
+        let mut bad = g[1].to_vec_f32().unwrap();
+        bad[3] = f32::NAN;
+        let g = [g[0].clone(), Tensor::from_f32(&bad, &[17], DType::BF16, &device).unwrap()];
+        let report = step(&mut states, &g, &h, 2).unwrap();
+        assert!(report.skipped, "{device}");
+        let after: Vec<Vec<u8>> =
+            states.iter().flat_map(|s| [&s.master, &s.m, &s.v]).map(|t| t.to_bytes().unwrap()).collect();
+        assert_eq!(before, after, "{device}: a skipped step writes nothing");
+    }
+}
+
+#[test]
+fn the_ewc_term_is_the_gradient_of_its_penalty() {
+    // With β1 = 0 the first moment after a step is the gradient the step used; with a zero
+    // loss gradient that is the penalty's: ∂/∂θ [λ/2 Σ F (θ − θ*)²] = λ F (θ − θ*).
+    let lambda = 0.7f32;
+    for (penalty, with_fisher) in [(Penalty::Ewc { lambda }, true), (Penalty::L2Anchor { lambda }, false)] {
+        for device in devices() {
+            let shape = [40];
+            let mut s = [State::new(&shape, 3, None, true, &device)];
+            if !with_fisher {
+                s[0].fisher = None;
+            }
+            let theta: Vec<f64> = s[0].master.to_vec::<f32>().unwrap().iter().map(|&x| x as f64).collect();
+            let anchor: Vec<f64> =
+                s[0].anchor.as_ref().unwrap().to_vec::<f32>().unwrap().iter().map(|&x| x as f64).collect();
+            let fisher: Vec<f64> = match &s[0].fisher {
+                Some(f) => f.to_vec::<f32>().unwrap().iter().map(|&x| x as f64).collect(),
+                None => vec![1.0; 40],
+            };
+            let penalty_value = |th: &[f64]| -> f64 {
+                th.iter().zip(&anchor).zip(&fisher).map(|((t, a), f)| 0.5 * lambda as f64 * f * (t - a) * (t - a)).sum()
+            };
+            let h = AdamWHyper { beta1: 0.0, weight_decay: 0.0, penalty, ..AdamWHyper::default() };
+            let zero = Tensor::zeros(&shape, DType::F32, &device).unwrap();
+            step(&mut s, &[zero], &h, 1).unwrap();
+            let used = s[0].m.to_vec::<f32>().unwrap();
+            for i in 0..40 {
+                let step_h = 1e-4;
+                let (mut up, mut down) = (theta.clone(), theta.clone());
+                up[i] += step_h;
+                down[i] -= step_h;
+                let fd = (penalty_value(&up) - penalty_value(&down)) / (2.0 * step_h);
+                assert!(
+                    (used[i] as f64 - fd).abs() <= 1e-5 * (1.0 + fd.abs()),
+                    "{device} {penalty:?} [{i}]: {} vs {fd}",
+                    used[i]
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn fisher_accumulates_the_running_mean_of_squared_gradients() {
+    for device in devices() {
+        let mut fisher = Tensor::zeros(&[3, 11], DType::F32, &device).unwrap();
+        let samples: Vec<Tensor> = (0..5)
+            .map(|k| Tensor::randn(&[3, 11], 0.0, 1.0, 50 + k, DType::ALL[k as usize % 3], &device).unwrap())
+            .collect();
+        for (k, g) in samples.iter().enumerate() {
+            fisher_accumulate(&mut fisher, g, k as u64 + 1).unwrap();
+        }
+        let got = fisher.to_vec::<f32>().unwrap();
+        let hosts: Vec<Vec<f32>> = samples.iter().map(|g| g.to_vec_f32().unwrap()).collect();
+        for (i, &x) in got.iter().enumerate() {
+            let want: f64 = hosts.iter().map(|g| (g[i] as f64).powi(2)).sum::<f64>() / 5.0;
+            assert!((x as f64 - want).abs() <= 1e-5 * (1.0 + want), "{device} [{i}]: {x} vs {want}");
+        }
+    }
+}
+
+#[test]
+fn bad_input_is_an_error() {
+    let mut s = [State::new(&[4], 1, None, false, &Device::Cpu)];
+    let g = [Tensor::zeros(&[4], DType::F32, &Device::Cpu).unwrap()];
+    let bad = |h: AdamWHyper, t: u64, s: &mut [State]| matches!(step(s, &g, &h, t), Err(Error::InvalidArgument(_)));
+    assert!(bad(AdamWHyper { lr: -1.0, ..AdamWHyper::default() }, 1, &mut s));
+    assert!(bad(AdamWHyper { beta1: 1.0, ..AdamWHyper::default() }, 1, &mut s));
+    assert!(bad(AdamWHyper { beta2: -0.1, ..AdamWHyper::default() }, 1, &mut s));
+    assert!(bad(AdamWHyper { eps: 0.0, ..AdamWHyper::default() }, 1, &mut s));
+    assert!(bad(AdamWHyper::default(), 0, &mut s));
+    let wrong_shape = [Tensor::zeros(&[5], DType::F32, &Device::Cpu).unwrap()];
+    assert!(matches!(step(&mut s, &wrong_shape, &AdamWHyper::default(), 1), Err(Error::Shape(_))));
+    s[0].m = Tensor::zeros(&[4], DType::BF16, &Device::Cpu).unwrap();
+    assert!(matches!(step(&mut s, &g, &AdamWHyper::default(), 1), Err(Error::DType(_))));
+    let mut f = Tensor::zeros(&[4], DType::F32, &Device::Cpu).unwrap();
+    assert!(matches!(fisher_accumulate(&mut f, &g[0], 0), Err(Error::InvalidArgument(_))));
+    for device in gpu_devices() {
+        let mut s = [State::new(&[4], 1, None, false, &device)];
+        assert!(matches!(step(&mut s, &g, &AdamWHyper::default(), 1), Err(Error::DeviceMismatch(_))));
+    }
+}
