@@ -4,7 +4,6 @@ use std::path::Path;
 
 /// Writes to a temporary name beside `path` and renames it into place, so a crash never
 /// leaves half a file where a good one was.
-#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 pub(crate) fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;

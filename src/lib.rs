@@ -31,8 +31,10 @@ mod device;
 mod dtype;
 mod error;
 mod fs;
+mod io;
 pub mod ops;
 mod tensor;
+pub mod train;
 
 pub use device::{Device, DeviceInfo, DeviceKind, set_poison_outputs};
 pub use dtype::{DType, Element};

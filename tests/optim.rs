@@ -257,3 +257,94 @@ fn bad_input_is_an_error() {
         assert!(matches!(step(&mut s, &g, &AdamWHyper::default(), 1), Err(Error::DeviceMismatch(_))));
     }
 }
+
+mod driver {
+    use super::*;
+    use kiln::train::AdamW;
+
+    fn temp(name: &str) -> std::path::PathBuf {
+        std::env::temp_dir().join(format!("kiln-test-{}-{name}", std::process::id()))
+    }
+
+    fn params(device: &Device) -> Vec<(String, Tensor)> {
+        vec![
+            ("layers.0.q".to_string(), Tensor::randn(&[8, 5], 0.0, 1.0, 1, DType::BF16, device).unwrap()),
+            ("layers.0.v".to_string(), Tensor::randn(&[13], 0.0, 1.0, 2, DType::F32, device).unwrap()),
+        ]
+    }
+
+    fn run(opt: &mut AdamW, working: &mut [Tensor], from: u64, to: u64, device: &Device) {
+        for t in from..to {
+            let g: Vec<Tensor> = working
+                .iter()
+                .enumerate()
+                .map(|(j, w)| Tensor::randn(w.shape(), 0.0, 0.5, 7 * t + j as u64, DType::F32, device).unwrap())
+                .collect();
+            let grads: Vec<&Tensor> = g.iter().collect();
+            let mut refs: Vec<&mut Tensor> = working.iter_mut().collect();
+            opt.step(&grads, &mut refs).unwrap();
+            if t % 4 == 0 {
+                opt.accumulate_fisher(&grads).unwrap();
+            }
+            if t == 6 {
+                opt.set_anchor().unwrap();
+            }
+        }
+    }
+
+    #[test]
+    fn a_resumed_run_equals_an_uninterrupted_one_bit_for_bit() {
+        let h = AdamWHyper { penalty: Penalty::Ewc { lambda: 0.3 }, max_grad_norm: Some(1.0), ..AdamWHyper::default() };
+        for device in devices() {
+            let named = params(&device);
+            let refs: Vec<(&str, &Tensor)> = named.iter().map(|(n, t)| (n.as_str(), t)).collect();
+            let mut whole = AdamW::new(&refs, h).unwrap();
+            let mut working: Vec<Tensor> = named.iter().map(|(_, t)| t.clone()).collect();
+            run(&mut whole, &mut working, 1, 21, &device);
+
+            let mut first = AdamW::new(&refs, h).unwrap();
+            let mut w2: Vec<Tensor> = named.iter().map(|(_, t)| t.clone()).collect();
+            run(&mut first, &mut w2, 1, 11, &device);
+            let path = temp(&format!("resume-{device}.safetensors"));
+            first.save(&path).unwrap();
+            let mut resumed = AdamW::load(&path, &device).unwrap();
+            std::fs::remove_file(&path).ok();
+            assert_eq!(resumed.steps(), 10);
+            run(&mut resumed, &mut w2, 11, 21, &device);
+
+            let bytes = |o: &AdamW| -> Vec<Vec<u8>> {
+                o.params()
+                    .iter()
+                    .flat_map(|p| [Some(&p.master), Some(&p.m), Some(&p.v), p.anchor.as_ref(), p.fisher.as_ref()])
+                    .map(|t| t.map(|t| t.to_bytes().unwrap()).unwrap_or_default())
+                    .collect()
+            };
+            assert_eq!(bytes(&whole), bytes(&resumed), "{device}: resumed state differs");
+            for (a, b) in working.iter().zip(&w2) {
+                assert_eq!(a.to_bytes().unwrap(), b.to_bytes().unwrap(), "{device}: working copies differ");
+            }
+            assert_eq!(whole.params()[0].fisher_samples, 5);
+        }
+    }
+
+    #[test]
+    fn a_bad_state_file_is_an_error_that_says_why() {
+        let named = params(&Device::Cpu);
+        let refs: Vec<(&str, &Tensor)> = named.iter().map(|(n, t)| (n.as_str(), t)).collect();
+        let opt = AdamW::new(&refs, AdamWHyper::default()).unwrap();
+        let path = temp("bad.safetensors");
+        opt.save(&path).unwrap();
+        let good = std::fs::read(&path).unwrap();
+        std::fs::write(&path, &good[..good.len() / 2]).unwrap();
+        assert!(matches!(AdamW::load(&path, &Device::Cpu), Err(Error::Io(_))), "truncated");
+        std::fs::write(&path, b"not a safetensors file").unwrap();
+        assert!(matches!(AdamW::load(&path, &Device::Cpu), Err(Error::Io(_))), "garbage");
+        std::fs::remove_file(&path).ok();
+        assert!(matches!(AdamW::load(&path, &Device::Cpu), Err(Error::Io(_))), "missing");
+        // Names must be unique; the step takes one gradient per parameter.
+        let dup = [("a", &named[0].1), ("a", &named[0].1)];
+        assert!(matches!(AdamW::new(&dup, AdamWHyper::default()), Err(Error::InvalidArgument(_))));
+        let mut opt = opt;
+        assert!(matches!(opt.step(&[&named[0].1], &mut []), Err(Error::InvalidArgument(_))));
+    }
+}

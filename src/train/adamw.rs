@@ -1,0 +1,241 @@
+//! `AdamW`: the fused step of `ops::optim` with the state it needs kept per parameter —
+//! f32 master weights, moments, the step count, and for continual learning an anchor θ* and
+//! a Fisher diagonal — saved to and loaded from safetensors so a run resumes exactly.
+
+use crate::ops::optim::{AdamWHyper, ParamSlot, Penalty, StepReport, adamw_step, fisher_accumulate};
+use crate::{DType, Device, Error, Result, Tensor};
+use std::collections::HashMap;
+use std::path::Path;
+
+/// One parameter's optimizer state.
+#[derive(Debug, Clone)]
+pub struct ParamState {
+    pub name: String,
+    /// The f32 master weight the updates accumulate in.
+    pub master: Tensor,
+    pub m: Tensor,
+    pub v: Tensor,
+    /// θ* of the penalty (set by [`AdamW::set_anchor`]).
+    pub anchor: Option<Tensor>,
+    /// The running mean of squared gradients (EWC's F), and how many samples it holds.
+    pub fisher: Option<Tensor>,
+    pub fisher_samples: u64,
+}
+
+/// AdamW over a list of named parameters, all on one device.
+#[derive(Debug, Clone)]
+pub struct AdamW {
+    pub hyper: AdamWHyper,
+    steps: u64,
+    params: Vec<ParamState>,
+}
+
+const FORMAT: &str = "kiln.adamw.v1";
+
+impl AdamW {
+    /// State for `params` (any float dtype): f32 master copies and zero moments on the
+    /// parameters' device. `Err` for an empty list, duplicate names or mixed devices.
+    pub fn new(params: &[(&str, &Tensor)], hyper: AdamWHyper) -> Result<AdamW> {
+        let Some((_, first)) = params.first() else {
+            return Err(Error::InvalidArgument("AdamW needs at least one parameter".into()));
+        };
+        let device = first.device();
+        let mut states = Vec::with_capacity(params.len());
+        for (name, p) in params {
+            if p.device() != device {
+                return Err(Error::DeviceMismatch(format!(
+                    "parameter {name} on {}, the first on {device}",
+                    p.device()
+                )));
+            }
+            if name.is_empty() || states.iter().any(|s: &ParamState| s.name == *name) {
+                return Err(Error::InvalidArgument(format!("parameter names must be unique and non-empty: {name:?}")));
+            }
+            states.push(ParamState {
+                name: name.to_string(),
+                master: p.to_dtype(DType::F32)?.copy()?,
+                m: Tensor::zeros(p.shape(), DType::F32, &device)?,
+                v: Tensor::zeros(p.shape(), DType::F32, &device)?,
+                anchor: None,
+                fisher: None,
+                fisher_samples: 0,
+            });
+        }
+        Ok(AdamW { hyper, steps: 0, params: states })
+    }
+
+    /// Steps taken (skipped steps are not counted).
+    pub fn steps(&self) -> u64 {
+        self.steps
+    }
+
+    pub fn params(&self) -> &[ParamState] {
+        &self.params
+    }
+
+    /// One fused step. `grads[i]` belongs to parameter i; `working` is either empty or one
+    /// tensor per parameter (the model's own copy, any float dtype), rewritten from the new
+    /// master weights in the same pass. The penalty applies to parameters with an anchor.
+    pub fn step(&mut self, grads: &[&Tensor], working: &mut [&mut Tensor]) -> Result<StepReport> {
+        if grads.len() != self.params.len() || !(working.is_empty() || working.len() == self.params.len()) {
+            return Err(Error::InvalidArgument(format!(
+                "{} parameters, but {} gradients and {} working copies",
+                self.params.len(),
+                grads.len(),
+                working.len()
+            )));
+        }
+        let use_penalty = self.hyper.penalty != Penalty::None;
+        let mut working = working.iter_mut();
+        let mut slots: Vec<ParamSlot<'_>> = self
+            .params
+            .iter_mut()
+            .zip(grads)
+            .map(|(p, g)| ParamSlot {
+                master: &mut p.master,
+                m: &mut p.m,
+                v: &mut p.v,
+                grad: g,
+                working: working.next().map(|w| &mut **w),
+                anchor: if use_penalty { p.anchor.as_ref() } else { None },
+                fisher: if use_penalty && p.anchor.is_some() { p.fisher.as_ref() } else { None },
+            })
+            .collect();
+        let report = adamw_step(&mut slots, &self.hyper, self.steps + 1)?;
+        if !report.skipped {
+            self.steps += 1;
+        }
+        Ok(report)
+    }
+
+    /// Adds one sample of gradients to every parameter's Fisher diagonal (a running mean).
+    pub fn accumulate_fisher(&mut self, grads: &[&Tensor]) -> Result<()> {
+        if grads.len() != self.params.len() {
+            return Err(Error::InvalidArgument(format!("{} parameters, {} gradients", self.params.len(), grads.len())));
+        }
+        for (p, g) in self.params.iter_mut().zip(grads) {
+            if p.fisher.is_none() {
+                p.fisher = Some(Tensor::zeros(p.master.shape(), DType::F32, &p.master.device())?);
+                p.fisher_samples = 0;
+            }
+            if let Some(f) = p.fisher.as_mut() {
+                fisher_accumulate(f, g, p.fisher_samples + 1)?;
+                p.fisher_samples += 1;
+            }
+        }
+        Ok(())
+    }
+
+    /// Makes the current master weights the anchor θ* the penalty pulls toward (the end of
+    /// a task in continual learning).
+    pub fn set_anchor(&mut self) -> Result<()> {
+        for p in &mut self.params {
+            p.anchor = Some(p.master.copy()?);
+        }
+        Ok(())
+    }
+
+    /// Writes the whole state (hyperparameters, step count, per parameter master, moments,
+    /// anchor, Fisher) to a safetensors file, atomically.
+    pub fn save(&self, path: impl AsRef<Path>) -> Result<()> {
+        let mut tensors: Vec<(String, &Tensor)> = Vec::new();
+        let mut meta = HashMap::new();
+        for p in &self.params {
+            tensors.push((format!("{}.master", p.name), &p.master));
+            tensors.push((format!("{}.exp_avg", p.name), &p.m));
+            tensors.push((format!("{}.exp_avg_sq", p.name), &p.v));
+            if let Some(a) = &p.anchor {
+                tensors.push((format!("{}.anchor", p.name), a));
+            }
+            if let Some(f) = &p.fisher {
+                tensors.push((format!("{}.fisher", p.name), f));
+                meta.insert(format!("fisher_samples.{}", p.name), p.fisher_samples.to_string());
+            }
+        }
+        let h = &self.hyper;
+        let (penalty, lambda) = match h.penalty {
+            Penalty::None => ("none", 0.0),
+            Penalty::Ewc { lambda } => ("ewc", lambda),
+            Penalty::L2Anchor { lambda } => ("l2_anchor", lambda),
+        };
+        let order: Vec<&str> = self.params.iter().map(|p| p.name.as_str()).collect();
+        for (k, v) in [
+            ("format", FORMAT.to_string()),
+            ("params", order.join("\n")),
+            ("step", self.steps.to_string()),
+            ("lr", h.lr.to_bits().to_string()),
+            ("beta1", h.beta1.to_bits().to_string()),
+            ("beta2", h.beta2.to_bits().to_string()),
+            ("eps", h.eps.to_bits().to_string()),
+            ("weight_decay", h.weight_decay.to_bits().to_string()),
+            ("max_grad_norm", h.max_grad_norm.map_or("none".to_string(), |n| n.to_bits().to_string())),
+            ("penalty", penalty.to_string()),
+            ("lambda", lambda.to_bits().to_string()),
+        ] {
+            meta.insert(k.to_string(), v);
+        }
+        crate::io::save(path.as_ref(), &tensors, meta)
+    }
+
+    /// Reads a state written by [`AdamW::save`] onto `device`. `Err` naming what is wrong for
+    /// a missing, truncated or foreign file, or tensors whose shapes or dtypes do not fit.
+    pub fn load(path: impl AsRef<Path>, device: &Device) -> Result<AdamW> {
+        let file = crate::io::Loaded::open(path.as_ref())?;
+        let meta = file.metadata()?;
+        let get = |k: &str| meta.get(k).ok_or_else(|| Error::Io(format!("optimizer state lacks {k:?}")));
+        if get("format")? != FORMAT {
+            return Err(Error::Io(format!("not a kiln AdamW state (format {:?})", get("format")?)));
+        }
+        let bits = |k: &str| -> Result<f32> {
+            get(k)?.parse::<u32>().map(f32::from_bits).map_err(|_| Error::Io(format!("bad value for {k}")))
+        };
+        let lambda = bits("lambda")?;
+        let penalty = match get("penalty")?.as_str() {
+            "none" => Penalty::None,
+            "ewc" => Penalty::Ewc { lambda },
+            "l2_anchor" => Penalty::L2Anchor { lambda },
+            other => return Err(Error::Io(format!("unknown penalty {other:?}"))),
+        };
+        let max_grad_norm = match get("max_grad_norm")?.as_str() {
+            "none" => None,
+            _ => Some(bits("max_grad_norm")?),
+        };
+        let hyper = AdamWHyper {
+            lr: bits("lr")?,
+            beta1: bits("beta1")?,
+            beta2: bits("beta2")?,
+            eps: bits("eps")?,
+            weight_decay: bits("weight_decay")?,
+            max_grad_norm,
+            penalty,
+        };
+        let steps = get("step")?.parse::<u64>().map_err(|_| Error::Io("bad step count".into()))?;
+        let mut params = Vec::new();
+        for name in get("params")?.split('\n') {
+            let master = file.tensor(&format!("{name}.master"), DType::F32, None, device)?;
+            let shape = master.shape().to_vec();
+            let load = |suffix: &str| file.tensor(&format!("{name}.{suffix}"), DType::F32, Some(&shape), device);
+            let optional = |suffix: &str| -> Result<Option<Tensor>> {
+                if file.contains(&format!("{name}.{suffix}"))? { load(suffix).map(Some) } else { Ok(None) }
+            };
+            let fisher = optional("fisher")?;
+            let fisher_samples = match (&fisher, meta.get(&format!("fisher_samples.{name}"))) {
+                (Some(_), Some(n)) => {
+                    n.parse::<u64>().map_err(|_| Error::Io(format!("bad Fisher count for {name}")))?
+                }
+                (Some(_), None) => return Err(Error::Io(format!("Fisher of {name} has no sample count"))),
+                (None, _) => 0,
+            };
+            params.push(ParamState {
+                name: name.to_string(),
+                m: load("exp_avg")?,
+                v: load("exp_avg_sq")?,
+                anchor: optional("anchor")?,
+                fisher,
+                fisher_samples,
+                master,
+            });
+        }
+        Ok(AdamW { hyper, steps, params })
+    }
+}
