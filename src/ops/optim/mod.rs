@@ -23,8 +23,11 @@ pub(crate) mod cuda;
 #[cfg(feature = "wgpu")]
 pub(crate) mod wgpu;
 
+use crate::ops::SharedMut;
 use crate::tensor::{CpuStorage, Storage};
-use crate::{DType, Error, Result, Tensor};
+use crate::{DType, Element, Error, Result, Tensor};
+use half::slice::HalfFloatSliceExt;
+use half::{bf16, f16};
 use rayon::prelude::*;
 
 /// What protects the knowledge of earlier tasks.
@@ -289,51 +292,155 @@ fn f32s_mut(t: &mut Tensor) -> Result<&mut [f32]> {
     }
 }
 
+/// Elements per CPU task.
+const CPU_CHUNK: usize = 1 << 14;
+
+/// A gradient on the CPU, in its own dtype.
+enum Grad<'a> {
+    F32(&'a [f32]),
+    F16(&'a [half::f16]),
+    BF16(&'a [half::bf16]),
+}
+
+impl Grad<'_> {
+    fn of(t: &Tensor) -> Result<Grad<'_>> {
+        match t.storage() {
+            Storage::Cpu(CpuStorage::F32(v)) => Ok(Grad::F32(v)),
+            Storage::Cpu(CpuStorage::F16(v)) => Ok(Grad::F16(v)),
+            Storage::Cpu(CpuStorage::BF16(v)) => Ok(Grad::BF16(v)),
+            #[allow(unreachable_patterns)]
+            _ => Err(Error::DeviceMismatch("gradient not on the CPU".into())),
+        }
+    }
+
+    /// Elements `range` as f32, into `out`.
+    fn read(&self, range: std::ops::Range<usize>, out: &mut [f32]) {
+        match self {
+            Grad::F32(v) => out.copy_from_slice(&v[range]),
+            Grad::F16(v) => f16::slice_to_f32(&v[range], out),
+            Grad::BF16(v) => bf16::slice_to_f32(&v[range], out),
+        }
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            Grad::F32(v) => v.len(),
+            Grad::F16(v) => v.len(),
+            Grad::BF16(v) => v.len(),
+        }
+    }
+}
+
+/// Where a CPU step writes the working copy.
+#[derive(Clone, Copy)]
+enum Working {
+    F32(SharedMut<f32>),
+    F16(SharedMut<half::f16>),
+    BF16(SharedMut<half::bf16>),
+}
+
 /// Σ g² (in f64) and whether any g is not finite, over every gradient.
-fn cpu_grad_norm(slots: &[ParamSlot<'_>]) -> (f64, bool) {
-    slots
-        .iter()
-        .map(|s| {
-            let g = match s.grad.storage() {
-                Storage::Cpu(st) => st.to_f32_vec(),
-                #[allow(unreachable_patterns)]
-                _ => Vec::new(),
-            };
-            let sum: f64 = g.par_iter().map(|&x| (x as f64) * (x as f64)).sum();
-            (sum, g.par_iter().any(|x| !x.is_finite()))
-        })
-        .fold((0.0, false), |(a, b), (c, d)| (a + c, b || d))
+fn cpu_grad_norm(slots: &[ParamSlot<'_>]) -> Result<(f64, bool)> {
+    let mut total = (0f64, false);
+    for s in slots {
+        let g = Grad::of(s.grad)?;
+        let (sum, bad) = (0..g.len().div_ceil(CPU_CHUNK))
+            .into_par_iter()
+            .map(|c| {
+                let range = c * CPU_CHUNK..((c + 1) * CPU_CHUNK).min(g.len());
+                let mut buf = vec![0f32; range.len()];
+                g.read(range, &mut buf);
+                let sum: f64 = buf.iter().map(|&x| (x as f64) * (x as f64)).sum();
+                (sum, buf.iter().any(|x| !x.is_finite()))
+            })
+            .reduce(|| (0.0, false), |a, b| (a.0 + b.0, a.1 || b.1));
+        total = (total.0 + sum, total.1 || bad);
+    }
+    Ok(total)
 }
 
 fn cpu_step(slots: &mut [ParamSlot<'_>], c: &StepConstants) -> Result<StepReport> {
-    let (sumsq, nonfinite) = cpu_grad_norm(slots);
+    let (sumsq, nonfinite) = cpu_grad_norm(slots)?;
     let norm = sumsq.sqrt() as f32;
     if nonfinite {
         return Ok(StepReport { grad_norm: norm, clip_scale: 1.0, skipped: true });
     }
     let clip = c.clip(norm);
     for s in slots.iter_mut() {
-        let grad = match s.grad.storage() {
-            Storage::Cpu(st) => st.to_f32_vec(),
-            #[allow(unreachable_patterns)]
-            _ => return Err(Error::DeviceMismatch("gradient not on the CPU".into())),
-        };
+        let grad = Grad::of(s.grad)?;
         let anchor = s.anchor.map(f32s).transpose()?;
         let fisher = s.fisher.map(f32s).transpose()?;
+        // The working copy is written chunk by chunk in the same pass; chunks are disjoint.
+        let working = match s.working.as_mut() {
+            None => None,
+            Some(w) => Some(match w.storage_mut()? {
+                Storage::Cpu(CpuStorage::F32(v)) => Working::F32(SharedMut(v.as_mut_ptr())),
+                Storage::Cpu(CpuStorage::F16(v)) => Working::F16(SharedMut(v.as_mut_ptr())),
+                Storage::Cpu(CpuStorage::BF16(v)) => Working::BF16(SharedMut(v.as_mut_ptr())),
+                #[allow(unreachable_patterns)]
+                _ => return Err(Error::DeviceMismatch("working copy not on the CPU".into())),
+            }),
+        };
         let theta = f32s_mut(s.master)?;
         let m = f32s_mut(s.m)?;
         let v = f32s_mut(s.v)?;
-        theta.par_iter_mut().zip(m.par_iter_mut()).zip(v.par_iter_mut()).enumerate().for_each(|(i, ((t, mm), vv))| {
-            let pin = anchor.map(|a| (a[i], fisher.map_or(1.0, |f| f[i])));
-            let g = effective_grad(c, grad[i], clip, *t, pin);
-            (*t, *mm, *vv) = update(c, *t, *mm, *vv, g);
-        });
-        if let Some(w) = s.working.as_mut() {
-            let rounded = CpuStorage::from_f32(w.dtype(), f32s(s.master)?);
-            *w.storage_mut()? = Storage::Cpu(rounded);
-        }
+        theta
+            .par_chunks_mut(CPU_CHUNK)
+            .zip(m.par_chunks_mut(CPU_CHUNK))
+            .zip(v.par_chunks_mut(CPU_CHUNK))
+            .enumerate()
+            .for_each(|(k, ((t, mm), vv))| {
+                let start = k * CPU_CHUNK;
+                let mut g = vec![0f32; t.len()];
+                grad.read(start..start + t.len(), &mut g);
+                for (i, gi) in g.iter_mut().enumerate() {
+                    let pin = anchor.map(|a| (a[start + i], fisher.map_or(1.0, |f| f[start + i])));
+                    *gi = effective_grad(c, *gi, clip, t[i], pin);
+                }
+                update_chunk(c, t, mm, vv, &g);
+                // SAFETY: the working copy has as many elements as θ, and this task alone
+                // writes elements start..start + t.len().
+                unsafe {
+                    match working {
+                        None => {}
+                        Some(Working::F32(p)) => {
+                            std::slice::from_raw_parts_mut(p.ptr().add(start), t.len()).copy_from_slice(t)
+                        }
+                        Some(Working::F16(p)) => {
+                            std::slice::from_raw_parts_mut(p.ptr().add(start), t.len()).convert_from_f32_slice(t)
+                        }
+                        Some(Working::BF16(p)) => {
+                            std::slice::from_raw_parts_mut(p.ptr().add(start), t.len()).convert_from_f32_slice(t)
+                        }
+                    }
+                }
+            });
     }
     Ok(StepReport { grad_norm: norm, clip_scale: clip, skipped: false })
+}
+
+/// [`update`] over a chunk, compiled for AVX2 where the processor has it (the same f32
+/// operations in the same order; only the vector width changes).
+fn update_chunk(c: &StepConstants, theta: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[f32]) {
+    #[inline(always)]
+    fn body(c: &StepConstants, theta: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[f32]) {
+        for (((t, mm), vv), &gi) in theta.iter_mut().zip(m.iter_mut()).zip(v.iter_mut()).zip(g) {
+            (*t, *mm, *vv) = update(c, *t, *mm, *vv, gi);
+        }
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx2")]
+        unsafe fn wide(c: &StepConstants, theta: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[f32]) {
+            body(c, theta, m, v, g)
+        }
+        if std::is_x86_feature_detected!("avx2") {
+            // SAFETY: the processor has AVX2.
+            unsafe { wide(c, theta, m, v, g) };
+            return;
+        }
+    }
+    body(c, theta, m, v, g)
 }
 
 /// Accumulates a diagonal Fisher estimate in place: `F ← F + (g² − F) / count`, the running
