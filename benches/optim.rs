@@ -4,6 +4,7 @@
 //!   `torch.optim.AdamW(fused=True)`: 28 bytes per parameter (read θ, g, m, v; write θ, m, v);
 //! - `mixed`: bf16 gradients, a bf16 working copy, global-norm clipping: 30 bytes per
 //!   parameter (the norm pass reads the gradients once more).
+//!
 //! Beside them, a device-to-device copy of 400 MB (read + written), the bandwidth to compare
 //! with. `KILN_BENCH_QUICK=1` shortens the measurement.
 
