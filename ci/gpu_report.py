@@ -70,3 +70,17 @@ for (group, fn, param), (secs, tp) in sorted(results.items()):
     speedup = f"{ref / secs:.2f}" if ref else "-"
     print(f"| {group} | {fn} | {tokens} | {secs * 1e6:.1f} | {flops / secs / 1e12:.1f} | "
           f"{ref * 1e6 if ref else float('nan'):.1f} | {speedup} |")
+
+print("\n## fused AdamW, 100M parameters: GB/s read + written; torch fused AdamW time / kiln time\n")
+print("| group | config | kiln ms | GB/s | of copy GB/s | torch fused ms | speed-up over torch |")
+print("|---|---|---|---|---|---|---|")
+for (group, fn, param), (secs, tp) in sorted(results.items()):
+    if not group.startswith("adamw/cuda") or fn == "copy":
+        continue
+    copies = [v for (g, f, _), v in results.items() if g == group and f == "copy"]
+    copy_gbs = copies[0][1].get("Bytes", 0) / copies[0][0] / 1e9 if copies else 0
+    gbs = tp.get("Bytes", 0) / secs / 1e9
+    ref = torch.get("adamw_fused/100M") if fn == "plain" else None
+    share = f"{gbs / copy_gbs:.2f}" if copy_gbs else "-"
+    speedup = f"{ref / secs:.2f}" if ref else "-"
+    print(f"| {group} | {fn} | {secs * 1e3:.2f} | {gbs:.0f} | {share} | {ref * 1e3 if ref else float('nan'):.2f} | {speedup} |")

@@ -2,6 +2,8 @@
 warm-up; prints JSON with median seconds:
   "<dtype>/<n>"          a @ b.T, square n (benches/matmul.rs)
   "linear_bf16/<t>"      x @ W.T, x [t, 8192], W [8192, 8192] bf16 (benches/quant.rs)
+  "adamw_fused/100M"     torch.optim.AdamW(fused=True).step() over 25 f32 tensors of 4M
+                         with f32 gradients (benches/optim.rs, "plain")
 """
 import json
 
@@ -35,4 +37,9 @@ w = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
 for t in [1, 16, 64, 512]:
     x = torch.randn(t, 8192, device="cuda", dtype=torch.bfloat16)
     out[f"linear_bf16/{t}"] = median_seconds(lambda: x @ w.T)
+params = [torch.randn(4_000_000, device="cuda", requires_grad=True) for _ in range(25)]
+for p in params:
+    p.grad = torch.randn_like(p) * 0.1
+opt = torch.optim.AdamW(params, lr=1e-3, fused=True)
+out["adamw_fused/100M"] = median_seconds(opt.step)
 print(json.dumps({"torch": torch.__version__, "tf32": torch.backends.cuda.matmul.allow_tf32, "times": out}))
