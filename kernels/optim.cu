@@ -4,6 +4,7 @@
 //   master, m, v, grad, working, anchor, fisher (device pointers; 0 when absent), n,
 //   kinds (grad dtype | working dtype << 8 | has working << 16 | has anchor << 17
 //          | has fisher << 18), first chunk
+// (kinds bit 19: round the bf16 working copy stochastically, with the key in bits 32..64.)
 // Blocks take chunks of CHUNK elements: block b serves the tensor whose chunk range holds
 // b (binary search over the first-chunk column). 256 threads per block.
 //
@@ -21,7 +22,8 @@
 struct Slot {
     u64 n;
     int grad_kind, working_kind;
-    bool has_working, has_anchor, has_fisher;
+    bool has_working, has_anchor, has_fisher, stochastic;
+    u32 key;
     u64 first_chunk;
     const u64* row;
 };
@@ -42,7 +44,25 @@ __device__ __forceinline__ Slot find_slot(const u64* table, int slots, u64 b) {
     const u64* row = table + lo * ROW;
     const u64 kinds = row[8];
     return Slot{row[7], (int)(kinds & 0xff), (int)((kinds >> 8) & 0xff), ((kinds >> 16) & 1) != 0,
-                ((kinds >> 17) & 1) != 0, ((kinds >> 18) & 1) != 0, row[9], row};
+                ((kinds >> 17) & 1) != 0, ((kinds >> 18) & 1) != 0, ((kinds >> 19) & 1) != 0,
+                (u32)(kinds >> 32), row[9], row};
+}
+
+// murmur3's finaliser, as mix32 in src/ops/optim/mod.rs.
+__device__ __forceinline__ u32 mix32(u32 h) {
+    h ^= h >> 16;
+    h *= 0x85ebca6bu;
+    h ^= h >> 13;
+    h *= 0xc2b2ae35u;
+    return h ^ (h >> 16);
+}
+
+// Stochastic rounding to bf16 (bf16_stochastic in src/ops/optim/mod.rs).
+__device__ __forceinline__ u16 bf16_stochastic(float theta, u32 key, u32 index) {
+    const u32 bits = __float_as_uint(theta);
+    if ((bits & 0x7fffffffu) > 0x7f800000u) return (u16)((bits >> 16) | 0x40u);
+    const u32 r = mix32(index * 0x9e3779b1u ^ key) & 0xffffu;
+    return (u16)((bits + r) >> 16);
 }
 
 extern "C" __global__ void __launch_bounds__(256) grad_sq_norm(const u64* table, int slots, double* sumsq,
@@ -104,7 +124,8 @@ extern "C" __global__ void __launch_bounds__(256) adamw_step(
         master[i] = theta;
         m[i] = mi;
         v[i] = vi;
-        if (s.has_working) store_out(working, i, theta, s.working_kind);
+        if (s.stochastic) ((u16*)working)[i] = bf16_stochastic(theta, s.key, (u32)i);
+        else if (s.has_working) store_out(working, i, theta, s.working_kind);
     }
 }
 

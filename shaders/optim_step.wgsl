@@ -6,7 +6,7 @@
 // non-finite flag skips it, else the clip factor comes from the norm.
 // The Rust side prepends the per-tensor bindings and `fn slot_j(w: u32, clip: f32)` for
 // each tensor j, `result`, `Params` (the step constants, then `info` as in
-// optim_norm.wgsl) and `fn dispatch(g: u32, li: u32, clip: f32)`, which picks the tensor
+// optim_norm.wgsl, z = stochastic-rounding key) and `fn dispatch(g: u32, li: u32, clip: f32)`, which picks the tensor
 // of workgroup g.
 // Dispatch: 2-D, one workgroup per 512 elements of every tensor.
 
@@ -32,6 +32,25 @@ fn to_bf16(x: f32) -> u32 {
         return (b >> 16u) | 0x40u;
     }
     return (b + 0x7fffu + ((b >> 16u) & 1u)) >> 16u;
+}
+
+// murmur3's finaliser and stochastic rounding to bf16, as in src/ops/optim/mod.rs.
+fn mix32(x: u32) -> u32 {
+    var h = x;
+    h ^= h >> 16u;
+    h *= 0x85ebca6bu;
+    h ^= h >> 13u;
+    h *= 0xc2b2ae35u;
+    return h ^ (h >> 16u);
+}
+
+fn bf16_stochastic(theta: f32, key: u32, index: u32) -> u32 {
+    let bits = bitcast<u32>(theta);
+    if ((bits & 0x7fffffffu) > 0x7f800000u) {
+        return (bits >> 16u) | 0x40u;
+    }
+    let r = mix32((index * 0x9e3779b1u) ^ key) & 0xffffu;
+    return (bits + r) >> 16u;
 }
 
 @compute @workgroup_size(256)

@@ -348,3 +348,41 @@ mod driver {
         assert!(matches!(opt.step(&[&named[0].1], &mut []), Err(Error::InvalidArgument(_))));
     }
 }
+
+#[test]
+fn stochastic_rounding_is_unbiased_seeded_and_the_same_on_every_device() {
+    // θ = 1 + 2⁻⁹ sits a quarter of the way from bf16 1.0 to the next value, 1 + 2⁻⁷. With
+    // lr = 0 the master does not move, so the working copy is just θ rounded.
+    let n = 20000;
+    let x = 1.0 + 2f32.powi(-9);
+    let (lo, hi) = (1.0f32, 1.0 + 2f32.powi(-7));
+    let h = AdamWHyper { lr: 0.0, stochastic_rounding: Some(42), ..AdamWHyper::default() };
+    let round = |device: &Device, h: &AdamWHyper| {
+        let mut s = [State {
+            master: Tensor::full(&[n], x, DType::F32, device).unwrap(),
+            m: Tensor::zeros(&[n], DType::F32, device).unwrap(),
+            v: Tensor::zeros(&[n], DType::F32, device).unwrap(),
+            working: Some(Tensor::zeros(&[n], DType::BF16, device).unwrap()),
+            anchor: None,
+            fisher: None,
+        }];
+        let g = [Tensor::full(&[n], 0.1, DType::F32, device).unwrap()];
+        step(&mut s, &g, h, 1).unwrap();
+        s[0].working.as_ref().unwrap().to_bytes().unwrap()
+    };
+    let cpu = round(&Device::Cpu, &h);
+    let values: Vec<f32> = cpu.chunks(2).map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect();
+    assert!(values.iter().all(|&v| v == lo || v == hi), "every value is a neighbour of θ");
+    let mean = values.iter().map(|&v| v as f64).sum::<f64>() / n as f64;
+    let sigma = (hi - lo) as f64 * (0.25f64 * 0.75 / n as f64).sqrt();
+    assert!((mean - x as f64).abs() <= 5.0 * sigma, "mean {mean} vs θ {x} (σ {sigma})");
+    assert_eq!(round(&Device::Cpu, &h), cpu, "the same seed gives the same rounding");
+    assert_ne!(round(&Device::Cpu, &AdamWHyper { stochastic_rounding: Some(43), ..h }), cpu, "another seed another");
+    for device in gpu_devices() {
+        assert_eq!(round(&device, &h), cpu, "{device}: integer hashing makes the rounding identical");
+    }
+    // f16 working copies round to nearest only.
+    let mut s = [State::new(&[4], 1, Some(DType::F16), false, &Device::Cpu)];
+    let g = [Tensor::zeros(&[4], DType::F32, &Device::Cpu).unwrap()];
+    assert!(matches!(step(&mut s, &g, &h, 1), Err(Error::Unsupported(_))));
+}

@@ -171,6 +171,7 @@ impl AdamW {
             ("max_grad_norm", h.max_grad_norm.map_or("none".to_string(), |n| n.to_bits().to_string())),
             ("penalty", penalty.to_string()),
             ("lambda", lambda.to_bits().to_string()),
+            ("stochastic_rounding", h.stochastic_rounding.map_or("none".to_string(), |s| s.to_string())),
         ] {
             meta.insert(k.to_string(), v);
         }
@@ -208,6 +209,10 @@ impl AdamW {
             weight_decay: bits("weight_decay")?,
             max_grad_norm,
             penalty,
+            stochastic_rounding: match meta.get("stochastic_rounding").map(String::as_str) {
+                None | Some("none") => None,
+                Some(seed) => Some(seed.parse::<u64>().map_err(|_| Error::Io("bad stochastic-rounding seed".into()))?),
+            },
         };
         let steps = get("step")?.parse::<u64>().map_err(|_| Error::Io("bad step count".into()))?;
         let mut params = Vec::new();

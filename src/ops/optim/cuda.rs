@@ -44,7 +44,7 @@ pub(crate) fn step(slots: &mut [ParamSlot<'_>], c: &StepConstants) -> Result<Ste
     }
     let mut table: Vec<u64> = Vec::with_capacity(slots.len() * 10);
     let mut chunks = 0usize;
-    for s in slots.iter() {
+    for (j, s) in slots.iter().enumerate() {
         let n = s.master.elem_count();
         let opt = |t: Option<&Tensor>| t.map(|t| ptr(&dev, t)).transpose().map(|p| p.unwrap_or(0));
         let working = s.working.as_deref();
@@ -52,7 +52,9 @@ pub(crate) fn step(slots: &mut [ParamSlot<'_>], c: &StepConstants) -> Result<Ste
             | (working.map_or(0, |w| out_kind(w.dtype())) as u64) << 8
             | (working.is_some() as u64) << 16
             | (s.anchor.is_some() as u64) << 17
-            | (s.fisher.is_some() as u64) << 18;
+            | (s.fisher.is_some() as u64) << 18
+            | ((c.sr_key.is_some() && working.is_some()) as u64) << 19
+            | (c.slot_key(j) as u64) << 32;
         table.extend([
             ptr(&dev, s.master)?,
             ptr(&dev, s.m)?,

@@ -56,6 +56,9 @@ pub struct AdamWHyper {
     /// Clip the global gradient norm to this value.
     pub max_grad_norm: Option<f32>,
     pub penalty: Penalty,
+    /// Round bf16 working copies stochastically with this seed (unbiased: E[round(θ)] = θ),
+    /// instead of to nearest. The random bits depend on (seed, step, parameter, element).
+    pub stochastic_rounding: Option<u64>,
 }
 
 impl Default for AdamWHyper {
@@ -69,6 +72,7 @@ impl Default for AdamWHyper {
             weight_decay: 1e-2,
             max_grad_norm: None,
             penalty: Penalty::None,
+            stochastic_rounding: None,
         }
     }
 }
@@ -178,6 +182,12 @@ fn validate(slots: &[ParamSlot<'_>], h: &AdamWHyper, step: u64) -> Result<crate:
         if matches!(h.penalty, Penalty::Ewc { .. }) && s.anchor.is_some() && s.fisher.is_none() {
             return Err(Error::InvalidArgument(format!("parameter {i}: EWC needs a Fisher diagonal with its anchor")));
         }
+        if h.stochastic_rounding.is_some() && s.working.as_ref().is_some_and(|w| w.dtype() != DType::BF16) {
+            return Err(Error::Unsupported(format!(
+                "parameter {i}: stochastic rounding is implemented for bf16 working copies, this one is {}",
+                s.working.as_ref().map_or(DType::F32, |w| w.dtype())
+            )));
+        }
         if s.anchor.is_none() && s.fisher.is_some() {
             return Err(Error::InvalidArgument(format!("parameter {i}: a Fisher diagonal needs an anchor")));
         }
@@ -202,6 +212,8 @@ pub(crate) struct StepConstants {
     pub max_norm: f32,
     /// Whether the penalty multiplies by F (EWC) or not (L2).
     pub use_fisher: bool,
+    /// Stochastic rounding of bf16 working copies: the per-step key, or None.
+    pub sr_key: Option<u32>,
 }
 
 impl StepConstants {
@@ -217,7 +229,15 @@ impl StepConstants {
             lambda: h.lambda(),
             max_norm: h.max_grad_norm.unwrap_or(0.0),
             use_fisher: matches!(h.penalty, Penalty::Ewc { .. }),
+            sr_key: h
+                .stochastic_rounding
+                .map(|seed| mix32(seed as u32 ^ mix32((seed >> 32) as u32) ^ mix32(step as u32 ^ 0x5bd1_e995))),
         }
+    }
+
+    /// The stochastic-rounding key of parameter `slot` this step.
+    pub(crate) fn slot_key(&self, slot: usize) -> u32 {
+        self.sr_key.map_or(0, |k| mix32(k ^ mix32(slot as u32 ^ 0x9e37_79b9)))
     }
 
     /// The clip factor for a gradient norm.
@@ -230,6 +250,29 @@ impl StepConstants {
 #[inline(always)]
 fn lerp(start: f32, end: f32, w: f32) -> f32 {
     if w < 0.5 { start + w * (end - start) } else { end - (end - start) * (1.0 - w) }
+}
+
+/// A 32-bit integer hash (murmur3's finaliser), the same on every backend.
+#[inline(always)]
+pub(crate) fn mix32(mut h: u32) -> u32 {
+    h ^= h >> 16;
+    h = h.wrapping_mul(0x85eb_ca6b);
+    h ^= h >> 13;
+    h = h.wrapping_mul(0xc2b2_ae35);
+    h ^ (h >> 16)
+}
+
+/// θ rounded stochastically to bf16: add 16 random bits below the kept ones and truncate,
+/// so θ rounds up with probability equal to its distance from the lower neighbour. NaN
+/// stays NaN.
+#[inline(always)]
+pub(crate) fn bf16_stochastic(theta: f32, key: u32, index: u32) -> half::bf16 {
+    let bits = theta.to_bits();
+    if (bits & 0x7fff_ffff) > 0x7f80_0000 {
+        return half::bf16::from_bits(((bits >> 16) | 0x40) as u16);
+    }
+    let r = mix32(index.wrapping_mul(0x9e37_79b1) ^ key) & 0xffff;
+    half::bf16::from_bits((bits.wrapping_add(r) >> 16) as u16)
 }
 
 /// The gradient an element's update uses: clipped, plus the penalty's pull toward the
@@ -366,7 +409,7 @@ fn cpu_step(slots: &mut [ParamSlot<'_>], c: &StepConstants) -> Result<StepReport
         return Ok(StepReport { grad_norm: norm, clip_scale: 1.0, skipped: true });
     }
     let clip = c.clip(norm);
-    for s in slots.iter_mut() {
+    for (slot, s) in slots.iter_mut().enumerate() {
         let grad = Grad::of(s.grad)?;
         let anchor = s.anchor.map(f32s).transpose()?;
         let fisher = s.fisher.map(f32s).transpose()?;
@@ -384,6 +427,7 @@ fn cpu_step(slots: &mut [ParamSlot<'_>], c: &StepConstants) -> Result<StepReport
         let theta = f32s_mut(s.master)?;
         let m = f32s_mut(s.m)?;
         let v = f32s_mut(s.v)?;
+        let key = c.slot_key(slot);
         theta
             .par_chunks_mut(CPU_CHUNK)
             .zip(m.par_chunks_mut(CPU_CHUNK))
@@ -410,7 +454,14 @@ fn cpu_step(slots: &mut [ParamSlot<'_>], c: &StepConstants) -> Result<StepReport
                             std::slice::from_raw_parts_mut(p.ptr().add(start), t.len()).convert_from_f32_slice(t)
                         }
                         Some(Working::BF16(p)) => {
-                            std::slice::from_raw_parts_mut(p.ptr().add(start), t.len()).convert_from_f32_slice(t)
+                            let out = std::slice::from_raw_parts_mut(p.ptr().add(start), t.len());
+                            if c.sr_key.is_some() {
+                                for (i, (o, &x)) in out.iter_mut().zip(t.iter()).enumerate() {
+                                    *o = bf16_stochastic(x, key, (start + i) as u32);
+                                }
+                            } else {
+                                out.convert_from_f32_slice(t)
+                            }
                         }
                     }
                 }

@@ -35,12 +35,14 @@ fn group_size(dev: &WgpuDevice) -> usize {
 
 /// `info` (elements, first workgroup) for each tensor of a group, padded to 16 vec4s, and
 /// the group's workgroup count.
-fn info(ns: &[usize], per_workgroup: usize) -> Result<(Vec<u32>, usize)> {
+/// `keys[j]` fills z (the stochastic-rounding key of tensor j).
+fn info(ns: &[usize], per_workgroup: usize, keys: &[u32]) -> Result<(Vec<u32>, usize)> {
     let mut words = vec![0u32; 4 * MAX_GROUP];
     let mut first = 0usize;
     for (j, &n) in ns.iter().enumerate() {
         words[4 * j] = fits_u32("parameter elements", n)?;
         words[4 * j + 1] = fits_u32("workgroups", first)?;
+        words[4 * j + 2] = keys.get(j).copied().unwrap_or(0);
         first += n.div_ceil(per_workgroup).max(1);
     }
     Ok((words, first))
@@ -105,7 +107,7 @@ pub(crate) fn step(slots: &mut [ParamSlot<'_>], c: &StepConstants) -> Result<Ste
             src + NORM
         })?;
         let ns: Vec<usize> = chunk.iter().map(|s| s.master.elem_count()).collect();
-        let (mut params, groups) = info(&ns, NORM_CHUNK)?;
+        let (mut params, groups) = info(&ns, NORM_CHUNK, &[])?;
         params.extend([fits_u32("workgroups", groups)?, fits_u32("workgroups", base)?, 0, 0]);
         let mut buffers: Vec<&wgpu::Buffer> = chunk.iter().map(|s| s.grad.wgpu_buffer()).collect::<Result<_>>()?;
         buffers.push(partials.wgpu_buffer()?);
@@ -123,15 +125,17 @@ pub(crate) fn step(slots: &mut [ParamSlot<'_>], c: &StepConstants) -> Result<Ste
     )?;
 
     // 2. The step, reading the norm and the flag from `result`.
-    for chunk in slots.chunks_mut(group) {
+    let stochastic = c.sr_key.is_some();
+    for (g, chunk) in slots.chunks_mut(group).enumerate() {
         let descs: Vec<(DType, Option<DType>, bool, bool)> = chunk
             .iter()
             .map(|s| (s.grad.dtype(), s.working.as_ref().map(|w| w.dtype()), s.anchor.is_some(), s.fisher.is_some()))
             .collect();
-        let key = format!("optim_step_{descs:?}");
-        let pipeline = dev.pipeline(&key, || step_source(&descs))?;
+        let key = format!("optim_step_{descs:?}_{stochastic}");
+        let pipeline = dev.pipeline(&key, || step_source(&descs, stochastic))?;
         let ns: Vec<usize> = chunk.iter().map(|s| s.master.elem_count()).collect();
-        let (info_words, groups) = info(&ns, STEP_CHUNK)?;
+        let keys: Vec<u32> = (0..chunk.len()).map(|j| c.slot_key(g * group + j)).collect();
+        let (info_words, groups) = info(&ns, STEP_CHUNK, &keys)?;
         let mut params: Vec<u32> = [c.beta1, c.beta2, c.eps, c.decay, c.step_size, c.bc2_sqrt, c.lambda, c.max_norm]
             .iter()
             .map(|v| v.to_bits())
@@ -165,7 +169,7 @@ pub(crate) fn step(slots: &mut [ParamSlot<'_>], c: &StepConstants) -> Result<Ste
 
 /// The step shader for a group: per tensor j, bindings master, m, v, grad, then working,
 /// anchor, fisher where present; then `result` and the uniform.
-fn step_source(descs: &[(DType, Option<DType>, bool, bool)]) -> String {
+fn step_source(descs: &[(DType, Option<DType>, bool, bool)], stochastic: bool) -> String {
     let mut src = String::new();
     let mut b = 0u32;
     fn bind(src: &mut String, b: &mut u32, decl: String) {
@@ -203,6 +207,10 @@ fn step_source(descs: &[(DType, Option<DType>, bool, bool)]) -> String {
                 "if (2u * w < n) {{ working{j}[2u * w] = th.x; }} if (2u * w + 1u < n) {{ working{j}[2u * w + 1u] = th.y; }}"
             ),
             Some(DType::F16) => format!("if (2u * w < n) {{ working{j}[w] = pack2x16float(th); }}"),
+            Some(DType::BF16) if stochastic => format!(
+                "if (2u * w < n) {{ let key = params.info[{j}].z; \
+                 working{j}[w] = bf16_stochastic(th.x, key, 2u * w) | (bf16_stochastic(th.y, key, 2u * w + 1u) << 16u); }}"
+            ),
             Some(DType::BF16) => {
                 format!("if (2u * w < n) {{ working{j}[w] = to_bf16(th.x) | (to_bf16(th.y) << 16u); }}")
             }
