@@ -669,8 +669,7 @@ fn cpu_gemv(w: &QTensor, bytes: &[u8], x: &[f32], tokens: usize) -> Vec<f32> {
     let (rows, cols, bs) = (w.rows, w.cols, w.format.block_size());
     let blocks_per_row = cols / bs;
     #[cfg(target_arch = "x86_64")]
-    let simd = matches!(w.format, QuantFormat::Q8_0 | QuantFormat::Q4_0)
-        && std::is_x86_feature_detected!("avx2")
+    let simd = std::is_x86_feature_detected!("avx2")
         && std::is_x86_feature_detected!("fma")
         && std::is_x86_feature_detected!("f16c");
     let per_row: Vec<[f32; GEMV_MAX_TOKENS]> = (0..rows)
@@ -681,11 +680,19 @@ fn cpu_gemv(w: &QTensor, bytes: &[u8], x: &[f32], tokens: usize) -> Vec<f32> {
             let mut acc = [0f32; GEMV_MAX_TOKENS];
             #[cfg(target_arch = "x86_64")]
             if simd {
-                let block_bytes = w.format.ggml_block_bytes().unwrap_or(34);
-                let row = &bytes[o * blocks_per_row * block_bytes..(o + 1) * blocks_per_row * block_bytes];
-                // SAFETY: the features are present; `row` holds the row's blocks and `x`
-                // holds `tokens` rows of `cols` values.
-                unsafe { gemv_row_ggml_avx2(w.format == QuantFormat::Q4_0, row, x, cols, tokens, &mut acc) };
+                if let Some(block_bytes) = w.format.ggml_block_bytes() {
+                    let row = &bytes[o * blocks_per_row * block_bytes..(o + 1) * blocks_per_row * block_bytes];
+                    // SAFETY: the features are present; `row` holds the row's blocks and `x`
+                    // holds `tokens` rows of `cols` values.
+                    unsafe { gemv_row_ggml_avx2(w.format == QuantFormat::Q4_0, row, x, cols, tokens, &mut acc) };
+                } else {
+                    let codes = &bytes[o * cols / 2..(o + 1) * cols / 2];
+                    let scales: Vec<f32> =
+                        (0..blocks_per_row).map(|bi| nf4_absmax(w, bytes, o * blocks_per_row + bi)).collect();
+                    // SAFETY: as above; `codes` holds the row's cols / 2 bytes, `scales` one
+                    // absmax per block of 64.
+                    unsafe { gemv_row_nf4_avx2(codes, &scales, x, cols, tokens, &mut acc) };
+                }
                 return acc;
             }
             let mut buf = [0f32; 64];
@@ -770,6 +777,66 @@ unsafe fn gemv_row_ggml_avx2(
         }
         if tokens == 1 {
             sums[0] = single;
+        }
+        for (a, sum) in acc.iter_mut().zip(sums).take(tokens) {
+            let mut lanes = [0f32; 8];
+            _mm256_storeu_ps(lanes.as_mut_ptr(), sum);
+            *a = lanes.iter().sum();
+        }
+    }
+}
+
+/// One output row of the NF4 GEMV with AVX2: 4-bit codes become NF4 values by two 8-entry
+/// permutes and a blend, are dotted with each token's activations, and each block's dot is
+/// scaled by its absmax (Σ a·(c·x), within the same bound as Σ (a·c)·x).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn gemv_row_nf4_avx2(
+    codes: &[u8],
+    scales: &[f32],
+    x: &[f32],
+    cols: usize,
+    tokens: usize,
+    acc: &mut [f32; GEMV_MAX_TOKENS],
+) {
+    use std::arch::x86_64::*;
+    debug_assert!(codes.len() * 2 == cols && scales.len() * 64 == cols && x.len() >= tokens * cols);
+    // SAFETY (whole body): block b's codes are codes[32b..32b + 32], its activations
+    // x[t·cols + 64b..][..64].
+    unsafe {
+        let table_lo = _mm256_loadu_ps(NF4_CODE.as_ptr());
+        let table_hi = _mm256_loadu_ps(NF4_CODE.as_ptr().add(8));
+        let nibble = _mm_set1_epi8(0x0F);
+        // NF4 values of eight 4-bit codes held one per byte.
+        let lookup = |idx8: __m128i| {
+            let idx = _mm256_cvtepu8_epi32(idx8);
+            let hi = _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28));
+            _mm256_blendv_ps(_mm256_permutevar8x32_ps(table_lo, idx), _mm256_permutevar8x32_ps(table_hi, idx), hi)
+        };
+        let mut sums = [_mm256_setzero_ps(); GEMV_MAX_TOKENS];
+        for (b, &scale) in scales.iter().enumerate() {
+            let mut w = [_mm256_setzero_ps(); 8];
+            for half in 0..2 {
+                let raw = _mm_loadu_si128(codes.as_ptr().add(32 * b + 16 * half) as *const __m128i);
+                let hi = _mm_and_si128(_mm_srli_epi16(raw, 4), nibble);
+                let lo = _mm_and_si128(raw, nibble);
+                // Element 2i is byte i's high nibble, 2i + 1 its low one.
+                let first = _mm_unpacklo_epi8(hi, lo);
+                let second = _mm_unpackhi_epi8(hi, lo);
+                w[4 * half] = lookup(first);
+                w[4 * half + 1] = lookup(_mm_srli_si128(first, 8));
+                w[4 * half + 2] = lookup(second);
+                w[4 * half + 3] = lookup(_mm_srli_si128(second, 8));
+            }
+            let s = _mm256_set1_ps(scale);
+            for (t, sum) in sums.iter_mut().enumerate().take(tokens) {
+                let xp = x.as_ptr().add(t * cols + b * 64);
+                let mut d = _mm256_mul_ps(w[0], _mm256_loadu_ps(xp));
+                for (k, wk) in w.iter().enumerate().skip(1) {
+                    d = _mm256_fmadd_ps(*wk, _mm256_loadu_ps(xp.add(8 * k)), d);
+                }
+                *sum = _mm256_fmadd_ps(d, s, *sum);
+            }
         }
         for (a, sum) in acc.iter_mut().zip(sums).take(tokens) {
             let mut lanes = [0f32; 8];
