@@ -398,6 +398,15 @@ fn unit_uniform(seed: u64, counter: u64) -> f32 {
 
 #[cfg(feature = "wgpu")]
 impl Tensor {
+    /// The wgpu device a tensor lives on.
+    pub(crate) fn wgpu_device(&self) -> Result<&Arc<WgpuDevice>> {
+        match self.storage() {
+            Storage::Wgpu { dev, .. } => Ok(dev),
+            #[allow(unreachable_patterns)]
+            _ => Err(Error::DeviceMismatch(format!("expected a wgpu tensor, found one on {}", self.device))),
+        }
+    }
+
     /// The wgpu buffer behind a tensor on a wgpu device.
     pub(crate) fn wgpu_buffer(&self) -> Result<&::wgpu::Buffer> {
         match self.storage() {
@@ -410,6 +419,15 @@ impl Tensor {
 
 #[cfg(feature = "cuda")]
 impl Tensor {
+    /// The CUDA device a tensor lives on.
+    pub(crate) fn cuda_device(&self) -> Result<&Arc<CudaDevice>> {
+        match self.storage() {
+            Storage::Cuda { dev, .. } => Ok(dev),
+            #[allow(unreachable_patterns)]
+            _ => Err(Error::DeviceMismatch(format!("expected a CUDA tensor, found one on {}", self.device))),
+        }
+    }
+
     /// The CUDA buffer behind a tensor on a CUDA device.
     pub(crate) fn cuda_buffer(&self) -> Result<&cudarc::driver::CudaSlice<u8>> {
         match self.storage() {

@@ -4,10 +4,8 @@
 use super::{ParamSlot, StepConstants, StepReport};
 use crate::device::cuda::{CudaDevice, KernelSource};
 use crate::ops::matmul::cuda::out_kind;
-use crate::tensor::Storage;
 use crate::{Error, Result, Tensor};
 use cudarc::driver::{DevicePtr, LaunchConfig, PushKernelArg};
-use std::sync::Arc;
 
 pub(crate) const SOURCE: KernelSource = KernelSource {
     name: "optim",
@@ -18,30 +16,13 @@ pub(crate) const SOURCE: KernelSource = KernelSource {
 /// Elements per block, as `CHUNK` in the kernel.
 const CHUNK: usize = 8192;
 
-fn device_of(t: &Tensor) -> Result<Arc<CudaDevice>> {
-    match t.storage() {
-        Storage::Cuda { dev, .. } => Ok(dev.clone()),
-        #[allow(unreachable_patterns)]
-        _ => Err(Error::DeviceMismatch(format!("expected a CUDA tensor, found one on {}", t.device()))),
-    }
-}
-
 fn ptr(dev: &CudaDevice, t: &Tensor) -> Result<u64> {
     let (p, _sync) = t.cuda_buffer()?.device_ptr(&dev.stream);
     Ok(p)
 }
 
 pub(crate) fn step(slots: &mut [ParamSlot<'_>], c: &StepConstants) -> Result<StepReport> {
-    let dev = device_of(slots[0].master)?;
-    // Tensors updated in place must own their storage before their pointers are taken.
-    for s in slots.iter_mut() {
-        s.master.storage_mut()?;
-        s.m.storage_mut()?;
-        s.v.storage_mut()?;
-        if let Some(w) = s.working.as_mut() {
-            w.storage_mut()?;
-        }
-    }
+    let dev = slots[0].master.cuda_device()?.clone();
     let mut table: Vec<u64> = Vec::with_capacity(slots.len() * 10);
     let mut chunks = 0usize;
     for (j, s) in slots.iter().enumerate() {
@@ -110,8 +91,7 @@ pub(crate) fn step(slots: &mut [ParamSlot<'_>], c: &StepConstants) -> Result<Ste
 }
 
 pub(crate) fn fisher_accumulate(fisher: &mut Tensor, grad: &Tensor, inv_count: f32) -> Result<()> {
-    let dev = device_of(fisher)?;
-    fisher.storage_mut()?;
+    let dev = fisher.cuda_device()?.clone();
     let n = fisher.elem_count() as u64;
     let kind = out_kind(grad.dtype());
     let f = dev.function(&SOURCE, "fisher_accumulate")?;

@@ -310,6 +310,15 @@ fn update(c: &StepConstants, theta: f32, m: f32, v: f32, g: f32) -> (f32, f32, f
 pub fn adamw_step(slots: &mut [ParamSlot<'_>], h: &AdamWHyper, step: u64) -> Result<StepReport> {
     let device = validate(slots, h, step)?;
     let c = StepConstants::new(h, step);
+    // Tensors updated in place must own their storage before any kernel writes them.
+    for s in slots.iter_mut() {
+        s.master.storage_mut()?;
+        s.m.storage_mut()?;
+        s.v.storage_mut()?;
+        if let Some(w) = s.working.as_mut() {
+            w.storage_mut()?;
+        }
+    }
     match device {
         crate::Device::Cpu => cpu_step(slots, &c),
         #[cfg(feature = "cuda")]
@@ -509,6 +518,7 @@ pub fn fisher_accumulate(fisher: &mut Tensor, grad: &Tensor, count: u64) -> Resu
     }
     crate::ops::same_device("fisher_accumulate", &[fisher, grad])?;
     let inv = 1.0 / count as f32;
+    fisher.storage_mut()?; // updated in place: own the storage first
     match fisher.device() {
         crate::Device::Cpu => {
             let g = match grad.storage() {

@@ -4,10 +4,8 @@
 
 use super::{ParamSlot, StepConstants, StepReport};
 use crate::device::wgpu::{WgpuDevice, fits_u32, grid_2d, wgsl_input};
-use crate::tensor::Storage;
-use crate::{DType, Error, Result, Tensor};
+use crate::{DType, Result, Tensor};
 use std::fmt::Write;
-use std::sync::Arc;
 
 const NORM: &str = include_str!("../../../shaders/optim_norm.wgsl");
 const REDUCE: &str = include_str!("../../../shaders/optim_reduce.wgsl");
@@ -18,14 +16,6 @@ const NORM_CHUNK: usize = 4096;
 const STEP_CHUNK: usize = 512;
 /// Tensors per generated shader (the size of its `info` array).
 const MAX_GROUP: usize = 16;
-
-fn device_of(t: &Tensor) -> Result<Arc<WgpuDevice>> {
-    match t.storage() {
-        Storage::Wgpu { dev, .. } => Ok(dev.clone()),
-        #[allow(unreachable_patterns)]
-        _ => Err(Error::DeviceMismatch(format!("expected a wgpu tensor, found one on {}", t.device()))),
-    }
-}
 
 /// Tensors per shader: up to 7 storage bindings each, plus one shared.
 fn group_size(dev: &WgpuDevice) -> usize {
@@ -62,16 +52,8 @@ fn route(name: &str, extra_params: &str, ret: &str, bodies: &[String]) -> String
 }
 
 pub(crate) fn step(slots: &mut [ParamSlot<'_>], c: &StepConstants) -> Result<StepReport> {
-    let dev = device_of(slots[0].master)?;
+    let dev = slots[0].master.wgpu_device()?.clone();
     let device = slots[0].master.device();
-    for s in slots.iter_mut() {
-        s.master.storage_mut()?;
-        s.m.storage_mut()?;
-        s.v.storage_mut()?;
-        if let Some(w) = s.working.as_mut() {
-            w.storage_mut()?;
-        }
-    }
     let group = group_size(&dev);
 
     // 1. Σ g² and the non-finite flag: per-workgroup partials, then one reduction.
@@ -237,8 +219,7 @@ fn step_source(descs: &[(DType, Option<DType>, bool, bool)], stochastic: bool) -
 }
 
 pub(crate) fn fisher_accumulate(fisher: &mut Tensor, grad: &Tensor, inv_count: f32) -> Result<()> {
-    let dev = device_of(fisher)?;
-    fisher.storage_mut()?;
+    let dev = fisher.wgpu_device()?.clone();
     let key = format!("fisher_accumulate_{}", grad.dtype());
     let pipeline = dev.pipeline(&key, || {
         format!(
