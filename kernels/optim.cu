@@ -8,8 +8,10 @@
 // Blocks take chunks of CHUNK elements: block b serves the tensor whose chunk range holds
 // b (binary search over the first-chunk column). 256 threads per block.
 //
-// grad_sq_norm      Σ g² over every gradient (f32 per thread, f64 across blocks with
-//                   atomicAdd) and a flag set when any g is NaN or inf. out: {f64, u32}.
+// grad_sq_norm      per block: Σ g² in f64 (squares of f32 are exact in f64) and whether
+//                   any g is NaN or inf, into partials[block] / flags[block]
+// norm_finish       one block folds the partials in a fixed order (so the norm is the same
+//                   every run) into out: {f64 Σ g², u32 flag}
 // adamw_step        reads that result: a set flag skips the step (nothing written);
 //                   otherwise clip = min(1, max_norm / (√Σg² + 1e-6)) and every element
 //                   takes the update of src/ops/optim/mod.rs, in the same order of f32
@@ -65,28 +67,55 @@ __device__ __forceinline__ u16 bf16_stochastic(float theta, u32 key, u32 index) 
     return (u16)((bits + r) >> 16);
 }
 
-extern "C" __global__ void __launch_bounds__(256) grad_sq_norm(const u64* table, int slots, double* sumsq,
-                                                               u32* nonfinite) {
+extern "C" __global__ void __launch_bounds__(256) grad_sq_norm(const u64* table, int slots, double* partials,
+                                                               u32* flags) {
     __shared__ double warp_sums[8];
     const Slot s = find_slot(table, slots, blockIdx.x);
     const void* grad = (const void*)s.row[3];
     const u64 start = (blockIdx.x - s.first_chunk) * (u64)CHUNK;
     const u64 end = min(start + CHUNK, s.n);
-    float acc = 0.f;
+    double acc = 0.0;
     bool bad = false;
     for (u64 i = start + threadIdx.x; i < end; i += blockDim.x) {
         const float g = load_any(grad, i, s.grad_kind);
         bad |= !isfinite(g);
-        acc = __fadd_rn(acc, __fmul_rn(g, g));
+        const double gd = (double)g;
+        acc = __dadd_rn(acc, __dmul_rn(gd, gd));
     }
-    double d = acc;
-    for (int off = 16; off > 0; off >>= 1) d += __shfl_xor_sync(0xffffffffu, d, off);
-    if ((threadIdx.x & 31) == 0) warp_sums[threadIdx.x >> 5] = d;
-    if (__syncthreads_or(bad) && threadIdx.x == 0) atomicOr(nonfinite, 1u);
+    for (int off = 16; off > 0; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
+    if ((threadIdx.x & 31) == 0) warp_sums[threadIdx.x >> 5] = acc;
+    const bool any_bad = __syncthreads_or(bad);
     if (threadIdx.x == 0) {
         double total = 0.0;
         for (int w = 0; w < 8; w++) total += warp_sums[w];
-        atomicAdd(sumsq, total);
+        partials[blockIdx.x] = total;
+        flags[blockIdx.x] = any_bad ? 1u : 0u;
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(256) norm_finish(const double* partials, const u32* flags, u64 count,
+                                                              double* sumsq, u32* nonfinite) {
+    __shared__ double sums[256];
+    __shared__ u32 bad[256];
+    double acc = 0.0;
+    u32 any = 0;
+    for (u64 i = threadIdx.x; i < count; i += blockDim.x) {
+        acc += partials[i];
+        any |= flags[i];
+    }
+    sums[threadIdx.x] = acc;
+    bad[threadIdx.x] = any;
+    __syncthreads();
+    for (int stride = 128; stride > 0; stride >>= 1) {
+        if (threadIdx.x < stride) {
+            sums[threadIdx.x] += sums[threadIdx.x + stride];
+            bad[threadIdx.x] |= bad[threadIdx.x + stride];
+        }
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) {
+        *sumsq = sums[0];
+        *nonfinite = bad[0];
     }
 }
 

@@ -1,5 +1,6 @@
 // Folds the per-workgroup partials of optim_norm.wgsl into result = {Σ g² (f32 bits),
-// non-finite flag}. One workgroup of 256 invocations.
+// non-finite flag}. One workgroup of 256 invocations. WGSL has no f64: a sum that leaves
+// f32's range also sets the flag, so such a step is skipped, never silently zeroed.
 
 struct Params {
     count: u32,
@@ -27,6 +28,7 @@ fn main(@builtin(local_invocation_index) li: u32) {
     }
     if (li == 0u) {
         result[0] = bitcast<u32>(sums[0].x);
-        result[1] = select(0u, 1u, sums[0].y > 0.0);
+        let overflow = (bitcast<u32>(sums[0].x) & 0x7f800000u) == 0x7f800000u;
+        result[1] = select(0u, 1u, sums[0].y > 0.0 || overflow);
     }
 }

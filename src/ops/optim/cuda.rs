@@ -56,23 +56,33 @@ pub(crate) fn step(slots: &mut [ParamSlot<'_>], c: &StepConstants) -> Result<Ste
         dev.write(&mut buf, bytes)?;
         buf
     };
-    let mut result = dev.alloc(16)?;
-    dev.write(&mut result, &[0u8; 16])?;
-    let (result_ptr, _sync) = result.get().device_ptr(&dev.stream);
-    let (sumsq_ptr, flag_ptr) = (result_ptr, result_ptr + 8);
     let count = i32::try_from(slots.len()).map_err(|_| Error::InvalidArgument("too many parameters".into()))?;
     let cfg = LaunchConfig {
         grid_dim: (u32::try_from(chunks).map_err(|_| Error::Unsupported("too many elements".into()))?, 1, 1),
         block_dim: (256, 1, 1),
         shared_mem_bytes: 0,
     };
+    // Per-block partial sums and flags, then one block folding them in a fixed order.
+    let partials = dev.alloc(8 * chunks)?;
+    let flags = dev.alloc(4 * chunks)?;
+    let result = dev.alloc(16)?;
+    let (result_ptr, _sync) = result.get().device_ptr(&dev.stream);
+    let (sumsq_ptr, flag_ptr) = (result_ptr, result_ptr + 8);
 
     let f = dev.function(&SOURCE, "grad_sq_norm")?;
     let mut launch = dev.stream.launch_builder(&f);
-    launch.arg(table_buf.get()).arg(&count).arg(&sumsq_ptr).arg(&flag_ptr);
-    // SAFETY: the table describes live tensors of the stated sizes and dtypes; the result
-    // buffer holds an f64 and a u32.
+    launch.arg(table_buf.get()).arg(&count).arg(partials.get()).arg(flags.get());
+    // SAFETY: the table describes live tensors of the stated sizes and dtypes; partials
+    // and flags hold one entry per block.
     unsafe { launch.launch(cfg) }.map_err(|e| CudaDevice::launch_err("grad_sq_norm", e))?;
+
+    let blocks = chunks as u64;
+    let f = dev.function(&SOURCE, "norm_finish")?;
+    let mut launch = dev.stream.launch_builder(&f);
+    launch.arg(partials.get()).arg(flags.get()).arg(&blocks).arg(&sumsq_ptr).arg(&flag_ptr);
+    let one = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+    // SAFETY: partials and flags hold `blocks` entries; the result holds an f64 and a u32.
+    unsafe { launch.launch(one) }.map_err(|e| CudaDevice::launch_err("norm_finish", e))?;
 
     let use_fisher = c.use_fisher as i32;
     let f = dev.function(&SOURCE, "adamw_step")?;

@@ -15,8 +15,10 @@
 //! θ ← θ − (lr / (1 − β1ᵗ)) · m / (√v / √(1 − β2ᵗ) + ε)
 //! ```
 //!
-//! `clip = min(1, max_norm / (‖grad‖ + 1e-6))` over the gradients of all slots. A
-//! non-finite gradient anywhere skips the step: nothing is written, and the report says so.
+//! `clip = min(1, max_norm / (‖grad‖ + 1e-6))` over the gradients of all slots; the squares
+//! are summed in f64 on the CPU and CUDA, in f32 on WGSL (which has no f64), where a sum
+//! past f32's range counts as non-finite. A non-finite gradient anywhere skips the step:
+//! nothing is written, and the report says so.
 
 #[cfg(feature = "cuda")]
 pub(crate) mod cuda;
