@@ -21,6 +21,19 @@
 //! let host: Vec<f32> = ops::sum_rows(&y)?.to_vec()?;
 //! let on_cpu = y.to_device(&Device::Cpu)?;
 //! # let _ = (host, on_cpu);
+//!
+//! // A frozen 4-bit base: forward and the input gradient without dequantizing W whole.
+//! let w4 = ops::QTensor::quantize(&w, ops::QuantFormat::Nf4DoubleQuant)?;
+//! let y4 = ops::qmatmul(&x, &w4)?; // [512, 1024]
+//! let dx4 = ops::qmatmul_input_grad(&y4, &w4)?; // [512, 4096]
+//!
+//! // A fused AdamW step with f32 master weights and a bf16 working copy.
+//! let mut w_bf16 = w.clone();
+//! let mut opt = kiln::train::AdamW::new(&[("proj", &w)], ops::optim::AdamWHyper::default())?;
+//! let grad = Tensor::randn(&[1024, 4096], 0.0, 1e-3, 3, DType::BF16, &device)?;
+//! let report = opt.step(&[&grad], &mut [&mut w_bf16])?;
+//! opt.save(std::env::temp_dir().join("opt.safetensors"))?;
+//! # let _ = (dx4, report);
 //! # Ok(()) }
 //! ```
 //!
