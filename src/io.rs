@@ -57,6 +57,24 @@ impl Loaded {
         Ok(self.parsed()?.names().contains(&name))
     }
 
+    /// Every tensor name in the file.
+    pub(crate) fn names(&self) -> Result<Vec<String>> {
+        Ok(self.parsed()?.names().into_iter().map(str::to_string).collect())
+    }
+
+    /// Tensor `name` in whatever float dtype the file holds, on `device`.
+    pub(crate) fn tensor_any(&self, name: &str, device: &Device) -> Result<Tensor> {
+        let st = self.parsed()?;
+        let view = st.tensor(name).map_err(|e| Error::Io(format!("tensor {name}: {e}")))?;
+        let dtype = match view.dtype() {
+            Dtype::F32 => DType::F32,
+            Dtype::F16 => DType::F16,
+            Dtype::BF16 => DType::BF16,
+            other => return Err(Error::DType(format!("tensor {name} is {other:?}; kiln reads f32, f16 and bf16"))),
+        };
+        self.tensor(name, dtype, None, device)
+    }
+
     /// Tensor `name`, which must have `dtype` and `shape` (when given), on `device`.
     pub(crate) fn tensor(&self, name: &str, dtype: DType, shape: Option<&[usize]>, device: &Device) -> Result<Tensor> {
         let st = self.parsed()?;

@@ -45,6 +45,7 @@ mod dtype;
 mod error;
 mod fs;
 mod io;
+pub mod model;
 pub mod ops;
 mod tensor;
 pub mod train;

@@ -2,6 +2,7 @@
 //! CPU implementation; `cuda.rs` and `wgpu.rs` hold the launchers of the GPU kernels.
 
 pub mod elementwise;
+pub mod lora;
 pub mod matmul;
 pub mod optim;
 pub mod quant;

@@ -1,0 +1,201 @@
+//! LoRA merge and unmerge on every device, and PEFT adapter files in and out.
+
+mod common;
+
+use common::{U32, assert_close, devices, gpu_devices};
+use kiln::model::{LoraAdapter, LoraConfig, LoraLayer};
+use kiln::ops::lora::{merge, unmerge};
+use kiln::ops::{MatmulOptions, matmul_with};
+use kiln::{DType, Device, Error, Tensor};
+use std::collections::BTreeMap;
+
+fn temp_dir(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("kiln-lora-{}-{name}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+#[test]
+fn merge_adds_the_scaled_delta_and_unmerge_takes_it_out() {
+    let (out, inp, r, s) = (37, 64, 8, 2.0f32);
+    for dtype in DType::ALL {
+        for device in devices() {
+            let w = Tensor::randn(&[out, inp], 0.0, 1.0, 1, dtype, &device).unwrap();
+            let a = Tensor::randn(&[r, inp], 0.0, 0.1, 2, dtype, &device).unwrap();
+            let b = Tensor::randn(&[out, r], 0.0, 0.1, 3, dtype, &device).unwrap();
+            let merged = merge(&w, &a, &b, s).unwrap();
+            assert_eq!((merged.shape(), merged.dtype()), (w.shape(), dtype));
+            let (wh, ah, bh) = (w.to_vec_f32().unwrap(), a.to_vec_f32().unwrap(), b.to_vec_f32().unwrap());
+            let mut want = vec![0f64; out * inp];
+            let mut atol = vec![0f64; out * inp];
+            for o in 0..out {
+                for i in 0..inp {
+                    let (mut d, mut mass) = (0f64, 0f64);
+                    for k in 0..r {
+                        d += bh[o * r + k] as f64 * ah[k * inp + i] as f64;
+                        mass += (bh[o * r + k] as f64 * ah[k * inp + i] as f64).abs();
+                    }
+                    want[o * inp + i] = wh[o * inp + i] as f64 + s as f64 * d;
+                    // f32 accumulation of r terms, the scaling and the addition.
+                    atol[o * inp + i] = (2.0 * r as f64 + 2.0) * U32 * (s as f64 * mass + wh[o * inp + i].abs() as f64);
+                }
+            }
+            assert_close(&format!("{device} {dtype} merge"), &merged.to_vec_f32().unwrap(), &want, &atol, dtype, 1.0);
+            // Unmerging returns W up to one rounding of the merged weight and one of W.
+            let back = unmerge(&merged, &a, &b, s).unwrap().to_vec_f32().unwrap();
+            let wf: Vec<f64> = wh.iter().map(|&x| x as f64).collect();
+            let atol_back: Vec<f64> =
+                atol.iter().zip(&want).map(|(t, m)| 2.0 * t + 2.0 * dtype.unit_roundoff() * m.abs()).collect();
+            assert_close(&format!("{device} {dtype} unmerge"), &back, &wf, &atol_back, dtype, 1.0);
+        }
+    }
+}
+
+#[test]
+fn a_merged_weight_gives_the_unfused_lora_output() {
+    // x·(W + s·B·A)ᵀ = x·Wᵀ + s·(x·Aᵀ)·Bᵀ, in f32.
+    for device in devices() {
+        let x = Tensor::randn(&[5, 48], 0.0, 1.0, 4, DType::F32, &device).unwrap();
+        let w = Tensor::randn(&[24, 48], 0.0, 1.0, 5, DType::F32, &device).unwrap();
+        let a = Tensor::randn(&[4, 48], 0.0, 1.0, 6, DType::F32, &device).unwrap();
+        let b = Tensor::randn(&[24, 4], 0.0, 1.0, 7, DType::F32, &device).unwrap();
+        let s = 0.5;
+        let fused =
+            matmul_with(&x, &merge(&w, &a, &b, s).unwrap(), MatmulOptions::nt()).unwrap().to_vec::<f32>().unwrap();
+        let base = matmul_with(&x, &w, MatmulOptions::nt()).unwrap().to_vec::<f32>().unwrap();
+        let xa = matmul_with(&x, &a, MatmulOptions::nt()).unwrap();
+        let delta = matmul_with(&xa, &b, MatmulOptions::nt()).unwrap().to_vec::<f32>().unwrap();
+        for (i, (f, (bv, d))) in fused.iter().zip(base.iter().zip(&delta)).enumerate() {
+            let want = bv + s * d;
+            assert!((f - want).abs() <= 1e-4 * (1.0 + want.abs()), "{device} [{i}]: {f} vs {want}");
+        }
+    }
+}
+
+fn adapter(device: &Device) -> LoraAdapter {
+    let mut config = LoraConfig::new(8, 16.0, &["q_proj", "v_proj"]);
+    config.alpha_pattern.insert("v_proj".into(), 32.0);
+    let mut layers = BTreeMap::new();
+    for (i, module) in ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj"].iter().enumerate() {
+        layers.insert(
+            module.to_string(),
+            LoraLayer {
+                a: Tensor::randn(&[8, 32], 0.0, 0.1, i as u64, DType::BF16, device).unwrap(),
+                b: Tensor::randn(&[16, 8], 0.0, 0.1, 10 + i as u64, DType::BF16, device).unwrap(),
+            },
+        );
+    }
+    LoraAdapter { config, layers }
+}
+
+#[test]
+fn peft_files_round_trip_bit_for_bit() {
+    for device in devices() {
+        let original = adapter(&device);
+        let dir = temp_dir(&format!("round-{device}"));
+        original.save_peft(&dir).unwrap();
+        let loaded = LoraAdapter::load_peft(&dir, &device).unwrap();
+        let fields = |c: &LoraConfig| {
+            (
+                c.r,
+                c.lora_alpha,
+                c.target_modules.clone(),
+                c.use_rslora,
+                c.lora_dropout,
+                c.rank_pattern.clone(),
+                c.alpha_pattern.clone(),
+            )
+        };
+        assert_eq!(fields(&loaded.config), fields(&original.config));
+        assert_eq!(loaded.layers.keys().collect::<Vec<_>>(), original.layers.keys().collect::<Vec<_>>());
+        for (k, l) in &original.layers {
+            assert_eq!(loaded.layers[k].a.to_bytes().unwrap(), l.a.to_bytes().unwrap(), "{device} {k}");
+            assert_eq!(loaded.layers[k].b.to_bytes().unwrap(), l.b.to_bytes().unwrap(), "{device} {k}");
+            assert_eq!(loaded.layers[k].a.device(), device);
+        }
+        assert_eq!(loaded.scale("model.layers.0.self_attn.q_proj"), 2.0);
+        assert_eq!(loaded.scale("model.layers.0.self_attn.v_proj"), 4.0, "alpha_pattern applies");
+        std::fs::remove_dir_all(&dir).ok();
+    }
+}
+
+#[test]
+fn an_adapter_written_by_peft_loads() {
+    // The config and tensor names as PEFT writes them, built here by hand.
+    let dir = temp_dir("peft");
+    std::fs::write(
+        dir.join("adapter_config.json"),
+        r#"{"alpha_pattern": {}, "auto_mapping": null, "base_model_name_or_path": "meta-llama/Llama-3.2-1B",
+            "bias": "none", "fan_in_fan_out": false, "inference_mode": true, "init_lora_weights": true,
+            "lora_alpha": 32, "lora_dropout": 0.05, "modules_to_save": null, "peft_type": "LORA", "r": 4,
+            "rank_pattern": {}, "revision": null, "target_modules": ["q_proj"], "task_type": "CAUSAL_LM",
+            "use_dora": false, "use_rslora": true}"#,
+    )
+    .unwrap();
+    let a: Vec<f32> = (0..4 * 6).map(|i| i as f32).collect();
+    let b: Vec<f32> = (0..5 * 4).map(|i| -(i as f32)).collect();
+    let a_bytes: Vec<u8> = a.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let b_bytes: Vec<u8> = b.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let views = vec![
+        (
+            "base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight".to_string(),
+            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![4, 6], &a_bytes).unwrap(),
+        ),
+        (
+            "base_model.model.model.layers.3.self_attn.q_proj.lora_B.weight".to_string(),
+            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![5, 4], &b_bytes).unwrap(),
+        ),
+    ];
+    std::fs::write(dir.join("adapter_model.safetensors"), safetensors::serialize(views, None).unwrap()).unwrap();
+    for device in devices() {
+        let loaded = LoraAdapter::load_peft(&dir, &device).unwrap();
+        let layer = &loaded.layers["model.layers.3.self_attn.q_proj"];
+        assert_eq!(layer.a.to_vec::<f32>().unwrap(), a);
+        assert_eq!(layer.b.to_vec::<f32>().unwrap(), b);
+        assert_eq!(loaded.scale("model.layers.3.self_attn.q_proj"), 16.0, "rsLoRA: 32 / √4");
+        assert!(loaded.check_fits("model.layers.3.self_attn.q_proj", [5, 6]).is_ok());
+        match loaded.check_fits("model.layers.3.self_attn.q_proj", [5, 7]) {
+            Err(Error::Shape(m)) => assert!(m.contains("lora_A") && m.contains("[5, 7]"), "{m}"),
+            other => panic!("expected a shape error, got {other:?}"),
+        }
+    }
+    // Save keeps the fields kiln does not read.
+    let loaded = LoraAdapter::load_peft(&dir, &Device::Cpu).unwrap();
+    let out = temp_dir("peft-out");
+    loaded.save_peft(&out).unwrap();
+    let text = std::fs::read_to_string(out.join("adapter_config.json")).unwrap();
+    assert!(text.contains("meta-llama/Llama-3.2-1B") && text.contains("use_dora"), "{text}");
+    std::fs::remove_dir_all(&dir).ok();
+    std::fs::remove_dir_all(&out).ok();
+}
+
+#[test]
+fn malformed_or_mismatching_adapters_are_errors() {
+    let dir = temp_dir("bad");
+    let good = adapter(&Device::Cpu);
+    good.save_peft(&dir).unwrap();
+    let config = std::fs::read_to_string(dir.join("adapter_config.json")).unwrap();
+    std::fs::write(dir.join("adapter_config.json"), "{ not json").unwrap();
+    assert!(matches!(LoraAdapter::load_peft(&dir, &Device::Cpu), Err(Error::Io(_))));
+    std::fs::write(dir.join("adapter_config.json"), config.replace("\"r\": 8", "\"r\": 4")).unwrap();
+    match LoraAdapter::load_peft(&dir, &Device::Cpu) {
+        Err(Error::Shape(m)) => assert!(m.contains("lora_A") && m.contains("rank 4"), "{m}"),
+        other => panic!("expected a rank error, got {other:?}"),
+    }
+    std::fs::write(dir.join("adapter_config.json"), &config).unwrap();
+    let weights = std::fs::read(dir.join("adapter_model.safetensors")).unwrap();
+    std::fs::write(dir.join("adapter_model.safetensors"), &weights[..weights.len() - 10]).unwrap();
+    assert!(matches!(LoraAdapter::load_peft(&dir, &Device::Cpu), Err(Error::Io(_))), "truncated weights");
+    std::fs::remove_dir_all(&dir).ok();
+    // merge checks shapes, dtypes and devices.
+    let w = Tensor::zeros(&[4, 6], DType::F32, &Device::Cpu).unwrap();
+    let a = Tensor::zeros(&[2, 6], DType::F32, &Device::Cpu).unwrap();
+    let b = Tensor::zeros(&[4, 3], DType::F32, &Device::Cpu).unwrap();
+    assert!(matches!(merge(&w, &a, &b, 1.0), Err(Error::Shape(_))));
+    let b16 = Tensor::zeros(&[4, 2], DType::BF16, &Device::Cpu).unwrap();
+    assert!(matches!(merge(&w, &a, &b16, 1.0), Err(Error::DType(_))));
+    for device in gpu_devices() {
+        let b = Tensor::zeros(&[4, 2], DType::F32, &device).unwrap();
+        assert!(matches!(merge(&w, &a, &b, 1.0), Err(Error::DeviceMismatch(_))));
+    }
+}
