@@ -199,3 +199,112 @@ fn malformed_or_mismatching_adapters_are_errors() {
         assert!(matches!(merge(&w, &a, &b, 1.0), Err(Error::DeviceMismatch(_))));
     }
 }
+
+mod layer {
+    use super::*;
+    use kiln::ops::lora::{BaseWeight, lora_backward, lora_forward};
+    use kiln::ops::{QTensor, QuantFormat};
+
+    struct Layer {
+        x: Vec<f64>,
+        w: Vec<f64>,
+        a: Vec<f64>,
+        b: Vec<f64>,
+        tokens: usize,
+        inp: usize,
+        out: usize,
+        r: usize,
+        s: f64,
+    }
+
+    impl Layer {
+        /// y = x·Wᵀ + s·(x·Aᵀ)·Bᵀ in f64.
+        fn forward(&self, x: &[f64], a: &[f64], b: &[f64]) -> Vec<f64> {
+            let (t, i, o, r) = (self.tokens, self.inp, self.out, self.r);
+            let mut y = vec![0f64; t * o];
+            for tt in 0..t {
+                let xa: Vec<f64> = (0..r).map(|k| (0..i).map(|ii| x[tt * i + ii] * a[k * i + ii]).sum()).collect();
+                for oo in 0..o {
+                    let base: f64 = (0..i).map(|ii| x[tt * i + ii] * self.w[oo * i + ii]).sum();
+                    let delta: f64 = (0..r).map(|k| xa[k] * b[oo * r + k]).sum();
+                    y[tt * o + oo] = base + self.s * delta;
+                }
+            }
+            y
+        }
+    }
+
+    #[test]
+    fn forward_matches_f64_and_backward_matches_finite_differences() {
+        let (tokens, inp, out, r, s) = (3, 64, 5, 4, 1.5f32);
+        for quantized in [false, true] {
+            for device in devices() {
+                let xt = Tensor::randn(&[tokens, inp], 0.0, 1.0, 1, DType::F32, &device).unwrap();
+                let wt = Tensor::randn(&[out, inp], 0.0, 0.5, 2, DType::F32, &device).unwrap();
+                let at = Tensor::randn(&[r, inp], 0.0, 0.3, 3, DType::F32, &device).unwrap();
+                let bt = Tensor::randn(&[out, r], 0.0, 0.3, 4, DType::F32, &device).unwrap();
+                let q = QTensor::quantize(&wt, QuantFormat::Q8_0).unwrap();
+                let base = if quantized { BaseWeight::Quantized(&q) } else { BaseWeight::Dense(&wt) };
+                let dense_w = if quantized { q.dequantize(DType::F32).unwrap() } else { wt.clone() };
+                let host = |t: &Tensor| t.to_vec::<f32>().unwrap().into_iter().map(|v| v as f64).collect::<Vec<f64>>();
+                let layer = Layer {
+                    x: host(&xt),
+                    w: host(&dense_w),
+                    a: host(&at),
+                    b: host(&bt),
+                    tokens,
+                    inp,
+                    out,
+                    r,
+                    s: s as f64,
+                };
+                let fwd = lora_forward(&xt, base, &at, &bt, s).unwrap();
+                let want = layer.forward(&layer.x, &layer.a, &layer.b);
+                for (i, (g, w)) in fwd.y.to_vec::<f32>().unwrap().iter().zip(&want).enumerate() {
+                    assert!(
+                        (*g as f64 - w).abs() <= 1e-4 * (1.0 + w.abs()),
+                        "{device} q={quantized} y[{i}]: {g} vs {w}"
+                    );
+                }
+                // L = Σ y ⊙ R, so dL/dy = R.
+                let rt = Tensor::randn(&[tokens, out], 0.0, 1.0, 5, DType::F32, &device).unwrap();
+                let rr = host(&rt);
+                let grads = lora_backward(&rt, &xt, &fwd.xa, base, &at, &bt, s).unwrap();
+                let loss = |x: &[f64], a: &[f64], b: &[f64]| -> f64 {
+                    layer.forward(x, a, b).iter().zip(&rr).map(|(y, r)| y * r).sum()
+                };
+                let h = 1e-6;
+                let check = |name: &str, got: &Tensor, which: usize| {
+                    let got = got.to_vec::<f32>().unwrap();
+                    let params = [&layer.x, &layer.a, &layer.b];
+                    for (i, g) in got.iter().enumerate() {
+                        let mut up: Vec<Vec<f64>> = params.iter().map(|p| p.to_vec()).collect();
+                        let mut down = up.clone();
+                        up[which][i] += h;
+                        down[which][i] -= h;
+                        let fd = (loss(&up[0], &up[1], &up[2]) - loss(&down[0], &down[1], &down[2])) / (2.0 * h);
+                        assert!(
+                            (*g as f64 - fd).abs() <= 1e-3 * (1.0 + fd.abs()),
+                            "{device} q={quantized} {name}[{i}]: {g} vs {fd}"
+                        );
+                    }
+                };
+                check("dx", &grads.dx, 0);
+                check("dA", &grads.da, 1);
+                check("dB", &grads.db, 2);
+            }
+        }
+    }
+
+    #[test]
+    fn layer_shapes_are_checked() {
+        let x = Tensor::zeros(&[2, 8], DType::F32, &Device::Cpu).unwrap();
+        let w = Tensor::zeros(&[3, 8], DType::F32, &Device::Cpu).unwrap();
+        let a = Tensor::zeros(&[2, 8], DType::F32, &Device::Cpu).unwrap();
+        let b = Tensor::zeros(&[3, 4], DType::F32, &Device::Cpu).unwrap();
+        match lora_forward(&x, BaseWeight::Dense(&w), &a, &b, 1.0) {
+            Err(Error::Shape(m)) => assert!(m.contains("[3, 4]") && m.contains("[2, 8]"), "{m}"),
+            other => panic!("expected a shape error, got {other:?}"),
+        }
+    }
+}

@@ -5,7 +5,7 @@
 //! one adapter at the speed of the base model. Both run on every backend: they are the
 //! product B·A (matmul, f32 accumulation) scaled and added to W, rounded once to W's dtype.
 
-use crate::ops::{MatmulOptions, add, matmul_with, scale as scale_op};
+use crate::ops::{MatmulOptions, add, matmul, matmul_with, scale as scale_op};
 use crate::{DType, Error, Result, Tensor};
 
 fn check(w: &Tensor, a: &Tensor, b: &Tensor, s: f32) -> Result<()> {
@@ -53,4 +53,136 @@ fn add_delta(w: &Tensor, a: &Tensor, b: &Tensor, s: f32) -> Result<Tensor> {
     let delta = matmul_with(b, a, MatmulOptions::default().out_dtype(DType::F32))?;
     let sum = add(&w.to_dtype(DType::F32)?, &scale_op(&delta, s)?)?;
     sum.to_dtype(w.dtype())
+}
+
+/// The frozen base weight of a LoRA layer, `[out, in]`.
+#[derive(Debug, Clone, Copy)]
+pub enum BaseWeight<'a> {
+    Dense(&'a Tensor),
+    Quantized(&'a crate::ops::QTensor),
+}
+
+impl BaseWeight<'_> {
+    fn shape(&self) -> [usize; 2] {
+        match self {
+            BaseWeight::Dense(w) => [w.shape().first().copied().unwrap_or(0), w.shape().get(1).copied().unwrap_or(0)],
+            BaseWeight::Quantized(q) => q.shape(),
+        }
+    }
+
+    fn device(&self) -> crate::Device {
+        match self {
+            BaseWeight::Dense(w) => w.device(),
+            BaseWeight::Quantized(q) => q.device(),
+        }
+    }
+
+    /// x·Wᵀ as f32.
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            BaseWeight::Dense(w) => matmul_with(x, w, MatmulOptions::nt().out_dtype(DType::F32)),
+            BaseWeight::Quantized(q) => crate::ops::qmatmul(&x.to_dtype(DType::F32)?, q),
+        }
+    }
+
+    /// dy·W as f32.
+    fn input_grad(&self, dy: &Tensor) -> Result<Tensor> {
+        match self {
+            BaseWeight::Dense(w) => matmul_with(dy, w, MatmulOptions::default().out_dtype(DType::F32)),
+            BaseWeight::Quantized(q) => crate::ops::qmatmul_input_grad(&dy.to_dtype(DType::F32)?, q),
+        }
+    }
+}
+
+/// What the forward pass returns: the output and x·Aᵀ, kept for the backward pass.
+#[derive(Debug, Clone)]
+pub struct LoraOutput {
+    /// `x·Wᵀ + s·(x·Aᵀ)·Bᵀ`, `[tokens, out]` in x's dtype.
+    pub y: Tensor,
+    /// `x·Aᵀ`, `[tokens, r]`, f32.
+    pub xa: Tensor,
+}
+
+/// The gradients of a LoRA layer with W frozen.
+#[derive(Debug, Clone)]
+pub struct LoraGrads {
+    /// `dy·W + s·(dy·B)·A`, `[tokens, in]`, f32.
+    pub dx: Tensor,
+    /// `s·(dy·B)ᵀ·x`, `[r, in]`, f32.
+    pub da: Tensor,
+    /// `s·dyᵀ·(x·Aᵀ)`, `[out, r]`, f32.
+    pub db: Tensor,
+}
+
+fn check_layer(x: &Tensor, base: &BaseWeight<'_>, a: &Tensor, b: &Tensor, s: f32) -> Result<()> {
+    if x.device() != base.device() {
+        return Err(Error::DeviceMismatch(format!("x on {}, W on {}", x.device(), base.device())));
+    }
+    crate::ops::same_device("lora", &[x, a, b])?;
+    let [out, inp] = base.shape();
+    let (&[r, a_in], &[b_out, b_r]) = (a.shape(), b.shape()) else {
+        return Err(Error::Shape(format!(
+            "lora_A must be [r, in] and lora_B [out, r]; got {:?}, {:?}",
+            a.shape(),
+            b.shape()
+        )));
+    };
+    if x.rank() != 2 || x.shape()[1] != inp || a_in != inp || b_out != out || b_r != r {
+        return Err(Error::Shape(format!(
+            "lora layer: x {:?}, W [{out}, {inp}], lora_A {:?}, lora_B {:?} do not fit \
+             (x [tokens, in], A [r, in], B [out, r])",
+            x.shape(),
+            a.shape(),
+            b.shape()
+        )));
+    }
+    if !s.is_finite() {
+        return Err(Error::InvalidArgument(format!("lora scale {s} is not finite")));
+    }
+    Ok(())
+}
+
+/// The LoRA layer's forward pass over dense or quantized W: `y = x·Wᵀ + s·(x·Aᵀ)·Bᵀ`, with
+/// x `[tokens, in]`, A `[r, in]`, B `[out, r]`; the products accumulate in f32 and y is
+/// rounded once to x's dtype. Composed of the matmul and quantized-product kernels, so it
+/// runs on every backend. `Err` naming the shapes when they do not fit.
+pub fn lora_forward(x: &Tensor, base: BaseWeight<'_>, a: &Tensor, b: &Tensor, s: f32) -> Result<LoraOutput> {
+    check_layer(x, &base, a, b, s)?;
+    let xa = matmul_with(x, a, MatmulOptions::nt().out_dtype(DType::F32))?;
+    let delta = matmul_with(&xa, &b.to_dtype(DType::F32)?, MatmulOptions::nt())?;
+    let y = add(&base.forward(x)?, &scale_op(&delta, s)?)?.to_dtype(x.dtype())?;
+    Ok(LoraOutput { y, xa })
+}
+
+/// The LoRA layer's backward pass with W frozen, reusing x·Aᵀ from the forward pass:
+/// `dx = dy·W + s·(dy·B)·A`, `dA = s·(dy·B)ᵀ·x`, `dB = s·dyᵀ·(x·Aᵀ)`, all f32. A quantized
+/// W goes through the quantized input gradient, never dequantized whole.
+pub fn lora_backward(
+    dy: &Tensor,
+    x: &Tensor,
+    xa: &Tensor,
+    base: BaseWeight<'_>,
+    a: &Tensor,
+    b: &Tensor,
+    s: f32,
+) -> Result<LoraGrads> {
+    check_layer(x, &base, a, b, s)?;
+    let [out, _] = base.shape();
+    if dy.shape() != [x.shape()[0], out] || xa.shape() != [x.shape()[0], a.shape()[0]] {
+        return Err(Error::Shape(format!(
+            "lora backward: dy {:?} must be [{}, {out}] and xa {:?} [{}, {}]",
+            dy.shape(),
+            x.shape()[0],
+            xa.shape(),
+            x.shape()[0],
+            a.shape()[0]
+        )));
+    }
+    let f32_of = |t: &Tensor| t.to_dtype(DType::F32);
+    let (dy, x, xa, a, b) = (f32_of(dy)?, f32_of(x)?, f32_of(xa)?, f32_of(a)?, f32_of(b)?);
+    let dyb = matmul(&dy, &b)?; // [tokens, r]
+    let dx = add(&base.input_grad(&dy)?, &scale_op(&matmul(&dyb, &a)?, s)?)?;
+    let da = scale_op(&matmul_with(&dyb, &x, MatmulOptions::tn())?, s)?;
+    let db = scale_op(&matmul_with(&dy, &xa, MatmulOptions::tn())?, s)?;
+    Ok(LoraGrads { dx, da, db })
 }
