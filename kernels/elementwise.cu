@@ -3,6 +3,9 @@
 // add_T, mul_T:        out[i] = x[i] (+|*) y[i]             grid-stride, any grid
 // scale_T:             out[i] = s * x[i]                     grid-stride, any grid
 // cast_T_U:            out[i] = (U) x[i]                     grid-stride, any grid
+// add_bias_T:          out[i] = x[i] + bias[i mod cols]                grid-stride
+// dropout_T:           out[i] = keep(i) ? x[i] · scale : 0             grid-stride; keep(i) is
+//                      mix32(i · 0x9e3779b1 ^ key) < threshold (src/ops/elementwise/mod.rs)
 // sum_rows_T:          out[r] = sum_j x[r, j]                one 256-thread block per row,
 //                                                            grid-stride over rows
 // T, U in {f32, f16, bf16}. Indices are 64-bit.
@@ -27,6 +30,28 @@ template <class T, class U>
 __device__ void cast_impl(const typename T::storage* x, typename U::storage* out, u64 n) {
     for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x) {
         out[i] = U::store(T::load(x[i]));
+    }
+}
+
+template <class T>
+__device__ void add_bias_impl(const typename T::storage* x, const typename T::storage* bias,
+                              typename T::storage* out, u64 n, u64 cols) {
+    for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x) {
+        out[i] = T::store(T::load(x[i]) + T::load(bias[i % cols]));
+    }
+}
+
+template <class T>
+__device__ void dropout_impl(const typename T::storage* x, typename T::storage* out, u64 n, u32 key,
+                             u32 threshold, float scale) {
+    for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x) {
+        u32 h = ((u32)i * 0x9e3779b1u) ^ key;
+        h ^= h >> 16;
+        h *= 0x85ebca6bu;
+        h ^= h >> 13;
+        h *= 0xc2b2ae35u;
+        h ^= h >> 16;
+        out[i] = T::store(h < threshold ? T::load(x[i]) * scale : 0.f);
     }
 }
 
@@ -60,6 +85,14 @@ __device__ void sum_rows_impl(const typename T::storage* x, typename T::storage*
     }                                                                                             \
     extern "C" __global__ void scale_##NAME(const T::storage* x, T::storage* out, u64 n, float s) { \
         scale_impl<T>(x, out, n, s);                                                              \
+    }                                                                                             \
+    extern "C" __global__ void add_bias_##NAME(const T::storage* x, const T::storage* bias,        \
+                                               T::storage* out, u64 n, u64 cols) {                \
+        add_bias_impl<T>(x, bias, out, n, cols);                                                  \
+    }                                                                                             \
+    extern "C" __global__ void dropout_##NAME(const T::storage* x, T::storage* out, u64 n, u32 key, \
+                                              u32 threshold, float scale) {                       \
+        dropout_impl<T>(x, out, n, key, threshold, scale);                                        \
     }                                                                                             \
     extern "C" __global__ void __launch_bounds__(256)                                             \
         sum_rows_##NAME(const T::storage* x, T::storage* out, u64 rows, u64 cols) {               \

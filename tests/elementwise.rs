@@ -166,3 +166,53 @@ fn cast_rounds_to_nearest_even_and_keeps_specials() {
         assert_eq!(b[2], 65536.0, "{device}");
     }
 }
+
+#[test]
+fn add_bias_adds_the_row_vector_to_every_row() {
+    use kiln::ops::add_bias;
+    for dtype in DType::ALL {
+        for (rows, cols) in [(1, 1), (3, 7), (13, 257)] {
+            let make = |d: &Device| {
+                let x = input(&[rows, cols], 1, dtype, d);
+                let b = input(&[cols], 2, dtype, d);
+                add_bias(&x, &b).unwrap()
+            };
+            let exact = |_: &Tensor| {
+                let x = host(&input(&[rows, cols], 1, dtype, &Device::Cpu));
+                let b = host(&input(&[cols], 2, dtype, &Device::Cpu));
+                let want: Vec<f64> = x.iter().enumerate().map(|(i, v)| v + b[i % cols]).collect();
+                let atol = want.iter().map(|w| U32 * w.abs()).collect();
+                (want, atol)
+            };
+            check_everywhere(&format!("add_bias [{rows}, {cols}] {dtype}"), make, exact, dtype);
+        }
+    }
+    let x = Tensor::zeros(&[2, 3], DType::F32, &Device::Cpu).unwrap();
+    let b = Tensor::zeros(&[2], DType::F32, &Device::Cpu).unwrap();
+    assert!(matches!(add_bias(&x, &b), Err(Error::Shape(_))));
+}
+
+#[test]
+fn dropout_keeps_the_right_share_with_one_mask_on_every_device() {
+    use kiln::ops::dropout;
+    let n = 40000;
+    let p = 0.3f32;
+    let x = Tensor::full(&[n], 2.0, DType::F32, &Device::Cpu).unwrap();
+    let cpu = dropout(&x, p, 7).unwrap().to_vec::<f32>().unwrap();
+    let scale = 1.0 / (1.0 - p);
+    assert!(cpu.iter().all(|&v| v == 0.0 || v == 2.0 * scale), "kept values are scaled by 1 / (1 − p)");
+    let kept = cpu.iter().filter(|&&v| v != 0.0).count() as f64;
+    let sigma = (n as f64 * 0.3 * 0.7).sqrt();
+    assert!((kept - 0.7 * n as f64).abs() <= 5.0 * sigma, "kept {kept} of {n}");
+    assert_ne!(dropout(&x, p, 8).unwrap().to_vec::<f32>().unwrap(), cpu, "another seed, another mask");
+    for dtype in DType::ALL {
+        let xs = input(&[3, 333], 5, dtype, &Device::Cpu);
+        let want = dropout(&xs, 0.5, 11).unwrap().to_bytes().unwrap();
+        for device in gpu_devices() {
+            let got = dropout(&xs.to_device(&device).unwrap(), 0.5, 11).unwrap().to_bytes().unwrap();
+            assert_eq!(got, want, "{device} {dtype}: the same mask and the same rounding");
+        }
+    }
+    assert!(matches!(dropout(&x, 1.0, 0), Err(Error::InvalidArgument(_))));
+    assert_eq!(dropout(&x, 0.0, 0).unwrap().to_vec::<f32>().unwrap(), vec![2.0; n]);
+}

@@ -202,7 +202,7 @@ fn malformed_or_mismatching_adapters_are_errors() {
 
 mod layer {
     use super::*;
-    use kiln::ops::lora::{BaseWeight, lora_backward, lora_forward};
+    use kiln::ops::lora::{BaseWeight, LoraLinear, lora_backward, lora_forward};
     use kiln::ops::{QTensor, QuantFormat};
 
     struct Layer {
@@ -210,6 +210,9 @@ mod layer {
         w: Vec<f64>,
         a: Vec<f64>,
         b: Vec<f64>,
+        bias: Vec<f64>,
+        /// The dropout mask already scaled: 0 or 1 / (1 − p) per element of x.
+        mask: Vec<f64>,
         tokens: usize,
         inp: usize,
         out: usize,
@@ -218,16 +221,18 @@ mod layer {
     }
 
     impl Layer {
-        /// y = x·Wᵀ + s·(x·Aᵀ)·Bᵀ in f64.
+        /// y = x·Wᵀ + bias + s·((x ⊙ mask)·Aᵀ)·Bᵀ in f64.
         fn forward(&self, x: &[f64], a: &[f64], b: &[f64]) -> Vec<f64> {
             let (t, i, o, r) = (self.tokens, self.inp, self.out, self.r);
             let mut y = vec![0f64; t * o];
             for tt in 0..t {
-                let xa: Vec<f64> = (0..r).map(|k| (0..i).map(|ii| x[tt * i + ii] * a[k * i + ii]).sum()).collect();
+                let xa: Vec<f64> = (0..r)
+                    .map(|k| (0..i).map(|ii| x[tt * i + ii] * self.mask[tt * i + ii] * a[k * i + ii]).sum())
+                    .collect();
                 for oo in 0..o {
                     let base: f64 = (0..i).map(|ii| x[tt * i + ii] * self.w[oo * i + ii]).sum();
                     let delta: f64 = (0..r).map(|k| xa[k] * b[oo * r + k]).sum();
-                    y[tt * o + oo] = base + self.s * delta;
+                    y[tt * o + oo] = base + self.bias[oo] + self.s * delta;
                 }
             }
             y
@@ -247,18 +252,25 @@ mod layer {
                 let base = if quantized { BaseWeight::Quantized(&q) } else { BaseWeight::Dense(&wt) };
                 let dense_w = if quantized { q.dequantize(DType::F32).unwrap() } else { wt.clone() };
                 let host = |t: &Tensor| t.to_vec::<f32>().unwrap().into_iter().map(|v| v as f64).collect::<Vec<f64>>();
+                let bias = Tensor::randn(&[out], 0.0, 1.0, 9, DType::F32, &device).unwrap();
+                let dropout = Some((0.25f32, 77u64));
+                let ones = Tensor::full(&[tokens, inp], 1.0, DType::F32, &device).unwrap();
+                let mask = kiln::ops::dropout(&ones, 0.25, 77).unwrap();
+                let linear = LoraLinear { base, bias: Some(&bias), a: &at, b: &bt, scale: s, dropout };
                 let layer = Layer {
                     x: host(&xt),
                     w: host(&dense_w),
                     a: host(&at),
                     b: host(&bt),
+                    bias: host(&bias),
+                    mask: host(&mask),
                     tokens,
                     inp,
                     out,
                     r,
                     s: s as f64,
                 };
-                let fwd = lora_forward(&xt, base, &at, &bt, s).unwrap();
+                let fwd = lora_forward(&xt, &linear).unwrap();
                 let want = layer.forward(&layer.x, &layer.a, &layer.b);
                 for (i, (g, w)) in fwd.y.to_vec::<f32>().unwrap().iter().zip(&want).enumerate() {
                     assert!(
@@ -269,7 +281,7 @@ mod layer {
                 // L = Σ y ⊙ R, so dL/dy = R.
                 let rt = Tensor::randn(&[tokens, out], 0.0, 1.0, 5, DType::F32, &device).unwrap();
                 let rr = host(&rt);
-                let grads = lora_backward(&rt, &xt, &fwd.xa, base, &at, &bt, s).unwrap();
+                let grads = lora_backward(&rt, &xt, &fwd.xa, &linear).unwrap();
                 let loss = |x: &[f64], a: &[f64], b: &[f64]| -> f64 {
                     layer.forward(x, a, b).iter().zip(&rr).map(|(y, r)| y * r).sum()
                 };
@@ -302,7 +314,8 @@ mod layer {
         let w = Tensor::zeros(&[3, 8], DType::F32, &Device::Cpu).unwrap();
         let a = Tensor::zeros(&[2, 8], DType::F32, &Device::Cpu).unwrap();
         let b = Tensor::zeros(&[3, 4], DType::F32, &Device::Cpu).unwrap();
-        match lora_forward(&x, BaseWeight::Dense(&w), &a, &b, 1.0) {
+        let linear = LoraLinear { base: BaseWeight::Dense(&w), bias: None, a: &a, b: &b, scale: 1.0, dropout: None };
+        match lora_forward(&x, &linear) {
             Err(Error::Shape(m)) => assert!(m.contains("[3, 4]") && m.contains("[2, 8]"), "{m}"),
             other => panic!("expected a shape error, got {other:?}"),
         }

@@ -7,7 +7,7 @@ pub mod matmul;
 pub mod optim;
 pub mod quant;
 
-pub use elementwise::{add, cast, mul, scale, sum_rows};
+pub use elementwise::{add, add_bias, cast, dropout, mul, scale, sum_rows};
 pub use matmul::{MatmulOptions, matmul, matmul_with};
 pub use quant::{QTensor, QuantFormat, qmatmul, qmatmul_input_grad};
 

@@ -79,3 +79,40 @@ pub(crate) fn sum_rows(dev: &Arc<CudaDevice>, a: &Tensor, x: &CudaBuffer, rows: 
     unsafe { launch.launch(cfg) }.map_err(|e| CudaDevice::launch_err(&name, e))?;
     Ok(out)
 }
+
+pub(crate) fn add_bias(
+    dev: &Arc<CudaDevice>,
+    a: &Tensor,
+    x: &CudaBuffer,
+    bias: &CudaBuffer,
+    cols: usize,
+) -> Result<Tensor> {
+    let out = Tensor::empty(a.shape(), a.dtype(), &a.device())?;
+    let (n, cols) = (a.elem_count() as u64, cols as u64);
+    let name = format!("add_bias_{}", a.dtype());
+    let f = dev.function(&SOURCE, &name)?;
+    let mut launch = dev.stream.launch_builder(&f);
+    launch.arg(x.get()).arg(bias.get()).arg(out.cuda_buffer()?).arg(&n).arg(&cols);
+    // SAFETY: x and out hold n elements, bias holds cols.
+    unsafe { launch.launch(grid_stride(n as usize)) }.map_err(|e| CudaDevice::launch_err(&name, e))?;
+    Ok(out)
+}
+
+pub(crate) fn dropout(
+    dev: &Arc<CudaDevice>,
+    a: &Tensor,
+    x: &CudaBuffer,
+    key: u32,
+    threshold: u32,
+    scale: f32,
+) -> Result<Tensor> {
+    let out = Tensor::empty(a.shape(), a.dtype(), &a.device())?;
+    let n = a.elem_count() as u64;
+    let name = format!("dropout_{}", a.dtype());
+    let f = dev.function(&SOURCE, &name)?;
+    let mut launch = dev.stream.launch_builder(&f);
+    launch.arg(x.get()).arg(out.cuda_buffer()?).arg(&n).arg(&key).arg(&threshold).arg(&scale);
+    // SAFETY: x and out hold n elements.
+    unsafe { launch.launch(grid_stride(n as usize)) }.map_err(|e| CudaDevice::launch_err(&name, e))?;
+    Ok(out)
+}

@@ -1,4 +1,5 @@
-//! Elementwise ops and a row-wise reduction: `add`, `mul`, `scale`, `sum_rows`, `cast`.
+//! Elementwise ops and a row-wise reduction: `add`, `mul`, `scale`, `add_bias`, `dropout`,
+//! `sum_rows`, `cast`.
 //!
 //! Half-precision operands are widened to f32, combined, and rounded once on the way out.
 //! Kernels: the CPU code here, `kernels/elementwise.cu`, `shaders/elementwise.wgsl`.
@@ -154,5 +155,77 @@ pub fn cast(a: &Tensor, dtype: DType) -> Result<Tensor> {
         Storage::Cuda { dev, buf } => cuda::cast(dev, a, buf, dtype),
         #[cfg(feature = "wgpu")]
         Storage::Wgpu { dev, buf } => wgpu::cast(dev, a, buf, dtype),
+    }
+}
+
+/// `x + bias` with `bias` `[n]` added to every row of `x` `[.., n]`, computed in f32. Same
+/// dtype and device; `Err(Shape)` when `bias` is not `[n]`.
+pub fn add_bias(x: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    crate::ops::same_device("add_bias", &[x, bias])?;
+    let cols = x.shape().last().copied().unwrap_or(1);
+    if bias.shape() != [cols] {
+        return Err(Error::Shape(format!("add_bias: bias {:?} must be [{cols}] for x {:?}", bias.shape(), x.shape())));
+    }
+    if x.dtype() != bias.dtype() {
+        return Err(Error::DType(format!("add_bias: x is {} but bias is {}", x.dtype(), bias.dtype())));
+    }
+    if x.elem_count() == 0 {
+        return Tensor::empty(x.shape(), x.dtype(), &x.device());
+    }
+    match (x.storage(), bias.storage()) {
+        (Storage::Cpu(xs), Storage::Cpu(bs)) => {
+            let (xv, bv) = (xs.to_f32_vec(), bs.to_f32_vec());
+            let out: Vec<f32> = xv.par_iter().enumerate().map(|(i, v)| v + bv[i % cols]).collect();
+            Ok(Tensor::from_cpu_storage(CpuStorage::from_f32_vec(x.dtype(), out), x.shape(), x.dtype()))
+        }
+        #[cfg(feature = "cuda")]
+        (Storage::Cuda { dev, buf }, Storage::Cuda { buf: b, .. }) => cuda::add_bias(dev, x, buf, b, cols),
+        #[cfg(feature = "wgpu")]
+        (Storage::Wgpu { dev, buf }, Storage::Wgpu { buf: b, .. }) => wgpu::add_bias(dev, x, buf, b, cols),
+        #[allow(unreachable_patterns)]
+        _ => Err(Error::DeviceMismatch("add_bias: operands on different backends".into())),
+    }
+}
+
+/// The dropout mask's key for a seed.
+fn dropout_key(seed: u64) -> u32 {
+    use crate::ops::optim::mix32;
+    mix32(seed as u32 ^ mix32((seed >> 32) as u32 ^ 0x2545_f491))
+}
+
+/// Whether element `i` survives: murmur3's finaliser of (i · golden ratio) ^ key below the
+/// threshold. The same on every backend (32-bit integer arithmetic).
+fn keeps(key: u32, i: usize, threshold: u32) -> bool {
+    crate::ops::optim::mix32((i as u32).wrapping_mul(0x9e37_79b1) ^ key) < threshold
+}
+
+/// Inverted dropout: each element is zeroed with probability `p` and the rest scaled by
+/// `1 / (1 − p)`, from a mask that depends only on `seed` and the element's index. The
+/// same call on a gradient is dropout's backward (the same mask, the same scale). `p` in
+/// [0, 1), else `Err(InvalidArgument)`; `p = 0` returns `x`.
+pub fn dropout(x: &Tensor, p: f32, seed: u64) -> Result<Tensor> {
+    if !(0.0..1.0).contains(&p) {
+        return Err(Error::InvalidArgument(format!("dropout probability must be in [0, 1), got {p}")));
+    }
+    if p == 0.0 || x.elem_count() == 0 {
+        return Ok(x.clone());
+    }
+    let key = dropout_key(seed);
+    let threshold = ((1.0 - p as f64) * 4294967296.0).min(u32::MAX as f64) as u32;
+    let scale = 1.0 / (1.0 - p);
+    match x.storage() {
+        Storage::Cpu(xs) => {
+            let xv = xs.to_f32_vec();
+            let out: Vec<f32> = xv
+                .par_iter()
+                .enumerate()
+                .map(|(i, v)| if keeps(key, i, threshold) { v * scale } else { 0.0 })
+                .collect();
+            Ok(Tensor::from_cpu_storage(CpuStorage::from_f32_vec(x.dtype(), out), x.shape(), x.dtype()))
+        }
+        #[cfg(feature = "cuda")]
+        Storage::Cuda { dev, buf } => cuda::dropout(dev, x, buf, key, threshold, scale),
+        #[cfg(feature = "wgpu")]
+        Storage::Wgpu { dev, buf } => wgpu::dropout(dev, x, buf, key, threshold, scale),
     }
 }

@@ -9,8 +9,9 @@ use std::sync::Arc;
 const MAP_SHADER: &str = include_str!("../../../shaders/elementwise.wgsl");
 const SUM_ROWS_SHADER: &str = include_str!("../../../shaders/sum_rows.wgsl");
 
-/// Runs the map shader over `inputs` (of `like`'s dtype and shape) into a new `out_dtype`
-/// tensor of that shape. `apply` is the WGSL body of `fn apply(i: u32) -> f32`.
+/// Runs the map shader over `inputs` (of `like`'s dtype; the first of its shape) into a new
+/// `out_dtype` tensor of that shape. `apply` is the WGSL body of `fn apply(i: u32) -> f32`;
+/// it may read `params.s` (f32), `params.u0` and `params.u1` (u32), given by `args`.
 fn map(
     dev: &Arc<WgpuDevice>,
     key: &str,
@@ -18,7 +19,7 @@ fn map(
     inputs: &[&WgpuBuffer],
     out_dtype: DType,
     apply: &str,
-    s: f32,
+    args: (f32, u32, u32),
 ) -> Result<Tensor> {
     let names = ["x", "y"];
     let in_dtype = like.dtype();
@@ -35,7 +36,7 @@ fn map(
         }
         src += &wgsl_output_words(n_in, out_dtype);
         src += &format!(
-            "struct Params {{ len: u32, words: u32, groups_x: u32, s: f32 }}\n\
+            "struct Params {{ len: u32, words: u32, groups_x: u32, s: f32, u0: u32, u1: u32 }}\n\
              @group(0) @binding({}) var<uniform> params: Params;\n\
              fn apply(i: u32) -> f32 {{ {apply} }}\n{MAP_SHADER}",
             n_in + 1
@@ -47,7 +48,7 @@ fn map(
     let per_word = if out_dtype == DType::F32 { 1 } else { 2 };
     let words = len.div_ceil(per_word);
     let (gx, gy) = grid_2d(words.div_ceil(256));
-    let params = [fits_u32("elements", len)?, fits_u32("words", words)?, gx, s.to_bits()];
+    let params = [fits_u32("elements", len)?, fits_u32("words", words)?, gx, args.0.to_bits(), args.1, args.2];
     let mut buffers: Vec<&wgpu::Buffer> = inputs.iter().map(|b| b.get()).collect();
     buffers.push(out.wgpu_buffer()?);
     dev.dispatch(&pipeline, &buffers, &params, (gx, gy, 1))?;
@@ -65,15 +66,40 @@ pub(crate) fn binary(
         BinaryOp::Add => "return load_x(i) + load_y(i);",
         BinaryOp::Mul => "return load_x(i) * load_y(i);",
     };
-    map(dev, op.name(), a, &[x, y], a.dtype(), apply, 0.0)
+    map(dev, op.name(), a, &[x, y], a.dtype(), apply, (0.0, 0, 0))
 }
 
 pub(crate) fn scale(dev: &Arc<WgpuDevice>, a: &Tensor, x: &WgpuBuffer, s: f32) -> Result<Tensor> {
-    map(dev, "scale", a, &[x], a.dtype(), "return load_x(i) * params.s;", s)
+    map(dev, "scale", a, &[x], a.dtype(), "return load_x(i) * params.s;", (s, 0, 0))
 }
 
 pub(crate) fn cast(dev: &Arc<WgpuDevice>, a: &Tensor, x: &WgpuBuffer, dtype: DType) -> Result<Tensor> {
-    map(dev, "cast", a, &[x], dtype, "return load_x(i);", 0.0)
+    map(dev, "cast", a, &[x], dtype, "return load_x(i);", (0.0, 0, 0))
+}
+
+pub(crate) fn add_bias(
+    dev: &Arc<WgpuDevice>,
+    a: &Tensor,
+    x: &WgpuBuffer,
+    bias: &WgpuBuffer,
+    cols: usize,
+) -> Result<Tensor> {
+    let cols = fits_u32("bias length", cols)?;
+    map(dev, "add_bias", a, &[x, bias], a.dtype(), "return load_x(i) + load_y(i % params.u0);", (0.0, cols, 0))
+}
+
+pub(crate) fn dropout(
+    dev: &Arc<WgpuDevice>,
+    a: &Tensor,
+    x: &WgpuBuffer,
+    key: u32,
+    threshold: u32,
+    scale: f32,
+) -> Result<Tensor> {
+    // The keep test of `super::keeps`: murmur3's finaliser of (i · golden ratio) ^ key.
+    let apply = "var h = (i * 0x9e3779b1u) ^ params.u0; h ^= h >> 16u; h *= 0x85ebca6bu; h ^= h >> 13u; \
+                 h *= 0xc2b2ae35u; h ^= h >> 16u; return select(0.0, load_x(i) * params.s, h < params.u1);";
+    map(dev, "dropout", a, &[x], a.dtype(), apply, (scale, key, threshold))
 }
 
 pub(crate) fn sum_rows(dev: &Arc<WgpuDevice>, a: &Tensor, x: &WgpuBuffer, rows: usize, cols: usize) -> Result<Tensor> {

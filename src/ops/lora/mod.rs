@@ -94,6 +94,32 @@ impl BaseWeight<'_> {
     }
 }
 
+/// One LoRA layer as the forward and backward passes see it.
+#[derive(Debug, Clone, Copy)]
+pub struct LoraLinear<'a> {
+    /// W, `[out, in]`, frozen.
+    pub base: BaseWeight<'a>,
+    /// An optional bias `[out]`, frozen.
+    pub bias: Option<&'a Tensor>,
+    /// A `[r, in]` and B `[out, r]`.
+    pub a: &'a Tensor,
+    pub b: &'a Tensor,
+    /// s = alpha / r (alpha / √r for rsLoRA).
+    pub scale: f32,
+    /// Dropout on the LoRA branch's input: probability and seed. The backward pass must get
+    /// the same pair, so it applies the same mask.
+    pub dropout: Option<(f32, u64)>,
+}
+
+impl LoraLinear<'_> {
+    fn drop(&self, t: &Tensor) -> Result<Tensor> {
+        match self.dropout {
+            Some((p, seed)) => crate::ops::dropout(t, p, seed),
+            None => Ok(t.clone()),
+        }
+    }
+}
+
 /// What the forward pass returns: the output and x·Aᵀ, kept for the backward pass.
 #[derive(Debug, Clone)]
 pub struct LoraOutput {
@@ -114,7 +140,8 @@ pub struct LoraGrads {
     pub db: Tensor,
 }
 
-fn check_layer(x: &Tensor, base: &BaseWeight<'_>, a: &Tensor, b: &Tensor, s: f32) -> Result<()> {
+fn check_layer(x: &Tensor, l: &LoraLinear<'_>) -> Result<()> {
+    let (base, a, b, s) = (&l.base, l.a, l.b, l.scale);
     if x.device() != base.device() {
         return Err(Error::DeviceMismatch(format!("x on {}, W on {}", x.device(), base.device())));
     }
@@ -139,50 +166,53 @@ fn check_layer(x: &Tensor, base: &BaseWeight<'_>, a: &Tensor, b: &Tensor, s: f32
     if !s.is_finite() {
         return Err(Error::InvalidArgument(format!("lora scale {s} is not finite")));
     }
+    if let Some(bias) = l.bias {
+        if bias.shape() != [out] {
+            return Err(Error::Shape(format!("lora layer: bias {:?} must be [{out}]", bias.shape())));
+        }
+    }
     Ok(())
 }
 
-/// The LoRA layer's forward pass over dense or quantized W: `y = x·Wᵀ + s·(x·Aᵀ)·Bᵀ`, with
-/// x `[tokens, in]`, A `[r, in]`, B `[out, r]`; the products accumulate in f32 and y is
-/// rounded once to x's dtype. Composed of the matmul and quantized-product kernels, so it
-/// runs on every backend. `Err` naming the shapes when they do not fit.
-pub fn lora_forward(x: &Tensor, base: BaseWeight<'_>, a: &Tensor, b: &Tensor, s: f32) -> Result<LoraOutput> {
-    check_layer(x, &base, a, b, s)?;
-    let xa = matmul_with(x, a, MatmulOptions::nt().out_dtype(DType::F32))?;
-    let delta = matmul_with(&xa, &b.to_dtype(DType::F32)?, MatmulOptions::nt())?;
-    let y = add(&base.forward(x)?, &scale_op(&delta, s)?)?.to_dtype(x.dtype())?;
-    Ok(LoraOutput { y, xa })
+/// The LoRA layer's forward pass over dense or quantized W:
+/// `y = x·Wᵀ + bias + s·(drop(x)·Aᵀ)·Bᵀ`, with x `[tokens, in]`; the products accumulate in
+/// f32 and y is rounded once to x's dtype. Composed of the matmul, quantized-product and
+/// elementwise kernels, so it runs on every backend. `Err` naming the shapes when they do
+/// not fit.
+pub fn lora_forward(x: &Tensor, layer: &LoraLinear<'_>) -> Result<LoraOutput> {
+    check_layer(x, layer)?;
+    let xa = matmul_with(&layer.drop(x)?, layer.a, MatmulOptions::nt().out_dtype(DType::F32))?;
+    let delta = matmul_with(&xa, &layer.b.to_dtype(DType::F32)?, MatmulOptions::nt())?;
+    let mut y = add(&layer.base.forward(x)?, &scale_op(&delta, layer.scale)?)?;
+    if let Some(bias) = layer.bias {
+        y = crate::ops::add_bias(&y, &bias.to_dtype(DType::F32)?)?;
+    }
+    Ok(LoraOutput { y: y.to_dtype(x.dtype())?, xa })
 }
 
-/// The LoRA layer's backward pass with W frozen, reusing x·Aᵀ from the forward pass:
-/// `dx = dy·W + s·(dy·B)·A`, `dA = s·(dy·B)ᵀ·x`, `dB = s·dyᵀ·(x·Aᵀ)`, all f32. A quantized
-/// W goes through the quantized input gradient, never dequantized whole.
-pub fn lora_backward(
-    dy: &Tensor,
-    x: &Tensor,
-    xa: &Tensor,
-    base: BaseWeight<'_>,
-    a: &Tensor,
-    b: &Tensor,
-    s: f32,
-) -> Result<LoraGrads> {
-    check_layer(x, &base, a, b, s)?;
-    let [out, _] = base.shape();
-    if dy.shape() != [x.shape()[0], out] || xa.shape() != [x.shape()[0], a.shape()[0]] {
+/// The LoRA layer's backward pass with W (and the bias) frozen, reusing x·Aᵀ from the
+/// forward pass: `dx = dy·W + s·drop((dy·B)·A)`, `dA = s·(dy·B)ᵀ·drop(x)`,
+/// `dB = s·dyᵀ·(x·Aᵀ)`, all f32. A quantized W goes through the quantized input gradient,
+/// never dequantized whole.
+pub fn lora_backward(dy: &Tensor, x: &Tensor, xa: &Tensor, layer: &LoraLinear<'_>) -> Result<LoraGrads> {
+    check_layer(x, layer)?;
+    let [out, _] = layer.base.shape();
+    let r = layer.a.shape()[0];
+    if dy.shape() != [x.shape()[0], out] || xa.shape() != [x.shape()[0], r] {
         return Err(Error::Shape(format!(
-            "lora backward: dy {:?} must be [{}, {out}] and xa {:?} [{}, {}]",
+            "lora backward: dy {:?} must be [{}, {out}] and xa {:?} [{}, {r}]",
             dy.shape(),
             x.shape()[0],
             xa.shape(),
-            x.shape()[0],
-            a.shape()[0]
+            x.shape()[0]
         )));
     }
     let f32_of = |t: &Tensor| t.to_dtype(DType::F32);
-    let (dy, x, xa, a, b) = (f32_of(dy)?, f32_of(x)?, f32_of(xa)?, f32_of(a)?, f32_of(b)?);
+    let (dy, xa, a, b) = (f32_of(dy)?, f32_of(xa)?, f32_of(layer.a)?, f32_of(layer.b)?);
+    let s = layer.scale;
     let dyb = matmul(&dy, &b)?; // [tokens, r]
-    let dx = add(&base.input_grad(&dy)?, &scale_op(&matmul(&dyb, &a)?, s)?)?;
-    let da = scale_op(&matmul_with(&dyb, &x, MatmulOptions::tn())?, s)?;
+    let dx = add(&layer.base.input_grad(&dy)?, &layer.drop(&scale_op(&matmul(&dyb, &a)?, s)?)?)?;
+    let da = scale_op(&matmul_with(&dyb, &f32_of(&layer.drop(x)?)?, MatmulOptions::tn())?, s)?;
     let db = scale_op(&matmul_with(&dy, &xa, MatmulOptions::tn())?, s)?;
     Ok(LoraGrads { dx, da, db })
 }
