@@ -321,3 +321,54 @@ mod layer {
         }
     }
 }
+
+#[test]
+fn a_mixed_adapter_batch_equals_each_row_with_its_own_adapter() {
+    use kiln::ops::lora::{AdapterSet, lora_batched};
+    let (inp, out) = (40, 37);
+    let ranks = [4usize, 8, 16];
+    let rows = [0i32, -1, 2, 1, 2, 0, -1];
+    let tokens = rows.len();
+    for device in devices() {
+        let adapters: Vec<(Tensor, Tensor, f32)> = ranks
+            .iter()
+            .enumerate()
+            .map(|(i, &r)| {
+                (
+                    Tensor::randn(&[r, inp], 0.0, 0.3, 20 + i as u64, DType::BF16, &device).unwrap(),
+                    Tensor::randn(&[out, r], 0.0, 0.3, 30 + i as u64, DType::BF16, &device).unwrap(),
+                    0.5 + i as f32,
+                )
+            })
+            .collect();
+        let refs: Vec<(&Tensor, &Tensor, f32)> = adapters.iter().map(|(a, b, s)| (a, b, *s)).collect();
+        let set = AdapterSet::new(&refs).unwrap();
+        let x = Tensor::randn(&[tokens, inp], 0.0, 1.0, 40, DType::F32, &device).unwrap();
+        let y = Tensor::randn(&[tokens, out], 0.0, 1.0, 41, DType::F32, &device).unwrap();
+        let got = lora_batched(&x, &y, &set, &rows).unwrap().to_vec::<f32>().unwrap();
+        let (xh, yh) = (x.to_vec::<f32>().unwrap(), y.to_vec::<f32>().unwrap());
+        for (t, &a) in rows.iter().enumerate() {
+            for o in 0..out {
+                let (mut want, mut mass) = (yh[t * out + o] as f64, yh[t * out + o].abs() as f64);
+                if a >= 0 {
+                    let (ah, bh, s) = (&adapters[a as usize].0, &adapters[a as usize].1, adapters[a as usize].2);
+                    let (ah, bh) = (ah.to_vec_f32().unwrap(), bh.to_vec_f32().unwrap());
+                    let r = ranks[a as usize];
+                    for j in 0..r {
+                        let v: f64 = (0..inp).map(|i| xh[t * inp + i] as f64 * ah[j * inp + i] as f64).sum();
+                        let vm: f64 = (0..inp).map(|i| (xh[t * inp + i] as f64 * ah[j * inp + i] as f64).abs()).sum();
+                        want += s as f64 * v * bh[o * r + j] as f64;
+                        mass += s as f64 * vm * (bh[o * r + j] as f64).abs();
+                    }
+                }
+                let g = got[t * out + o] as f64;
+                // f32 sums of in + r terms.
+                let tol = 2.0 * (inp + 16) as f64 * U32 * mass;
+                assert!((g - want).abs() <= tol, "{device} row {t} (adapter {a}) [{o}]: {g} vs {want}");
+            }
+        }
+        assert!(matches!(lora_batched(&x, &y, &set, &[0, 1, 3, 0, 0, 0, 0]), Err(Error::InvalidArgument(_))));
+        assert!(matches!(lora_batched(&x, &y, &set, &[-2, 1, 0, 0, 0, 0, 0]), Err(Error::InvalidArgument(_))));
+        assert!(matches!(lora_batched(&x, &y, &set, &[0, 1]), Err(Error::Shape(_))));
+    }
+}

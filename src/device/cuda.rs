@@ -32,6 +32,7 @@ pub const KERNELS: &[KernelSource] = &[
     crate::ops::elementwise::cuda::SOURCE,
     crate::ops::quant::cuda::SOURCE,
     crate::ops::optim::cuda::SOURCE,
+    crate::ops::lora::cuda::SOURCE,
 ];
 
 fn driver_present() -> bool {

@@ -6,6 +6,11 @@
 //! product B·A (matmul, f32 accumulation) scaled and added to W, rounded once to W's dtype.
 
 use crate::ops::{MatmulOptions, add, matmul, matmul_with, scale as scale_op};
+#[cfg(feature = "cuda")]
+pub(crate) mod cuda;
+#[cfg(feature = "wgpu")]
+pub(crate) mod wgpu;
+
 use crate::{DType, Error, Result, Tensor};
 
 fn check(w: &Tensor, a: &Tensor, b: &Tensor, s: f32) -> Result<()> {
@@ -215,4 +220,139 @@ pub fn lora_backward(dy: &Tensor, x: &Tensor, xa: &Tensor, layer: &LoraLinear<'_
     let da = scale_op(&matmul_with(&dyb, &f32_of(&layer.drop(x)?)?, MatmulOptions::tn())?, s)?;
     let db = scale_op(&matmul_with(&dy, &xa, MatmulOptions::tn())?, s)?;
     Ok(LoraGrads { dx, da, db })
+}
+
+/// Many adapters of one layer, packed for serving them side by side: each row of a batch
+/// picks its adapter (Punica's BGMV idea). Ranks may differ between adapters.
+#[derive(Debug, Clone)]
+pub struct AdapterSet {
+    /// Every adapter's A, flattened one after the other, f32.
+    a: Tensor,
+    /// Every adapter's B, flattened one after the other, f32.
+    b: Tensor,
+    /// Per adapter: offset of A, offset of B (elements), rank, scale (f32 bits).
+    table: Vec<u32>,
+    ranks: Vec<usize>,
+    inp: usize,
+    out: usize,
+}
+
+impl AdapterSet {
+    /// Packs `(A [r, in], B [out, r], scale)` triples (any float dtype, one device, one
+    /// `[out, in]`) onto their device. `Err` naming the adapter whose shapes disagree.
+    pub fn new(adapters: &[(&Tensor, &Tensor, f32)]) -> Result<AdapterSet> {
+        let Some((a0, b0, _)) = adapters.first() else {
+            return Err(Error::InvalidArgument("an adapter set needs at least one adapter".into()));
+        };
+        let (inp, out, device) =
+            (a0.shape().get(1).copied().unwrap_or(0), b0.shape().first().copied().unwrap_or(0), a0.device());
+        let (mut a_all, mut b_all, mut table, mut ranks) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for (i, (a, b, s)) in adapters.iter().enumerate() {
+            let (&[r, a_in], &[b_out, b_r]) = (a.shape(), b.shape()) else {
+                return Err(Error::Shape(format!(
+                    "adapter {i}: A {:?} and B {:?} must be matrices",
+                    a.shape(),
+                    b.shape()
+                )));
+            };
+            if a_in != inp || b_out != out || b_r != r || r == 0 {
+                return Err(Error::Shape(format!(
+                    "adapter {i}: A {:?} and B {:?} do not fit [r, {inp}] and [{out}, r]",
+                    a.shape(),
+                    b.shape()
+                )));
+            }
+            if a.device() != device || b.device() != device {
+                return Err(Error::DeviceMismatch(format!("adapter {i} is not on {device}")));
+            }
+            if !s.is_finite() {
+                return Err(Error::InvalidArgument(format!("adapter {i}: scale {s} is not finite")));
+            }
+            let offset = |v: usize| u32::try_from(v).map_err(|_| Error::Unsupported("adapter set too large".into()));
+            table.extend([offset(a_all.len())?, offset(b_all.len())?, offset(r)?, s.to_bits()]);
+            a_all.extend(a.to_vec_f32()?);
+            b_all.extend(b.to_vec_f32()?);
+            ranks.push(r);
+        }
+        Ok(AdapterSet {
+            a: Tensor::from_slice(&a_all, &[a_all.len()], &device)?,
+            b: Tensor::from_slice(&b_all, &[b_all.len()], &device)?,
+            table,
+            ranks,
+            inp,
+            out,
+        })
+    }
+
+    pub fn len(&self) -> usize {
+        self.ranks.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ranks.is_empty()
+    }
+
+    fn max_rank(&self) -> usize {
+        self.ranks.iter().copied().max().unwrap_or(0)
+    }
+}
+
+/// `y + s_a·(x·A_aᵀ)·B_aᵀ` for every row, with `a = adapters[row]` (−1: the row gets no
+/// delta). x `[tokens, in]`, y `[tokens, out]` (the base output, any float dtype; the result
+/// has y's dtype). Two launches for the whole batch whatever the number of adapters: a
+/// shrink to `[tokens, max rank]` and an expand that adds to y.
+/// `Err` for an index out of range (naming the row), or shapes that do not fit.
+pub fn lora_batched(x: &Tensor, y: &Tensor, set: &AdapterSet, adapters: &[i32]) -> Result<Tensor> {
+    crate::ops::same_device("lora_batched", &[x, y, &set.a])?;
+    let tokens = x.shape().first().copied().unwrap_or(0);
+    if x.shape() != [tokens, set.inp] || y.shape() != [tokens, set.out] || adapters.len() != tokens {
+        return Err(Error::Shape(format!(
+            "lora_batched: x {:?}, y {:?} and {} adapter indices do not fit [tokens, {}], [tokens, {}]",
+            x.shape(),
+            y.shape(),
+            adapters.len(),
+            set.inp,
+            set.out
+        )));
+    }
+    if let Some((row, &a)) = adapters.iter().enumerate().find(|&(_, &a)| a < -1 || a >= set.len() as i32) {
+        return Err(Error::InvalidArgument(format!(
+            "row {row} asks for adapter {a}, the set has {} (−1 for none)",
+            set.len()
+        )));
+    }
+    if tokens == 0 {
+        return Ok(y.clone());
+    }
+    let xf = x.to_dtype(DType::F32)?;
+    let yf = y.to_dtype(DType::F32)?;
+    let out = match xf.device() {
+        crate::Device::Cpu => cpu_batched(&xf, &yf, set, adapters)?,
+        #[cfg(feature = "cuda")]
+        crate::Device::Cuda(_) => cuda::batched(&xf, &yf, set, adapters)?,
+        #[cfg(feature = "wgpu")]
+        crate::Device::Wgpu(_) => wgpu::batched(&xf, &yf, set, adapters)?,
+        #[allow(unreachable_patterns)]
+        other => return Err(Error::NoDevice(format!("{other}: backend not built"))),
+    };
+    out.to_dtype(y.dtype())
+}
+
+fn cpu_batched(x: &Tensor, y: &Tensor, set: &AdapterSet, adapters: &[i32]) -> Result<Tensor> {
+    use rayon::prelude::*;
+    let (xv, mut yv, av, bv) = (x.to_vec::<f32>()?, y.to_vec::<f32>()?, set.a.to_vec::<f32>()?, set.b.to_vec::<f32>()?);
+    let (inp, out) = (set.inp, set.out);
+    yv.par_chunks_mut(out).zip(adapters.par_iter()).enumerate().for_each(|(t, (row, &a))| {
+        if a < 0 {
+            return;
+        }
+        let e = &set.table[4 * a as usize..4 * a as usize + 4];
+        let (ao, bo, r, s) = (e[0] as usize, e[1] as usize, e[2] as usize, f32::from_bits(e[3]));
+        let xr = &xv[t * inp..(t + 1) * inp];
+        let v: Vec<f32> = (0..r).map(|j| crate::ops::dot(xr, &av[ao + j * inp..ao + (j + 1) * inp])).collect();
+        for (o, yo) in row.iter_mut().enumerate() {
+            *yo += s * crate::ops::dot(&v, &bv[bo + o * r..bo + (o + 1) * r]);
+        }
+    });
+    Tensor::from_slice(&yv, y.shape(), &crate::Device::Cpu)
 }
