@@ -84,3 +84,14 @@ for (group, fn, param), (secs, tp) in sorted(results.items()):
     share = f"{gbs / copy_gbs:.2f}" if copy_gbs else "-"
     speedup = f"{ref / secs:.2f}" if ref else "-"
     print(f"| {group} | {fn} | {secs * 1e3:.2f} | {gbs:.0f} | {share} | {ref * 1e3 if ref else float('nan'):.2f} | {speedup} |")
+
+print("\n## LoRA: time over the base product (layer) and over one adapter (batched)\n")
+print("| group | bench | kiln us | ratio |")
+print("|---|---|---|---|")
+for (group, fn, param), (secs, tp) in sorted(results.items()):
+    if not group.startswith("lora_") or "/cuda" not in group:
+        continue
+    ref_fn = "base" if group.startswith("lora_layer") else "adapters1"
+    ref = results.get((group, ref_fn, param))
+    ratio = f"{secs / ref[0]:.2f}" if ref else "-"
+    print(f"| {group} | {fn} | {secs * 1e6:.1f} | {ratio} |")

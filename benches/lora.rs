@@ -1,0 +1,91 @@
+//! LoRA on every device in `Device::all()`, FLOP/s of the base product (criterion's elem/s):
+//! - `lora_layer/<device>`: the base product x·Wᵀ alone, and `lora_forward` at ranks 8, 16
+//!   and 64 (today composed of the matmul kernels: the cost a fused kernel must beat);
+//! - `lora_batched/<device>`: 32 rows served with 1, 8 and 32 distinct adapters (rank 16).
+//!
+//! Sizes follow the device: 4096×4096 and 512 tokens on GPUs, 1024×1024 and 128 tokens on
+//! the CPU, 128×128 and 16 tokens on software adapters. `KILN_BENCH_QUICK=1` shortens runs.
+
+use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use kiln::ops::lora::{AdapterSet, BaseWeight, LoraLinear, lora_batched, lora_forward};
+use kiln::ops::{MatmulOptions, matmul_with};
+use kiln::{DType, Device, DeviceKind, Tensor};
+use std::time::Duration;
+
+fn bench_lora(c: &mut Criterion) {
+    let quick = std::env::var("KILN_BENCH_QUICK").is_ok();
+    for device in Device::all() {
+        let Ok(info) = device.info() else { continue };
+        let (dim, tokens) = match info.kind {
+            DeviceKind::Cpu => (1024, 128),
+            DeviceKind::SoftwareAdapter => (128, 16),
+            _ => (4096, 512),
+        };
+        let dtype = if device.is_cpu() { DType::F32 } else { DType::BF16 };
+        let x = Tensor::randn(&[tokens, dim], 0.0, 1.0, 1, dtype, &device).expect("x");
+        let w = Tensor::randn(&[dim, dim], 0.0, 0.02, 2, dtype, &device).expect("w");
+        let mut group = c.benchmark_group(format!("lora_layer/{device}"));
+        group
+            .sample_size(10)
+            .warm_up_time(Duration::from_millis(if quick { 200 } else { 1000 }))
+            .measurement_time(Duration::from_secs(if quick { 1 } else { 3 }));
+        group.throughput(Throughput::Elements(2 * (tokens * dim * dim) as u64));
+        let shape = format!("{dim}x{dim}/t{tokens}");
+        group.bench_function(BenchmarkId::new("base", &shape), |b| {
+            b.iter(|| {
+                let y = matmul_with(&x, &w, MatmulOptions::nt()).expect("matmul");
+                device.synchronize().expect("sync");
+                y
+            })
+        });
+        for r in [8, 16, 64] {
+            let a = Tensor::randn(&[r, dim], 0.0, 0.02, 3, dtype, &device).expect("a");
+            let bm = Tensor::randn(&[dim, r], 0.0, 0.02, 4, dtype, &device).expect("b");
+            let layer =
+                LoraLinear { base: BaseWeight::Dense(&w), bias: None, a: &a, b: &bm, scale: 2.0, dropout: None };
+            group.bench_function(BenchmarkId::new(format!("lora_r{r}"), &shape), |b| {
+                b.iter(|| {
+                    let y = lora_forward(&x, &layer).expect("lora");
+                    device.synchronize().expect("sync");
+                    y
+                })
+            });
+        }
+        group.finish();
+
+        let mut group = c.benchmark_group(format!("lora_batched/{device}"));
+        group
+            .sample_size(10)
+            .warm_up_time(Duration::from_millis(if quick { 200 } else { 1000 }))
+            .measurement_time(Duration::from_secs(if quick { 1 } else { 3 }));
+        let rows = 32;
+        let xb = Tensor::randn(&[rows, dim], 0.0, 1.0, 5, DType::F32, &device).expect("x");
+        let yb = Tensor::zeros(&[rows, dim], DType::F32, &device).expect("y");
+        group.throughput(Throughput::Elements(2 * (rows * 2 * 16 * dim) as u64));
+        for distinct in [1usize, 8, 32] {
+            let adapters: Vec<(Tensor, Tensor, f32)> = (0..distinct)
+                .map(|i| {
+                    (
+                        Tensor::randn(&[16, dim], 0.0, 0.02, 10 + i as u64, DType::F32, &device).expect("a"),
+                        Tensor::randn(&[dim, 16], 0.0, 0.02, 50 + i as u64, DType::F32, &device).expect("b"),
+                        1.0,
+                    )
+                })
+                .collect();
+            let refs: Vec<(&Tensor, &Tensor, f32)> = adapters.iter().map(|(a, b, s)| (a, b, *s)).collect();
+            let set = AdapterSet::new(&refs).expect("set");
+            let index: Vec<i32> = (0..rows).map(|t| (t % distinct) as i32).collect();
+            group.bench_function(BenchmarkId::new(format!("adapters{distinct}"), format!("{dim}/r16")), |b| {
+                b.iter(|| {
+                    let y = lora_batched(&xb, &yb, &set, &index).expect("batched");
+                    device.synchronize().expect("sync");
+                    y
+                })
+            });
+        }
+        group.finish();
+    }
+}
+
+criterion_group!(benches, bench_lora);
+criterion_main!(benches);
