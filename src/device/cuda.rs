@@ -33,6 +33,7 @@ pub const KERNELS: &[KernelSource] = &[
     crate::ops::quant::cuda::SOURCE,
     crate::ops::optim::cuda::SOURCE,
     crate::ops::lora::cuda::SOURCE,
+    crate::ops::attention::cuda::SOURCE,
 ];
 
 fn driver_present() -> bool {

@@ -1,6 +1,7 @@
 //! Ops, one folder per family: `mod.rs` holds the public function with its contract and the
 //! CPU implementation; `cuda.rs` and `wgpu.rs` hold the launchers of the GPU kernels.
 
+pub mod attention;
 pub mod elementwise;
 pub mod lora;
 pub mod matmul;

@@ -1,0 +1,78 @@
+// Attention forward, one invocation per query row (b, h, i), keys visited one at a time
+// with an online softmax (running max m, running sum l, accumulator acc), so no score
+// matrix is stored. Mirrors cpu_forward in src/ops/attention/mod.rs.
+//
+// The Rust side prepends `load_q`, `load_k`, `load_v` (bindings 0-2) for the dtype.
+// Output o is f32 (rounded to q's dtype after), lse is f32 with −∞ for a row that sees no
+// key. Dispatch: 2-D, 64 rows per workgroup.
+
+struct Params {
+    q_len: u32,
+    kv_len: u32,
+    heads: u32,
+    kv_heads: u32,
+    dim: u32,
+    scale: f32,
+    causal: u32,
+    rows: u32,
+    groups_x: u32,
+}
+
+@group(0) @binding(3) var<storage, read> lens: array<u32>;
+@group(0) @binding(4) var<storage, read_write> o: array<f32>;
+@group(0) @binding(5) var<storage, read_write> lse: array<f32>;
+@group(0) @binding(6) var<uniform> params: Params;
+
+// Keys 0..visible(i) of a sequence of length len (see AttnShape::visible).
+fn visible(i: u32, len: u32) -> u32 {
+    if (i >= min(len, params.q_len)) {
+        return 0u;
+    }
+    let kv_valid = min(len, params.kv_len);
+    if (params.causal == 0u) {
+        return kv_valid;
+    }
+    let end = i32(i) + i32(params.kv_len) - i32(params.q_len) + 1;
+    return min(u32(max(end, 0)), kv_valid);
+}
+
+@compute @workgroup_size(64)
+fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) li: u32) {
+    let r = (wg.y * params.groups_x + wg.x) * 64u + li;
+    if (r >= params.rows) {
+        return;
+    }
+    let b = r / (params.heads * params.q_len);
+    let h = (r / params.q_len) % params.heads;
+    let i = r % params.q_len;
+    let kh = h / (params.heads / params.kv_heads);
+    let d = params.dim;
+    let q_base = ((b * params.q_len + i) * params.heads + h) * d;
+    var acc: array<f32, 256>;
+    for (var c = 0u; c < d; c++) {
+        acc[c] = 0.0;
+    }
+    var m = -3.0e38;
+    var l = 0.0;
+    let end = visible(i, lens[b]);
+    for (var j = 0u; j < end; j++) {
+        let kv_base = ((b * params.kv_len + j) * params.kv_heads + kh) * d;
+        var score = 0.0;
+        for (var c = 0u; c < d; c++) {
+            score = fma(load_q(q_base + c), load_k(kv_base + c), score);
+        }
+        score = score * params.scale;
+        let m_new = max(m, score);
+        let correction = exp(m - m_new);
+        let p = exp(score - m_new);
+        l = l * correction + p;
+        for (var c = 0u; c < d; c++) {
+            acc[c] = acc[c] * correction + p * load_v(kv_base + c);
+        }
+        m = m_new;
+    }
+    for (var c = 0u; c < d; c++) {
+        o[q_base + c] = select(0.0, acc[c] / l, l > 0.0);
+    }
+    lse[r] = select(bitcast<f32>(0xff800000u), m + log(l), l > 0.0);
+}

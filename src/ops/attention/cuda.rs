@@ -1,0 +1,46 @@
+//! CUDA launcher for the attention forward (`kernels/attention.cu`).
+
+use super::{AttentionOutput, AttnShape};
+use crate::device::cuda::{CudaDevice, KernelSource};
+use crate::ops::matmul::cuda::to_i32;
+use crate::tensor::RawBuffer;
+use crate::{DType, Error, Result, Tensor};
+use cudarc::driver::{LaunchConfig, PushKernelArg};
+
+pub(crate) const SOURCE: KernelSource = KernelSource {
+    name: "attention",
+    source: concat!(include_str!("../../../kernels/common.cuh"), include_str!("../../../kernels/attention.cu")),
+    needs_sm90a: false,
+};
+
+pub(crate) fn forward(q: &Tensor, k: &Tensor, v: &Tensor, s: &AttnShape, lens: &[usize]) -> Result<AttentionOutput> {
+    let dev = q.cuda_device()?.clone();
+    let device = q.device();
+    let rows = (s.batch * s.heads * s.q_len) as u64;
+    let lens64: Vec<u64> = lens.iter().map(|&l| l as u64).collect();
+    let lens_buf = RawBuffer::new(bytemuck::cast_slice(&lens64).to_vec(), &device)?;
+    let lens_ref = match &lens_buf {
+        RawBuffer::Cuda { buf, .. } => buf.get(),
+        _ => return Err(Error::DeviceMismatch("expected a CUDA buffer".into())),
+    };
+    let o = Tensor::empty(q.shape(), DType::F32, &device)?;
+    let lse = Tensor::empty(&[s.batch, s.heads, s.q_len], DType::F32, &device)?;
+    let name = format!("attention_fwd_{}", q.dtype());
+    let f = dev.function(&SOURCE, &name)?;
+    let (q_len, kv_len) = (to_i32("q_len", s.q_len)?, to_i32("kv_len", s.kv_len)?);
+    let (heads, kv_heads, dim) = (to_i32("heads", s.heads)?, to_i32("kv_heads", s.kv_heads)?, to_i32("dim", s.dim)?);
+    let causal = s.causal as i32;
+    let mut launch = dev.stream.launch_builder(&f);
+    launch.arg(q.cuda_buffer()?).arg(k.cuda_buffer()?).arg(v.cuda_buffer()?).arg(lens_ref);
+    launch.arg(o.cuda_buffer()?).arg(lse.cuda_buffer()?).arg(&q_len).arg(&kv_len).arg(&heads).arg(&kv_heads);
+    launch.arg(&dim).arg(&s.scale).arg(&causal).arg(&rows);
+    let cfg = LaunchConfig {
+        grid_dim: ((rows as usize).div_ceil(128).clamp(1, 1 << 16) as u32, 1, 1),
+        block_dim: (128, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: q is [batch, q_len, heads, dim], k and v [batch, kv_len, kv_heads, dim], lens
+    // one per sequence, o like q, lse [batch, heads, q_len].
+    unsafe { launch.launch(cfg) }.map_err(|e| CudaDevice::launch_err(&name, e))?;
+    Ok(AttentionOutput { o: o.to_dtype(q.dtype())?, lse })
+}
