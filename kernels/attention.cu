@@ -43,7 +43,7 @@ __device__ void attention_fwd_impl(const typename T::storage* q, const typename 
             m = m_new;
         }
         for (int c = 0; c < dim; c++) o[q_base + c] = l > 0.f ? acc[c] / l : 0.f;
-        lse[r] = l > 0.f ? m + logf(l) : -INFINITY;
+        lse[r] = l > 0.f ? m + logf(l) : __int_as_float(0xff800000);  // −∞
     }
 }
 
