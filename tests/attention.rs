@@ -21,6 +21,11 @@ struct Case {
 
 /// Naive attention in f64: (o, lse, Σ |p·v| per output element for the tolerance).
 fn reference(c: &Case, q: &[f32], k: &[f32], v: &[f32], lens: &[usize]) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+    let wide = |x: &[f32]| x.iter().map(|&v| v as f64).collect::<Vec<f64>>();
+    reference64(c, &wide(q), &wide(k), &wide(v), lens)
+}
+
+fn reference64(c: &Case, q: &[f64], k: &[f64], v: &[f64], lens: &[usize]) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
     let d = c.dim;
     let scale = 1.0 / (d as f64).sqrt();
     let mut o = vec![0f64; c.batch * c.q_len * c.heads * d];
@@ -42,7 +47,7 @@ fn reference(c: &Case, q: &[f32], k: &[f32], v: &[f32], lens: &[usize]) -> (Vec<
                 let scores: Vec<f64> = (0..end)
                     .map(|j| {
                         let kb = ((b * c.kv_len + j) * c.kv_heads + kh) * d;
-                        (0..d).map(|x| q[qb + x] as f64 * k[kb + x] as f64).sum::<f64>() * scale
+                        (0..d).map(|x| q[qb + x] * k[kb + x]).sum::<f64>() * scale
                     })
                     .collect();
                 if scores.is_empty() {
@@ -55,8 +60,8 @@ fn reference(c: &Case, q: &[f32], k: &[f32], v: &[f32], lens: &[usize]) -> (Vec<
                     let p = (s - m).exp() / sum;
                     let kb = ((b * c.kv_len + j) * c.kv_heads + kh) * d;
                     for x in 0..d {
-                        o[qb + x] += p * v[kb + x] as f64;
-                        mass[qb + x] += (p * v[kb + x] as f64).abs();
+                        o[qb + x] += p * v[kb + x];
+                        mass[qb + x] += (p * v[kb + x]).abs();
                     }
                 }
             }
@@ -189,5 +194,58 @@ fn bad_input_is_an_error() {
     for device in gpu_devices() {
         let g = Tensor::zeros(&[1, 2, 2, 8], DType::F32, &device).unwrap();
         assert!(matches!(attention(&t(&[1, 2, 2, 8]), &g, &g, &o), Err(Error::DeviceMismatch(_))));
+    }
+}
+
+#[test]
+fn backward_matches_finite_differences_on_every_device() {
+    use kiln::ops::attention::attention_backward;
+    for (causal, lens) in [(true, None), (false, Some(vec![5, 3])), (true, Some(vec![4, 2]))] {
+        let c = Case { batch: 2, q_len: 3, kv_len: 5, heads: 4, kv_heads: 2, dim: 8, causal, dtype: DType::F32 };
+        let qs = [c.batch, c.q_len, c.heads, c.dim];
+        let ks = [c.batch, c.kv_len, c.kv_heads, c.dim];
+        let q = Tensor::randn(&qs, 0.0, 1.0, 11, DType::F32, &Device::Cpu).unwrap();
+        let k = Tensor::randn(&ks, 0.0, 1.0, 12, DType::F32, &Device::Cpu).unwrap();
+        let v = Tensor::randn(&ks, 0.0, 1.0, 13, DType::F32, &Device::Cpu).unwrap();
+        let r = Tensor::randn(&qs, 0.0, 1.0, 14, DType::F32, &Device::Cpu).unwrap();
+        let wide = |t: &Tensor| t.to_vec::<f32>().unwrap().into_iter().map(|x| x as f64).collect::<Vec<f64>>();
+        let (q64, k64, v64, r64) = (wide(&q), wide(&k), wide(&v), wide(&r));
+        let full_lens = lens.clone().unwrap_or(vec![usize::MAX; c.batch]);
+        // L = Σ O ⊙ R, so dL/dO = R.
+        let loss = |q: &[f64], k: &[f64], v: &[f64]| -> f64 {
+            reference64(&c, q, k, v, &full_lens).0.iter().zip(&r64).map(|(o, r)| o * r).sum()
+        };
+        let fd = |which: usize| -> Vec<f64> {
+            let base = [&q64, &k64, &v64];
+            (0..base[which].len())
+                .map(|i| {
+                    let h = 1e-5;
+                    let (mut up, mut down): (Vec<Vec<f64>>, Vec<Vec<f64>>) =
+                        (base.iter().map(|x| x.to_vec()).collect(), base.iter().map(|x| x.to_vec()).collect());
+                    up[which][i] += h;
+                    down[which][i] -= h;
+                    (loss(&up[0], &up[1], &up[2]) - loss(&down[0], &down[1], &down[2])) / (2.0 * h)
+                })
+                .collect()
+        };
+        let want = [fd(0), fd(1), fd(2)];
+        let options = AttentionOptions { causal, scale: None, seq_lens: lens.clone() };
+        for device in devices() {
+            let on = |t: &Tensor| t.to_device(&device).unwrap();
+            let (q, k, v) = (on(&q), on(&k), on(&v));
+            let fwd = attention(&q, &k, &v, &options).unwrap();
+            let grads = attention_backward(&q, &k, &v, &fwd, &on(&r), &options).unwrap();
+            for (name, got, want) in
+                [("dq", &grads.dq, &want[0]), ("dk", &grads.dk, &want[1]), ("dv", &grads.dv, &want[2])]
+            {
+                let got = got.to_vec::<f32>().unwrap();
+                for (i, (g, w)) in got.iter().zip(want).enumerate() {
+                    assert!(
+                        (*g as f64 - w).abs() <= 1e-3 * (1.0 + w.abs()),
+                        "{device} causal {causal} {lens:?} {name}[{i}]: {g} vs {w}"
+                    );
+                }
+            }
+        }
     }
 }

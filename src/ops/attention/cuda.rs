@@ -44,3 +44,56 @@ pub(crate) fn forward(q: &Tensor, k: &Tensor, v: &Tensor, s: &AttnShape, lens: &
     unsafe { launch.launch(cfg) }.map_err(|e| CudaDevice::launch_err(&name, e))?;
     Ok(AttentionOutput { o: o.to_dtype(q.dtype())?, lse })
 }
+
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn backward(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    d_o: &Tensor,
+    lse: &Tensor,
+    dvec: &Tensor,
+    s: &AttnShape,
+    lens: &[usize],
+) -> Result<super::AttentionGrads> {
+    let dev = q.cuda_device()?.clone();
+    let device = q.device();
+    let d_o = d_o.to_dtype(DType::F32)?;
+    let lens64: Vec<u64> = lens.iter().map(|&l| l as u64).collect();
+    let lens_buf = RawBuffer::new(bytemuck::cast_slice(&lens64).to_vec(), &device)?;
+    let lens_ref = match &lens_buf {
+        RawBuffer::Cuda { buf, .. } => buf.get(),
+        _ => return Err(Error::DeviceMismatch("expected a CUDA buffer".into())),
+    };
+    let (q_len, kv_len) = (to_i32("q_len", s.q_len)?, to_i32("kv_len", s.kv_len)?);
+    let (heads, kv_heads, dim) = (to_i32("heads", s.heads)?, to_i32("kv_heads", s.kv_heads)?, to_i32("dim", s.dim)?);
+    let causal = s.causal as i32;
+    let cfg = |rows: u64| LaunchConfig {
+        grid_dim: ((rows as usize).div_ceil(128).clamp(1, 1 << 16) as u32, 1, 1),
+        block_dim: (128, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let dq = Tensor::empty(q.shape(), DType::F32, &device)?;
+    let dk = Tensor::empty(k.shape(), DType::F32, &device)?;
+    let dv = Tensor::empty(v.shape(), DType::F32, &device)?;
+    for (kind, rows) in
+        [("dq", (s.batch * s.q_len * s.heads) as u64), ("dkv", (s.batch * s.kv_len * s.kv_heads) as u64)]
+    {
+        let name = format!("attention_bwd_{kind}_{}", q.dtype());
+        let f = dev.function(&SOURCE, &name)?;
+        let mut launch = dev.stream.launch_builder(&f);
+        launch.arg(q.cuda_buffer()?).arg(k.cuda_buffer()?).arg(v.cuda_buffer()?).arg(d_o.cuda_buffer()?);
+        launch.arg(lse.cuda_buffer()?).arg(dvec.cuda_buffer()?).arg(lens_ref);
+        launch.arg(&q_len).arg(&kv_len).arg(&heads).arg(&kv_heads).arg(&dim).arg(&s.scale).arg(&causal);
+        if kind == "dq" {
+            launch.arg(dq.cuda_buffer()?);
+        } else {
+            launch.arg(dk.cuda_buffer()?).arg(dv.cuda_buffer()?);
+        }
+        launch.arg(&rows);
+        // SAFETY: shapes as in `forward`; dO, lse and D are f32 of the stated shapes; the
+        // outputs are shaped like q, k and v.
+        unsafe { launch.launch(cfg(rows)) }.map_err(|e| CudaDevice::launch_err(&name, e))?;
+    }
+    Ok(super::AttentionGrads { dq, dk, dv })
+}

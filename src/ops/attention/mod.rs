@@ -72,11 +72,8 @@ impl AttnShape {
     }
 }
 
-/// Attention forward on q's device. Errors: `Shape` for ranks other than 4, mismatched
-/// batch or head dims, heads not a multiple of kv_heads, a head dim over [`MAX_HEAD_DIM`],
-/// a sequence-length vector of the wrong length or with lengths past the tensor; `DType` for
-/// q, k, v of different dtypes; `DeviceMismatch`.
-pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, options: &AttentionOptions) -> Result<AttentionOutput> {
+/// Checks the operands and returns the call's shape and per-sequence lengths.
+fn validate(q: &Tensor, k: &Tensor, v: &Tensor, options: &AttentionOptions) -> Result<(AttnShape, Vec<usize>)> {
     crate::ops::same_device("attention", &[q, k, v])?;
     let (&[batch, q_len, heads, dim], &[kb, kv_len, kv_heads, kd]) = (q.shape(), k.shape()) else {
         return Err(Error::Shape(format!(
@@ -123,7 +120,15 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, options: &AttentionOptions)
     if !scale.is_finite() {
         return Err(Error::InvalidArgument(format!("attention scale {scale} is not finite")));
     }
-    let s = AttnShape { batch, q_len, kv_len, heads, kv_heads, dim, scale, causal: options.causal };
+    Ok((AttnShape { batch, q_len, kv_len, heads, kv_heads, dim, scale, causal: options.causal }, lens))
+}
+
+/// Attention forward on q's device. Errors: `Shape` for ranks other than 4, mismatched
+/// batch or head dims, heads not a multiple of kv_heads, a head dim over [`MAX_HEAD_DIM`],
+/// a sequence-length vector of the wrong length or with lengths past the tensor; `DType` for
+/// q, k, v of different dtypes; `DeviceMismatch`.
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, options: &AttentionOptions) -> Result<AttentionOutput> {
+    let (s, lens) = validate(q, k, v, options)?;
     match q.storage() {
         Storage::Cpu(_) => cpu_forward(q, k, v, &s, &lens),
         #[cfg(feature = "cuda")]
@@ -175,5 +180,117 @@ fn cpu_forward(q: &Tensor, k: &Tensor, v: &Tensor, s: &AttnShape, lens: &[usize]
     Ok(AttentionOutput {
         o: Tensor::from_f32(&o, q.shape(), q.dtype(), &crate::Device::Cpu)?,
         lse: Tensor::from_slice(&lse, &[s.batch, s.heads, s.q_len], &crate::Device::Cpu)?,
+    })
+}
+
+/// The backward pass's results, f32, shaped like q, k and v.
+#[derive(Debug, Clone)]
+pub struct AttentionGrads {
+    pub dq: Tensor,
+    pub dk: Tensor,
+    pub dv: Tensor,
+}
+
+/// Attention backward in the FlashAttention-2 scheme: the scores are recomputed from q, k
+/// and the saved logsumexp, never stored; `D = rowsum(dO ⊙ O)`, then per visible pair
+/// `p = exp(s − lse)`, `dV += p·dO`, `dS = p·(dO·V − D)`, `dQ += scale·dS·K`,
+/// `dK += scale·dS·Q`. Grouped-query gradients are summed into the shared k/v heads.
+/// `options` must be the forward's. Errors as [`attention`], plus `Shape` when `d_o` or the
+/// forward's outputs do not fit.
+pub fn attention_backward(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    forward: &AttentionOutput,
+    d_o: &Tensor,
+    options: &AttentionOptions,
+) -> Result<AttentionGrads> {
+    crate::ops::same_device("attention_backward", &[q, k, v, &forward.o, &forward.lse, d_o])?;
+    let (s, lens) = validate(q, k, v, options)?;
+    if d_o.shape() != q.shape() || forward.o.shape() != q.shape() || forward.lse.shape() != [s.batch, s.heads, s.q_len]
+    {
+        return Err(Error::Shape(format!(
+            "attention_backward: dO {:?}, O {:?}, lse {:?} must be {:?}, {:?}, [{}, {}, {}]",
+            d_o.shape(),
+            forward.o.shape(),
+            forward.lse.shape(),
+            q.shape(),
+            q.shape(),
+            s.batch,
+            s.heads,
+            s.q_len
+        )));
+    }
+    // D = rowsum(dO ⊙ O), [batch, q_len, heads], with the elementwise kernels.
+    let f32_of = |t: &Tensor| t.to_dtype(crate::DType::F32);
+    let d = crate::ops::sum_rows(&crate::ops::mul(&f32_of(d_o)?, &f32_of(&forward.o)?)?)?;
+    let lse = &forward.lse;
+    match q.storage() {
+        Storage::Cpu(_) => cpu_backward(q, k, v, d_o, lse, &d, &s, &lens),
+        #[cfg(feature = "cuda")]
+        Storage::Cuda { .. } => cuda::backward(q, k, v, d_o, lse, &d, &s, &lens),
+        #[cfg(feature = "wgpu")]
+        Storage::Wgpu { .. } => wgpu::backward(q, k, v, d_o, lse, &d, &s, &lens),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn cpu_backward(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    d_o: &Tensor,
+    lse: &Tensor,
+    dvec: &Tensor,
+    s: &AttnShape,
+    lens: &[usize],
+) -> Result<AttentionGrads> {
+    let (qv, kv, vv, dov) = (q.to_vec_f32()?, k.to_vec_f32()?, v.to_vec_f32()?, d_o.to_vec_f32()?);
+    let (lse, dd) = (lse.to_vec::<f32>()?, dvec.to_vec::<f32>()?);
+    let (d, group) = (s.dim, s.heads / s.kv_heads);
+    let q_at = |b: usize, i: usize, h: usize| ((b * s.q_len + i) * s.heads + h) * d;
+    let kv_at = |b: usize, j: usize, kh: usize| ((b * s.kv_len + j) * s.kv_heads + kh) * d;
+    // p and dS of one (query row, key) pair.
+    let pair = |b: usize, h: usize, i: usize, j: usize| -> (f32, f32) {
+        let (qb, kb) = (q_at(b, i, h), kv_at(b, j, h / group));
+        let score = crate::ops::dot(&qv[qb..qb + d], &kv[kb..kb + d]) * s.scale;
+        let p = (score - lse[(b * s.heads + h) * s.q_len + i]).exp();
+        let dp = crate::ops::dot(&dov[qb..qb + d], &vv[kb..kb + d]);
+        (p, p * (dp - dd[(b * s.q_len + i) * s.heads + h]))
+    };
+    let mut dq = vec![0f32; qv.len()];
+    dq.par_chunks_mut(d).enumerate().for_each(|(row, out)| {
+        let (b, i, h) = (row / (s.q_len * s.heads), (row / s.heads) % s.q_len, row % s.heads);
+        for j in 0..s.visible(i, lens[b]) {
+            let (_, ds) = pair(b, h, i, j);
+            let kb = kv_at(b, j, h / group);
+            for (o, &x) in out.iter_mut().zip(&kv[kb..kb + d]) {
+                *o += s.scale * ds * x;
+            }
+        }
+    });
+    let mut dk = vec![0f32; kv.len()];
+    let mut dv = vec![0f32; vv.len()];
+    dk.par_chunks_mut(d).zip(dv.par_chunks_mut(d)).enumerate().for_each(|(row, (dk_row, dv_row))| {
+        let (b, j, kh) = (row / (s.kv_len * s.kv_heads), (row / s.kv_heads) % s.kv_len, row % s.kv_heads);
+        for h in kh * group..(kh + 1) * group {
+            for i in 0..s.q_len {
+                if j >= s.visible(i, lens[b]) {
+                    continue;
+                }
+                let (p, ds) = pair(b, h, i, j);
+                let qb = q_at(b, i, h);
+                for c in 0..d {
+                    dv_row[c] += p * dov[qb + c];
+                    dk_row[c] += s.scale * ds * qv[qb + c];
+                }
+            }
+        }
+    });
+    let cpu = crate::Device::Cpu;
+    Ok(AttentionGrads {
+        dq: Tensor::from_slice(&dq, q.shape(), &cpu)?,
+        dk: Tensor::from_slice(&dk, k.shape(), &cpu)?,
+        dv: Tensor::from_slice(&dv, v.shape(), &cpu)?,
     })
 }

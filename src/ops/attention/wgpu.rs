@@ -48,3 +48,76 @@ pub(crate) fn forward(q: &Tensor, k: &Tensor, v: &Tensor, s: &AttnShape, lens: &
     dev.dispatch(&pipeline, &buffers, &params, (gx, gy, 1))?;
     Ok(AttentionOutput { o: o.to_dtype(q.dtype())?, lse })
 }
+
+const BWD_COMMON: &str = include_str!("../../../shaders/attention_bwd_common.wgsl");
+const BWD_DQ: &str = include_str!("../../../shaders/attention_bwd_dq.wgsl");
+const BWD_DKV: &str = include_str!("../../../shaders/attention_bwd_dkv.wgsl");
+
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn backward(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    d_o: &Tensor,
+    lse: &Tensor,
+    dvec: &Tensor,
+    s: &AttnShape,
+    lens: &[usize],
+) -> Result<super::AttentionGrads> {
+    let dev = q.wgpu_device()?.clone();
+    let device = q.device();
+    let dtype = q.dtype();
+    // dO in f32 whatever its dtype: no precision lost before the products.
+    let d_o = d_o.to_dtype(DType::F32)?;
+    let lens32: Vec<u32> = lens.iter().map(|&l| l.min(u32::MAX as usize) as u32).collect();
+    let lens_buf = RawBuffer::new(bytemuck::cast_slice(&lens32).to_vec(), &device)?;
+    let lens_ref = match &lens_buf {
+        RawBuffer::Wgpu { buf, .. } => buf.get(),
+        _ => return Err(Error::DeviceMismatch("expected a wgpu buffer".into())),
+    };
+    let loads = || {
+        ["q", "k", "v"].iter().enumerate().map(|(i, n)| wgsl_input(n, i as u32, dtype, false)).collect::<String>()
+            + &wgsl_input("g", 3, DType::F32, false)
+    };
+    let params = |rows: usize, gx: u32| -> Result<Vec<u32>> {
+        Ok(vec![
+            fits_u32("q_len", s.q_len)?,
+            fits_u32("kv_len", s.kv_len)?,
+            fits_u32("heads", s.heads)?,
+            fits_u32("kv_heads", s.kv_heads)?,
+            fits_u32("head dim", s.dim)?,
+            s.scale.to_bits(),
+            s.causal as u32,
+            fits_u32("rows", rows)?,
+            gx,
+        ])
+    };
+    let inputs = [
+        q.wgpu_buffer()?,
+        k.wgpu_buffer()?,
+        v.wgpu_buffer()?,
+        d_o.wgpu_buffer()?,
+        lse.wgpu_buffer()?,
+        dvec.wgpu_buffer()?,
+        lens_ref,
+    ];
+
+    let dq = Tensor::empty(q.shape(), DType::F32, &device)?;
+    let rows = s.batch * s.q_len * s.heads;
+    let (gx, gy) = grid_2d(rows.div_ceil(64));
+    let pipeline = dev.pipeline(&format!("attention_bwd_dq_{dtype}"), || format!("{}{BWD_COMMON}{BWD_DQ}", loads()))?;
+    let mut buffers = inputs.to_vec();
+    buffers.push(dq.wgpu_buffer()?);
+    dev.dispatch(&pipeline, &buffers, &params(rows, gx)?, (gx, gy, 1))?;
+
+    let dk = Tensor::empty(k.shape(), DType::F32, &device)?;
+    let dv = Tensor::empty(v.shape(), DType::F32, &device)?;
+    let rows = s.batch * s.kv_len * s.kv_heads;
+    let (gx, gy) = grid_2d(rows.div_ceil(64));
+    let pipeline =
+        dev.pipeline(&format!("attention_bwd_dkv_{dtype}"), || format!("{}{BWD_COMMON}{BWD_DKV}", loads()))?;
+    let mut buffers = inputs.to_vec();
+    buffers.extend([dk.wgpu_buffer()?, dv.wgpu_buffer()?]);
+    dev.dispatch(&pipeline, &buffers, &params(rows, gx)?, (gx, gy, 1))?;
+    Ok(super::AttentionGrads { dq, dk, dv })
+}
