@@ -7,9 +7,9 @@
 
 #define MAX_HEAD_DIM 256
 
-__device__ __forceinline__ int visible_keys(int i, u64 len, int q_len, int kv_len, int causal) {
-    if ((u64)i >= min(len, (u64)q_len)) return 0;
-    const int kv_valid = (int)min(len, (u64)kv_len);
+__device__ __forceinline__ int visible_keys(int i, u32 len, int q_len, int kv_len, int causal) {
+    if ((u32)i >= min(len, (u32)q_len)) return 0;
+    const int kv_valid = (int)min(len, (u32)kv_len);
     if (!causal) return kv_valid;
     const int end = i + kv_len - q_len + 1;
     return min(max(end, 0), kv_valid);
@@ -17,7 +17,7 @@ __device__ __forceinline__ int visible_keys(int i, u64 len, int q_len, int kv_le
 
 template <class T>
 __device__ void attention_fwd_impl(const typename T::storage* q, const typename T::storage* k,
-                                   const typename T::storage* v, const u64* lens, float* o, float* lse,
+                                   const typename T::storage* v, const u32* lens, float* o, float* lse,
                                    int q_len, int kv_len, int heads, int kv_heads, int dim, float scale,
                                    int causal, u64 rows) {
     for (u64 r = blockIdx.x * (u64)blockDim.x + threadIdx.x; r < rows; r += (u64)gridDim.x * blockDim.x) {
@@ -49,7 +49,7 @@ __device__ void attention_fwd_impl(const typename T::storage* q, const typename 
 
 #define KILN_ATTENTION(T, NAME)                                                                     \
     extern "C" __global__ void __launch_bounds__(128) attention_fwd_##NAME(                          \
-        const T::storage* q, const T::storage* k, const T::storage* v, const u64* lens, float* o,     \
+        const T::storage* q, const T::storage* k, const T::storage* v, const u32* lens, float* o,     \
         float* lse, int q_len, int kv_len, int heads, int kv_heads, int dim, float scale, int causal,  \
         u64 rows) {                                                                                  \
         attention_fwd_impl<T>(q, k, v, lens, o, lse, q_len, kv_len, heads, kv_heads, dim, scale,      \
@@ -73,7 +73,7 @@ template <class T>
 struct AttnArgs {
     const typename T::storage *q, *k, *v;
     const float *d_o, *lse, *dvec;
-    const u64* lens;
+    const u32* lens;
     int q_len, kv_len, heads, kv_heads, dim;
     float scale;
     int causal;
@@ -137,7 +137,7 @@ __device__ void attention_bwd_dkv_impl(const AttnArgs<T>& a, float* dk, float* d
 
 #define ATTN_BWD_PARAMS(T)                                                                          \
     const T::storage *q, const T::storage *k, const T::storage *v, const float *d_o,                \
-        const float *lse, const float *dvec, const u64 *lens, int q_len, int kv_len, int heads,     \
+        const float *lse, const float *dvec, const u32 *lens, int q_len, int kv_len, int heads,     \
         int kv_heads, int dim, float scale, int causal
 #define ATTN_BWD_ARGS(T) AttnArgs<T>{q, k, v, d_o, lse, dvec, lens, q_len, kv_len, heads, kv_heads, dim, scale, causal}
 

@@ -2,31 +2,9 @@
 // scores recomputed from q, k and lse, p = exp(s − lse), dS = p · (dO_i · v_j − D_i) with
 // D = rowsum(dO ⊙ O) ([b, q_len, h]). The including shader declares `lse`, `dvec`, `lens`
 // and `params`; the Rust side prepends `load_q`, `load_k`, `load_v`, `load_g` (dO) at
-// bindings 0-3.
+// bindings 0-3, and attention_common.wgsl before this file.
 
-struct Params {
-    q_len: u32,
-    kv_len: u32,
-    heads: u32,
-    kv_heads: u32,
-    dim: u32,
-    scale: f32,
-    causal: u32,
-    rows: u32,
-    groups_x: u32,
-}
 
-fn visible(i: u32, len: u32) -> u32 {
-    if (i >= min(len, params.q_len)) {
-        return 0u;
-    }
-    let kv_valid = min(len, params.kv_len);
-    if (params.causal == 0u) {
-        return kv_valid;
-    }
-    let end = i32(i) + i32(params.kv_len) - i32(params.q_len) + 1;
-    return min(u32(max(end, 0)), kv_valid);
-}
 
 // (p, dS) of query row (b, i, h) and key j.
 fn pair(b: u32, h: u32, i: u32, j: u32) -> vec2<f32> {

@@ -2,39 +2,17 @@
 // with an online softmax (running max m, running sum l, accumulator acc), so no score
 // matrix is stored. Mirrors cpu_forward in src/ops/attention/mod.rs.
 //
-// The Rust side prepends `load_q`, `load_k`, `load_v` (bindings 0-2) for the dtype.
+// The Rust side prepends `load_q`, `load_k`, `load_v` (bindings 0-2) for the dtype and
+// attention_common.wgsl.
 // Output o is f32 (rounded to q's dtype after), lse is f32 with −∞ for a row that sees no
 // key. Dispatch: 2-D, 64 rows per workgroup.
 
-struct Params {
-    q_len: u32,
-    kv_len: u32,
-    heads: u32,
-    kv_heads: u32,
-    dim: u32,
-    scale: f32,
-    causal: u32,
-    rows: u32,
-    groups_x: u32,
-}
 
 @group(0) @binding(3) var<storage, read> lens: array<u32>;
 @group(0) @binding(4) var<storage, read_write> o: array<f32>;
 @group(0) @binding(5) var<storage, read_write> lse: array<f32>;
 @group(0) @binding(6) var<uniform> params: Params;
 
-// Keys 0..visible(i) of a sequence of length len (see AttnShape::visible).
-fn visible(i: u32, len: u32) -> u32 {
-    if (i >= min(len, params.q_len)) {
-        return 0u;
-    }
-    let kv_valid = min(len, params.kv_len);
-    if (params.causal == 0u) {
-        return kv_valid;
-    }
-    let end = i32(i) + i32(params.kv_len) - i32(params.q_len) + 1;
-    return min(u32(max(end, 0)), kv_valid);
-}
 
 @compute @workgroup_size(64)
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) li: u32) {

@@ -489,6 +489,26 @@ impl RawBuffer {
         }
     }
 
+    /// The CUDA buffer behind raw bytes on a CUDA device.
+    #[cfg(feature = "cuda")]
+    pub(crate) fn cuda_slice(&self) -> Result<&cudarc::driver::CudaSlice<u8>> {
+        match self {
+            RawBuffer::Cuda { buf, .. } => Ok(buf.get()),
+            #[allow(unreachable_patterns)]
+            _ => Err(Error::DeviceMismatch("expected bytes on a CUDA device".into())),
+        }
+    }
+
+    /// The wgpu buffer behind raw bytes on a wgpu device.
+    #[cfg(feature = "wgpu")]
+    pub(crate) fn wgpu_buffer(&self) -> Result<&::wgpu::Buffer> {
+        match self {
+            RawBuffer::Wgpu { buf, .. } => Ok(buf.get()),
+            #[allow(unreachable_patterns)]
+            _ => Err(Error::DeviceMismatch("expected bytes on a wgpu device".into())),
+        }
+    }
+
     /// The bytes, copied to the host.
     pub(crate) fn to_vec(&self) -> Result<Vec<u8>> {
         match self {

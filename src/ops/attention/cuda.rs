@@ -3,8 +3,7 @@
 use super::{AttentionOutput, AttnShape};
 use crate::device::cuda::{CudaDevice, KernelSource};
 use crate::ops::matmul::cuda::to_i32;
-use crate::tensor::RawBuffer;
-use crate::{DType, Error, Result, Tensor};
+use crate::{DType, Result, Tensor};
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 
 pub(crate) const SOURCE: KernelSource = KernelSource {
@@ -17,12 +16,8 @@ pub(crate) fn forward(q: &Tensor, k: &Tensor, v: &Tensor, s: &AttnShape, lens: &
     let dev = q.cuda_device()?.clone();
     let device = q.device();
     let rows = (s.batch * s.heads * s.q_len) as u64;
-    let lens64: Vec<u64> = lens.iter().map(|&l| l as u64).collect();
-    let lens_buf = RawBuffer::new(bytemuck::cast_slice(&lens64).to_vec(), &device)?;
-    let lens_ref = match &lens_buf {
-        RawBuffer::Cuda { buf, .. } => buf.get(),
-        _ => return Err(Error::DeviceMismatch("expected a CUDA buffer".into())),
-    };
+    let lens_buf = super::lens_buffer(lens, &device)?;
+    let lens_ref = lens_buf.cuda_slice()?;
     let o = Tensor::empty(q.shape(), DType::F32, &device)?;
     let lse = Tensor::empty(&[s.batch, s.heads, s.q_len], DType::F32, &device)?;
     let name = format!("attention_fwd_{}", q.dtype());
@@ -45,26 +40,17 @@ pub(crate) fn forward(q: &Tensor, k: &Tensor, v: &Tensor, s: &AttnShape, lens: &
     Ok(AttentionOutput { o: o.to_dtype(q.dtype())?, lse })
 }
 
-#[allow(clippy::too_many_arguments)]
 pub(crate) fn backward(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    d_o: &Tensor,
-    lse: &Tensor,
-    dvec: &Tensor,
+    inputs: &super::BackwardInputs<'_>,
     s: &AttnShape,
     lens: &[usize],
 ) -> Result<super::AttentionGrads> {
+    let super::BackwardInputs { q, k, v, d_o, lse, dvec } = *inputs;
     let dev = q.cuda_device()?.clone();
     let device = q.device();
     let d_o = d_o.to_dtype(DType::F32)?;
-    let lens64: Vec<u64> = lens.iter().map(|&l| l as u64).collect();
-    let lens_buf = RawBuffer::new(bytemuck::cast_slice(&lens64).to_vec(), &device)?;
-    let lens_ref = match &lens_buf {
-        RawBuffer::Cuda { buf, .. } => buf.get(),
-        _ => return Err(Error::DeviceMismatch("expected a CUDA buffer".into())),
-    };
+    let lens_buf = super::lens_buffer(lens, &device)?;
+    let lens_ref = lens_buf.cuda_slice()?;
     let (q_len, kv_len) = (to_i32("q_len", s.q_len)?, to_i32("kv_len", s.kv_len)?);
     let (heads, kv_heads, dim) = (to_i32("heads", s.heads)?, to_i32("kv_heads", s.kv_heads)?, to_i32("dim", s.dim)?);
     let causal = s.causal as i32;

@@ -42,6 +42,13 @@ pub struct AttentionOutput {
     pub lse: Tensor,
 }
 
+/// Per-sequence lengths on the device as u32 (unbounded lengths saturate), for the kernels.
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
+pub(crate) fn lens_buffer(lens: &[usize], device: &crate::Device) -> Result<crate::tensor::RawBuffer> {
+    let lens32: Vec<u32> = lens.iter().map(|&l| l.min(u32::MAX as usize) as u32).collect();
+    crate::tensor::RawBuffer::new(bytemuck::cast_slice(&lens32).to_vec(), device)
+}
+
 /// The sizes of one attention call, shared by every backend.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct AttnShape {
@@ -224,27 +231,29 @@ pub fn attention_backward(
     // D = rowsum(dO ⊙ O), [batch, q_len, heads], with the elementwise kernels.
     let f32_of = |t: &Tensor| t.to_dtype(crate::DType::F32);
     let d = crate::ops::sum_rows(&crate::ops::mul(&f32_of(d_o)?, &f32_of(&forward.o)?)?)?;
-    let lse = &forward.lse;
+    let inputs = BackwardInputs { q, k, v, d_o, lse: &forward.lse, dvec: &d };
     match q.storage() {
-        Storage::Cpu(_) => cpu_backward(q, k, v, d_o, lse, &d, &s, &lens),
+        Storage::Cpu(_) => cpu_backward(&inputs, &s, &lens),
         #[cfg(feature = "cuda")]
-        Storage::Cuda { .. } => cuda::backward(q, k, v, d_o, lse, &d, &s, &lens),
+        Storage::Cuda { .. } => cuda::backward(&inputs, &s, &lens),
         #[cfg(feature = "wgpu")]
-        Storage::Wgpu { .. } => wgpu::backward(q, k, v, d_o, lse, &d, &s, &lens),
+        Storage::Wgpu { .. } => wgpu::backward(&inputs, &s, &lens),
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-fn cpu_backward(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    d_o: &Tensor,
-    lse: &Tensor,
-    dvec: &Tensor,
-    s: &AttnShape,
-    lens: &[usize],
-) -> Result<AttentionGrads> {
+/// What every backend's backward reads: the forward's inputs, dO, the saved logsumexp and
+/// D = rowsum(dO ⊙ O) (f32, `[batch, q_len, heads]`).
+pub(crate) struct BackwardInputs<'a> {
+    pub q: &'a Tensor,
+    pub k: &'a Tensor,
+    pub v: &'a Tensor,
+    pub d_o: &'a Tensor,
+    pub lse: &'a Tensor,
+    pub dvec: &'a Tensor,
+}
+
+fn cpu_backward(inputs: &BackwardInputs<'_>, s: &AttnShape, lens: &[usize]) -> Result<AttentionGrads> {
+    let BackwardInputs { q, k, v, d_o, lse, dvec } = *inputs;
     let (qv, kv, vv, dov) = (q.to_vec_f32()?, k.to_vec_f32()?, v.to_vec_f32()?, d_o.to_vec_f32()?);
     let (lse, dd) = (lse.to_vec::<f32>()?, dvec.to_vec::<f32>()?);
     let (d, group) = (s.dim, s.heads / s.kv_heads);

@@ -1,11 +1,27 @@
-//! WGSL launcher for the attention forward (`shaders/attention_fwd.wgsl`).
+//! WGSL launchers for attention (`shaders/attention_*.wgsl`).
 
 use super::{AttentionOutput, AttnShape};
 use crate::device::wgpu::{fits_u32, grid_2d, wgsl_input};
-use crate::tensor::RawBuffer;
-use crate::{DType, Error, Result, Tensor};
+use crate::{DType, Result, Tensor};
 
+const COMMON: &str = include_str!("../../../shaders/attention_common.wgsl");
 const SHADER: &str = include_str!("../../../shaders/attention_fwd.wgsl");
+
+/// The `Params` of attention_common.wgsl for a dispatch over `rows` rows.
+fn params(s: &AttnShape, rows: usize, groups_x: u32) -> Result<Vec<u32>> {
+    fits_u32("attention elements", s.batch * s.q_len.max(s.kv_len) * s.heads.max(s.kv_heads) * s.dim)?;
+    Ok(vec![
+        fits_u32("q_len", s.q_len)?,
+        fits_u32("kv_len", s.kv_len)?,
+        fits_u32("heads", s.heads)?,
+        fits_u32("kv_heads", s.kv_heads)?,
+        fits_u32("head dim", s.dim)?,
+        s.scale.to_bits(),
+        s.causal as u32,
+        fits_u32("rows", rows)?,
+        groups_x,
+    ])
+}
 
 pub(crate) fn forward(q: &Tensor, k: &Tensor, v: &Tensor, s: &AttnShape, lens: &[usize]) -> Result<AttentionOutput> {
     let dev = q.wgpu_device()?.clone();
@@ -15,37 +31,21 @@ pub(crate) fn forward(q: &Tensor, k: &Tensor, v: &Tensor, s: &AttnShape, lens: &
     let pipeline = dev.pipeline(&key, || {
         let enable = if native { "enable f16;\n" } else { "" };
         format!(
-            "{enable}{}{}{}{SHADER}",
+            "{enable}{}{}{}{COMMON}{SHADER}",
             wgsl_input("q", 0, q.dtype(), native),
             wgsl_input("k", 1, q.dtype(), native),
             wgsl_input("v", 2, q.dtype(), native)
         )
     })?;
     let rows = s.batch * s.heads * s.q_len;
-    let lens32: Vec<u32> = lens.iter().map(|&l| l.min(u32::MAX as usize) as u32).collect();
-    let lens_buf = RawBuffer::new(bytemuck::cast_slice(&lens32).to_vec(), &device)?;
-    let lens_ref = match &lens_buf {
-        RawBuffer::Wgpu { buf, .. } => buf.get(),
-        _ => return Err(Error::DeviceMismatch("expected a wgpu buffer".into())),
-    };
+    let lens_buf = super::lens_buffer(lens, &device)?;
+    let lens_ref = lens_buf.wgpu_buffer()?;
     let o = Tensor::empty(q.shape(), DType::F32, &device)?;
     let lse = Tensor::empty(&[s.batch, s.heads, s.q_len], DType::F32, &device)?;
     let (gx, gy) = grid_2d(rows.div_ceil(64));
-    fits_u32("attention elements", q.elem_count().max(k.elem_count()))?;
-    let params = [
-        fits_u32("q_len", s.q_len)?,
-        fits_u32("kv_len", s.kv_len)?,
-        fits_u32("heads", s.heads)?,
-        fits_u32("kv_heads", s.kv_heads)?,
-        fits_u32("head dim", s.dim)?,
-        s.scale.to_bits(),
-        s.causal as u32,
-        fits_u32("rows", rows)?,
-        gx,
-    ];
     let buffers =
         [q.wgpu_buffer()?, k.wgpu_buffer()?, v.wgpu_buffer()?, lens_ref, o.wgpu_buffer()?, lse.wgpu_buffer()?];
-    dev.dispatch(&pipeline, &buffers, &params, (gx, gy, 1))?;
+    dev.dispatch(&pipeline, &buffers, &params(s, rows, gx)?, (gx, gy, 1))?;
     Ok(AttentionOutput { o: o.to_dtype(q.dtype())?, lse })
 }
 
@@ -53,44 +53,22 @@ const BWD_COMMON: &str = include_str!("../../../shaders/attention_bwd_common.wgs
 const BWD_DQ: &str = include_str!("../../../shaders/attention_bwd_dq.wgsl");
 const BWD_DKV: &str = include_str!("../../../shaders/attention_bwd_dkv.wgsl");
 
-#[allow(clippy::too_many_arguments)]
 pub(crate) fn backward(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    d_o: &Tensor,
-    lse: &Tensor,
-    dvec: &Tensor,
+    inputs: &super::BackwardInputs<'_>,
     s: &AttnShape,
     lens: &[usize],
 ) -> Result<super::AttentionGrads> {
+    let super::BackwardInputs { q, k, v, d_o, lse, dvec } = *inputs;
     let dev = q.wgpu_device()?.clone();
     let device = q.device();
     let dtype = q.dtype();
     // dO in f32 whatever its dtype: no precision lost before the products.
     let d_o = d_o.to_dtype(DType::F32)?;
-    let lens32: Vec<u32> = lens.iter().map(|&l| l.min(u32::MAX as usize) as u32).collect();
-    let lens_buf = RawBuffer::new(bytemuck::cast_slice(&lens32).to_vec(), &device)?;
-    let lens_ref = match &lens_buf {
-        RawBuffer::Wgpu { buf, .. } => buf.get(),
-        _ => return Err(Error::DeviceMismatch("expected a wgpu buffer".into())),
-    };
+    let lens_buf = super::lens_buffer(lens, &device)?;
+    let lens_ref = lens_buf.wgpu_buffer()?;
     let loads = || {
         ["q", "k", "v"].iter().enumerate().map(|(i, n)| wgsl_input(n, i as u32, dtype, false)).collect::<String>()
             + &wgsl_input("g", 3, DType::F32, false)
-    };
-    let params = |rows: usize, gx: u32| -> Result<Vec<u32>> {
-        Ok(vec![
-            fits_u32("q_len", s.q_len)?,
-            fits_u32("kv_len", s.kv_len)?,
-            fits_u32("heads", s.heads)?,
-            fits_u32("kv_heads", s.kv_heads)?,
-            fits_u32("head dim", s.dim)?,
-            s.scale.to_bits(),
-            s.causal as u32,
-            fits_u32("rows", rows)?,
-            gx,
-        ])
     };
     let inputs = [
         q.wgpu_buffer()?,
@@ -105,19 +83,20 @@ pub(crate) fn backward(
     let dq = Tensor::empty(q.shape(), DType::F32, &device)?;
     let rows = s.batch * s.q_len * s.heads;
     let (gx, gy) = grid_2d(rows.div_ceil(64));
-    let pipeline = dev.pipeline(&format!("attention_bwd_dq_{dtype}"), || format!("{}{BWD_COMMON}{BWD_DQ}", loads()))?;
+    let pipeline =
+        dev.pipeline(&format!("attention_bwd_dq_{dtype}"), || format!("{}{COMMON}{BWD_COMMON}{BWD_DQ}", loads()))?;
     let mut buffers = inputs.to_vec();
     buffers.push(dq.wgpu_buffer()?);
-    dev.dispatch(&pipeline, &buffers, &params(rows, gx)?, (gx, gy, 1))?;
+    dev.dispatch(&pipeline, &buffers, &params(s, rows, gx)?, (gx, gy, 1))?;
 
     let dk = Tensor::empty(k.shape(), DType::F32, &device)?;
     let dv = Tensor::empty(v.shape(), DType::F32, &device)?;
     let rows = s.batch * s.kv_len * s.kv_heads;
     let (gx, gy) = grid_2d(rows.div_ceil(64));
     let pipeline =
-        dev.pipeline(&format!("attention_bwd_dkv_{dtype}"), || format!("{}{BWD_COMMON}{BWD_DKV}", loads()))?;
+        dev.pipeline(&format!("attention_bwd_dkv_{dtype}"), || format!("{}{COMMON}{BWD_COMMON}{BWD_DKV}", loads()))?;
     let mut buffers = inputs.to_vec();
     buffers.extend([dk.wgpu_buffer()?, dv.wgpu_buffer()?]);
-    dev.dispatch(&pipeline, &buffers, &params(rows, gx)?, (gx, gy, 1))?;
+    dev.dispatch(&pipeline, &buffers, &params(s, rows, gx)?, (gx, gy, 1))?;
     Ok(super::AttentionGrads { dq, dk, dv })
 }

@@ -13,13 +13,6 @@ pub(crate) const SOURCE: KernelSource = KernelSource {
     needs_sm90a: false,
 };
 
-fn raw(r: &RawBuffer) -> Result<&cudarc::driver::CudaSlice<u8>> {
-    match r {
-        RawBuffer::Cuda { buf, .. } => Ok(buf.get()),
-        _ => Err(Error::DeviceMismatch("expected a CUDA buffer".into())),
-    }
-}
-
 pub(crate) fn batched(x: &Tensor, y: &Tensor, set: &AdapterSet, adapters: &[i32]) -> Result<Tensor> {
     let dev = x.cuda_device()?.clone();
     let device = x.device();
@@ -33,7 +26,12 @@ pub(crate) fn batched(x: &Tensor, y: &Tensor, set: &AdapterSet, adapters: &[i32]
     let grid_y = u32::try_from(rmax.div_ceil(8)).map_err(|_| Error::Unsupported("rank too large".into()))?;
     let f = dev.function(&SOURCE, "lora_shrink")?;
     let mut launch = dev.stream.launch_builder(&f);
-    launch.arg(x.cuda_buffer()?).arg(set.a.cuda_buffer()?).arg(raw(&table)?).arg(raw(&rows)?).arg(v.cuda_buffer()?);
+    launch
+        .arg(x.cuda_buffer()?)
+        .arg(set.a.cuda_buffer()?)
+        .arg(table.cuda_slice()?)
+        .arg(rows.cuda_slice()?)
+        .arg(v.cuda_buffer()?);
     launch.arg(&inp).arg(&rmax_i);
     let cfg = LaunchConfig { grid_dim: (tokens as u32, grid_y, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
     // SAFETY: x is [tokens, in], v [tokens, rmax]; the table and rows describe the packed set.
@@ -42,7 +40,7 @@ pub(crate) fn batched(x: &Tensor, y: &Tensor, set: &AdapterSet, adapters: &[i32]
     let tokens64 = tokens as u64;
     let f = dev.function(&SOURCE, "lora_expand")?;
     let mut launch = dev.stream.launch_builder(&f);
-    launch.arg(v.cuda_buffer()?).arg(set.b.cuda_buffer()?).arg(raw(&table)?).arg(raw(&rows)?);
+    launch.arg(v.cuda_buffer()?).arg(set.b.cuda_buffer()?).arg(table.cuda_slice()?).arg(rows.cuda_slice()?);
     launch.arg(y.cuda_buffer()?).arg(out.cuda_buffer()?).arg(&tokens64).arg(&outn).arg(&rmax_i);
     let n = tokens * set.out;
     let cfg = LaunchConfig {

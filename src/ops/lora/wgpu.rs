@@ -4,17 +4,10 @@
 use super::AdapterSet;
 use crate::device::wgpu::{fits_u32, grid_2d};
 use crate::tensor::RawBuffer;
-use crate::{DType, Error, Result, Tensor};
+use crate::{DType, Result, Tensor};
 
 const SHRINK: &str = include_str!("../../../shaders/lora_shrink.wgsl");
 const EXPAND: &str = include_str!("../../../shaders/lora_expand.wgsl");
-
-fn raw(r: &RawBuffer) -> Result<&wgpu::Buffer> {
-    match r {
-        RawBuffer::Wgpu { buf, .. } => Ok(buf.get()),
-        _ => Err(Error::DeviceMismatch("expected a wgpu buffer".into())),
-    }
-}
 
 pub(crate) fn batched(x: &Tensor, y: &Tensor, set: &AdapterSet, adapters: &[i32]) -> Result<Tensor> {
     let dev = x.wgpu_device()?.clone();
@@ -31,14 +24,20 @@ pub(crate) fn batched(x: &Tensor, y: &Tensor, set: &AdapterSet, adapters: &[i32]
     let (gx, gy) = grid_2d(tokens * rmax);
     let pipeline = dev.pipeline("lora_shrink", || SHRINK.to_string())?;
     let params = [dims[0], dims[1], dims[2], dims[3], gx];
-    let buffers = [x.wgpu_buffer()?, set.a.wgpu_buffer()?, raw(&table)?, raw(&rows)?, v.wgpu_buffer()?];
+    let buffers = [x.wgpu_buffer()?, set.a.wgpu_buffer()?, table.wgpu_buffer()?, rows.wgpu_buffer()?, v.wgpu_buffer()?];
     dev.dispatch(&pipeline, &buffers, &params, (gx, gy, 1))?;
 
     let (gx, gy) = grid_2d((tokens * set.out).div_ceil(64));
     let pipeline = dev.pipeline("lora_expand", || EXPAND.to_string())?;
     let params = [dims[0], dims[1], dims[2], dims[3], gx];
-    let buffers =
-        [v.wgpu_buffer()?, set.b.wgpu_buffer()?, raw(&table)?, raw(&rows)?, y.wgpu_buffer()?, out.wgpu_buffer()?];
+    let buffers = [
+        v.wgpu_buffer()?,
+        set.b.wgpu_buffer()?,
+        table.wgpu_buffer()?,
+        rows.wgpu_buffer()?,
+        y.wgpu_buffer()?,
+        out.wgpu_buffer()?,
+    ];
     dev.dispatch(&pipeline, &buffers, &params, (gx, gy, 1))?;
     Ok(out)
 }
