@@ -1,12 +1,81 @@
-// Many LoRA adapters in one batch (Punica's BGMV idea), f32. Each row t of x picks adapter
+// LoRA kernels (prepended: common.cuh, gemm.cuh, quant.cuh).
+//
+// The fused layer y = x·Wᵀ + bias + s·xa·B_loraᵀ with xa = x·A_loraᵀ, W [N, K] dense (x's
+// type) or quantized, x [M, K], A_lora [r, K] in x's type, B_lora [N, r] and bias [N] f32,
+// y in out_kind. The GEMM engines of gemm.cuh with their LoRA extension (LoraArgs):
+//
+// lora_fused_simt_{f32,f16,bf16}_{dense,quant}_{pre,xa}
+//     gemm_simt; `xa`: xa computed from the staged x tiles (r ≤ 32) and written to xa_out;
+//     `pre`: xa_in computed beforehand (dropout on the LoRA input, or r > 32).
+// lora_fused_mma_{f16,bf16}_{dense,quant}_{pre,xa16,xa32}
+//     gemm_mma (sm_80+, K a multiple of 8); `xa16`/`xa32`: xa on the tensor cores from
+//     the x fragments already loaded, rank padded to 16 or 32.
+// lora_gemv_{f32,f16,bf16}
+//     quantized W, up to 8 tokens: the quant GEMV with xa_in (decoding).
+//
+// Many adapters in one batch (Punica's BGMV idea), f32. Each row t of x picks adapter
 // rows[t] (−1: none). `table` holds per adapter: offset of its A and of its B in the packed
 // a and b arrays (elements), its rank, its scale (f32 bits).
 //
 // lora_shrink   v[t, j] = x[t]·A_a[j] for j < rank(a), else 0. One warp per (t, j):
 //               256 threads = 8 values of j, grid (tokens, ceil(max rank / 8)); lanes
-//               stride over `in`, warp-shuffle reduction.
+//               stride over `in`, warp-shuffle reduction. Also the shrink of the decoding
+//               path (one adapter, every row 0).
 // lora_expand   out[t, o] = y[t, o] + s_a · v[t]·B_a[o]. One thread per element,
 //               grid-stride.
+
+#define LORA_ARGS const void *la, const float *xa_in, float *xa_out, const float *lb, const float *bias, int r, float scale
+#define LORA LoraArgs{la, xa_in, xa_out, lb, bias, r, scale}
+
+#define KILN_LORA_SIMT(T, NAME, LR, MODE)                                                                     \
+    extern "C" __global__ void __launch_bounds__(256) lora_fused_simt_##NAME##_dense_##MODE(                  \
+        const T::storage* x, const T::storage* w, void* y, int out_kind, int M, int N, int K, LORA_ARGS) {    \
+        const DenseB<T> bload{w, K, 0, 1};                                                                     \
+        gemm_simt<T, DenseB<T>, LR>(x, bload, y, out_kind, M, N, K, K, 0, 0, 1, LORA);                         \
+    }                                                                                                          \
+    extern "C" __global__ void __launch_bounds__(256) lora_fused_simt_##NAME##_quant_##MODE(                  \
+        const T::storage* x, const u8* w, void* y, int out_kind, int M, int N, int K, LORA_ARGS,              \
+        QDESC_PARAMS) {                                                                                        \
+        const QuantB bload{w, QDESC, K, 0};                                                                    \
+        gemm_simt<T, QuantB, LR>(x, bload, y, out_kind, M, N, K, K, 0, 0, 1, LORA);                            \
+    }
+
+KILN_LORA_SIMT(F32, f32, 0, pre)
+KILN_LORA_SIMT(F32, f32, SIMT_LORA_R, xa)
+KILN_LORA_SIMT(F16, f16, 0, pre)
+KILN_LORA_SIMT(F16, f16, SIMT_LORA_R, xa)
+KILN_LORA_SIMT(BF16, bf16, 0, pre)
+KILN_LORA_SIMT(BF16, bf16, SIMT_LORA_R, xa)
+
+#define KILN_LORA_MMA(T, BF, NAME, LR, MODE)                                                                  \
+    extern "C" __global__ void __launch_bounds__(256) lora_fused_mma_##NAME##_dense_##MODE(                   \
+        const u16* x, const u16* w, void* y, int out_kind, int M, int N, int K, LORA_ARGS) {                  \
+        const DenseBStage<true> bstage{w, K, 0, K, N};                                                         \
+        gemm_mma<BF, false, true, DenseBStage<true>, LR>(x, bstage, y, out_kind, M, N, K, K, 0, LORA);        \
+    }                                                                                                          \
+    extern "C" __global__ void __launch_bounds__(256) lora_fused_mma_##NAME##_quant_##MODE(                   \
+        const u16* x, const u8* w, void* y, int out_kind, int M, int N, int K, LORA_ARGS, QDESC_PARAMS) {     \
+        const QuantBStage<T, true> bstage{w, QDESC, K, K, N};                                                  \
+        gemm_mma<BF, false, true, QuantBStage<T, true>, LR>(x, bstage, y, out_kind, M, N, K, K, 0, LORA);     \
+    }
+
+KILN_LORA_MMA(F16, false, f16, 0, pre)
+KILN_LORA_MMA(F16, false, f16, 16, xa16)
+KILN_LORA_MMA(F16, false, f16, 32, xa32)
+KILN_LORA_MMA(BF16, true, bf16, 0, pre)
+KILN_LORA_MMA(BF16, true, bf16, 16, xa16)
+KILN_LORA_MMA(BF16, true, bf16, 32, xa32)
+
+#define KILN_LORA_GEMV(TX, NAME)                                                                              \
+    extern "C" __global__ void __launch_bounds__(256) lora_gemv_##NAME(                                       \
+        const u8* w, const TX::storage* x, void* y, int out_kind, int rows, int cols, int tokens, LORA_ARGS,  \
+        QDESC_PARAMS) {                                                                                        \
+        quant_gemv_impl<TX, true>(w, QDESC, x, y, out_kind, rows, cols, tokens, LORA);                        \
+    }
+
+KILN_LORA_GEMV(F32, f32)
+KILN_LORA_GEMV(F16, f16)
+KILN_LORA_GEMV(BF16, bf16)
 
 extern "C" __global__ void __launch_bounds__(256) lora_shrink(const float* x, const float* a, const u32* table,
                                                               const int* rows, float* v, int in, int rmax) {

@@ -18,114 +18,10 @@
 //                                    the activations' half type in shared memory; sm_80+,
 //                                    A rows 16-byte aligned
 
-__constant__ float kNF4[16] = {
-    -1.0f, -0.6961928009986877f, -0.5250730514526367f, -0.39491748809814453f,
-    -0.28444138169288635f, -0.18477343022823334f, -0.09105003625154495f, 0.0f,
-    0.07958029955625534f, 0.16093020141124725f, 0.24611230194568634f, 0.33791524171829224f,
-    0.44070982933044434f, 0.5626170039176941f, 0.7229568362236023f, 1.0f};
-
-// Format and NF4 state offsets (bytes) of one quantized weight.
-struct QDesc {
-    int format;  // 0 Q8_0, 1 Q4_0, 2 NF4, 3 NF4 with double quantisation
-    u64 absmax_off, nested_off, code_off;
-    float offset;
-    __device__ __forceinline__ int block_size() const { return format >= 2 ? 64 : 32; }
-};
-
-__device__ __forceinline__ float f32_at(const u8* w, u64 at) { return *(const float*)(w + at); }
-__device__ __forceinline__ float f16_at(const u8* w, u64 at) { return f16_to_f32(*(const u16*)(w + at)); }
-
-__device__ __forceinline__ float block_scale(const u8* w, const QDesc& q, u64 b) {
-    switch (q.format) {
-        case 0: return f16_at(w, b * 34);
-        case 1: return f16_at(w, b * 18);
-        case 2: return f32_at(w, q.absmax_off + 4 * b);
-        default: {
-            const float code = f32_at(w, q.code_off + 4 * (u64)w[q.absmax_off + b]);
-            return __fadd_rn(__fmul_rn(code, f32_at(w, q.nested_off + 4 * (b / 256))), q.offset);
-        }
-    }
-}
-
-// Decodes the 8 weights at flat indices e0..e0+8 (e0 a multiple of 8: never across blocks).
-__device__ __forceinline__ void decode8(const u8* w, const QDesc& q, u64 e0, float out[8]) {
-    const u64 b = e0 / q.block_size();
-    const float s = block_scale(w, q, b);
-    if (q.format == 0) {
-        const u8* qs = w + b * 34 + 2 + (e0 & 31);
-#pragma unroll
-        for (int j = 0; j < 8; j++) out[j] = __fmul_rn((float)(signed char)qs[j], s);
-    } else if (q.format == 1) {
-        const u8* qs = w + b * 18 + 2;
-        const int j0 = (int)(e0 & 31);
-#pragma unroll
-        for (int j = 0; j < 8; j++) {
-            const int jj = j0 + j;
-            const int byte = qs[jj & 15];
-            out[j] = __fmul_rn((float)((jj < 16 ? byte & 15 : byte >> 4) - 8), s);
-        }
-    } else {
-        const u8* p = w + (e0 >> 1);
-#pragma unroll
-        for (int j = 0; j < 4; j++) {
-            out[2 * j] = __fmul_rn(kNF4[p[j] >> 4], s);
-            out[2 * j + 1] = __fmul_rn(kNF4[p[j] & 15], s);
-        }
-    }
-}
-
-__device__ __forceinline__ float decode1(const u8* w, const QDesc& q, u64 e) {
-    float v[8];
-    decode8(w, q, e & ~(u64)7, v);
-    return v[e & 7];
-}
-
-#define QDESC_PARAMS int format, u64 absmax_off, u64 nested_off, u64 code_off, float offset
-#define QDESC QDesc{format, absmax_off, nested_off, code_off, offset}
-
 extern "C" __global__ void dequantize(const u8* w, void* out, int out_kind, u64 n, QDESC_PARAMS) {
     const QDesc q = QDESC;
     for (u64 e = blockIdx.x * (u64)blockDim.x + threadIdx.x; e < n; e += (u64)gridDim.x * blockDim.x) {
         store_out(out, e, decode1(w, q, e), out_kind);
-    }
-}
-
-// ---------------------------------------------------------------------------------------
-// GEMV
-
-#define GEMV_MAX_TOKENS 8
-
-template <class TX>
-__device__ void quant_gemv_impl(const u8* __restrict__ w, const QDesc q, const typename TX::storage* __restrict__ x,
-                                void* __restrict__ y, int out_kind, int rows, int cols, int tokens) {
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const int row = blockIdx.x * 8 + warp;
-    if (row >= rows) return;  // whole warps leave; only warp shuffles follow
-    const int bs = q.block_size();
-    const int blocks = cols / bs;
-    float acc[GEMV_MAX_TOKENS];
-#pragma unroll
-    for (int t = 0; t < GEMV_MAX_TOKENS; t++) acc[t] = 0.f;
-    for (int b = lane; b < blocks; b += 32) {
-        const u64 col0 = (u64)b * bs;
-        for (int c = 0; c < bs; c += 8) {
-            float wv[8];
-            decode8(w, q, (u64)row * cols + col0 + c, wv);
-#pragma unroll
-            for (int t = 0; t < GEMV_MAX_TOKENS; t++) {
-                if (t < tokens) {
-                    const typename TX::storage* xr = x + (u64)t * cols + col0 + c;
-#pragma unroll
-                    for (int j = 0; j < 8; j++) acc[t] = fmaf(wv[j], TX::load(xr[j]), acc[t]);
-                }
-            }
-        }
-    }
-#pragma unroll
-    for (int t = 0; t < GEMV_MAX_TOKENS; t++) {
-        float s = acc[t];
-        for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
-        if (lane == 0 && t < tokens) store_out(y, (u64)t * rows + row, s, out_kind);
     }
 }
 
@@ -139,21 +35,6 @@ __device__ void quant_gemv_impl(const u8* __restrict__ w, const QDesc q, const t
 KILN_QUANT_GEMV(F32, f32)
 KILN_QUANT_GEMV(F16, f16)
 KILN_QUANT_GEMV(BF16, bf16)
-
-// ---------------------------------------------------------------------------------------
-// GEMM: B decoded from W. W is [rows, cols]; forward B(k, n) = W[n, k], input grad
-// B(k, n) = W[k, n]; either way element (r, c) of W is flat index r * cols + c.
-
-struct QuantB {
-    const u8* w;
-    QDesc q;
-    int cols;
-    int direction;  // 0: B = Wᵀ, 1: B = W
-    __device__ __forceinline__ float operator()(u64, int k, int n) const {
-        return direction == 0 ? decode1(w, q, (u64)n * cols + k) : decode1(w, q, (u64)k * cols + n);
-    }
-};
-
 #define KILN_QUANT_GEMM_SIMT(TX, NAME)                                                              \
     extern "C" __global__ void __launch_bounds__(256) quant_gemm_simt_##NAME(                       \
         const TX::storage* x, const u8* w, void* y, int out_kind, int M, int N, int K, int cols,      \
@@ -165,40 +46,6 @@ struct QuantB {
 KILN_QUANT_GEMM_SIMT(F32, f32)
 KILN_QUANT_GEMM_SIMT(F16, f16)
 KILN_QUANT_GEMM_SIMT(BF16, bf16)
-
-// Decodes a BK×BN tile of B into shared memory as the activations' half type, 8 weights
-// (one 16-byte store) per chunk: [n][k] for the forward product (rows of W), [k][n] for the
-// input gradient (column ranges of W rows). Chunks past K or N are zero.
-template <class T, bool TRANS_B>
-struct QuantBStage {
-    const u8* w;
-    QDesc q;
-    int cols;
-    int K, N;
-    __device__ __forceinline__ void load(u16* dst, int k0, int n0, u64) const {
-        constexpr int ROWS = TRANS_B ? MMA_BN : MMA_BK;
-        constexpr int COLS = TRANS_B ? MMA_BK : MMA_BN;
-        constexpr int CHUNKS_PER_ROW = COLS / 8;
-#pragma unroll
-        for (int t = 0; t < ROWS * CHUNKS_PER_ROW / 256; t++) {
-            const int chunk = threadIdx.x + t * 256;
-            const int r = chunk / CHUNKS_PER_ROW;
-            const int c = (chunk % CHUNKS_PER_ROW) * 8;
-            // (W row, W column) of the chunk's first weight.
-            const int wr = TRANS_B ? n0 + r : k0 + r;
-            const int wc = TRANS_B ? k0 + c : n0 + c;
-            const bool inside = TRANS_B ? (wr < N && wc < K) : (wr < K && wc < N);
-            u32 packed[4] = {0, 0, 0, 0};
-            if (inside) {
-                float v[8];
-                decode8(w, q, (u64)wr * cols + wc, v);
-#pragma unroll
-                for (int j = 0; j < 4; j++) packed[j] = (u32)T::store(v[2 * j]) | ((u32)T::store(v[2 * j + 1]) << 16);
-            }
-            *(uint4*)(dst + r * (COLS + MMA_PAD) + c) = make_uint4(packed[0], packed[1], packed[2], packed[3]);
-        }
-    }
-};
 
 #define KILN_QUANT_GEMM_MMA(T, BF, NAME, TB, DIR)                                                   \
     extern "C" __global__ void __launch_bounds__(256) quant_gemm_mma_##NAME##_##DIR(                \

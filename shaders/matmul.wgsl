@@ -11,6 +11,13 @@
 // `struct Params` whose first fields are
 //     m, n, k, lda, ldb, stride_a, stride_b, trans_a, trans_b: u32
 // (a loader may append its own).
+// It also prepends four hooks through which an epilogue joins the product (plain matmul:
+// empty ones; the fused LoRA layer: shaders/lora_fused.wgsl):
+//     extra_load(k0, li)     stage more of the k-tile, before the barrier
+//     extra_mac(li)          use the staged k-tile, after it
+//     extra_epilogue(row0, col0, first_col, lid, &acc)
+//                            after the k-loop; may run more k-steps through `mac_tile`
+//     finish(v, gj) -> f32   the value written at column gj
 // Dispatch: (ceil(n / 64), ceil(m / 64), batch).
 
 @group(0) @binding(2) var<storage, read_write> c: array<f32>;
@@ -24,6 +31,23 @@ const THREADS: u32 = 256u;
 // Both tiles are stored k-major: tile_a[kk * TILE_M + mm], tile_b[kk * TILE_N + nn].
 var<workgroup> tile_a: array<f32, 1024>;
 var<workgroup> tile_b: array<f32, 1024>;
+
+// acc += the staged tiles' product over one TILE_K-deep step.
+fn mac_tile(lid: vec3<u32>, acc: ptr<function, array<array<f32, 4>, 4>>) {
+    for (var kk = 0u; kk < TILE_K; kk++) {
+        var av: array<f32, 4>;
+        var bv: array<f32, 4>;
+        for (var i = 0u; i < 4u; i++) {
+            av[i] = tile_a[kk * TILE_M + lid.y * 4u + i];
+            bv[i] = tile_b[kk * TILE_N + lid.x * 4u + i];
+        }
+        for (var i = 0u; i < 4u; i++) {
+            for (var j = 0u; j < 4u; j++) {
+                (*acc)[i][j] = fma(av[i], bv[j], (*acc)[i][j]);
+            }
+        }
+    }
+}
 
 @compute @workgroup_size(16, 16, 1)
 fn main(
@@ -80,23 +104,13 @@ fn main(
             }
             tile_b[kk * TILE_N + nn] = v;
         }
+        extra_load(k0, li);
         workgroupBarrier();
-
-        for (var kk = 0u; kk < TILE_K; kk++) {
-            var av: array<f32, 4>;
-            var bv: array<f32, 4>;
-            for (var i = 0u; i < 4u; i++) {
-                av[i] = tile_a[kk * TILE_M + lid.y * 4u + i];
-                bv[i] = tile_b[kk * TILE_N + lid.x * 4u + i];
-            }
-            for (var i = 0u; i < 4u; i++) {
-                for (var j = 0u; j < 4u; j++) {
-                    acc[i][j] = fma(av[i], bv[j], acc[i][j]);
-                }
-            }
-        }
+        mac_tile(lid, &acc);
+        extra_mac(li);
         workgroupBarrier();
     }
+    extra_epilogue(row0, col0, wg.x == 0u, lid, &acc);
 
     let c_base = batch * params.m * params.n;
     for (var i = 0u; i < 4u; i++) {
@@ -105,7 +119,7 @@ fn main(
             for (var j = 0u; j < 4u; j++) {
                 let gj = col0 + lid.x * 4u + j;
                 if (gj < params.n) {
-                    c[c_base + gi * params.n + gj] = acc[i][j];
+                    c[c_base + gi * params.n + gj] = finish(acc[i][j], gj);
                 }
             }
         }

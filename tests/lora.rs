@@ -1,8 +1,10 @@
-//! LoRA merge and unmerge on every device, and PEFT adapter files in and out.
+//! LoRA on every device: merge and unmerge, the fused layer forward against the unfused
+//! composition, backward against finite differences, the multi-adapter batch, and PEFT
+//! adapter files in and out.
 
 mod common;
 
-use common::{U32, assert_close, devices, gpu_devices};
+use common::{BACKEND_ROUNDINGS, U32, assert_close, devices, gpu_devices};
 use kiln::model::{LoraAdapter, LoraConfig, LoraLayer};
 use kiln::ops::lora::{merge, unmerge};
 use kiln::ops::{MatmulOptions, matmul_with};
@@ -204,6 +206,7 @@ mod layer {
     use super::*;
     use kiln::ops::lora::{BaseWeight, LoraLinear, lora_backward, lora_forward};
     use kiln::ops::{QTensor, QuantFormat};
+    use proptest::prelude::*;
 
     struct Layer {
         x: Vec<f64>,
@@ -304,6 +307,171 @@ mod layer {
                 check("dx", &grads.dx, 0);
                 check("dA", &grads.da, 1);
                 check("dB", &grads.db, 2);
+            }
+        }
+    }
+
+    /// One fused-forward case: the kernel paths differ by rank (x·Aᵀ in the GEMM's k-loop up
+    /// to FUSED_XA_MAX_RANK, computed first beyond it or with dropout), by W (dense, or
+    /// quantized: GEMV up to 8 tokens, GEMM beyond) and by dtype.
+    #[derive(Debug, Clone)]
+    struct FusedCase {
+        tokens: usize,
+        out: usize,
+        blocks: usize,
+        r: usize,
+        dtype: DType,
+        format: Option<QuantFormat>,
+        bias: bool,
+        dropout: bool,
+        seed: u64,
+    }
+
+    fn fused_cases() -> impl Strategy<Value = FusedCase> {
+        let formats = vec![None, Some(QuantFormat::Q8_0), Some(QuantFormat::Q4_0), Some(QuantFormat::Nf4)];
+        (
+            prop::sample::select(vec![1usize, 3, 8, 9, 70]),
+            prop::sample::select(vec![1usize, 37, 130]),
+            prop::sample::select(vec![1usize, 3, 5]),
+            prop::sample::select(vec![1usize, 5, 16, 17, 32, 33, 64]),
+            prop::sample::select(DType::ALL.to_vec()),
+            prop::sample::select(formats),
+            any::<bool>(),
+            prop::bool::weighted(0.25),
+            any::<u64>(),
+        )
+            .prop_map(|(tokens, out, blocks, r, dtype, format, bias, dropout, seed)| FusedCase {
+                tokens,
+                out,
+                blocks,
+                r,
+                dtype,
+                format,
+                bias,
+                dropout,
+                seed,
+            })
+    }
+
+    /// The fused forward on every device against the unfused composition in f64
+    /// (`x·Wᵀ + bias + s·(drop(x)·A'ᵀ)·Bᵀ`, A' = A rounded to x's dtype as the layer uses it),
+    /// and xa against `drop(x)·A'ᵀ`.
+    fn check_fused(c: &FusedCase) {
+        let inp = 64 * c.blocks;
+        let s = 0.75f32;
+        let cpu = Device::Cpu;
+        let x = Tensor::randn(&[c.tokens, inp], 0.0, 1.0, c.seed, c.dtype, &cpu).unwrap();
+        let w32 = Tensor::randn(&[c.out, inp], 0.0, 0.1, c.seed ^ 1, DType::F32, &cpu).unwrap();
+        let a = Tensor::randn(&[c.r, inp], 0.0, 0.1, c.seed ^ 2, DType::F32, &cpu).unwrap();
+        let b = Tensor::randn(&[c.out, c.r], 0.0, 0.1, c.seed ^ 3, DType::F32, &cpu).unwrap();
+        let bias = Tensor::randn(&[c.out], 0.0, 1.0, c.seed ^ 4, DType::F32, &cpu).unwrap();
+        let q = c.format.map(|f| QTensor::quantize(&w32, f).unwrap());
+        let w = match &q {
+            Some(q) => q.dequantize(DType::F32).unwrap(),
+            None => w32.to_dtype(c.dtype).unwrap(),
+        };
+        let dropout = c.dropout.then_some((0.3f32, c.seed ^ 5));
+        let f64s = |t: &Tensor| t.to_vec_f32().unwrap().into_iter().map(|v| v as f64).collect::<Vec<f64>>();
+        // The LoRA branch's input: drop(x) in x's dtype (the dropout op has its own tests).
+        let x_lora = match dropout {
+            Some((p, seed)) => f64s(&kiln::ops::dropout(&x, p, seed).unwrap()),
+            None => f64s(&x),
+        };
+        let (xv, wv, av, bv, biasv) = (f64s(&x), f64s(&w), f64s(&a.to_dtype(c.dtype).unwrap()), f64s(&b), f64s(&bias));
+        let (t_n, o_n, r_n, s64) = (c.tokens, c.out, c.r, s as f64);
+        let (mut xa_want, mut xa_mass) = (vec![0f64; t_n * r_n], vec![0f64; t_n * r_n]);
+        for t in 0..t_n {
+            for j in 0..r_n {
+                for i in 0..inp {
+                    let v = x_lora[t * inp + i] * av[j * inp + i];
+                    xa_want[t * r_n + j] += v;
+                    xa_mass[t * r_n + j] += v.abs();
+                }
+            }
+        }
+        let (mut y_want, mut y_mass, mut base_mass) =
+            (vec![0f64; t_n * o_n], vec![0f64; t_n * o_n], vec![0f64; t_n * o_n]);
+        for t in 0..t_n {
+            for o in 0..o_n {
+                let e = t * o_n + o;
+                for i in 0..inp {
+                    let v = xv[t * inp + i] * wv[o * inp + i];
+                    y_want[e] += v;
+                    base_mass[e] += v.abs();
+                }
+                y_mass[e] = base_mass[e];
+                if c.bias {
+                    y_want[e] += biasv[o];
+                    y_mass[e] += biasv[o].abs();
+                }
+                for j in 0..r_n {
+                    y_want[e] += s64 * xa_want[t * r_n + j] * bv[o * r_n + j];
+                    y_mass[e] += s64 * xa_mass[t * r_n + j] * bv[o * r_n + j].abs();
+                }
+            }
+        }
+        // Every term passes through at most inp + r + 2 f32 additions (and xa's rounding).
+        let depth = (inp + r_n + 2) as f64;
+        let y_atol: Vec<f64> = y_mass.iter().map(|m| 2.0 * depth * U32 * m).collect();
+        let xa_atol: Vec<f64> = xa_mass.iter().map(|m| 2.0 * inp as f64 * U32 * m).collect();
+        let run = |device: &Device| {
+            let (x, a, b, bias) = (
+                x.to_device(device).unwrap(),
+                a.to_device(device).unwrap(),
+                b.to_device(device).unwrap(),
+                bias.to_device(device).unwrap(),
+            );
+            let (w, q) = (w.to_device(device).unwrap(), q.as_ref().map(|q| q.to_device(device).unwrap()));
+            let base = match &q {
+                Some(q) => BaseWeight::Quantized(q),
+                None => BaseWeight::Dense(&w),
+            };
+            let layer = LoraLinear { base, bias: c.bias.then_some(&bias), a: &a, b: &b, scale: s, dropout };
+            let fwd = lora_forward(&x, &layer).unwrap();
+            assert_eq!((fwd.y.shape(), fwd.y.dtype()), (&[t_n, o_n][..], c.dtype));
+            assert_eq!((fwd.xa.shape(), fwd.xa.dtype()), (&[t_n, r_n][..], DType::F32));
+            (fwd.y.to_vec_f32().unwrap(), fwd.xa.to_vec::<f32>().unwrap())
+        };
+        let (y_cpu, xa_cpu) = run(&cpu);
+        assert_close(&format!("cpu y {c:?}"), &y_cpu, &y_want, &y_atol, c.dtype, 1.0);
+        assert_close(&format!("cpu xa {c:?}"), &xa_cpu, &xa_want, &xa_atol, DType::F32, 1.0);
+        let y_ref: Vec<f64> = y_cpu.iter().map(|&v| v as f64).collect();
+        let xa_ref: Vec<f64> = xa_cpu.iter().map(|&v| v as f64).collect();
+        for device in gpu_devices() {
+            // CUDA's tensor-core GEMM rounds each decoded weight to x's half type.
+            let weight_rounding = match device {
+                Device::Cuda(_) if c.dtype != DType::F32 && c.format.is_some() => c.dtype.unit_roundoff(),
+                _ => 0.0,
+            };
+            let y_atol2: Vec<f64> = y_atol.iter().zip(&base_mass).map(|(a, m)| 2.0 * a + weight_rounding * m).collect();
+            let xa_atol2: Vec<f64> = xa_atol.iter().map(|a| 2.0 * a).collect();
+            let (y, xa) = run(&device);
+            assert_close(&format!("{device} y {c:?}"), &y, &y_ref, &y_atol2, c.dtype, BACKEND_ROUNDINGS);
+            assert_close(&format!("{device} xa {c:?}"), &xa, &xa_ref, &xa_atol2, DType::F32, BACKEND_ROUNDINGS);
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 24, failure_persistence: None, ..ProptestConfig::default() })]
+        #[test]
+        fn fused_forward_matches_the_unfused_composition(case in fused_cases()) {
+            check_fused(&case);
+        }
+    }
+
+    #[test]
+    fn every_fused_path_is_covered() {
+        // xa in the k-loop (ranks 1, 16 and 32, the edges of its tile), computed first
+        // (rank 33, dropout), over dense and quantized W, through the GEMV and the GEMM.
+        for (r, dropout) in [(1, false), (16, false), (32, false), (33, false), (8, true)] {
+            for format in [None, Some(QuantFormat::Q4_0)] {
+                for tokens in [2, 70] {
+                    for dtype in [DType::F32, DType::BF16] {
+                        let case =
+                            FusedCase { tokens, out: 67, blocks: 2, r, dtype, format, bias: true, dropout, seed: 3 };
+                        check_fused(&case);
+                    }
+                }
             }
         }
     }

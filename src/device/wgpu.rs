@@ -293,6 +293,19 @@ impl WgpuDevice {
         params: &[u32],
         workgroups: (u32, u32, u32),
     ) -> Result<()> {
+        self.dispatch_params_at(pipeline, buffers, buffers.len(), params, workgroups)
+    }
+
+    /// [`Self::dispatch`] with the uniform block at binding `params_at`; the buffers take
+    /// the bindings 0.. around it (for a shader that binds more after its uniform).
+    pub(crate) fn dispatch_params_at(
+        &self,
+        pipeline: &wgpu::ComputePipeline,
+        buffers: &[&wgpu::Buffer],
+        params_at: usize,
+        params: &[u32],
+        workgroups: (u32, u32, u32),
+    ) -> Result<()> {
         let limit = self.device.limits().max_compute_workgroups_per_dimension;
         if workgroups.0 > limit || workgroups.1 > limit || workgroups.2 > limit {
             return Err(Error::Unsupported(format!(
@@ -322,11 +335,14 @@ impl WgpuDevice {
             let mut entries: Vec<wgpu::BindGroupEntry> = buffers
                 .iter()
                 .enumerate()
-                .map(|(i, b)| wgpu::BindGroupEntry { binding: i as u32, resource: b.as_entire_binding() })
+                .map(|(i, b)| wgpu::BindGroupEntry {
+                    binding: if i < params_at { i } else { i + 1 } as u32,
+                    resource: b.as_entire_binding(),
+                })
                 .collect();
             if !params.is_empty() {
                 entries.push(wgpu::BindGroupEntry {
-                    binding: buffers.len() as u32,
+                    binding: params_at as u32,
                     resource: param_buf.get().as_entire_binding(),
                 });
             }

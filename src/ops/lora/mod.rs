@@ -159,10 +159,10 @@ fn check_layer(x: &Tensor, l: &LoraLinear<'_>) -> Result<()> {
             b.shape()
         )));
     };
-    if x.rank() != 2 || x.shape()[1] != inp || a_in != inp || b_out != out || b_r != r {
+    if x.rank() != 2 || x.shape()[1] != inp || a_in != inp || b_out != out || b_r != r || r == 0 {
         return Err(Error::Shape(format!(
             "lora layer: x {:?}, W [{out}, {inp}], lora_A {:?}, lora_B {:?} do not fit \
-             (x [tokens, in], A [r, in], B [out, r])",
+             (x [tokens, in], A [r, in], B [out, r], r ≥ 1)",
             x.shape(),
             a.shape(),
             b.shape()
@@ -179,20 +179,128 @@ fn check_layer(x: &Tensor, l: &LoraLinear<'_>) -> Result<()> {
     Ok(())
 }
 
-/// The LoRA layer's forward pass over dense or quantized W:
-/// `y = x·Wᵀ + bias + s·(drop(x)·Aᵀ)·Bᵀ`, with x `[tokens, in]`; the products accumulate in
-/// f32 and y is rounded once to x's dtype. Composed of the matmul, quantized-product and
-/// elementwise kernels, so it runs on every backend. `Err` naming the shapes when they do
-/// not fit.
+/// The largest rank whose `x·Aᵀ` the fused GPU kernels compute from the tiles of x they
+/// already hold; a larger rank (or dropout on the LoRA input) computes it first.
+pub const FUSED_XA_MAX_RANK: usize = 32;
+
+/// The LoRA layer's forward pass over dense or quantized W, fused:
+/// `y = x·Wᵀ + bias + s·(drop(x)·Aᵀ)·Bᵀ`, with x `[tokens, in]`. The delta is added to each
+/// tile of the base product before the tile is written, so no `[tokens, out]` intermediate
+/// exists; the products accumulate in f32 and y is rounded once to x's dtype.
+///
+/// - CUDA and WGSL: the GEMM kernels of the base product with a LoRA extension. Without
+///   dropout and for r ≤ [`FUSED_XA_MAX_RANK`], x·Aᵀ comes out of the same k-loop from the x
+///   tiles already staged (x is read once for both products); otherwise it is computed
+///   first and the GEMM's epilogue reads it. Quantized W with at most 8 tokens (decoding)
+///   goes through the quantized GEMV with the same epilogue.
+/// - CPU: x·Aᵀ first, then the base product, then `s·(x·Aᵀ)·Bᵀ` accumulated into the base
+///   product's f32 tiles in the matmul micro-kernel's registers.
+///
+/// A is used in x's dtype (as the unfused `x·Aᵀ` would be), B and the bias in f32. A dense
+/// W must share x's dtype. `Err` naming the shapes when they do not fit.
 pub fn lora_forward(x: &Tensor, layer: &LoraLinear<'_>) -> Result<LoraOutput> {
     check_layer(x, layer)?;
-    let xa = matmul_with(&layer.drop(x)?, layer.a, MatmulOptions::nt().out_dtype(DType::F32))?;
-    let delta = matmul_with(&xa, &layer.b.to_dtype(DType::F32)?, MatmulOptions::nt())?;
-    let mut y = add(&layer.base.forward(x)?, &scale_op(&delta, layer.scale)?)?;
-    if let Some(bias) = layer.bias {
-        y = crate::ops::add_bias(&y, &bias.to_dtype(DType::F32)?)?;
+    if let BaseWeight::Dense(w) = layer.base {
+        if w.dtype() != x.dtype() {
+            return Err(Error::DType(format!("lora layer: x is {} but W is {}", x.dtype(), w.dtype())));
+        }
     }
-    Ok(LoraOutput { y: y.to_dtype(x.dtype())?, xa })
+    let [out, _] = layer.base.shape();
+    let (tokens, r) = (x.shape()[0], layer.a.shape()[0]);
+    let device = x.device();
+    if tokens == 0 || out == 0 {
+        return Ok(LoraOutput {
+            y: Tensor::empty(&[tokens, out], x.dtype(), &device)?,
+            xa: Tensor::zeros(&[tokens, r], DType::F32, &device)?,
+        });
+    }
+    let fused = Fused {
+        x,
+        base: layer.base,
+        a: layer.a.to_dtype(x.dtype())?,
+        b: layer.b.to_dtype(DType::F32)?,
+        bias: layer.bias.map(|b| b.to_dtype(DType::F32)).transpose()?,
+        scale: layer.scale,
+        dropout: layer.dropout,
+    };
+    let (y, xa) = match device {
+        crate::Device::Cpu => cpu_fused(&fused)?,
+        #[cfg(feature = "cuda")]
+        crate::Device::Cuda(_) => cuda::fused(&fused)?,
+        #[cfg(feature = "wgpu")]
+        crate::Device::Wgpu(_) => wgpu::fused(&fused)?,
+        #[allow(unreachable_patterns)]
+        other => return Err(Error::NoDevice(format!("{other}: backend not built"))),
+    };
+    Ok(LoraOutput { y, xa })
+}
+
+/// The operands of the fused forward pass, in the dtypes the kernels read.
+pub(crate) struct Fused<'a> {
+    /// `[tokens, in]`.
+    pub x: &'a Tensor,
+    pub base: BaseWeight<'a>,
+    /// `[r, in]` in x's dtype.
+    pub a: Tensor,
+    /// `[out, r]`, f32.
+    pub b: Tensor,
+    /// `[out]`, f32.
+    pub bias: Option<Tensor>,
+    pub scale: f32,
+    pub dropout: Option<(f32, u64)>,
+}
+
+impl Fused<'_> {
+    pub fn rank(&self) -> usize {
+        self.a.shape()[0]
+    }
+
+    /// `drop(x)·Aᵀ`, f32: the kernels' xa when they do not compute it themselves.
+    pub fn shrink(&self) -> Result<Tensor> {
+        let x = match self.dropout {
+            Some((p, seed)) => crate::ops::dropout(self.x, p, seed)?,
+            None => self.x.clone(),
+        };
+        matmul_with(&x, &self.a, MatmulOptions::nt().out_dtype(DType::F32))
+    }
+
+    /// Whether the GPU kernels compute xa in their own k-loop.
+    pub fn xa_in_kernel(&self) -> bool {
+        self.dropout.is_none() && self.rank() <= FUSED_XA_MAX_RANK
+    }
+}
+
+fn cpu_fused(f: &Fused<'_>) -> Result<(Tensor, Tensor)> {
+    use crate::ops::matmul::{MatmulProblem, cpu_matmul_into};
+    let xa = f.shrink()?;
+    let mut y = f.base.forward(f.x)?;
+    let [out, _] = f.base.shape();
+    let (tokens, r) = (f.x.shape()[0], f.rank());
+    let sxa: Vec<f32> = xa.to_vec::<f32>()?.iter().map(|v| f.scale * v).collect();
+    let b = f.b.to_vec::<f32>()?;
+    let bias = f.bias.as_ref().map(|b| b.to_vec::<f32>()).transpose()?;
+    let crate::tensor::Storage::Cpu(crate::tensor::CpuStorage::F32(yv)) = y.storage_mut()? else {
+        return Err(Error::InvalidArgument("the CPU base product is f32".into()));
+    };
+    // (s·xa)·Bᵀ as a product of depth r, accumulated into the base product's tiles.
+    let p = MatmulProblem {
+        batch: 1,
+        m: tokens,
+        n: out,
+        k: r,
+        trans_a: false,
+        trans_b: true,
+        batch_stride_a: 0,
+        batch_stride_b: 0,
+        in_dtype: DType::F32,
+        out_dtype: DType::F32,
+    };
+    cpu_matmul_into(&p, &sxa, &b, yv, true);
+    if let Some(bias) = bias {
+        use rayon::prelude::*;
+        yv.par_chunks_mut(out).for_each(|row| row.iter_mut().zip(&bias).for_each(|(y, b)| *y += b));
+    }
+    Ok((y.to_dtype(f.x.dtype())?, xa))
 }
 
 /// The LoRA layer's backward pass with W (and the bias) frozen, reusing x·Aᵀ from the

@@ -208,13 +208,21 @@ fn cpu_matmul(p: &MatmulProblem, a: &CpuStorage, b: &CpuStorage) -> CpuStorage {
 /// The CPU matmul with its f32 accumulators as the result (row-major [batch, m, n]).
 /// Other families call it on panels they have decoded to f32.
 pub(crate) fn cpu_matmul_f32_out<T: Element>(p: &MatmulProblem, a: &[T], b: &[T]) -> Vec<f32> {
+    let mut c = vec![0f32; p.batch * p.m * p.n];
+    cpu_matmul_into(p, a, b, &mut c, false);
+    c
+}
+
+/// `c = a·b`, or `c += a·b` when `accumulate` (the product is added to each tile of C in
+/// the micro-kernel's registers, so no second [m, n] buffer exists).
+pub(crate) fn cpu_matmul_into<T: Element>(p: &MatmulProblem, a: &[T], b: &[T], c: &mut [f32], accumulate: bool) {
     let (m, n) = (p.m, p.n);
-    let mut c = vec![0f32; p.batch * m * n];
+    assert_eq!(c.len(), p.batch * m * n, "the caller sizes C for the problem");
     for (bi, c_batch) in c.chunks_mut(m * n).enumerate() {
         let a = &a[bi * p.batch_stride_a..];
         let b = &b[bi * p.batch_stride_b..];
         if m <= SMALL_M {
-            small_m(p, a, b, c_batch);
+            small_m(p, a, b, c_batch, accumulate);
             continue;
         }
         let c_ptr = SharedMut(c_batch.as_mut_ptr());
@@ -250,7 +258,7 @@ pub(crate) fn cpu_matmul_f32_out<T: Element>(p: &MatmulProblem, a: &[T], b: &[T]
                                 n,
                                 MR.min(m - ri),
                                 NR.min(n - cj),
-                                pc > 0,
+                                accumulate || pc > 0,
                             );
                         }
                     }
@@ -258,7 +266,6 @@ pub(crate) fn cpu_matmul_f32_out<T: Element>(p: &MatmulProblem, a: &[T], b: &[T]
             });
         }
     }
-    c
 }
 
 /// Rows of A up to which the product streams B once instead of packing it (decoding).
@@ -266,7 +273,7 @@ const SMALL_M: usize = 4;
 
 /// C = A·B for a few rows of A: B is read once, in its stored order, in chunks converted to
 /// f32, and every row of A is applied to each chunk. Parallel over columns of C.
-fn small_m<T: Element>(p: &MatmulProblem, a: &[T], b: &[T], c: &mut [f32]) {
+fn small_m<T: Element>(p: &MatmulProblem, a: &[T], b: &[T], c: &mut [f32], accumulate: bool) {
     const CHUNK: usize = 64;
     let (m, n, k) = (p.m, p.n, p.k);
     let a_rows: Vec<Vec<f32>> = (0..m).map(|i| (0..k).map(|q| a[p.a_index(i, q)].to_f32()).collect()).collect();
@@ -302,7 +309,13 @@ fn small_m<T: Element>(p: &MatmulProblem, a: &[T], b: &[T], c: &mut [f32]) {
     for (j0, out) in columns {
         let width = out.len() / m;
         for i in 0..m {
-            c[i * n + j0..i * n + j0 + width].copy_from_slice(&out[i * width..(i + 1) * width]);
+            let dst = &mut c[i * n + j0..i * n + j0 + width];
+            let src = &out[i * width..(i + 1) * width];
+            if accumulate {
+                dst.iter_mut().zip(src).for_each(|(d, s)| *d += s);
+            } else {
+                dst.copy_from_slice(src);
+            }
         }
     }
 }

@@ -7,6 +7,11 @@ use std::sync::Arc;
 
 pub(crate) const SHADER: &str = include_str!("../../../shaders/matmul.wgsl");
 
+/// The hooks of `shaders/matmul.wgsl` for a plain product: nothing joins it.
+pub(crate) const PLAIN_HOOKS: &str = "fn extra_load(k0: u32, li: u32) {}\nfn extra_mac(li: u32) {}\n\
+    fn extra_epilogue(row0: u32, col0: u32, first_col: bool, lid: vec3<u32>, \
+    acc: ptr<function, array<array<f32, 4>, 4>>) {}\nfn finish(v: f32, gj: u32) -> f32 { return v; }\n";
+
 /// The fields `shaders/matmul.wgsl` reads; a loader appends its own after them.
 pub(crate) const PARAMS_FIELDS: &str =
     "m: u32, n: u32, k: u32, lda: u32, ldb: u32, stride_a: u32, stride_b: u32, trans_a: u32, trans_b: u32,";
@@ -24,7 +29,7 @@ pub(crate) fn matmul(
     let pipeline = dev.pipeline(&key, || {
         let enable = if native_f16 { "enable f16;\n" } else { "" };
         format!(
-            "{enable}struct Params {{ {PARAMS_FIELDS} }}\n{}{}{SHADER}",
+            "{enable}struct Params {{ {PARAMS_FIELDS} }}\n{}{}{PLAIN_HOOKS}{SHADER}",
             wgsl_input("a", 0, p.in_dtype, native_f16),
             wgsl_input("b", 1, p.in_dtype, native_f16)
         )

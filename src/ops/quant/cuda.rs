@@ -13,13 +13,14 @@ pub(crate) const SOURCE: KernelSource = KernelSource {
     source: concat!(
         include_str!("../../../kernels/common.cuh"),
         include_str!("../../../kernels/gemm.cuh"),
+        include_str!("../../../kernels/quant.cuh"),
         include_str!("../../../kernels/quant.cu")
     ),
     needs_sm90a: false,
 };
 
 /// The format and NF4 state arguments every quant kernel takes last (`QDESC_PARAMS`).
-struct QArgs {
+pub(crate) struct QArgs {
     format: i32,
     absmax_off: u64,
     nested_off: u64,
@@ -28,7 +29,7 @@ struct QArgs {
 }
 
 impl QArgs {
-    fn of(w: &QTensor) -> QArgs {
+    pub(crate) fn of(w: &QTensor) -> QArgs {
         let l = w.nf4_layout();
         QArgs {
             format: w.format.code() as i32,
@@ -39,12 +40,12 @@ impl QArgs {
         }
     }
 
-    fn push<'a>(&'a self, launch: &mut LaunchArgs<'a>) {
+    pub(crate) fn push<'a>(&'a self, launch: &mut LaunchArgs<'a>) {
         launch.arg(&self.format).arg(&self.absmax_off).arg(&self.nested_off).arg(&self.code_off).arg(&self.offset);
     }
 }
 
-fn grid(what: &str, v: usize) -> Result<u32> {
+pub(crate) fn grid(what: &str, v: usize) -> Result<u32> {
     if v > 65535 {
         return Err(Error::Unsupported(format!("{what} needs {v} blocks in a grid dimension limited to 65535")));
     }
@@ -68,6 +69,13 @@ pub(crate) fn dequantize(dev: &Arc<CudaDevice>, w: &QTensor, buf: &CudaBuffer, d
     // SAFETY: the buffer holds the weight's state as QArgs describes; out holds n elements.
     unsafe { launch.launch(cfg) }.map_err(|e| CudaDevice::launch_err("dequantize", e))?;
     Ok(out)
+}
+
+/// Whether the tensor-core GEMM takes x (its dtype) times W reduced over k. It rounds decoded
+/// weights to x's half type: f16 only when they fit.
+pub(crate) fn uses_tensor_cores(dev: &CudaDevice, xd: DType, w: &QTensor, k: usize) -> bool {
+    let fits = xd == DType::BF16 || (xd == DType::F16 && w.max_abs_bound() <= 65504.0);
+    fits && dev.cc.0 >= 8 && k.is_multiple_of(8)
 }
 
 pub(crate) fn product(
@@ -97,10 +105,7 @@ pub(crate) fn product(
         unsafe { launch.launch(cfg) }.map_err(|e| CudaDevice::launch_err(&name, e))?;
         return Ok(());
     }
-    // The tensor-core kernel rounds decoded weights to x's half type: f16 only when they fit.
-    let fits = xd == DType::BF16 || (xd == DType::F16 && w.max_abs_bound() <= 65504.0);
-    let tensor_cores = fits && dev.cc.0 >= 8 && p.k.is_multiple_of(8);
-    if tensor_cores {
+    if uses_tensor_cores(dev, xd, w, p.k) {
         let dir = if p.direction == Direction::Forward { "fwd" } else { "bwd" };
         let name = format!("quant_gemm_mma_{xd}_{dir}");
         let f = dev.function(&SOURCE, &name)?;

@@ -5,7 +5,7 @@
 use super::{Direction, QProblem, QTensor};
 use crate::device::wgpu::{WgpuBuffer, WgpuDevice, fits_u32, grid_2d, wgsl_input, wgsl_output_words};
 use crate::ops::matmul::MatmulProblem;
-use crate::ops::matmul::wgpu::{PARAMS_FIELDS, SHADER as MATMUL_SHADER, groups, params as matmul_params};
+use crate::ops::matmul::wgpu::{PARAMS_FIELDS, PLAIN_HOOKS, SHADER as MATMUL_SHADER, groups, params as matmul_params};
 use crate::{DType, Result, Tensor};
 use std::sync::Arc;
 
@@ -14,16 +14,16 @@ const GEMV: &str = include_str!("../../../shaders/quant_gemv.wgsl");
 const MAP: &str = include_str!("../../../shaders/elementwise.wgsl");
 
 /// The `q_*` fields of `Params` that quant_decode.wgsl reads.
-const QUANT_FIELDS: &str = "q_format: u32, q_absmax: u32, q_nested: u32, q_code: u32, q_offset: u32,";
+pub(crate) const QUANT_FIELDS: &str = "q_format: u32, q_absmax: u32, q_nested: u32, q_code: u32, q_offset: u32,";
 
-fn quant_params(w: &QTensor) -> Result<[u32; 5]> {
+pub(crate) fn quant_params(w: &QTensor) -> Result<[u32; 5]> {
     let l = w.nf4_layout();
     fits_u32("quantized weight bytes", w.raw().len())?;
     fits_u32("quantized weight elements", w.rows * w.cols)?;
     Ok([w.format.code(), l.absmax_offset as u32, l.nested_offset as u32, l.code_offset as u32, l.offset.to_bits()])
 }
 
-fn decode_binding(binding: u32) -> String {
+pub(crate) fn decode_binding(binding: u32) -> String {
     format!("@group(0) @binding({binding}) var<storage, read> w: array<u32>;\n{DECODE}")
 }
 
@@ -81,7 +81,7 @@ pub(crate) fn product(
         let pipeline = dev.pipeline(&format!("quant_gemm_{suffix}"), || {
             format!(
                 "{enable}struct Params {{ {PARAMS_FIELDS} {QUANT_FIELDS} }}\n{}{}\
-                 fn load_b(i: u32) -> f32 {{ return quant_weight(i); }}\n{MATMUL_SHADER}",
+                 fn load_b(i: u32) -> f32 {{ return quant_weight(i); }}\n{PLAIN_HOOKS}{MATMUL_SHADER}",
                 wgsl_input("a", 0, x.dtype(), native),
                 decode_binding(1),
             )
