@@ -1,6 +1,7 @@
 //! LoRA on every device in `Device::all()`, FLOP/s of the base product (criterion's elem/s):
-//! - `lora_layer/<device>`: the base product x·Wᵀ alone, and `lora_forward` at ranks 8, 16
-//!   and 64 (today composed of the matmul kernels: the cost a fused kernel must beat);
+//! - `lora_layer/<device>`: the base product x·Wᵀ alone, the fused `lora_forward`
+//!   (`fused_r*`) and the unfused sequence peers run (`unfused_r*`: base product, shrink,
+//!   expand, scale and add, each a kernel writing its result) at ranks 8, 16 and 64;
 //! - `lora_batched/<device>`: 32 rows served with 1, 8 and 32 distinct adapters (rank 16).
 //!
 //! Sizes follow the device: 4096×4096 and 512 tokens on GPUs, 1024×1024 and 128 tokens on
@@ -8,7 +9,7 @@
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use kiln::ops::lora::{AdapterSet, BaseWeight, LoraLinear, lora_batched, lora_forward};
-use kiln::ops::{MatmulOptions, matmul_with};
+use kiln::ops::{MatmulOptions, add, matmul_with, scale};
 use kiln::{DType, Device, DeviceKind, Tensor};
 use std::time::Duration;
 
@@ -43,9 +44,21 @@ fn bench_lora(c: &mut Criterion) {
             let bm = Tensor::randn(&[dim, r], 0.0, 0.02, 4, dtype, &device).expect("b");
             let layer =
                 LoraLinear { base: BaseWeight::Dense(&w), bias: None, a: &a, b: &bm, scale: 2.0, dropout: None };
-            group.bench_function(BenchmarkId::new(format!("lora_r{r}"), &shape), |b| {
+            group.bench_function(BenchmarkId::new(format!("fused_r{r}"), &shape), |b| {
                 b.iter(|| {
                     let y = lora_forward(&x, &layer).expect("lora");
+                    device.synchronize().expect("sync");
+                    y
+                })
+            });
+            let f32_out = MatmulOptions::nt().out_dtype(DType::F32);
+            let b32 = bm.to_dtype(DType::F32).expect("b f32");
+            group.bench_function(BenchmarkId::new(format!("unfused_r{r}"), &shape), |b| {
+                b.iter(|| {
+                    let base = matmul_with(&x, &w, f32_out).expect("base");
+                    let xa = matmul_with(&x, &a, f32_out).expect("shrink");
+                    let delta = matmul_with(&xa, &b32, MatmulOptions::nt()).expect("expand");
+                    let y = add(&base, &scale(&delta, 2.0).expect("scale")).expect("add").to_dtype(dtype).expect("y");
                     device.synchronize().expect("sync");
                     y
                 })

@@ -76,6 +76,14 @@ impl CpuStorage {
         }
     }
 
+    fn as_bytes_mut(&mut self) -> &mut [u8] {
+        match self {
+            CpuStorage::F32(v) => bytemuck::cast_slice_mut(v),
+            CpuStorage::F16(v) => bytemuck::cast_slice_mut(v),
+            CpuStorage::BF16(v) => bytemuck::cast_slice_mut(v),
+        }
+    }
+
     pub(crate) fn to_f32_vec(&self) -> Vec<f32> {
         match self {
             CpuStorage::F32(v) => v.clone(),
@@ -379,6 +387,35 @@ impl Tensor {
             }
         };
         Ok(Tensor { storage: Arc::new(storage), ..self.clone() })
+    }
+
+    /// Copies `len` elements of `src` starting at element `src_at` over this tensor's
+    /// elements from `dst_at`, in place (storage shared with another tensor is copied first).
+    /// Both tensors share a device and a dtype; the caller checks the ranges.
+    pub(crate) fn write_region(&mut self, dst_at: usize, src: &Tensor, src_at: usize, len: usize) -> Result<()> {
+        let es = self.dtype.size_in_bytes();
+        debug_assert!(src.dtype == self.dtype && dst_at + len <= self.elem_count() && src_at + len <= src.elem_count());
+        let (dst_off, src_off, bytes) = (dst_at * es, src_at * es, len * es);
+        if bytes == 0 {
+            return Ok(());
+        }
+        let src_storage = src.storage.clone();
+        match (self.storage_mut()?, &*src_storage) {
+            (Storage::Cpu(d), Storage::Cpu(s)) => {
+                d.as_bytes_mut()[dst_off..dst_off + bytes].copy_from_slice(&s.as_bytes()[src_off..src_off + bytes]);
+                Ok(())
+            }
+            #[cfg(feature = "cuda")]
+            (Storage::Cuda { dev, buf }, Storage::Cuda { buf: sb, .. }) => {
+                dev.copy_region(sb, src_off, buf, dst_off, bytes)
+            }
+            #[cfg(feature = "wgpu")]
+            (Storage::Wgpu { dev, buf }, Storage::Wgpu { buf: sb, .. }) => {
+                dev.copy_region(sb, src_off, buf, dst_off, bytes)
+            }
+            #[allow(unreachable_patterns)]
+            _ => Err(Error::DeviceMismatch("write_region: tensors on different backends".into())),
+        }
     }
 
     /// The elements converted to `dtype` (rounding to nearest even), on the same device.

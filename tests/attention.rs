@@ -249,3 +249,152 @@ fn backward_matches_finite_differences_on_every_device() {
         }
     }
 }
+
+mod decode {
+    use super::*;
+    use kiln::ops::attention::{DECODE_SPLIT, DecodeOptions, KvCache, attention_decode};
+
+    /// Sequences of different lengths (one past several splits) in one cache; each appends
+    /// its newest `q_lens[b]` rows, then decodes them. Every row must equal the f64 causal
+    /// attention of that sequence alone at its position; padding rows give zeros and −∞.
+    fn check_decode(
+        lens: &[usize],
+        q_len: usize,
+        q_lens: &[usize],
+        heads: usize,
+        kv_heads: usize,
+        dim: usize,
+        dtype: DType,
+    ) {
+        let batch = lens.len();
+        let capacity = lens.iter().max().unwrap() + 5;
+        let cpu = Device::Cpu;
+        let host = |t: &Tensor| t.to_vec_f32().unwrap();
+        // The whole of every sequence's keys and values, padded to the longest.
+        let longest = *lens.iter().max().unwrap();
+        let k_all = Tensor::randn(&[batch, longest, kv_heads, dim], 0.0, 1.0, 11, dtype, &cpu).unwrap();
+        let v_all = Tensor::randn(&[batch, longest, kv_heads, dim], 0.0, 1.0, 12, dtype, &cpu).unwrap();
+        let q = Tensor::randn(&[batch, q_len, heads, dim], 0.0, 1.0, 13, dtype, &cpu).unwrap();
+        let (kh, vh, qh) = (host(&k_all), host(&v_all), host(&q));
+        let row = kv_heads * dim;
+        // Rows [from, to) of every sequence as an append batch [batch, n, kv_heads, dim].
+        let rows_of = |all: &[f32], from: &[usize], to: &[usize]| -> (Tensor, Vec<usize>) {
+            let n = from.iter().zip(to).map(|(f, t)| t - f).max().unwrap().max(1);
+            let mut out = vec![0f32; batch * n * row];
+            for b in 0..batch {
+                let src = &all[(b * longest + from[b]) * row..(b * longest + to[b]) * row];
+                out[b * n * row..b * n * row + src.len()].copy_from_slice(src);
+            }
+            let counts = from.iter().zip(to).map(|(f, t)| t - f).collect();
+            (Tensor::from_f32(&out, &[batch, n, kv_heads, dim], dtype, &cpu).unwrap(), counts)
+        };
+        let prefix: Vec<usize> = lens.iter().zip(q_lens).map(|(l, q)| l - q).collect();
+        let zero = vec![0; batch];
+        for device in devices() {
+            let mut cache = KvCache::new(batch, capacity, kv_heads, dim, dtype, &device).unwrap();
+            // The prompt first, then the new tokens: two appends, as a server does.
+            for (from, to) in [(&zero, &prefix), (&prefix, &lens.to_vec())] {
+                let (k_new, counts) = rows_of(&kh, from, to);
+                let (v_new, _) = rows_of(&vh, from, to);
+                cache
+                    .append(&k_new.to_device(&device).unwrap(), &v_new.to_device(&device).unwrap(), Some(&counts))
+                    .unwrap();
+            }
+            assert_eq!(cache.lens(), lens);
+            let options = DecodeOptions { scale: None, q_lens: Some(q_lens.to_vec()) };
+            let out = attention_decode(&q.to_device(&device).unwrap(), &cache, &options).unwrap();
+            assert_eq!((out.o.shape(), out.o.dtype()), (&[batch, q_len, heads, dim][..], dtype));
+            let (o, lse) = (host(&out.o), out.lse.to_vec::<f32>().unwrap());
+            for b in 0..batch {
+                // Sequence b alone: its q_lens[b] rows against its lens[b] keys, causal.
+                let c = Case { batch: 1, q_len: q_lens[b], kv_len: lens[b], heads, kv_heads, dim, causal: true, dtype };
+                let qb: Vec<f32> = qh[b * q_len * heads * dim..][..q_lens[b] * heads * dim].to_vec();
+                let kb = &kh[b * longest * row..][..lens[b] * row];
+                let vb = &vh[b * longest * row..][..lens[b] * row];
+                let (want_o, want_lse, mass) = reference(&c, &qb, kb, vb, &[usize::MAX]);
+                let steps = (lens[b] + dim) as f64;
+                let atol: Vec<f64> = mass.iter().map(|m| 16.0 * steps * U32 * (m + 1e-30)).collect();
+                let what =
+                    format!("{device} decode seq {b} of {lens:?} q_lens {q_lens:?} h{heads}/{kv_heads} d{dim} {dtype}");
+                let got = &o[b * q_len * heads * dim..][..q_lens[b] * heads * dim];
+                assert_close(&format!("{what} o"), got, &want_o, &atol, dtype, 2.0);
+                let pad = &o[(b * q_len + q_lens[b]) * heads * dim..(b + 1) * q_len * heads * dim];
+                assert!(pad.iter().all(|&x| x == 0.0), "{what}: padding rows must be zeros");
+                for h in 0..heads {
+                    for i in 0..q_len {
+                        let g = lse[(b * heads + h) * q_len + i];
+                        if i >= q_lens[b] {
+                            assert!(g == f32::NEG_INFINITY, "{what}: padding lse {g}");
+                        } else {
+                            let w = want_lse[h * q_lens[b] + i];
+                            let tol = 16.0 * steps * U32 * (1.0 + w.abs());
+                            assert!((g as f64 - w).abs() <= tol, "{what} lse h{h} i{i}: {g} vs {w}");
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn decode_equals_the_last_rows_of_full_attention() {
+        let long = 2 * DECODE_SPLIT + 37;
+        for (dim, dtype) in [(64, DType::F32), (80, DType::BF16), (128, DType::F16), (33, DType::F32)] {
+            check_decode(&[1, 300, long], 1, &[1, 1, 1], 8, 2, dim, dtype);
+        }
+        // A few new tokens per sequence, a different number for each, GQA ratios 1 and 8.
+        check_decode(&[7, long, 260], 3, &[3, 1, 2], 4, 4, 64, DType::F32);
+        check_decode(&[5, DECODE_SPLIT], 4, &[4, 4], 8, 1, 96, DType::BF16);
+    }
+
+    #[test]
+    fn the_cache_appends_in_place_and_refuses_what_does_not_fit() {
+        for device in devices() {
+            let mut cache = KvCache::new(2, 4, 1, 2, DType::F32, &device).unwrap();
+            let new = |n: usize, v: f32| Tensor::full(&[2, n, 1, 2], v, DType::F32, &device).unwrap();
+            cache.append(&new(3, 1.0), &new(3, 2.0), Some(&[3, 1])).unwrap();
+            let shared = cache.k().clone();
+            cache.append(&new(1, 5.0), &new(1, 6.0), None).unwrap();
+            assert_eq!(cache.lens(), &[4, 2]);
+            let k = cache.k().to_vec::<f32>().unwrap();
+            assert_eq!(k, [1., 1., 1., 1., 1., 1., 5., 5., 1., 1., 5., 5., 0., 0., 0., 0.], "{device}");
+            // A tensor taken from the cache earlier keeps its values.
+            assert_eq!(shared.to_vec::<f32>().unwrap()[6..10], [0., 0., 1., 1.], "{device}");
+            // Past the capacity: an error, and nothing written.
+            match cache.append(&new(1, 9.0), &new(1, 9.0), None) {
+                Err(Error::Shape(m)) => assert!(m.contains("sequence 0"), "{m}"),
+                other => panic!("expected a capacity error, got {other:?}"),
+            }
+            assert_eq!(cache.lens(), &[4, 2]);
+            assert_eq!(cache.k().to_vec::<f32>().unwrap(), k);
+            let wrong = Tensor::full(&[2, 1, 1, 3], 0.0, DType::F32, &device).unwrap();
+            assert!(matches!(cache.append(&wrong, &wrong, None), Err(Error::Shape(_))));
+            let half = Tensor::full(&[2, 1, 1, 2], 0.0, DType::BF16, &device).unwrap();
+            assert!(matches!(cache.append(&half, &half, None), Err(Error::DType(_))));
+            assert!(cache.append(&new(2, 0.0), &new(2, 0.0), Some(&[0, 3])).is_err());
+            cache.truncate(0, 1).unwrap();
+            assert_eq!(cache.lens(), &[1, 2]);
+            assert!(cache.truncate(1, 3).is_err() && cache.truncate(2, 0).is_err());
+        }
+        assert!(KvCache::new(1, 8, 1, 300, DType::F32, &Device::Cpu).is_err());
+    }
+
+    #[test]
+    fn decode_rejects_what_does_not_fit_the_cache() {
+        let cpu = Device::Cpu;
+        let mut cache = KvCache::new(2, 8, 2, 4, DType::F32, &cpu).unwrap();
+        let kv = Tensor::full(&[2, 2, 2, 4], 0.5, DType::F32, &cpu).unwrap();
+        cache.append(&kv, &kv, None).unwrap();
+        let q = |b: usize, n: usize, h: usize, d: usize| Tensor::zeros(&[b, n, h, d], DType::F32, &cpu).unwrap();
+        let plain = DecodeOptions::default();
+        assert!(matches!(attention_decode(&q(3, 1, 4, 4), &cache, &plain), Err(Error::Shape(_))));
+        assert!(matches!(attention_decode(&q(2, 1, 3, 4), &cache, &plain), Err(Error::Shape(_))));
+        assert!(matches!(attention_decode(&q(2, 1, 4, 5), &cache, &plain), Err(Error::Shape(_))));
+        // More query rows than cached rows, or a q_lens vector of the wrong length.
+        assert!(matches!(attention_decode(&q(2, 3, 4, 4), &cache, &plain), Err(Error::Shape(_))));
+        let wrong = DecodeOptions { scale: None, q_lens: Some(vec![1]) };
+        assert!(matches!(attention_decode(&q(2, 1, 4, 4), &cache, &wrong), Err(Error::Shape(_))));
+        let half = Tensor::zeros(&[2, 1, 4, 4], DType::BF16, &cpu).unwrap();
+        assert!(matches!(attention_decode(&half, &cache, &plain), Err(Error::DType(_))));
+    }
+}

@@ -182,6 +182,21 @@ impl CudaDevice {
         Ok(())
     }
 
+    /// Copies `bytes` bytes of `src` from `src_off` into `dst` at `dst_off`, on the device.
+    pub(crate) fn copy_region(
+        &self,
+        src: &CudaBuffer,
+        src_off: usize,
+        dst: &mut CudaBuffer,
+        dst_off: usize,
+        bytes: usize,
+    ) -> Result<()> {
+        let mut view = dst.get_mut().slice_mut(dst_off..dst_off + bytes);
+        self.stream
+            .memcpy_dtod(&src.get().slice(src_off..src_off + bytes), &mut view)
+            .map_err(|e| driver_err("device-to-device copy", e))
+    }
+
     pub(crate) fn download(&self, buf: &CudaBuffer, bytes: usize) -> Result<Vec<u8>> {
         if bytes == 0 {
             return Ok(Vec::new());

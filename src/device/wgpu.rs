@@ -209,6 +209,28 @@ impl WgpuDevice {
         Ok(())
     }
 
+    /// Copies `bytes` bytes of `src` from `src_off` into `dst` at `dst_off`. WebGPU copies
+    /// whole 4-byte words: offsets and size must be multiples of 4.
+    pub(crate) fn copy_region(
+        &self,
+        src: &WgpuBuffer,
+        src_off: usize,
+        dst: &WgpuBuffer,
+        dst_off: usize,
+        bytes: usize,
+    ) -> Result<()> {
+        if !(src_off | dst_off | bytes).is_multiple_of(4) {
+            return Err(Error::Unsupported(format!(
+                "WebGPU copies whole 4-byte words; a copy of {bytes} bytes from offset {src_off} to {dst_off} is not"
+            )));
+        }
+        self.scoped("device-to-device copy", || {
+            let mut encoder = self.device.create_command_encoder(&Default::default());
+            encoder.copy_buffer_to_buffer(src.get(), src_off as u64, dst.get(), dst_off as u64, bytes as u64);
+            self.queue.submit([encoder.finish()]);
+        })
+    }
+
     pub(crate) fn download(&self, buf: &WgpuBuffer, bytes: usize) -> Result<Vec<u8>> {
         if bytes == 0 {
             return Ok(Vec::new());

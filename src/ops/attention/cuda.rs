@@ -2,7 +2,7 @@
 
 use super::{AttentionOutput, AttnShape};
 use crate::device::cuda::{CudaDevice, KernelSource};
-use crate::ops::matmul::cuda::to_i32;
+use crate::ops::matmul::cuda::{grid, to_i32};
 use crate::{DType, Result, Tensor};
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 
@@ -82,4 +82,66 @@ pub(crate) fn backward(
         unsafe { launch.launch(cfg(rows)) }.map_err(|e| CudaDevice::launch_err(&name, e))?;
     }
     Ok(super::AttentionGrads { dq, dk, dv })
+}
+
+/// Decoding against a KV cache: the split kernel for the head dim's tier, then the merge.
+pub(crate) fn decode(
+    q: &Tensor,
+    cache: &super::KvCache,
+    s: &super::DecodeShape,
+    lens: &[usize],
+    q_lens: &[usize],
+) -> Result<AttentionOutput> {
+    let dev = q.cuda_device()?.clone();
+    let device = q.device();
+    let rows = s.batch * s.heads * s.q_len;
+    let lens_buf = super::lens_buffer(lens, &device)?;
+    let q_lens_buf = super::lens_buffer(q_lens, &device)?;
+    let part_ml = Tensor::empty(&[rows * s.splits * 2], DType::F32, &device)?;
+    let part_acc = Tensor::empty(&[rows * s.splits * s.dim], DType::F32, &device)?;
+    let tier = match s.dim {
+        0..=64 => 64,
+        65..=128 => 128,
+        _ => 256,
+    };
+    let name = format!("attention_decode_split_{}_d{tier}", q.dtype());
+    let f = dev.function(&SOURCE, &name)?;
+    let (q_len, capacity) = (to_i32("q_len", s.q_len)?, to_i32("cache capacity", s.capacity)?);
+    let (heads, kv_heads, dim) = (to_i32("heads", s.heads)?, to_i32("kv_heads", s.kv_heads)?, to_i32("dim", s.dim)?);
+    let (split_keys, splits) = (to_i32("split", s.split)?, to_i32("splits", s.splits)?);
+    let mut launch = dev.stream.launch_builder(&f);
+    launch.arg(q.cuda_buffer()?).arg(cache.k().cuda_buffer()?).arg(cache.v().cuda_buffer()?);
+    launch.arg(lens_buf.cuda_slice()?).arg(q_lens_buf.cuda_slice()?);
+    launch.arg(part_ml.cuda_buffer()?).arg(part_acc.cuda_buffer()?);
+    launch.arg(&q_len).arg(&capacity).arg(&heads).arg(&kv_heads).arg(&dim).arg(&s.scale).arg(&split_keys).arg(&splits);
+    let row_groups = (s.heads / s.kv_heads * s.q_len).div_ceil(8);
+    let cfg = LaunchConfig {
+        grid_dim: (
+            u32::try_from(s.splits).map_err(|_| crate::Error::Unsupported("too many cache splits".into()))?,
+            grid("sequences × kv heads", s.batch * s.kv_heads)?,
+            grid("query row groups", row_groups)?,
+        ),
+        block_dim: (128, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: q is [batch, q_len, heads, dim], the cache [batch, capacity, kv_heads, dim]
+    // with lens ≤ capacity and q_lens ≤ lens (checked), the partials [rows, splits, 2] and
+    // [rows, splits, dim].
+    unsafe { launch.launch(cfg) }.map_err(|e| CudaDevice::launch_err(&name, e))?;
+
+    let o = Tensor::empty(q.shape(), q.dtype(), &device)?;
+    let lse = Tensor::empty(&[s.batch, s.heads, s.q_len], DType::F32, &device)?;
+    let f = dev.function(&SOURCE, "attention_decode_merge")?;
+    let (kind, rows64) = (crate::ops::matmul::cuda::out_kind(q.dtype()), rows as u64);
+    let mut launch = dev.stream.launch_builder(&f);
+    launch.arg(part_ml.cuda_buffer()?).arg(part_acc.cuda_buffer()?).arg(o.cuda_buffer()?).arg(lse.cuda_buffer()?);
+    launch.arg(&kind).arg(&q_len).arg(&heads).arg(&dim).arg(&splits).arg(&rows64);
+    let cfg = LaunchConfig {
+        grid_dim: (grid("query rows", rows.div_ceil(8))?, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: the partials as written above; o like q, lse [batch, heads, q_len].
+    unsafe { launch.launch(cfg) }.map_err(|e| CudaDevice::launch_err("attention_decode_merge", e))?;
+    Ok(AttentionOutput { o, lse })
 }

@@ -303,3 +303,296 @@ fn cpu_backward(inputs: &BackwardInputs<'_>, s: &AttnShape, lens: &[usize]) -> R
         dv: Tensor::from_slice(&dv, v.shape(), &cpu)?,
     })
 }
+
+// ---------------------------------------------------------------------------------------
+// Decoding against a KV cache
+
+/// Keys per split of the cache in [`attention_decode`] (flash-decoding) on the CPU and CUDA:
+/// each split of each sequence and kv head is its own piece of work, so one long sequence
+/// fills the device.
+pub const DECODE_SPLIT: usize = 256;
+
+/// Keys per split on WGSL: llvmpipe (lavapipe) computes wrong results once one invocation
+/// runs past about 2^15 inner-loop steps, and a split's invocation runs split × head_dim.
+pub const DECODE_SPLIT_WGSL: usize = 64;
+
+/// A key/value cache for a batch of sequences of different lengths: k and v are
+/// `[batch, capacity, kv_heads, head_dim]`, and sequence b holds its first `lens()[b]` rows.
+/// Appending writes the new rows in place after the old ones; nothing already cached is
+/// copied (unless the storage is shared with another tensor, which keeps its values).
+#[derive(Debug, Clone)]
+pub struct KvCache {
+    k: Tensor,
+    v: Tensor,
+    lens: Vec<usize>,
+}
+
+impl KvCache {
+    /// An empty cache of `capacity` positions per sequence, zero-filled.
+    pub fn new(
+        batch: usize,
+        capacity: usize,
+        kv_heads: usize,
+        head_dim: usize,
+        dtype: crate::DType,
+        device: &crate::Device,
+    ) -> Result<KvCache> {
+        if batch == 0 || capacity == 0 || kv_heads == 0 || head_dim == 0 || head_dim > MAX_HEAD_DIM {
+            return Err(Error::Shape(format!(
+                "KV cache [batch {batch}, capacity {capacity}, kv_heads {kv_heads}, head_dim {head_dim}]: \
+                 every size must be at least 1 and head_dim at most {MAX_HEAD_DIM}"
+            )));
+        }
+        let shape = [batch, capacity, kv_heads, head_dim];
+        Ok(KvCache {
+            k: Tensor::zeros(&shape, dtype, device)?,
+            v: Tensor::zeros(&shape, dtype, device)?,
+            lens: vec![0; batch],
+        })
+    }
+
+    /// Appends `counts[b]` new rows to sequence b (all `n` rows when `counts` is `None`),
+    /// from k_new and v_new `[batch, n, kv_heads, head_dim]`. `Err`, with nothing written,
+    /// when shapes, dtypes or devices do not fit or a sequence would pass the capacity.
+    pub fn append(&mut self, k_new: &Tensor, v_new: &Tensor, counts: Option<&[usize]>) -> Result<()> {
+        crate::ops::same_device("KV cache append", &[&self.k, k_new, v_new])?;
+        let [batch, capacity, kv_heads, dim] = self.shape();
+        let n = k_new.shape().get(1).copied().unwrap_or(0);
+        if k_new.shape() != [batch, n, kv_heads, dim] || v_new.shape() != k_new.shape() {
+            return Err(Error::Shape(format!(
+                "KV cache append: k {:?} and v {:?} must both be [{batch}, n, {kv_heads}, {dim}]",
+                k_new.shape(),
+                v_new.shape()
+            )));
+        }
+        if k_new.dtype() != self.k.dtype() || v_new.dtype() != self.k.dtype() {
+            return Err(Error::DType(format!(
+                "KV cache of {} given k {} and v {}",
+                self.k.dtype(),
+                k_new.dtype(),
+                v_new.dtype()
+            )));
+        }
+        let counts: Vec<usize> = match counts {
+            Some(c) if c.len() != batch => {
+                return Err(Error::Shape(format!("{} append counts for a batch of {batch}", c.len())));
+            }
+            Some(c) => c.to_vec(),
+            None => vec![n; batch],
+        };
+        for (b, (&len, &count)) in self.lens.iter().zip(&counts).enumerate() {
+            if count > n || len + count > capacity {
+                return Err(Error::Shape(format!(
+                    "KV cache append: sequence {b} holds {len} of {capacity} positions and cannot take {count} \
+                     more (of {n} given)"
+                )));
+            }
+        }
+        let row = kv_heads * dim;
+        for (b, &count) in counts.iter().enumerate() {
+            let (dst, src) = ((b * capacity + self.lens[b]) * row, b * n * row);
+            self.k.write_region(dst, k_new, src, count * row)?;
+            self.v.write_region(dst, v_new, src, count * row)?;
+        }
+        self.lens.iter_mut().zip(&counts).for_each(|(l, c)| *l += c);
+        Ok(())
+    }
+
+    /// Drops the rows of sequence b past `len` (rolling back tokens, or reusing the slot
+    /// with `len` 0). `Err` when b is out of range or `len` is past its length.
+    pub fn truncate(&mut self, b: usize, len: usize) -> Result<()> {
+        match self.lens.get_mut(b) {
+            Some(l) if len <= *l => {
+                *l = len;
+                Ok(())
+            }
+            Some(l) => Err(Error::InvalidArgument(format!("sequence {b} holds {l} rows, cannot truncate to {len}"))),
+            None => Err(Error::InvalidArgument(format!("sequence {b} of a batch of {}", self.lens.len()))),
+        }
+    }
+
+    /// `[batch, capacity, kv_heads, head_dim]`.
+    pub fn shape(&self) -> [usize; 4] {
+        let s = self.k.shape();
+        [s[0], s[1], s[2], s[3]]
+    }
+
+    /// Rows held per sequence.
+    pub fn lens(&self) -> &[usize] {
+        &self.lens
+    }
+
+    pub fn k(&self) -> &Tensor {
+        &self.k
+    }
+
+    pub fn v(&self) -> &Tensor {
+        &self.v
+    }
+}
+
+/// How [`attention_decode`] scales and which query rows are real.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct DecodeOptions {
+    /// Defaults to 1/√head_dim.
+    pub scale: Option<f32>,
+    /// Valid query rows per sequence (rows after them are padding and give zeros); all
+    /// `q_len` when `None`.
+    pub q_lens: Option<Vec<usize>>,
+}
+
+/// The sizes of one decode call, shared by every backend.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct DecodeShape {
+    pub batch: usize,
+    pub q_len: usize,
+    pub capacity: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub dim: usize,
+    pub scale: f32,
+    /// Keys per split, and the splits covering the longest sequence.
+    pub split: usize,
+    pub splits: usize,
+}
+
+/// Keys query row i of a sequence with `len` cached rows and `q_valid` real query rows sees:
+/// the new rows are the cache's last `q_valid`, so row i sits at position len − q_valid + i
+/// and sees keys 0..=that position (causal); a padding row sees none.
+pub(crate) fn decode_visible(i: usize, len: usize, q_valid: usize) -> usize {
+    if i >= q_valid { 0 } else { len - q_valid + i + 1 }
+}
+
+/// Attention of the new query rows against a KV cache (decoding; also chunked prefill):
+/// q `[batch, q_len, heads, head_dim]` holds each sequence's newest `q_lens[b]` tokens,
+/// whose keys and values are already appended to `cache`. Causal: each row sees the cache
+/// up to its own position. Split along the cache (flash-decoding): partial softmax results
+/// over [`DECODE_SPLIT`] keys ([`DECODE_SPLIT_WGSL`] on WGSL) are computed independently,
+/// then merged with their logsumexps. Returns o like q (q's dtype) and lse `[batch, heads, q_len]` (−∞ and zeros
+/// for padding rows).
+///
+/// Errors: `Shape` when q does not fit the cache (batch, head dim, heads a multiple of
+/// kv_heads), when `q_lens` has the wrong length or a sequence has fewer cached rows than
+/// query rows; `DType`; `DeviceMismatch`.
+pub fn attention_decode(q: &Tensor, cache: &KvCache, options: &DecodeOptions) -> Result<AttentionOutput> {
+    crate::ops::same_device("attention_decode", &[q, &cache.k])?;
+    let [batch, capacity, kv_heads, dim] = cache.shape();
+    let &[qb, q_len, heads, qd] = q.shape() else {
+        return Err(Error::Shape(format!("attention_decode takes q [batch, q_len, heads, dim], got {:?}", q.shape())));
+    };
+    if qb != batch || qd != dim || heads % kv_heads != 0 {
+        return Err(Error::Shape(format!(
+            "attention_decode: q {:?} does not fit the cache [{batch}, {capacity}, {kv_heads}, {dim}] \
+             (same batch and head dim, heads a multiple of kv_heads)",
+            q.shape()
+        )));
+    }
+    if q.dtype() != cache.k.dtype() {
+        return Err(Error::DType(format!("attention_decode: q is {} and the cache {}", q.dtype(), cache.k.dtype())));
+    }
+    let q_lens: Vec<usize> = match &options.q_lens {
+        None => vec![q_len; batch],
+        Some(l) if l.len() != batch => {
+            return Err(Error::Shape(format!("{} query lengths for a batch of {batch}", l.len())));
+        }
+        Some(l) => l.clone(),
+    };
+    for (b, (&ql, &len)) in q_lens.iter().zip(&cache.lens).enumerate() {
+        if ql > q_len || ql > len {
+            return Err(Error::Shape(format!(
+                "sequence {b}: {ql} query rows, but q has {q_len} and the cache holds {len} rows \
+                 (append the new keys and values before decoding)"
+            )));
+        }
+    }
+    let scale = options.scale.unwrap_or(1.0 / (dim as f32).sqrt());
+    if !scale.is_finite() {
+        return Err(Error::InvalidArgument(format!("attention scale {scale} is not finite")));
+    }
+    let longest = cache.lens.iter().copied().max().unwrap_or(0);
+    #[allow(unreachable_patterns)]
+    let split = match q.device() {
+        #[cfg(feature = "wgpu")]
+        crate::Device::Wgpu(_) => DECODE_SPLIT_WGSL,
+        _ => DECODE_SPLIT,
+    };
+    let splits = longest.div_ceil(split).max(1);
+    let s = DecodeShape { batch, q_len, capacity, heads, kv_heads, dim, scale, split, splits };
+    let lens = &cache.lens;
+    match q.storage() {
+        Storage::Cpu(_) => cpu_decode(q, cache, &s, lens, &q_lens),
+        #[cfg(feature = "cuda")]
+        Storage::Cuda { .. } => cuda::decode(q, cache, &s, lens, &q_lens),
+        #[cfg(feature = "wgpu")]
+        Storage::Wgpu { .. } => wgpu::decode(q, cache, &s, lens, &q_lens),
+    }
+}
+
+/// One split's partial result of one query row: running max, running sum, Σ p·v.
+struct Partial {
+    m: f32,
+    l: f32,
+    acc: Vec<f32>,
+}
+
+fn cpu_decode(
+    q: &Tensor,
+    cache: &KvCache,
+    s: &DecodeShape,
+    lens: &[usize],
+    q_lens: &[usize],
+) -> Result<AttentionOutput> {
+    let (qv, kv, vv) = (q.to_vec_f32()?, cache.k.to_vec_f32()?, cache.v.to_vec_f32()?);
+    let (d, group) = (s.dim, s.heads / s.kv_heads);
+    let rows = s.batch * s.heads * s.q_len;
+    // Row r = (b·heads + h)·q_len + i (lse's layout); work item = (row, split).
+    let partials: Vec<Partial> = (0..rows * s.splits)
+        .into_par_iter()
+        .map(|item| {
+            let (r, split) = (item / s.splits, item % s.splits);
+            let (b, h, i) = (r / (s.heads * s.q_len), (r / s.q_len) % s.heads, r % s.q_len);
+            let qrow = &qv[((b * s.q_len + i) * s.heads + h) * d..][..d];
+            let end = decode_visible(i, lens[b], q_lens[b]).min((split + 1) * s.split);
+            let (mut m, mut l, mut acc) = (f32::NEG_INFINITY, 0f32, vec![0f32; d]);
+            for j in split * s.split..end {
+                let base = ((b * s.capacity + j) * s.kv_heads + h / group) * d;
+                let score = crate::ops::dot(qrow, &kv[base..base + d]) * s.scale;
+                let m_new = m.max(score);
+                let (correction, p) = ((m - m_new).exp(), (score - m_new).exp());
+                l = l * correction + p;
+                for (a, &x) in acc.iter_mut().zip(&vv[base..base + d]) {
+                    *a = *a * correction + p * x;
+                }
+                m = m_new;
+            }
+            Partial { m, l, acc }
+        })
+        .collect();
+    let mut o = vec![0f32; rows * d];
+    let mut lse = vec![f32::NEG_INFINITY; rows];
+    for (r, parts) in partials.chunks(s.splits).enumerate() {
+        let (b, h, i) = (r / (s.heads * s.q_len), (r / s.q_len) % s.heads, r % s.q_len);
+        let (m, l, acc) = merge_partials(parts, d);
+        if l > 0.0 {
+            o[((b * s.q_len + i) * s.heads + h) * d..][..d].iter_mut().zip(&acc).for_each(|(o, a)| *o = a / l);
+            lse[r] = m + l.ln();
+        }
+    }
+    Ok(AttentionOutput {
+        o: Tensor::from_f32(&o, q.shape(), q.dtype(), &crate::Device::Cpu)?,
+        lse: Tensor::from_slice(&lse, &[s.batch, s.heads, s.q_len], &crate::Device::Cpu)?,
+    })
+}
+
+/// Merges split results: M = max m, L = Σ e^(m − M)·l, acc = Σ e^(m − M)·acc. Splits with no
+/// key (l = 0) take no part.
+fn merge_partials(parts: &[Partial], d: usize) -> (f32, f32, Vec<f32>) {
+    let m = parts.iter().filter(|p| p.l > 0.0).map(|p| p.m).fold(f32::NEG_INFINITY, f32::max);
+    let (mut l, mut acc) = (0f32, vec![0f32; d]);
+    for p in parts.iter().filter(|p| p.l > 0.0) {
+        let w = (p.m - m).exp();
+        l += w * p.l;
+        acc.iter_mut().zip(&p.acc).for_each(|(a, x)| *a += w * x);
+    }
+    (m, l, acc)
+}

@@ -100,3 +100,69 @@ pub(crate) fn backward(
     dev.dispatch(&pipeline, &buffers, &params(s, rows, gx)?, (gx, gy, 1))?;
     Ok(super::AttentionGrads { dq, dk, dv })
 }
+
+const DECODE_SPLIT: &str = include_str!("../../../shaders/attention_decode_split.wgsl");
+const DECODE_MERGE: &str = include_str!("../../../shaders/attention_decode_merge.wgsl");
+
+/// Decoding against a KV cache: the split shader, then the merge.
+pub(crate) fn decode(
+    q: &Tensor,
+    cache: &super::KvCache,
+    s: &super::DecodeShape,
+    lens: &[usize],
+    q_lens: &[usize],
+) -> Result<AttentionOutput> {
+    let dev = q.wgpu_device()?.clone();
+    let device = q.device();
+    let native = q.dtype() == DType::F16 && dev.shader_f16;
+    let key = format!("attention_decode_split_{}{}_{}", q.dtype(), if native { "_native" } else { "" }, s.split);
+    let pipeline = dev.pipeline(&key, || {
+        let enable = if native { "enable f16;\n" } else { "" };
+        format!(
+            "{enable}{}{}{}const SPLIT: u32 = {}u;\n{DECODE_SPLIT}",
+            wgsl_input("q", 0, q.dtype(), native),
+            wgsl_input("k", 1, q.dtype(), native),
+            wgsl_input("v", 2, q.dtype(), native),
+            s.split
+        )
+    })?;
+    let rows = s.batch * s.heads * s.q_len;
+    let items = rows * s.splits;
+    fits_u32("decode partials", items * s.dim)?;
+    fits_u32("KV cache elements", s.batch * s.capacity * s.kv_heads * s.dim)?;
+    let both: Vec<usize> = lens.iter().chain(q_lens).copied().collect();
+    let lens_buf = super::lens_buffer(&both, &device)?;
+    let part_ml = Tensor::empty(&[items * 2], DType::F32, &device)?;
+    let part_acc = Tensor::empty(&[items * s.dim], DType::F32, &device)?;
+    let (gx, gy) = grid_2d(items.div_ceil(64));
+    let params = [
+        fits_u32("q_len", s.q_len)?,
+        fits_u32("cache capacity", s.capacity)?,
+        fits_u32("heads", s.heads)?,
+        fits_u32("kv_heads", s.kv_heads)?,
+        fits_u32("head dim", s.dim)?,
+        s.scale.to_bits(),
+        fits_u32("splits", s.splits)?,
+        fits_u32("batch", s.batch)?,
+        fits_u32("items", items)?,
+        gx,
+    ];
+    let buffers = [
+        q.wgpu_buffer()?,
+        cache.k().wgpu_buffer()?,
+        cache.v().wgpu_buffer()?,
+        lens_buf.wgpu_buffer()?,
+        part_ml.wgpu_buffer()?,
+        part_acc.wgpu_buffer()?,
+    ];
+    dev.dispatch(&pipeline, &buffers, &params, (gx, gy, 1))?;
+
+    let pipeline = dev.pipeline("attention_decode_merge", || DECODE_MERGE.to_string())?;
+    let o = Tensor::empty(q.shape(), DType::F32, &device)?;
+    let lse = Tensor::empty(&[s.batch, s.heads, s.q_len], DType::F32, &device)?;
+    let (gx, gy) = grid_2d(rows.div_ceil(64));
+    let params = [s.q_len as u32, s.heads as u32, s.dim as u32, s.splits as u32, rows as u32, gx];
+    let buffers = [part_ml.wgpu_buffer()?, part_acc.wgpu_buffer()?, o.wgpu_buffer()?, lse.wgpu_buffer()?];
+    dev.dispatch(&pipeline, &buffers, &params, (gx, gy, 1))?;
+    Ok(AttentionOutput { o: o.to_dtype(q.dtype())?, lse })
+}

@@ -4,8 +4,8 @@
 use super::{AdapterSet, BaseWeight, Fused};
 use crate::device::cuda::CudaDevice;
 use crate::device::cuda::KernelSource;
-use crate::ops::matmul::cuda::{out_kind, to_i32};
-use crate::ops::quant::cuda::{QArgs, grid};
+use crate::ops::matmul::cuda::{grid, out_kind, to_i32};
+use crate::ops::quant::cuda::QArgs;
 use crate::tensor::RawBuffer;
 use crate::{DType, Result, Tensor};
 use cudarc::driver::{LaunchConfig, PushKernelArg};

@@ -30,7 +30,7 @@ pub(crate) fn to_i32(what: &str, v: usize) -> Result<i32> {
     i32::try_from(v).map_err(|_| Error::Unsupported(format!("{what} = {v} exceeds the kernels' 32-bit sizes")))
 }
 
-fn grid(what: &str, v: usize) -> Result<u32> {
+pub(crate) fn grid(what: &str, v: usize) -> Result<u32> {
     if v > 65535 {
         return Err(Error::Unsupported(format!("{what} needs {v} blocks in a grid dimension limited to 65535")));
     }

@@ -3,8 +3,8 @@
 
 use super::{Direction, QProblem, QTensor};
 use crate::device::cuda::{CudaBuffer, CudaDevice, KernelSource};
-use crate::ops::matmul::cuda::{out_kind, to_i32};
-use crate::{DType, Error, Result, Tensor};
+use crate::ops::matmul::cuda::{grid, out_kind, to_i32};
+use crate::{DType, Result, Tensor};
 use cudarc::driver::{LaunchArgs, LaunchConfig, PushKernelArg};
 use std::sync::Arc;
 
@@ -43,13 +43,6 @@ impl QArgs {
     pub(crate) fn push<'a>(&'a self, launch: &mut LaunchArgs<'a>) {
         launch.arg(&self.format).arg(&self.absmax_off).arg(&self.nested_off).arg(&self.code_off).arg(&self.offset);
     }
-}
-
-pub(crate) fn grid(what: &str, v: usize) -> Result<u32> {
-    if v > 65535 {
-        return Err(Error::Unsupported(format!("{what} needs {v} blocks in a grid dimension limited to 65535")));
-    }
-    Ok(v as u32)
 }
 
 pub(crate) fn dequantize(dev: &Arc<CudaDevice>, w: &QTensor, buf: &CudaBuffer, dtype: DType) -> Result<Tensor> {
