@@ -95,3 +95,22 @@ for (group, fn, param), (secs, tp) in sorted(results.items()):
     ref = results.get((group, ref_fn, param))
     ratio = f"{secs / ref[0]:.2f}" if ref else "-"
     print(f"| {group} | {fn} | {secs * 1e6:.1f} | {ratio} |")
+
+print("\n## attention: TFLOP/s of unmasked work; torch sdpa (flash) time / kiln time; decode GB/s of cache read\n")
+print("| group | shape | kiln ms | TFLOP/s or GB/s | torch ms | speed-up over torch | of copy GB/s |")
+print("|---|---|---|---|---|---|---|")
+for (group, fn, param), (secs, tp) in sorted(results.items()):
+    if not group.startswith("attention_") or "/cuda" not in group or fn == "copy":
+        continue
+    kind = group.split("/")[0].split("_")[1]
+    ref = torch.get(f"sdpa_{kind}")
+    speedup = f"{ref / secs:.2f}" if ref else "-"
+    if kind == "decode":
+        copy = results.get((group, "copy", param))
+        copy_gbs = copy[1].get("Bytes", 0) / copy[0] / 1e9 if copy else 0
+        rate = tp.get("Bytes", 0) / secs / 1e9
+        share = f"{rate / copy_gbs:.2f}" if copy_gbs else "-"
+        rate_s = f"{rate:.0f} GB/s"
+    else:
+        rate_s, share = f"{tp.get('Elements', 0) / secs / 1e12:.1f}", "-"
+    print(f"| {group} | {param} | {secs * 1e3:.3f} | {rate_s} | {ref * 1e3 if ref else float('nan'):.3f} | {speedup} | {share} |")

@@ -4,6 +4,11 @@ warm-up; prints JSON with median seconds:
   "linear_bf16/<t>"      x @ W.T, x [t, 8192], W [8192, 8192] bf16 (benches/quant.rs)
   "adamw_fused/100M"     torch.optim.AdamW(fused=True).step() over 25 f32 tensors of 4M
                          with f32 gradients (benches/optim.rs, "plain")
+  "sdpa_fwd", "sdpa_bwd" scaled_dot_product_attention (its flash backend), bf16, causal,
+                         batch 1, 32 heads of 128, sequence 2048 (benches/attention.rs);
+                         backward timed alone, from a retained graph
+  "sdpa_decode"          one query token per head against an 8192-token cache with 8 kv
+                         heads (grouped-query), bf16
 """
 import json
 
@@ -42,4 +47,15 @@ for p in params:
     p.grad = torch.randn_like(p) * 0.1
 opt = torch.optim.AdamW(params, lr=1e-3, fused=True)
 out["adamw_fused/100M"] = median_seconds(opt.step)
+import torch.nn.functional as F
+
+q, k, v = (torch.randn(1, 32, 2048, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.FLASH_ATTENTION):
+    out["sdpa_fwd"] = median_seconds(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True))
+    o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    g = torch.randn_like(o)
+    out["sdpa_bwd"] = median_seconds(lambda: torch.autograd.grad(o, (q, k, v), g, retain_graph=True))
+qd = torch.randn(1, 32, 1, 128, device="cuda", dtype=torch.bfloat16)
+kd, vd = (torch.randn(1, 8, 8192, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+out["sdpa_decode"] = median_seconds(lambda: F.scaled_dot_product_attention(qd, kd, vd, enable_gqa=True))
 print(json.dumps({"torch": torch.__version__, "tf32": torch.backends.cuda.matmul.allow_tf32, "times": out}))
