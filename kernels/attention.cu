@@ -61,6 +61,210 @@ KILN_ATTENTION(F16, f16)
 KILN_ATTENTION(BF16, bf16)
 
 // ---------------------------------------------------------------------------------------
+// Forward on tensor cores (FlashAttention-2), sm_80+, f16/bf16, head dims 64, 80, 96, 128.
+//
+// attention_fwd_mma_{f16,bf16}_d{64,80,96,128}
+//     128 threads (4 warps) per 64 query rows of one (batch, head); warp w owns rows
+//     16w..16w+15. Q's fragments are loaded once and stay in registers. Per tile of 64
+//     keys: K and V rows go global → shared with cp.async ([key][dim], rows padded by 8
+//     halves so ldmatrix is conflict-free); S = Q·Kᵀ with mma.m16n8k16 (K read with the
+//     [n][k] ldmatrix pattern of gemm.cuh); masked scores are −∞; the online softmax runs
+//     in the log2 domain on the accumulators (row max over the 4 lanes sharing a row);
+//     P is repacked from the S accumulators straight into A fragments, and O += P·V with
+//     V read by ldmatrix.trans. The row sums stay per lane until the end. Output in q's
+//     type, lse in natural log (−∞ and zeros for a row that sees no key).
+//     Grid (ceil(q_len / 64), batch·heads).
+
+#define FA_BM 64
+#define FA_BN 64
+
+template <bool BF, int D>
+__device__ void attention_fwd_mma_impl(const u16* __restrict__ q, const u16* __restrict__ k,
+                                       const u16* __restrict__ v, const u32* lens, u16* __restrict__ o,
+                                       float* __restrict__ lse, int q_len, int kv_len, int heads, int kv_heads,
+                                       float scale, int causal) {
+#if __CUDA_ARCH__ >= 800
+    static_assert(D % 16 == 0 && D <= 128, "head dim a multiple of 16 up to 128");
+    constexpr int LD = D + 8;  // padded row, in halves
+    __shared__ __align__(128) u16 s_k[FA_BN * LD];
+    __shared__ __align__(128) u16 s_v[FA_BN * LD];  // holds Q's tile before the loop
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int g = lane >> 2, t = lane & 3, quad = lane >> 3, row8 = lane & 7;
+    const int m0 = blockIdx.x * FA_BM;
+    const int b = blockIdx.y / heads, h = blockIdx.y % heads;
+    const int kh = h / (heads / kv_heads);
+    const u32 len = lens[b];
+    const u64 q_stride = (u64)heads * D, kv_stride = (u64)kv_heads * D;
+    const u16* qb = q + ((u64)b * q_len * heads + h) * D;
+    const u16* kb = k + ((u64)b * kv_len * kv_heads + kh) * D;
+    const u16* vb = v + ((u64)b * kv_len * kv_heads + kh) * D;
+
+    // Copies rows r0.. of a [rows][D] operand (row stride `stride` halves) into a tile;
+    // rows at or past `rows_in` are zero-filled.
+    auto load_rows = [&](u16* dst, const u16* src, u64 stride, int r0, int rows_in) {
+        constexpr int CHUNKS = FA_BN * D / 8;
+#pragma unroll
+        for (int c = threadIdx.x; c < CHUNKS; c += 128) {
+            const int r = c / (D / 8), col = (c % (D / 8)) * 8;
+            const bool inside = r0 + r < rows_in;
+            cp_async_16(smem_addr(dst + r * LD + col), inside ? src + (u64)(r0 + r) * stride + col : src,
+                        inside ? 16 : 0);
+        }
+    };
+
+    load_rows(s_v, qb, q_stride, m0, q_len);
+    cp_async_commit();
+    cp_async_wait<0>();
+    __syncthreads();
+    u32 qf[D / 16][4];
+#pragma unroll
+    for (int kk = 0; kk < D / 16; kk++) {
+        const u16* p = s_v + (warp * 16 + (lane & 15)) * LD + kk * 16 + (lane >> 4) * 8;
+        ldmatrix_x4<false>(smem_addr(p), qf[kk][0], qf[kk][1], qf[kk][2], qf[kk][3]);
+    }
+    __syncthreads();
+
+    // This lane's two rows (g and g + 8 of the warp's 16) and the keys each sees.
+    const int i0 = m0 + warp * 16 + g, i1 = i0 + 8;
+    const int vis0 = i0 < q_len ? visible_keys(i0, len, q_len, kv_len, causal) : 0;
+    const int vis1 = i1 < q_len ? visible_keys(i1, len, q_len, kv_len, causal) : 0;
+    // Keys any row of the block sees: visible_keys grows with the row up to the last real one.
+    const int last = min(m0 + FA_BM, (int)min(len, (u32)q_len)) - 1;
+    const int n_end = last >= m0 ? visible_keys(last, len, q_len, kv_len, causal) : 0;
+
+    const float LOG2E = 1.4426950408889634f;
+    const float scale2 = scale * LOG2E;
+    const float NEG_INF = __int_as_float(0xff800000);
+    float o_acc[D / 8][4];
+#pragma unroll
+    for (int j = 0; j < D / 8; j++)
+#pragma unroll
+        for (int r = 0; r < 4; r++) o_acc[j][r] = 0.f;
+    float m_run[2] = {NEG_INF, NEG_INF}, l_run[2] = {0.f, 0.f};
+
+    for (int n0 = 0; n0 < n_end; n0 += FA_BN) {
+        load_rows(s_k, kb, kv_stride, n0, kv_len);
+        load_rows(s_v, vb, kv_stride, n0, kv_len);
+        cp_async_commit();
+        cp_async_wait<0>();
+        __syncthreads();
+
+        float s[FA_BN / 8][4];
+#pragma unroll
+        for (int j = 0; j < FA_BN / 8; j++)
+#pragma unroll
+            for (int r = 0; r < 4; r++) s[j][r] = 0.f;
+#pragma unroll
+        for (int kk = 0; kk < D / 16; kk++) {
+#pragma unroll
+            for (int nj = 0; nj < FA_BN / 16; nj++) {
+                // K as [n][k]: matrix q holds key rows (q >> 1) * 8.., dims (q & 1) * 8..
+                const u16* p = s_k + (nj * 16 + row8 + (quad >> 1) * 8) * LD + kk * 16 + (quad & 1) * 8;
+                u32 b0, b1, b2, b3;
+                ldmatrix_x4<false>(smem_addr(p), b0, b1, b2, b3);
+                mma_16816<BF>(s[2 * nj], qf[kk], b0, b1);
+                mma_16816<BF>(s[2 * nj + 1], qf[kk], b2, b3);
+            }
+        }
+
+        // Online softmax, log2 domain. s[j][r]: row g + 8·(r >> 1), key n0 + 8j + 2t + (r & 1).
+        float tile_max[2] = {NEG_INF, NEG_INF};
+#pragma unroll
+        for (int j = 0; j < FA_BN / 8; j++)
+#pragma unroll
+            for (int r = 0; r < 4; r++) {
+                const int key = n0 + 8 * j + 2 * t + (r & 1);
+                const float x = key < ((r >> 1) ? vis1 : vis0) ? s[j][r] * scale2 : NEG_INF;
+                s[j][r] = x;
+                tile_max[r >> 1] = fmaxf(tile_max[r >> 1], x);
+            }
+        float m_use[2], correction[2];
+#pragma unroll
+        for (int hf = 0; hf < 2; hf++) {
+            tile_max[hf] = fmaxf(tile_max[hf], __shfl_xor_sync(0xffffffffu, tile_max[hf], 1));
+            tile_max[hf] = fmaxf(tile_max[hf], __shfl_xor_sync(0xffffffffu, tile_max[hf], 2));
+            const float m_new = fmaxf(m_run[hf], tile_max[hf]);
+            // A row that has seen no key yet keeps −∞; subtract 0 then (exp2(−∞) = 0).
+            m_use[hf] = m_new == NEG_INF ? 0.f : m_new;
+            correction[hf] = exp2f(m_run[hf] - m_use[hf]);
+            m_run[hf] = m_new;
+            l_run[hf] *= correction[hf];
+        }
+#pragma unroll
+        for (int j = 0; j < D / 8; j++)
+#pragma unroll
+            for (int r = 0; r < 4; r++) o_acc[j][r] *= correction[r >> 1];
+#pragma unroll
+        for (int j = 0; j < FA_BN / 8; j++)
+#pragma unroll
+            for (int r = 0; r < 4; r++) {
+                s[j][r] = exp2f(s[j][r] - m_use[r >> 1]);
+                l_run[r >> 1] += s[j][r];
+            }
+
+        // O += P·V: P's A fragments come from the S accumulators of keys 16kk..16kk+15.
+#pragma unroll
+        for (int kk = 0; kk < FA_BN / 16; kk++) {
+            u32 pa[4];
+            pa[0] = pack_half2<BF>(s[2 * kk][0], s[2 * kk][1]);
+            pa[1] = pack_half2<BF>(s[2 * kk][2], s[2 * kk][3]);
+            pa[2] = pack_half2<BF>(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+            pa[3] = pack_half2<BF>(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+#pragma unroll
+            for (int nj = 0; nj < D / 16; nj++) {
+                // V as [k][n]: matrix q holds key rows (q & 1) * 8.., dims (q >> 1) * 8..
+                const u16* p = s_v + (kk * 16 + row8 + (quad & 1) * 8) * LD + nj * 16 + (quad >> 1) * 8;
+                u32 b0, b1, b2, b3;
+                ldmatrix_x4<true>(smem_addr(p), b0, b1, b2, b3);
+                mma_16816<BF>(o_acc[2 * nj], pa, b0, b1);
+                mma_16816<BF>(o_acc[2 * nj + 1], pa, b2, b3);
+            }
+        }
+        __syncthreads();
+    }
+
+#pragma unroll
+    for (int hf = 0; hf < 2; hf++) {
+        l_run[hf] += __shfl_xor_sync(0xffffffffu, l_run[hf], 1);
+        l_run[hf] += __shfl_xor_sync(0xffffffffu, l_run[hf], 2);
+    }
+#pragma unroll
+    for (int hf = 0; hf < 2; hf++) {
+        const int i = hf ? i1 : i0;
+        if (i >= q_len) continue;
+        const float l = l_run[hf];
+        const float inv = l > 0.f ? 1.f / l : 0.f;
+        u16* orow = o + (((u64)b * q_len + i) * heads + h) * D;
+#pragma unroll
+        for (int j = 0; j < D / 8; j++) {
+            const int col = 8 * j + 2 * t;
+            *(u32*)(orow + col) = pack_half2<BF>(o_acc[j][2 * hf] * inv, o_acc[j][2 * hf + 1] * inv);
+        }
+        if (t == 0) lse[((u64)b * heads + h) * q_len + i] = l > 0.f ? (m_run[hf] + log2f(l)) / LOG2E : NEG_INF;
+    }
+#else
+    __trap();  // the launcher only picks this kernel on sm_80 and newer
+#endif
+}
+
+#define KILN_ATTENTION_MMA(BF, NAME, D)                                                               \
+    extern "C" __global__ void __launch_bounds__(128) attention_fwd_mma_##NAME##_d##D(               \
+        const u16* q, const u16* k, const u16* v, const u32* lens, u16* o, float* lse, int q_len,       \
+        int kv_len, int heads, int kv_heads, float scale, int causal) {                                 \
+        attention_fwd_mma_impl<BF, D>(q, k, v, lens, o, lse, q_len, kv_len, heads, kv_heads, scale,  \
+                                      causal);                                                          \
+    }
+
+KILN_ATTENTION_MMA(false, f16, 64)
+KILN_ATTENTION_MMA(false, f16, 80)
+KILN_ATTENTION_MMA(false, f16, 96)
+KILN_ATTENTION_MMA(false, f16, 128)
+KILN_ATTENTION_MMA(true, bf16, 64)
+KILN_ATTENTION_MMA(true, bf16, 80)
+KILN_ATTENTION_MMA(true, bf16, 96)
+KILN_ATTENTION_MMA(true, bf16, 128)
+
+// ---------------------------------------------------------------------------------------
 // Backward (FlashAttention-2 scheme): scores recomputed from q, k and lse;
 // p = exp(s − lse), dS = p · (dO_i · v_j − D_i), D = rowsum(dO ⊙ O) as [b, q_len, h]; dO is
 // f32. One thread per output row, grid-stride, 128 threads per block.

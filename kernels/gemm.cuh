@@ -260,6 +260,12 @@ __device__ __forceinline__ void mma_16816(float (&c)[4], const u32 (&a)[4], u32 
     }
 }
 
+// Two f32 values rounded to the half type, packed as an mma operand register (lo first).
+template <bool BF>
+__device__ __forceinline__ u32 pack_half2(float lo, float hi) {
+    return BF ? (u32)f32_to_bf16(lo) | ((u32)f32_to_bf16(hi) << 16) : (u32)f32_to_f16(lo) | ((u32)f32_to_f16(hi) << 16);
+}
+
 // Issues the cp.async copies of one ROWS×COLS tile (COLS contiguous in memory, a multiple
 // of 8) whose element (r, c) is src[(r0 + r) * ld + c0 + c], into shared memory with row
 // stride COLS + PAD. Rows at or past `rows_in` and 8-chunks at or past `cols_in` read

@@ -8,13 +8,23 @@ use cudarc::driver::{LaunchConfig, PushKernelArg};
 
 pub(crate) const SOURCE: KernelSource = KernelSource {
     name: "attention",
-    source: concat!(include_str!("../../../kernels/common.cuh"), include_str!("../../../kernels/attention.cu")),
+    source: concat!(
+        include_str!("../../../kernels/common.cuh"),
+        include_str!("../../../kernels/gemm.cuh"),
+        include_str!("../../../kernels/attention.cu")
+    ),
     needs_sm90a: false,
 };
+
+/// Head dims with a tensor-core forward kernel (f16/bf16, sm_80+).
+const MMA_HEAD_DIMS: [usize; 4] = [64, 80, 96, 128];
 
 pub(crate) fn forward(q: &Tensor, k: &Tensor, v: &Tensor, s: &AttnShape, lens: &[usize]) -> Result<AttentionOutput> {
     let dev = q.cuda_device()?.clone();
     let device = q.device();
+    if q.dtype() != DType::F32 && dev.cc.0 >= 8 && MMA_HEAD_DIMS.contains(&s.dim) {
+        return forward_mma(&dev, q, k, v, s, lens);
+    }
     let rows = (s.batch * s.heads * s.q_len) as u64;
     let lens_buf = super::lens_buffer(lens, &device)?;
     let lens_ref = lens_buf.cuda_slice()?;
@@ -38,6 +48,41 @@ pub(crate) fn forward(q: &Tensor, k: &Tensor, v: &Tensor, s: &AttnShape, lens: &
     // one per sequence, o like q, lse [batch, heads, q_len].
     unsafe { launch.launch(cfg) }.map_err(|e| CudaDevice::launch_err(&name, e))?;
     Ok(AttentionOutput { o: o.to_dtype(q.dtype())?, lse })
+}
+
+/// The FlashAttention-2 forward on tensor cores: 64 query rows of one (batch, head) per
+/// block of 128 threads.
+fn forward_mma(
+    dev: &std::sync::Arc<CudaDevice>,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    s: &AttnShape,
+    lens: &[usize],
+) -> Result<AttentionOutput> {
+    let device = q.device();
+    let lens_buf = super::lens_buffer(lens, &device)?;
+    let o = Tensor::empty(q.shape(), q.dtype(), &device)?;
+    let lse = Tensor::empty(&[s.batch, s.heads, s.q_len], DType::F32, &device)?;
+    let name = format!("attention_fwd_mma_{}_d{}", q.dtype(), s.dim);
+    let f = dev.function(&SOURCE, &name)?;
+    let (q_len, kv_len) = (to_i32("q_len", s.q_len)?, to_i32("kv_len", s.kv_len)?);
+    let (heads, kv_heads) = (to_i32("heads", s.heads)?, to_i32("kv_heads", s.kv_heads)?);
+    let causal = s.causal as i32;
+    let mut launch = dev.stream.launch_builder(&f);
+    launch.arg(q.cuda_buffer()?).arg(k.cuda_buffer()?).arg(v.cuda_buffer()?).arg(lens_buf.cuda_slice()?);
+    launch.arg(o.cuda_buffer()?).arg(lse.cuda_buffer()?).arg(&q_len).arg(&kv_len).arg(&heads).arg(&kv_heads);
+    launch.arg(&s.scale).arg(&causal);
+    let cfg = LaunchConfig {
+        grid_dim: (grid("query tiles", s.q_len.div_ceil(64))?, grid("batch × heads", s.batch * s.heads)?, 1),
+        block_dim: (128, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: q is [batch, q_len, heads, dim] and k, v [batch, kv_len, kv_heads, dim] in a
+    // half type with dim one of MMA_HEAD_DIMS (rows of 16-byte multiples), lens one per
+    // sequence, o like q, lse [batch, heads, q_len].
+    unsafe { launch.launch(cfg) }.map_err(|e| CudaDevice::launch_err(&name, e))?;
+    Ok(AttentionOutput { o, lse })
 }
 
 pub(crate) fn backward(
