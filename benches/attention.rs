@@ -6,7 +6,7 @@
 //!   of cache read per second (K and V), beside a device-to-device copy of the same bytes
 //!   (counted read + written, as STREAM does).
 //!
-//! Shapes follow the device: on GPUs bf16, 32 heads of 128, sequence 2048, and decode at
+//! Shapes follow the device: on GPUs bf16, batch 4, 32 heads of 128, sequence 4096, and decode at
 //! batch 1 against an 8192-token cache with 8 kv heads; smaller in f32 on the CPU and on
 //! software adapters. `KILN_BENCH_QUICK=1` shortens runs.
 
@@ -30,7 +30,7 @@ fn bench_attention(c: &mut Criterion) {
         let ((batch, seq, heads, dim, dtype), (cache_len, d_heads, d_kv)) = match info.kind {
             DeviceKind::Cpu => ((1, 256, 8, 64, DType::F32), (4096, 8, 2)),
             DeviceKind::SoftwareAdapter => ((1, 64, 2, 64, DType::F32), (512, 4, 1)),
-            _ => ((1, 2048, 32, 128, DType::BF16), (8192, 32, 8)),
+            _ => ((4, 4096, 32, 128, DType::BF16), (8192, 32, 8)),
         };
         let shape = [batch, seq, heads, dim];
         let q = Tensor::randn(&shape, 0.0, 1.0, 1, dtype, &device).expect("q");

@@ -5,7 +5,7 @@ warm-up; prints JSON with median seconds:
   "adamw_fused/100M"     torch.optim.AdamW(fused=True).step() over 25 f32 tensors of 4M
                          with f32 gradients (benches/optim.rs, "plain")
   "sdpa_fwd", "sdpa_bwd" scaled_dot_product_attention (its flash backend), bf16, causal,
-                         batch 1, 32 heads of 128, sequence 2048 (benches/attention.rs);
+                         batch 4, 32 heads of 128, sequence 4096 (benches/attention.rs);
                          backward timed alone, from a retained graph
   "sdpa_decode"          one query token per head against an 8192-token cache with 8 kv
                          heads (grouped-query), bf16
@@ -49,7 +49,7 @@ opt = torch.optim.AdamW(params, lr=1e-3, fused=True)
 out["adamw_fused/100M"] = median_seconds(opt.step)
 import torch.nn.functional as F
 
-q, k, v = (torch.randn(1, 32, 2048, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+q, k, v = (torch.randn(4, 32, 4096, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
 with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.FLASH_ATTENTION):
     out["sdpa_fwd"] = median_seconds(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True))
     o = F.scaled_dot_product_attention(q, k, v, is_causal=True)

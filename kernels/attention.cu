@@ -78,6 +78,20 @@ KILN_ATTENTION(BF16, bf16)
 #define FA_BM 64
 #define FA_BN 64
 
+// Copies rows r0..r0+ROWS of a [rows][D] half operand (row stride `stride` halves) into a
+// shared tile with rows of D + 8 halves, with cp.async by 128 threads; rows at or past
+// `rows_in` are zero-filled.
+template <int ROWS, int D>
+__device__ __forceinline__ void fa_load_rows(u16* dst, const u16* src, u64 stride, int r0, int rows_in) {
+    constexpr int CHUNKS = ROWS * D / 8;
+    for (int c = threadIdx.x; c < CHUNKS; c += 128) {
+        const int r = c / (D / 8), col = (c % (D / 8)) * 8;
+        const bool inside = r0 + r < rows_in;
+        cp_async_16(smem_addr(dst + r * (D + 8) + col), inside ? src + (u64)(r0 + r) * stride + col : src,
+                    inside ? 16 : 0);
+    }
+}
+
 template <bool BF, int D>
 __device__ void attention_fwd_mma_impl(const u16* __restrict__ q, const u16* __restrict__ k,
                                        const u16* __restrict__ v, const u32* lens, u16* __restrict__ o,
@@ -99,20 +113,7 @@ __device__ void attention_fwd_mma_impl(const u16* __restrict__ q, const u16* __r
     const u16* kb = k + ((u64)b * kv_len * kv_heads + kh) * D;
     const u16* vb = v + ((u64)b * kv_len * kv_heads + kh) * D;
 
-    // Copies rows r0.. of a [rows][D] operand (row stride `stride` halves) into a tile;
-    // rows at or past `rows_in` are zero-filled.
-    auto load_rows = [&](u16* dst, const u16* src, u64 stride, int r0, int rows_in) {
-        constexpr int CHUNKS = FA_BN * D / 8;
-#pragma unroll
-        for (int c = threadIdx.x; c < CHUNKS; c += 128) {
-            const int r = c / (D / 8), col = (c % (D / 8)) * 8;
-            const bool inside = r0 + r < rows_in;
-            cp_async_16(smem_addr(dst + r * LD + col), inside ? src + (u64)(r0 + r) * stride + col : src,
-                        inside ? 16 : 0);
-        }
-    };
-
-    load_rows(s_v, qb, q_stride, m0, q_len);
+    fa_load_rows<FA_BM, D>(s_v, qb, q_stride, m0, q_len);
     cp_async_commit();
     cp_async_wait<0>();
     __syncthreads();
@@ -143,8 +144,8 @@ __device__ void attention_fwd_mma_impl(const u16* __restrict__ q, const u16* __r
     float m_run[2] = {NEG_INF, NEG_INF}, l_run[2] = {0.f, 0.f};
 
     for (int n0 = 0; n0 < n_end; n0 += FA_BN) {
-        load_rows(s_k, kb, kv_stride, n0, kv_len);
-        load_rows(s_v, vb, kv_stride, n0, kv_len);
+        fa_load_rows<FA_BN, D>(s_k, kb, kv_stride, n0, kv_len);
+        fa_load_rows<FA_BN, D>(s_v, vb, kv_stride, n0, kv_len);
         cp_async_commit();
         cp_async_wait<0>();
         __syncthreads();
@@ -358,6 +359,318 @@ __device__ void attention_bwd_dkv_impl(const AttnArgs<T>& a, float* dk, float* d
 KILN_ATTENTION_BWD(F32, f32)
 KILN_ATTENTION_BWD(F16, f16)
 KILN_ATTENTION_BWD(BF16, bf16)
+
+// ---------------------------------------------------------------------------------------
+// Backward on tensor cores (FlashAttention-2), sm_80+, f16/bf16, head dims 64/80/96/128.
+// Same arithmetic as the kernels above, with q, k, v and dO in the half type (dO rounded
+// to it by the launcher) and P and dS rounded to it as mma operands; f32 accumulation.
+// Scores in the log2 domain: p = exp2(s·scale·log2 e − lse·log2 e).
+//
+// attention_bwd_dq_mma_{f16,bf16}_d{64,80,96,128}
+//     128 threads (4 warps) per 64 query rows of one (batch, head); Q's and dO's fragments
+//     stay in registers. Per tile of 32 keys: S = Q·Kᵀ and dP = dO·Vᵀ (K and V read as
+//     [n][k]), P and dS = P ⊙ (dP − D) in the accumulators, dQ += dS·K (dS repacked into A
+//     fragments, K read as [k][n] with ldmatrix.trans). dq = scale·dQ, f32.
+//     Grid (ceil(q_len / 64), batch·heads).
+// attention_bwd_dkv_mma_{f16,bf16}_d{64,80,96,128}
+//     128 threads per 64 keys of one (batch, kv head), warp w owning keys 16w..16w+15; K
+//     and V stay in shared memory. For every head of the kv head's group and every tile of
+//     16 query rows that sees the keys: Sᵀ = K·Qᵀ and dPᵀ = V·dOᵀ, Pᵀ and dSᵀ in the
+//     accumulators, dV += Pᵀ·dO and dK += dSᵀ·Q (Q and dO read as [k][n]). Summing the
+//     group's heads in the block needs no atomics. dk = scale·dK, dv, f32.
+//     Grid (ceil(kv_len / 64), batch·kv_heads).
+
+#define FB_DQ_BN 32
+#define FB_DKV_BM 16
+
+template <bool BF, int D>
+__device__ void attention_bwd_dq_mma_impl(const u16* __restrict__ q, const u16* __restrict__ k,
+                                          const u16* __restrict__ v, const u16* __restrict__ d_o,
+                                          const float* __restrict__ lse, const float* __restrict__ dvec,
+                                          const u32* lens, float* __restrict__ dq, int q_len, int kv_len, int heads,
+                                          int kv_heads, float scale, int causal) {
+#if __CUDA_ARCH__ >= 800
+    constexpr int LD = D + 8;
+    __shared__ __align__(128) u16 s_k[FB_DQ_BN * LD];
+    __shared__ __align__(128) u16 s_v[FB_DQ_BN * LD];
+    __shared__ __align__(128) u16 s_stage[FA_BM * LD];  // Q's tile, then dO's
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int g = lane >> 2, t = lane & 3, quad = lane >> 3, row8 = lane & 7;
+    const int m0 = blockIdx.x * FA_BM;
+    const int b = blockIdx.y / heads, h = blockIdx.y % heads;
+    const int kh = h / (heads / kv_heads);
+    const u32 len = lens[b];
+    const u64 q_stride = (u64)heads * D, kv_stride = (u64)kv_heads * D;
+    const u64 q_off = ((u64)b * q_len * heads + h) * D;
+    const u16* kb = k + ((u64)b * kv_len * kv_heads + kh) * D;
+    const u16* vb = v + ((u64)b * kv_len * kv_heads + kh) * D;
+
+    u32 qf[D / 16][4], df[D / 16][4];
+#pragma unroll
+    for (int which = 0; which < 2; which++) {
+        fa_load_rows<FA_BM, D>(s_stage, (which ? d_o : q) + q_off, q_stride, m0, q_len);
+        cp_async_commit();
+        cp_async_wait<0>();
+        __syncthreads();
+#pragma unroll
+        for (int kk = 0; kk < D / 16; kk++) {
+            const u16* p = s_stage + (warp * 16 + (lane & 15)) * LD + kk * 16 + (lane >> 4) * 8;
+            u32* f = which ? df[kk] : qf[kk];
+            ldmatrix_x4<false>(smem_addr(p), f[0], f[1], f[2], f[3]);
+        }
+        __syncthreads();
+    }
+
+    const float LOG2E = 1.4426950408889634f;
+    const float scale2 = scale * LOG2E;
+    int rows[2], vis[2];
+    float lse2[2], dd[2];
+#pragma unroll
+    for (int hf = 0; hf < 2; hf++) {
+        rows[hf] = m0 + warp * 16 + g + 8 * hf;
+        const bool real = rows[hf] < q_len;
+        vis[hf] = real ? visible_keys(rows[hf], len, q_len, kv_len, causal) : 0;
+        lse2[hf] = vis[hf] > 0 ? lse[((u64)b * heads + h) * q_len + rows[hf]] * LOG2E : 0.f;
+        dd[hf] = real ? dvec[((u64)b * q_len + rows[hf]) * heads + h] : 0.f;
+    }
+    const int last = min(m0 + FA_BM, (int)min(len, (u32)q_len)) - 1;
+    const int n_end = last >= m0 ? visible_keys(last, len, q_len, kv_len, causal) : 0;
+
+    float acc[D / 8][4];
+#pragma unroll
+    for (int j = 0; j < D / 8; j++)
+#pragma unroll
+        for (int r = 0; r < 4; r++) acc[j][r] = 0.f;
+
+    for (int n0 = 0; n0 < n_end; n0 += FB_DQ_BN) {
+        fa_load_rows<FB_DQ_BN, D>(s_k, kb, kv_stride, n0, kv_len);
+        fa_load_rows<FB_DQ_BN, D>(s_v, vb, kv_stride, n0, kv_len);
+        cp_async_commit();
+        cp_async_wait<0>();
+        __syncthreads();
+
+        float sc[FB_DQ_BN / 8][4], dp[FB_DQ_BN / 8][4];
+#pragma unroll
+        for (int j = 0; j < FB_DQ_BN / 8; j++)
+#pragma unroll
+            for (int r = 0; r < 4; r++) sc[j][r] = dp[j][r] = 0.f;
+#pragma unroll
+        for (int kk = 0; kk < D / 16; kk++) {
+#pragma unroll
+            for (int nj = 0; nj < FB_DQ_BN / 16; nj++) {
+                // K and V as [n][k]: matrix q holds key rows (q >> 1) * 8.., dims (q & 1) * 8..
+                const int off = (nj * 16 + row8 + (quad >> 1) * 8) * LD + kk * 16 + (quad & 1) * 8;
+                u32 b0, b1, b2, b3;
+                ldmatrix_x4<false>(smem_addr(s_k + off), b0, b1, b2, b3);
+                mma_16816<BF>(sc[2 * nj], qf[kk], b0, b1);
+                mma_16816<BF>(sc[2 * nj + 1], qf[kk], b2, b3);
+                ldmatrix_x4<false>(smem_addr(s_v + off), b0, b1, b2, b3);
+                mma_16816<BF>(dp[2 * nj], df[kk], b0, b1);
+                mma_16816<BF>(dp[2 * nj + 1], df[kk], b2, b3);
+            }
+        }
+        // dS = P ⊙ (dP − D), in sc. sc[j][r]: row half r >> 1, key n0 + 8j + 2t + (r & 1).
+#pragma unroll
+        for (int j = 0; j < FB_DQ_BN / 8; j++)
+#pragma unroll
+            for (int r = 0; r < 4; r++) {
+                const int hf = r >> 1, key = n0 + 8 * j + 2 * t + (r & 1);
+                const float p = key < vis[hf] ? exp2f(sc[j][r] * scale2 - lse2[hf]) : 0.f;
+                sc[j][r] = p * (dp[j][r] - dd[hf]);
+            }
+        // dQ += dS·K: K as [k][n] (keys × dims), ldmatrix.trans.
+#pragma unroll
+        for (int kk = 0; kk < FB_DQ_BN / 16; kk++) {
+            u32 a[4];
+            a[0] = pack_half2<BF>(sc[2 * kk][0], sc[2 * kk][1]);
+            a[1] = pack_half2<BF>(sc[2 * kk][2], sc[2 * kk][3]);
+            a[2] = pack_half2<BF>(sc[2 * kk + 1][0], sc[2 * kk + 1][1]);
+            a[3] = pack_half2<BF>(sc[2 * kk + 1][2], sc[2 * kk + 1][3]);
+#pragma unroll
+            for (int nj = 0; nj < D / 16; nj++) {
+                const u16* p = s_k + (kk * 16 + row8 + (quad & 1) * 8) * LD + nj * 16 + (quad >> 1) * 8;
+                u32 b0, b1, b2, b3;
+                ldmatrix_x4<true>(smem_addr(p), b0, b1, b2, b3);
+                mma_16816<BF>(acc[2 * nj], a, b0, b1);
+                mma_16816<BF>(acc[2 * nj + 1], a, b2, b3);
+            }
+        }
+        __syncthreads();
+    }
+
+#pragma unroll
+    for (int hf = 0; hf < 2; hf++) {
+        if (rows[hf] >= q_len) continue;
+        float* out = dq + ((u64)b * q_len + rows[hf]) * q_stride + (u64)h * D;
+#pragma unroll
+        for (int j = 0; j < D / 8; j++) {
+            out[8 * j + 2 * t] = scale * acc[j][2 * hf];
+            out[8 * j + 2 * t + 1] = scale * acc[j][2 * hf + 1];
+        }
+    }
+#else
+    __trap();  // the launcher only picks this kernel on sm_80 and newer
+#endif
+}
+
+template <bool BF, int D>
+__device__ void attention_bwd_dkv_mma_impl(const u16* __restrict__ q, const u16* __restrict__ k,
+                                           const u16* __restrict__ v, const u16* __restrict__ d_o,
+                                           const float* __restrict__ lse, const float* __restrict__ dvec,
+                                           const u32* lens, float* __restrict__ dk, float* __restrict__ dv, int q_len,
+                                           int kv_len, int heads, int kv_heads, float scale, int causal) {
+#if __CUDA_ARCH__ >= 800
+    constexpr int LD = D + 8;
+    __shared__ __align__(128) u16 s_k[FA_BN * LD];
+    __shared__ __align__(128) u16 s_v[FA_BN * LD];
+    __shared__ __align__(128) u16 s_q[FB_DKV_BM * LD];
+    __shared__ __align__(128) u16 s_do[FB_DKV_BM * LD];
+    __shared__ float s_lse2[FB_DKV_BM], s_d[FB_DKV_BM];
+    __shared__ int s_vis[FB_DKV_BM];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int g = lane >> 2, t = lane & 3, quad = lane >> 3, row8 = lane & 7;
+    const int n0 = blockIdx.x * FA_BN;
+    const int b = blockIdx.y / kv_heads, kh = blockIdx.y % kv_heads;
+    const int group = heads / kv_heads;
+    const u32 len = lens[b];
+    const u64 q_stride = (u64)heads * D, kv_stride = (u64)kv_heads * D;
+    const u64 kv_off = ((u64)b * kv_len * kv_heads + kh) * D;
+    const float LOG2E = 1.4426950408889634f;
+    const float scale2 = scale * LOG2E;
+
+    fa_load_rows<FA_BN, D>(s_k, k + kv_off, kv_stride, n0, kv_len);
+    fa_load_rows<FA_BN, D>(s_v, v + kv_off, kv_stride, n0, kv_len);
+    cp_async_commit();
+
+    float dk_acc[D / 8][4], dv_acc[D / 8][4];
+#pragma unroll
+    for (int j = 0; j < D / 8; j++)
+#pragma unroll
+        for (int r = 0; r < 4; r++) dk_acc[j][r] = dv_acc[j][r] = 0.f;
+
+    // Query rows that may see key n0: causal row i sees keys < i + kv_len − q_len + 1.
+    const int valid_rows = (int)min(len, (u32)q_len);
+    const int first = causal ? max(0, n0 - (kv_len - q_len)) / FB_DKV_BM * FB_DKV_BM : 0;
+    const bool any_key = n0 < (int)min(len, (u32)kv_len);
+    for (int hh = 0; hh < group && any_key; hh++) {
+        const int h = kh * group + hh;
+        const u64 q_off = ((u64)b * q_len * heads + h) * D;
+        for (int m0 = first; m0 < valid_rows; m0 += FB_DKV_BM) {
+            fa_load_rows<FB_DKV_BM, D>(s_q, q + q_off, q_stride, m0, q_len);
+            fa_load_rows<FB_DKV_BM, D>(s_do, d_o + q_off, q_stride, m0, q_len);
+            cp_async_commit();
+            if (threadIdx.x < FB_DKV_BM) {
+                const int i = m0 + threadIdx.x;
+                const int vis = i < q_len ? visible_keys(i, len, q_len, kv_len, causal) : 0;
+                s_vis[threadIdx.x] = vis;
+                s_lse2[threadIdx.x] = vis > 0 ? lse[((u64)b * heads + h) * q_len + i] * LOG2E : 0.f;
+                s_d[threadIdx.x] = i < q_len ? dvec[((u64)b * q_len + i) * heads + h] : 0.f;
+            }
+            cp_async_wait<0>();
+            __syncthreads();
+
+            // Sᵀ = K·Qᵀ and dPᵀ = V·dOᵀ for the warp's 16 keys × 16 query rows.
+            float st[2][4], dpt[2][4];
+#pragma unroll
+            for (int j = 0; j < 2; j++)
+#pragma unroll
+                for (int r = 0; r < 4; r++) st[j][r] = dpt[j][r] = 0.f;
+#pragma unroll
+            for (int kk = 0; kk < D / 16; kk++) {
+                // K and V as A ([m][k]): lanes 0-15 rows at k, lanes 16-31 rows at k + 8.
+                const int a_off = (warp * 16 + (lane & 15)) * LD + kk * 16 + (lane >> 4) * 8;
+                u32 ka[4], va[4];
+                ldmatrix_x4<false>(smem_addr(s_k + a_off), ka[0], ka[1], ka[2], ka[3]);
+                ldmatrix_x4<false>(smem_addr(s_v + a_off), va[0], va[1], va[2], va[3]);
+                // Q and dO as [n][k]: matrix q holds query rows (q >> 1) * 8.., dims (q & 1) * 8..
+                const int b_off = (row8 + (quad >> 1) * 8) * LD + kk * 16 + (quad & 1) * 8;
+                u32 b0, b1, b2, b3;
+                ldmatrix_x4<false>(smem_addr(s_q + b_off), b0, b1, b2, b3);
+                mma_16816<BF>(st[0], ka, b0, b1);
+                mma_16816<BF>(st[1], ka, b2, b3);
+                ldmatrix_x4<false>(smem_addr(s_do + b_off), b0, b1, b2, b3);
+                mma_16816<BF>(dpt[0], va, b0, b1);
+                mma_16816<BF>(dpt[1], va, b2, b3);
+            }
+            // Pᵀ and dSᵀ. st[j][r]: key n0 + 16·warp + g + 8·(r >> 1), query m0 + 8j + 2t + (r & 1).
+#pragma unroll
+            for (int j = 0; j < 2; j++)
+#pragma unroll
+                for (int r = 0; r < 4; r++) {
+                    const int key = n0 + warp * 16 + g + 8 * (r >> 1), qi = 8 * j + 2 * t + (r & 1);
+                    const float p = key < s_vis[qi] ? exp2f(st[j][r] * scale2 - s_lse2[qi]) : 0.f;
+                    st[j][r] = p;
+                    dpt[j][r] = p * (dpt[j][r] - s_d[qi]);
+                }
+            u32 pa[4], sa[4];
+            pa[0] = pack_half2<BF>(st[0][0], st[0][1]);
+            pa[1] = pack_half2<BF>(st[0][2], st[0][3]);
+            pa[2] = pack_half2<BF>(st[1][0], st[1][1]);
+            pa[3] = pack_half2<BF>(st[1][2], st[1][3]);
+            sa[0] = pack_half2<BF>(dpt[0][0], dpt[0][1]);
+            sa[1] = pack_half2<BF>(dpt[0][2], dpt[0][3]);
+            sa[2] = pack_half2<BF>(dpt[1][0], dpt[1][1]);
+            sa[3] = pack_half2<BF>(dpt[1][2], dpt[1][3]);
+            // dV += Pᵀ·dO and dK += dSᵀ·Q: dO and Q as [k][n] (query rows × dims), ldmatrix.trans.
+#pragma unroll
+            for (int nj = 0; nj < D / 16; nj++) {
+                const int off = (row8 + (quad & 1) * 8) * LD + nj * 16 + (quad >> 1) * 8;
+                u32 b0, b1, b2, b3;
+                ldmatrix_x4<true>(smem_addr(s_do + off), b0, b1, b2, b3);
+                mma_16816<BF>(dv_acc[2 * nj], pa, b0, b1);
+                mma_16816<BF>(dv_acc[2 * nj + 1], pa, b2, b3);
+                ldmatrix_x4<true>(smem_addr(s_q + off), b0, b1, b2, b3);
+                mma_16816<BF>(dk_acc[2 * nj], sa, b0, b1);
+                mma_16816<BF>(dk_acc[2 * nj + 1], sa, b2, b3);
+            }
+            __syncthreads();
+        }
+    }
+    cp_async_wait<0>();  // when no row sees these keys, the K and V copies are still in flight
+
+#pragma unroll
+    for (int hf = 0; hf < 2; hf++) {
+        const int key = n0 + warp * 16 + g + 8 * hf;
+        if (key >= kv_len) continue;
+        const u64 at = kv_off + (u64)key * kv_stride;
+#pragma unroll
+        for (int j = 0; j < D / 8; j++) {
+            const int col = 8 * j + 2 * t;
+            dk[at + col] = scale * dk_acc[j][2 * hf];
+            dk[at + col + 1] = scale * dk_acc[j][2 * hf + 1];
+            dv[at + col] = dv_acc[j][2 * hf];
+            dv[at + col + 1] = dv_acc[j][2 * hf + 1];
+        }
+    }
+#else
+    __trap();  // the launcher only picks this kernel on sm_80 and newer
+#endif
+}
+
+#define KILN_ATTENTION_BWD_MMA(BF, NAME, D)                                                          \
+    extern "C" __global__ void __launch_bounds__(128) attention_bwd_dq_mma_##NAME##_d##D(          \
+        const u16* q, const u16* k, const u16* v, const u16* d_o, const float* lse, const float* dvec, \
+        const u32* lens, float* dq, int q_len, int kv_len, int heads, int kv_heads, float scale,       \
+        int causal) {                                                                                  \
+        attention_bwd_dq_mma_impl<BF, D>(q, k, v, d_o, lse, dvec, lens, dq, q_len, kv_len, heads,    \
+                                         kv_heads, scale, causal);                                     \
+    }                                                                                                  \
+    extern "C" __global__ void __launch_bounds__(128) attention_bwd_dkv_mma_##NAME##_d##D(         \
+        const u16* q, const u16* k, const u16* v, const u16* d_o, const float* lse, const float* dvec, \
+        const u32* lens, float* dk, float* dv, int q_len, int kv_len, int heads, int kv_heads,         \
+        float scale, int causal) {                                                                     \
+        attention_bwd_dkv_mma_impl<BF, D>(q, k, v, d_o, lse, dvec, lens, dk, dv, q_len, kv_len,      \
+                                          heads, kv_heads, scale, causal);                             \
+    }
+
+KILN_ATTENTION_BWD_MMA(false, f16, 64)
+KILN_ATTENTION_BWD_MMA(false, f16, 80)
+KILN_ATTENTION_BWD_MMA(false, f16, 96)
+KILN_ATTENTION_BWD_MMA(false, f16, 128)
+KILN_ATTENTION_BWD_MMA(true, bf16, 64)
+KILN_ATTENTION_BWD_MMA(true, bf16, 80)
+KILN_ATTENTION_BWD_MMA(true, bf16, 96)
+KILN_ATTENTION_BWD_MMA(true, bf16, 128)
 
 // ---------------------------------------------------------------------------------------
 // Decoding against a KV cache, split along the cache (flash-decoding). Mirrors cpu_decode.

@@ -270,6 +270,89 @@ fn backward_matches_finite_differences_on_every_device() {
     }
 }
 
+/// The backward pass in half precision against an f64 backward of the same (rounded)
+/// inputs, across the tensor-core kernels' 64-row and 64-key tiles. Tolerances: f32
+/// accumulation over each gradient's terms, and on CUDA one rounding of p and of dS to the
+/// half type (mma operands) and of O (through D = rowsum(dO ⊙ O)).
+#[test]
+fn half_precision_backward_matches_f64() {
+    use kiln::ops::attention::attention_backward;
+    for (q_len, kv_len, dim, causal, dtype) in
+        [(66, 66, 64, true, DType::BF16), (40, 66, 128, true, DType::F16), (66, 40, 64, false, DType::BF16)]
+    {
+        let (batch, heads, kv_heads) = (2, 2, 2);
+        let qs = [batch, q_len, heads, dim];
+        let ks = [batch, kv_len, kv_heads, dim];
+        let cpu = Device::Cpu;
+        let q = Tensor::randn(&qs, 0.0, 1.0, 21, dtype, &cpu).unwrap();
+        let k = Tensor::randn(&ks, 0.0, 1.0, 22, dtype, &cpu).unwrap();
+        let v = Tensor::randn(&ks, 0.0, 1.0, 23, dtype, &cpu).unwrap();
+        let d_o = Tensor::randn(&qs, 0.0, 1.0, 24, dtype, &cpu).unwrap();
+        let wide = |t: &Tensor| t.to_vec_f32().unwrap().into_iter().map(|x| x as f64).collect::<Vec<f64>>();
+        let (qv, kv, vv, dov) = (wide(&q), wide(&k), wide(&v), wide(&d_o));
+        let scale = 1.0 / (dim as f64).sqrt();
+        let d = dim;
+        let qa = |b: usize, i: usize, h: usize| ((b * q_len + i) * heads + h) * d;
+        let ka = |b: usize, j: usize, h: usize| ((b * kv_len + j) * kv_heads + h) * d;
+        let visible = |i: usize| if causal { (i + kv_len).saturating_sub(q_len) + 1 } else { kv_len };
+        let (mut dq, mut dk, mut dv) = (vec![0f64; qv.len()], vec![0f64; kv.len()], vec![0f64; vv.len()]);
+        let (mut mq, mut mk, mut mv) = (vec![0f64; qv.len()], vec![0f64; kv.len()], vec![0f64; vv.len()]);
+        for b in 0..batch {
+            for h in 0..heads {
+                for i in 0..q_len {
+                    let end = visible(i).min(kv_len);
+                    let dot =
+                        |x: &[f64], xa: usize, y: &[f64], ya: usize| (0..d).map(|c| x[xa + c] * y[ya + c]).sum::<f64>();
+                    let s: Vec<f64> = (0..end).map(|j| dot(&qv, qa(b, i, h), &kv, ka(b, j, h)) * scale).collect();
+                    let m = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                    let z: f64 = s.iter().map(|x| (x - m).exp()).sum();
+                    let p: Vec<f64> = s.iter().map(|x| (x - m).exp() / z).collect();
+                    // O, then D = dO·O and |dO|·|O| for the tolerance.
+                    let o: Vec<f64> = (0..d).map(|c| (0..end).map(|j| p[j] * vv[ka(b, j, h) + c]).sum()).collect();
+                    let dd: f64 = (0..d).map(|c| dov[qa(b, i, h) + c] * o[c]).sum();
+                    let dd_abs: f64 = (0..d).map(|c| (dov[qa(b, i, h) + c] * o[c]).abs()).sum();
+                    for j in 0..end {
+                        let dp = dot(&dov, qa(b, i, h), &vv, ka(b, j, h));
+                        let dp_abs: f64 = (0..d).map(|c| (dov[qa(b, i, h) + c] * vv[ka(b, j, h) + c]).abs()).sum();
+                        let ds = p[j] * (dp - dd);
+                        let ds_mass = p[j] * (dp_abs + dd_abs);
+                        for c in 0..d {
+                            dq[qa(b, i, h) + c] += scale * ds * kv[ka(b, j, h) + c];
+                            mq[qa(b, i, h) + c] += scale * ds_mass * kv[ka(b, j, h) + c].abs();
+                            dk[ka(b, j, h) + c] += scale * ds * qv[qa(b, i, h) + c];
+                            mk[ka(b, j, h) + c] += scale * ds_mass * qv[qa(b, i, h) + c].abs();
+                            dv[ka(b, j, h) + c] += p[j] * dov[qa(b, i, h) + c];
+                            mv[ka(b, j, h) + c] += p[j] * dov[qa(b, i, h) + c].abs();
+                        }
+                    }
+                }
+            }
+        }
+        let options = AttentionOptions { causal, ..Default::default() };
+        for device in devices() {
+            let on = |t: &Tensor| t.to_device(&device).unwrap();
+            let (q, k, v) = (on(&q), on(&k), on(&v));
+            let fwd = attention(&q, &k, &v, &options).unwrap();
+            let grads = attention_backward(&q, &k, &v, &fwd, &on(&d_o), &options).unwrap();
+            let half = match device {
+                Device::Cuda(_) => 2.0 * dtype.unit_roundoff(),
+                _ => 0.0,
+            };
+            // O itself carries the forward's error (its own output rounding included).
+            let o_err = 2.0 * dtype.unit_roundoff();
+            let steps = (q_len.max(kv_len) + dim) as f64;
+            for (name, got, want, mass) in
+                [("dq", &grads.dq, &dq, &mq), ("dk", &grads.dk, &dk, &mk), ("dv", &grads.dv, &dv, &mv)]
+            {
+                let extra = if name == "dv" { half } else { half + o_err };
+                let atol: Vec<f64> = mass.iter().map(|m| (16.0 * steps * U32 + extra) * m).collect();
+                let what = format!("{device} {name} q{q_len} kv{kv_len} d{dim} causal {causal} {dtype}");
+                assert_close(&what, &got.to_vec::<f32>().unwrap(), want, &atol, DType::F32, 2.0);
+            }
+        }
+    }
+}
+
 mod decode {
     use super::*;
     use kiln::ops::attention::{DECODE_SPLIT, DecodeOptions, KvCache, attention_decode};

@@ -92,6 +92,9 @@ pub(crate) fn backward(
 ) -> Result<super::AttentionGrads> {
     let super::BackwardInputs { q, k, v, d_o, lse, dvec } = *inputs;
     let dev = q.cuda_device()?.clone();
+    if q.dtype() != DType::F32 && dev.cc.0 >= 8 && MMA_HEAD_DIMS.contains(&s.dim) {
+        return backward_mma(&dev, inputs, s, lens);
+    }
     let device = q.device();
     let d_o = d_o.to_dtype(DType::F32)?;
     let lens_buf = super::lens_buffer(lens, &device)?;
@@ -189,4 +192,45 @@ pub(crate) fn decode(
     // SAFETY: the partials as written above; o like q, lse [batch, heads, q_len].
     unsafe { launch.launch(cfg) }.map_err(|e| CudaDevice::launch_err("attention_decode_merge", e))?;
     Ok(AttentionOutput { o, lse })
+}
+
+/// The FlashAttention-2 backward on tensor cores: dq per 64 query rows, dk and dv per 64
+/// keys (summing the kv head's group of query heads in the block), dO in q's half type.
+fn backward_mma(
+    dev: &std::sync::Arc<CudaDevice>,
+    inputs: &super::BackwardInputs<'_>,
+    s: &AttnShape,
+    lens: &[usize],
+) -> Result<super::AttentionGrads> {
+    let super::BackwardInputs { q, k, v, d_o, lse, dvec } = *inputs;
+    let device = q.device();
+    let d_o = d_o.to_dtype(q.dtype())?;
+    let lens_buf = super::lens_buffer(lens, &device)?;
+    let (q_len, kv_len) = (to_i32("q_len", s.q_len)?, to_i32("kv_len", s.kv_len)?);
+    let (heads, kv_heads) = (to_i32("heads", s.heads)?, to_i32("kv_heads", s.kv_heads)?);
+    let causal = s.causal as i32;
+    let dq = Tensor::empty(q.shape(), DType::F32, &device)?;
+    let dk = Tensor::empty(k.shape(), DType::F32, &device)?;
+    let dv = Tensor::empty(v.shape(), DType::F32, &device)?;
+    for kind in ["dq", "dkv"] {
+        let name = format!("attention_bwd_{kind}_mma_{}_d{}", q.dtype(), s.dim);
+        let f = dev.function(&SOURCE, &name)?;
+        let mut launch = dev.stream.launch_builder(&f);
+        launch.arg(q.cuda_buffer()?).arg(k.cuda_buffer()?).arg(v.cuda_buffer()?).arg(d_o.cuda_buffer()?);
+        launch.arg(lse.cuda_buffer()?).arg(dvec.cuda_buffer()?).arg(lens_buf.cuda_slice()?);
+        let grid_dim = if kind == "dq" {
+            launch.arg(dq.cuda_buffer()?);
+            (grid("query tiles", s.q_len.div_ceil(64))?, grid("batch × heads", s.batch * s.heads)?, 1)
+        } else {
+            launch.arg(dk.cuda_buffer()?).arg(dv.cuda_buffer()?);
+            (grid("key tiles", s.kv_len.div_ceil(64))?, grid("batch × kv heads", s.batch * s.kv_heads)?, 1)
+        };
+        launch.arg(&q_len).arg(&kv_len).arg(&heads).arg(&kv_heads).arg(&s.scale).arg(&causal);
+        let cfg = LaunchConfig { grid_dim, block_dim: (128, 1, 1), shared_mem_bytes: 0 };
+        // SAFETY: q, dO [batch, q_len, heads, dim] and k, v [batch, kv_len, kv_heads, dim] in
+        // one half type with dim one of MMA_HEAD_DIMS; lse [batch, heads, q_len] and D
+        // [batch, q_len, heads] f32; the gradients f32 shaped like q, k and v.
+        unsafe { launch.launch(cfg) }.map_err(|e| CudaDevice::launch_err(&name, e))?;
+    }
+    Ok(super::AttentionGrads { dq, dk, dv })
 }
