@@ -74,6 +74,7 @@ __device__ void gemm_simt(const typename T::storage* __restrict__ A, const BLoad
                           void* __restrict__ C, int out_kind, int M, int N, int K, int lda,
                           u64 stride_a, int trans_a, int trans_b, const LoraArgs& lora = LoraArgs{}) {
     static_assert(LR <= SIMT_LORA_R, "the SIMT engine computes xa for ranks up to SIMT_LORA_R");
+    if (LR > 0 && lora.r > LR) __trap();  // the launcher computes xa beforehand past LR
     __shared__ float tile_a[SIMT_K][SIMT_TILE];
     __shared__ float tile_b[SIMT_K][SIMT_TILE];
     // A_lora's k-tile, [kk][j]; one float when unused.
@@ -305,6 +306,7 @@ __device__ void gemm_mma(const u16* __restrict__ A, const BStage& bstage, void* 
 #if __CUDA_ARCH__ >= 800
     static_assert((LR <= MMA_LORA_R && LR % 16 == 0) || LR < 0, "in-kernel xa: rank padded to 16 or 32");
     static_assert(LR <= 0 || !TRANS_A, "in-kernel xa reads A's tiles as [m][k]");
+    if (LR > 0 && lora.r > LR) __trap();  // the launcher computes xa beforehand past LR
     __shared__ __align__(128) u16 smem_a[2][MMA_TILE_HALVES];
     __shared__ __align__(128) u16 smem_b[2][MMA_TILE_HALVES];
     // A_lora's k-tiles as [j][k] (the layout of B's [n][k]); one element when unused.

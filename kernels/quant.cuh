@@ -9,11 +9,23 @@ __constant__ float kNF4[16] = {
     0.07958029955625534f, 0.16093020141124725f, 0.24611230194568634f, 0.33791524171829224f,
     0.44070982933044434f, 0.5626170039176941f, 0.7229568362236023f, 1.0f};
 
-// Format and NF4 state offsets (bytes) of one quantized weight.
+// kNF4 copied into shared memory: lanes look codes up at different indices, which
+// __constant__ memory would serialize. Every thread of the block calls it once, before any
+// early exit.
+__device__ __forceinline__ const float* nf4_shared() {
+    __shared__ float table[16];
+    const int tid = threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z);
+    if (tid < 16) table[tid] = kNF4[tid];
+    __syncthreads();
+    return table;
+}
+
+// Format and NF4 state offsets (bytes) of one quantized weight, and the NF4 table.
 struct QDesc {
     int format;  // 0 Q8_0, 1 Q4_0, 2 NF4, 3 NF4 with double quantisation
     u64 absmax_off, nested_off, code_off;
     float offset;
+    const float* nf4;  // kNF4 in shared memory (nf4_shared)
     __device__ __forceinline__ int block_size() const { return format >= 2 ? 64 : 32; }
 };
 
@@ -53,8 +65,44 @@ __device__ __forceinline__ void decode8(const u8* w, const QDesc& q, u64 e0, flo
         const u8* p = w + (e0 >> 1);
 #pragma unroll
         for (int j = 0; j < 4; j++) {
-            out[2 * j] = __fmul_rn(kNF4[p[j] >> 4], s);
-            out[2 * j + 1] = __fmul_rn(kNF4[p[j] & 15], s);
+            out[2 * j] = __fmul_rn(q.nf4[p[j] >> 4], s);
+            out[2 * j + 1] = __fmul_rn(q.nf4[p[j] & 15], s);
+        }
+    }
+}
+
+// Decodes the 32 weights at flat indices e0..e0+32 (e0 a multiple of 32) with wide loads:
+// a ggml block's codes as 2-byte words (blocks are 2-byte aligned), 32 NF4 codes as one
+// 16-byte load. The GEMV's unit of work.
+__device__ __forceinline__ void decode32(const u8* w, const QDesc& q, u64 e0, float out[32]) {
+    const u64 b = e0 / q.block_size();
+    const float s = block_scale(w, q, b);
+    if (q.format <= 1) {
+        const bool q8 = q.format == 0;
+        const u16* qs = (const u16*)(w + b * (q8 ? 34 : 18) + 2);
+#pragma unroll
+        for (int j = 0; j < 16; j++) {
+            if (!q8 && j >= 8) break;
+            const u32 word = qs[j];
+            if (q8) {
+                out[2 * j] = __fmul_rn((float)(signed char)(word & 0xff), s);
+                out[2 * j + 1] = __fmul_rn((float)(signed char)(word >> 8), s);
+            } else {
+                // Q4_0: byte i holds weight i (low nibble) and weight i + 16 (high nibble).
+                out[2 * j] = __fmul_rn((float)((int)(word & 15) - 8), s);
+                out[2 * j + 1] = __fmul_rn((float)((int)((word >> 8) & 15) - 8), s);
+                out[2 * j + 16] = __fmul_rn((float)((int)((word >> 4) & 15) - 8), s);
+                out[2 * j + 17] = __fmul_rn((float)((int)(word >> 12) - 8), s);
+            }
+        }
+    } else {
+        const uint4 v = *(const uint4*)(w + (e0 >> 1));
+        const u32 words[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+        for (int j = 0; j < 16; j++) {
+            const u32 byte = (words[j >> 2] >> (8 * (j & 3))) & 0xff;
+            out[2 * j] = __fmul_rn(q.nf4[byte >> 4], s);
+            out[2 * j + 1] = __fmul_rn(q.nf4[byte & 15], s);
         }
     }
 }
@@ -66,7 +114,7 @@ __device__ __forceinline__ float decode1(const u8* w, const QDesc& q, u64 e) {
 }
 
 #define QDESC_PARAMS int format, u64 absmax_off, u64 nested_off, u64 code_off, float offset
-#define QDESC QDesc{format, absmax_off, nested_off, code_off, offset}
+#define QDESC QDesc{format, absmax_off, nested_off, code_off, offset, nf4_shared()}
 
 // ---------------------------------------------------------------------------------------
 // GEMV
@@ -82,23 +130,20 @@ __device__ void quant_gemv_impl(const u8* __restrict__ w, const QDesc q, const t
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int row = blockIdx.x * 8 + warp;
     if (row >= rows) return;  // whole warps leave; only warp shuffles follow
-    const int bs = q.block_size();
-    const int blocks = cols / bs;
     float acc[GEMV_MAX_TOKENS];
 #pragma unroll
     for (int t = 0; t < GEMV_MAX_TOKENS; t++) acc[t] = 0.f;
-    for (int b = lane; b < blocks; b += 32) {
-        const u64 col0 = (u64)b * bs;
-        for (int c = 0; c < bs; c += 8) {
-            float wv[8];
-            decode8(w, q, (u64)row * cols + col0 + c, wv);
+    // Lanes take consecutive 32-weight chunks of the row, so the warp reads it in order.
+    for (int c = lane; c < cols / 32; c += 32) {
+        const u64 col0 = (u64)c * 32;
+        float wv[32];
+        decode32(w, q, (u64)row * cols + col0, wv);
 #pragma unroll
-            for (int t = 0; t < GEMV_MAX_TOKENS; t++) {
-                if (t < tokens) {
-                    const typename TX::storage* xr = x + (u64)t * cols + col0 + c;
+        for (int t = 0; t < GEMV_MAX_TOKENS; t++) {
+            if (t < tokens) {
+                const typename TX::storage* xr = x + (u64)t * cols + col0;
 #pragma unroll
-                    for (int j = 0; j < 8; j++) acc[t] = fmaf(wv[j], TX::load(xr[j]), acc[t]);
-                }
+                for (int j = 0; j < 32; j++) acc[t] = fmaf(wv[j], TX::load(xr[j]), acc[t]);
             }
         }
     }

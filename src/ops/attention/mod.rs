@@ -312,8 +312,9 @@ fn cpu_backward(inputs: &BackwardInputs<'_>, s: &AttnShape, lens: &[usize]) -> R
 /// fills the device.
 pub const DECODE_SPLIT: usize = 256;
 
-/// Keys per split on WGSL: llvmpipe (lavapipe) computes wrong results once one invocation
-/// runs past about 2^15 inner-loop steps, and a split's invocation runs split × head_dim.
+/// Keys per split on WGSL, where one invocation walks a split: llvmpipe (lavapipe, the
+/// software adapter of CI) cuts an invocation's loops short after about 65 000 iterations
+/// in all, and a split takes split × (2·head_dim + 1).
 pub const DECODE_SPLIT_WGSL: usize = 64;
 
 /// A key/value cache for a batch of sequences of different lengths: k and v are
