@@ -354,7 +354,8 @@ impl KvCache {
 
     /// Appends `counts[b]` new rows to sequence b (all `n` rows when `counts` is `None`),
     /// from k_new and v_new `[batch, n, kv_heads, head_dim]`. `Err`, with nothing written,
-    /// when shapes, dtypes or devices do not fit or a sequence would pass the capacity.
+    /// when shapes, dtypes or devices do not fit or a sequence would pass the capacity (and
+    /// on WebGPU, for f16/bf16 rows of an odd number of elements).
     pub fn append(&mut self, k_new: &Tensor, v_new: &Tensor, counts: Option<&[usize]>) -> Result<()> {
         crate::ops::same_device("KV cache append", &[&self.k, k_new, v_new])?;
         let [batch, capacity, kv_heads, dim] = self.shape();
@@ -390,6 +391,15 @@ impl KvCache {
             }
         }
         let row = kv_heads * dim;
+        #[cfg(feature = "wgpu")]
+        if matches!(self.k.device(), crate::Device::Wgpu(_))
+            && !(row * self.k.dtype().size_in_bytes()).is_multiple_of(4)
+        {
+            return Err(Error::Unsupported(format!(
+                "a WebGPU KV cache copies whole 4-byte words: kv_heads × head_dim = {row} must be even for {}",
+                self.k.dtype()
+            )));
+        }
         for (b, &count) in counts.iter().enumerate() {
             let (dst, src) = ((b * capacity + self.lens[b]) * row, b * n * row);
             self.k.write_region(dst, k_new, src, count * row)?;

@@ -265,6 +265,7 @@ impl Fused<'_> {
     }
 
     /// Whether the GPU kernels compute xa in their own k-loop.
+    #[cfg(any(feature = "cuda", feature = "wgpu"))]
     pub fn xa_in_kernel(&self) -> bool {
         self.dropout.is_none() && self.rank() <= FUSED_XA_MAX_RANK
     }
@@ -400,6 +401,7 @@ impl AdapterSet {
         self.ranks.is_empty()
     }
 
+    #[cfg(any(feature = "cuda", feature = "wgpu"))]
     fn max_rank(&self) -> usize {
         self.ranks.iter().copied().max().unwrap_or(0)
     }

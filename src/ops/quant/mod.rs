@@ -76,6 +76,7 @@ impl QuantFormat {
         [QuantFormat::Q8_0, QuantFormat::Q4_0, QuantFormat::Nf4, QuantFormat::Nf4DoubleQuant];
 
     /// Kernel code of the format, shared with `kernels/quant.cu` and `shaders/quant.wgsl`.
+    #[cfg(any(feature = "cuda", feature = "wgpu"))]
     pub(crate) fn code(self) -> u32 {
         match self {
             QuantFormat::Q8_0 => 0,
