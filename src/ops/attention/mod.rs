@@ -553,32 +553,18 @@ fn cpu_decode(
     lens: &[usize],
     q_lens: &[usize],
 ) -> Result<AttentionOutput> {
-    let (qv, kv, vv) = (q.to_vec_f32()?, cache.k.to_vec_f32()?, cache.v.to_vec_f32()?);
-    let (d, group) = (s.dim, s.heads / s.kv_heads);
-    let rows = s.batch * s.heads * s.q_len;
-    // Row r = (b·heads + h)·q_len + i (lse's layout); work item = (row, split).
-    let partials: Vec<Partial> = (0..rows * s.splits)
-        .into_par_iter()
-        .map(|item| {
-            let (r, split) = (item / s.splits, item % s.splits);
-            let (b, h, i) = (r / (s.heads * s.q_len), (r / s.q_len) % s.heads, r % s.q_len);
-            let qrow = &qv[((b * s.q_len + i) * s.heads + h) * d..][..d];
-            let end = decode_visible(i, lens[b], q_lens[b]).min((split + 1) * s.split);
-            let (mut m, mut l, mut acc) = (f32::NEG_INFINITY, 0f32, vec![0f32; d]);
-            for j in split * s.split..end {
-                let base = ((b * s.capacity + j) * s.kv_heads + h / group) * d;
-                let score = crate::ops::dot(qrow, &kv[base..base + d]) * s.scale;
-                let m_new = m.max(score);
-                let (correction, p) = ((m - m_new).exp(), (score - m_new).exp());
-                l = l * correction + p;
-                for (a, &x) in acc.iter_mut().zip(&vv[base..base + d]) {
-                    *a = *a * correction + p * x;
-                }
-                m = m_new;
-            }
-            Partial { m, l, acc }
-        })
-        .collect();
+    use crate::tensor::CpuStorage;
+    let (Storage::Cpu(ks), Storage::Cpu(vs)) = (cache.k.storage(), cache.v.storage()) else {
+        return Err(Error::DeviceMismatch("the CPU decode needs the cache on the CPU".into()));
+    };
+    let qv = q.to_vec_f32()?;
+    let partials = match (ks, vs) {
+        (CpuStorage::F32(k), CpuStorage::F32(v)) => decode_splits(&qv, k, v, s, lens, q_lens),
+        (CpuStorage::F16(k), CpuStorage::F16(v)) => decode_splits(&qv, k, v, s, lens, q_lens),
+        (CpuStorage::BF16(k), CpuStorage::BF16(v)) => decode_splits(&qv, k, v, s, lens, q_lens),
+        _ => return Err(Error::DType("the cache's k and v differ in dtype".into())),
+    };
+    let (d, rows) = (s.dim, s.batch * s.heads * s.q_len);
     let mut o = vec![0f32; rows * d];
     let mut lse = vec![f32::NEG_INFINITY; rows];
     for (r, parts) in partials.chunks(s.splits).enumerate() {
@@ -593,6 +579,83 @@ fn cpu_decode(
         o: Tensor::from_f32(&o, q.shape(), q.dtype(), &crate::Device::Cpu)?,
         lse: Tensor::from_slice(&lse, &[s.batch, s.heads, s.q_len], &crate::Device::Cpu)?,
     })
+}
+
+/// The split partials of every query row, in (row, split) order. One task per (sequence,
+/// kv head, split) converts each cached key and value row once and applies it to every
+/// query row of the kv head's group: the split's scores first, then its softmax, then Σ p·v.
+fn decode_splits<T: crate::Element>(
+    qv: &[f32],
+    k: &[T],
+    v: &[T],
+    s: &DecodeShape,
+    lens: &[usize],
+    q_lens: &[usize],
+) -> Vec<Partial> {
+    let (d, group) = (s.dim, s.heads / s.kv_heads);
+    let rows_per_head = group * s.q_len;
+    // Task (b, kh, split) yields the partials of its rows x = (h − kh·group)·q_len + i.
+    let task_of = |task: usize| (task / (s.kv_heads * s.splits), (task / s.splits) % s.kv_heads, task % s.splits);
+    let tasks: Vec<Vec<Partial>> = (0..s.batch * s.kv_heads * s.splits)
+        .into_par_iter()
+        .map(|task| {
+            let (b, kh, split) = task_of(task);
+            let j0 = split * s.split;
+            let ends: Vec<usize> =
+                (0..rows_per_head).map(|x| decode_visible(x % s.q_len, lens[b], q_lens[b]).min(j0 + s.split)).collect();
+            let j1 = ends.iter().copied().max().unwrap_or(0).max(j0);
+            let keys = j1 - j0;
+            let mut scores = vec![f32::NEG_INFINITY; rows_per_head * keys];
+            let mut row = vec![0f32; d];
+            for j in j0..j1 {
+                let base = ((b * s.capacity + j) * s.kv_heads + kh) * d;
+                T::slice_to_f32(&k[base..base + d], &mut row);
+                for (x, &end) in ends.iter().enumerate() {
+                    if j < end {
+                        let (h, i) = (kh * group + x / s.q_len, x % s.q_len);
+                        let qrow = &qv[((b * s.q_len + i) * s.heads + h) * d..][..d];
+                        scores[x * keys + j - j0] = crate::ops::dot(qrow, &row) * s.scale;
+                    }
+                }
+            }
+            let mut parts: Vec<Partial> = scores
+                .chunks_mut(keys.max(1))
+                .take(rows_per_head)
+                .map(|sc| {
+                    let m = sc.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                    let mut l = 0f32;
+                    if m > f32::NEG_INFINITY {
+                        for p in sc.iter_mut() {
+                            *p = (*p - m).exp();
+                            l += *p;
+                        }
+                    }
+                    Partial { m, l, acc: vec![0f32; d] }
+                })
+                .collect();
+            parts.resize_with(rows_per_head, || Partial { m: f32::NEG_INFINITY, l: 0.0, acc: vec![0f32; d] });
+            for j in j0..j1 {
+                let base = ((b * s.capacity + j) * s.kv_heads + kh) * d;
+                T::slice_to_f32(&v[base..base + d], &mut row);
+                for (x, part) in parts.iter_mut().enumerate() {
+                    let p = scores[x * keys + j - j0];
+                    if p > 0.0 {
+                        part.acc.iter_mut().zip(&row).for_each(|(a, v)| *a += p * v);
+                    }
+                }
+            }
+            parts
+        })
+        .collect();
+    let mut by_row: Vec<Option<Partial>> = (0..s.batch * s.heads * s.q_len * s.splits).map(|_| None).collect();
+    for (task, parts) in tasks.into_iter().enumerate() {
+        let (b, kh, split) = task_of(task);
+        for (x, part) in parts.into_iter().enumerate() {
+            let (h, i) = (kh * group + x / s.q_len, x % s.q_len);
+            by_row[((b * s.heads + h) * s.q_len + i) * s.splits + split] = Some(part);
+        }
+    }
+    by_row.into_iter().map(|p| p.expect("every (row, split) belongs to one task")).collect()
 }
 
 /// Merges split results: M = max m, L = Σ e^(m − M)·l, acc = Σ e^(m − M)·acc. Splits with no
