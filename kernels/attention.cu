@@ -682,7 +682,7 @@ KILN_ATTENTION_BWD_MMA(true, bf16, 128)
 // attention_decode_split_{f32,f16,bf16}_d{64,128,256}
 //     128 threads (4 warps) per (split, sequence and kv head, group of up to 8 of the kv
 //     head's group·q_len query rows): grid (splits, batch·kv_heads, ceil(group·q_len / 8)).
-//     Warps take keys j ≡ warp (mod 4) of the split's split_keys; lane holds dims
+//     Warps take keys j ≡ warp (mod 4) of the split's split_keys, two at a time; lane holds dims
 //     lane + 32e (e < D / 32), so each key and value row is read once for all the block's
 //     query rows (grouped-query heads share it). Per key and row: a warp-shuffle dot
 //     product and the online-softmax update. The warps merge in shared memory.
@@ -732,28 +732,38 @@ __device__ void decode_split_impl(const typename T::storage* __restrict__ q, con
         l[rr] = 0.f;
     }
     const int j_end = min((split + 1) * split_keys, (int)max_vis);
-    for (int j = split * split_keys + warp; j < j_end; j += 4) {
-        const u64 kv_base = (((u64)b * capacity + j) * kv_heads + kh) * dim;
-        float kj[E], vj[E];
+    // Two keys per warp and step (j and j + 4), both rows loaded before either is used, so
+    // more of the cache is in flight.
+    for (int j = split * split_keys + warp; j < j_end; j += 8) {
+        float kj[2][E], vj[2][E];
 #pragma unroll
-        for (int e = 0; e < E; e++) {
-            const int c = lane + 32 * e;
-            kj[e] = c < dim ? T::load(k[kv_base + c]) : 0.f;
-            vj[e] = c < dim ? T::load(v[kv_base + c]) : 0.f;
+        for (int u = 0; u < 2; u++) {
+            const bool valid = j + 4 * u < j_end;
+            const u64 kv_base = (((u64)b * capacity + j + 4 * u) * kv_heads + kh) * dim;
+#pragma unroll
+            for (int e = 0; e < E; e++) {
+                const int c = lane + 32 * e;
+                kj[u][e] = valid && c < dim ? T::load(k[kv_base + c]) : 0.f;
+                vj[u][e] = valid && c < dim ? T::load(v[kv_base + c]) : 0.f;
+            }
         }
 #pragma unroll
-        for (int rr = 0; rr < DECODE_ROWS; rr++) {
-            if ((u32)j >= vis[rr]) continue;  // warp-uniform
-            float s = 0.f;
+        for (int u = 0; u < 2; u++) {
+            const u32 key = (u32)(j + 4 * u);
 #pragma unroll
-            for (int e = 0; e < E; e++) s = fmaf(qr[rr][e], kj[e], s);
-            for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
-            const float m_new = fmaxf(m[rr], s);
-            const float correction = expf(m[rr] - m_new), p = expf(s - m_new);
-            l[rr] = l[rr] * correction + p;
+            for (int rr = 0; rr < DECODE_ROWS; rr++) {
+                if (key >= vis[rr]) continue;  // warp-uniform; also past j_end
+                float s = 0.f;
 #pragma unroll
-            for (int e = 0; e < E; e++) acc[rr][e] = acc[rr][e] * correction + p * vj[e];
-            m[rr] = m_new;
+                for (int e = 0; e < E; e++) s = fmaf(qr[rr][e], kj[u][e], s);
+                for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
+                const float m_new = fmaxf(m[rr], s);
+                const float correction = expf(m[rr] - m_new), p = expf(s - m_new);
+                l[rr] = l[rr] * correction + p;
+#pragma unroll
+                for (int e = 0; e < E; e++) acc[rr][e] = acc[rr][e] * correction + p * vj[u][e];
+                m[rr] = m_new;
+            }
         }
     }
 #pragma unroll

@@ -307,15 +307,12 @@ fn cpu_backward(inputs: &BackwardInputs<'_>, s: &AttnShape, lens: &[usize]) -> R
 // ---------------------------------------------------------------------------------------
 // Decoding against a KV cache
 
-/// Keys per split of the cache in [`attention_decode`] (flash-decoding) on the CPU and CUDA:
-/// each split of each sequence and kv head is its own piece of work, so one long sequence
-/// fills the device.
-pub const DECODE_SPLIT: usize = 256;
-
-/// Keys per split on WGSL, where one invocation walks a split: llvmpipe (lavapipe, the
-/// software adapter of CI) cuts an invocation's loops short after about 65 000 iterations
-/// in all, and a split takes split × (2·head_dim + 1).
-pub const DECODE_SPLIT_WGSL: usize = 64;
+/// Keys per split of the cache in [`attention_decode`] (flash-decoding): each split of each
+/// sequence and kv head is its own piece of work, so one long sequence fills the device (an
+/// 8192-token cache with 8 kv heads is 1024 of them). It also keeps one WGSL invocation,
+/// which walks a split, under llvmpipe's cut-off of about 65 000 loop iterations (a split
+/// takes split × (2·head_dim + 1)).
+pub const DECODE_SPLIT: usize = 64;
 
 /// A key/value cache for a batch of sequences of different lengths: k and v are
 /// `[batch, capacity, kv_heads, head_dim]`, and sequence b holds its first `lens()[b]` rows.
@@ -478,9 +475,9 @@ pub(crate) fn decode_visible(i: usize, len: usize, q_valid: usize) -> usize {
 /// q `[batch, q_len, heads, head_dim]` holds each sequence's newest `q_lens[b]` tokens,
 /// whose keys and values are already appended to `cache`. Causal: each row sees the cache
 /// up to its own position. Split along the cache (flash-decoding): partial softmax results
-/// over [`DECODE_SPLIT`] keys ([`DECODE_SPLIT_WGSL`] on WGSL) are computed independently,
-/// then merged with their logsumexps. Returns o like q (q's dtype) and lse `[batch, heads, q_len]` (−∞ and zeros
-/// for padding rows).
+/// over [`DECODE_SPLIT`] keys (4× that on the CPU) are computed independently, then merged
+/// with their logsumexps. Returns o like q (q's dtype) and lse `[batch, heads, q_len]` (−∞
+/// and zeros for padding rows).
 ///
 /// Errors: `Shape` when q does not fit the cache (batch, head dim, heads a multiple of
 /// kv_heads), when `q_lens` has the wrong length or a sequence has fewer cached rows than
@@ -521,12 +518,8 @@ pub fn attention_decode(q: &Tensor, cache: &KvCache, options: &DecodeOptions) ->
         return Err(Error::InvalidArgument(format!("attention scale {scale} is not finite")));
     }
     let longest = cache.lens.iter().copied().max().unwrap_or(0);
-    #[allow(unreachable_patterns)]
-    let split = match q.device() {
-        #[cfg(feature = "wgpu")]
-        crate::Device::Wgpu(_) => DECODE_SPLIT_WGSL,
-        _ => DECODE_SPLIT,
-    };
+    // The CPU has few threads to fill and pays per split for its partials: longer splits.
+    let split = if q.device().is_cpu() { 4 * DECODE_SPLIT } else { DECODE_SPLIT };
     let splits = longest.div_ceil(split).max(1);
     let s = DecodeShape { batch, q_len, capacity, heads, kv_heads, dim, scale, split, splits };
     let lens = &cache.lens;
