@@ -67,7 +67,8 @@ KILN_ATTENTION(BF16, bf16)
 //     128 threads (4 warps) per 64 query rows of one (batch, head); warp w owns rows
 //     16w..16w+15. Q's fragments are loaded once and stay in registers. Per tile of 64
 //     keys: K and V rows go global → shared with cp.async ([key][dim], rows padded by 8
-//     halves so ldmatrix is conflict-free); S = Q·Kᵀ with mma.m16n8k16 (K read with the
+//     halves so ldmatrix is conflict-free; V's copy overlaps S, the next K's overlaps P·V);
+//     S = Q·Kᵀ with mma.m16n8k16 (K read with the
 //     [n][k] ldmatrix pattern of gemm.cuh); masked scores are −∞; the online softmax runs
 //     in the log2 domain on the accumulators (row max over the 4 lanes sharing a row);
 //     P is repacked from the S accumulators straight into A fragments, and O += P·V with
@@ -143,11 +144,14 @@ __device__ void attention_fwd_mma_impl(const u16* __restrict__ q, const u16* __r
         for (int r = 0; r < 4; r++) o_acc[j][r] = 0.f;
     float m_run[2] = {NEG_INF, NEG_INF}, l_run[2] = {0.f, 0.f};
 
+    // Copies overlap compute: V's tile arrives while S is computed, the next K tile while
+    // P·V is. One K group (this tile's) is in flight at the top of each step.
+    if (n_end > 0) fa_load_rows<FA_BN, D>(s_k, kb, kv_stride, 0, kv_len);
+    cp_async_commit();
     for (int n0 = 0; n0 < n_end; n0 += FA_BN) {
-        fa_load_rows<FA_BN, D>(s_k, kb, kv_stride, n0, kv_len);
         fa_load_rows<FA_BN, D>(s_v, vb, kv_stride, n0, kv_len);
         cp_async_commit();
-        cp_async_wait<0>();
+        cp_async_wait<1>();  // K of this tile has landed; V may still be in flight
         __syncthreads();
 
         float s[FA_BN / 8][4];
@@ -202,6 +206,11 @@ __device__ void attention_fwd_mma_impl(const u16* __restrict__ q, const u16* __r
                 s[j][r] = exp2f(s[j][r] - m_use[r >> 1]);
                 l_run[r >> 1] += s[j][r];
             }
+
+        cp_async_wait<0>();  // V of this tile has landed
+        __syncthreads();      // and every warp is done with K's tile
+        if (n0 + FA_BN < n_end) fa_load_rows<FA_BN, D>(s_k, kb, kv_stride, n0 + FA_BN, kv_len);
+        cp_async_commit();
 
         // O += P·V: P's A fragments come from the S accumulators of keys 16kk..16kk+15.
 #pragma unroll
