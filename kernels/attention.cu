@@ -72,7 +72,8 @@ KILN_ATTENTION(BF16, bf16)
 //     [n][k] ldmatrix pattern of gemm.cuh); masked scores are −∞; the online softmax runs
 //     in the log2 domain on the accumulators (row max over the 4 lanes sharing a row);
 //     P is repacked from the S accumulators straight into A fragments, and O += P·V with
-//     V read by ldmatrix.trans. The row sums stay per lane until the end. Output in q's
+//     V read by ldmatrix.trans. Rows past the block's last visible key are zero-filled, not
+//     read, so padding may hold anything. The row sums stay per lane until the end. Output in q's
 //     type, lse in natural log (−∞ and zeros for a row that sees no key).
 //     Grid (ceil(q_len / 64), batch·heads).
 
@@ -146,10 +147,10 @@ __device__ void attention_fwd_mma_impl(const u16* __restrict__ q, const u16* __r
 
     // Copies overlap compute: V's tile arrives while S is computed, the next K tile while
     // P·V is. One K group (this tile's) is in flight at the top of each step.
-    if (n_end > 0) fa_load_rows<FA_BN, D>(s_k, kb, kv_stride, 0, kv_len);
+    if (n_end > 0) fa_load_rows<FA_BN, D>(s_k, kb, kv_stride, 0, n_end);
     cp_async_commit();
     for (int n0 = 0; n0 < n_end; n0 += FA_BN) {
-        fa_load_rows<FA_BN, D>(s_v, vb, kv_stride, n0, kv_len);
+        fa_load_rows<FA_BN, D>(s_v, vb, kv_stride, n0, n_end);
         cp_async_commit();
         cp_async_wait<1>();  // K of this tile has landed; V may still be in flight
         __syncthreads();
@@ -209,7 +210,7 @@ __device__ void attention_fwd_mma_impl(const u16* __restrict__ q, const u16* __r
 
         cp_async_wait<0>();  // V of this tile has landed
         __syncthreads();      // and every warp is done with K's tile
-        if (n0 + FA_BN < n_end) fa_load_rows<FA_BN, D>(s_k, kb, kv_stride, n0 + FA_BN, kv_len);
+        if (n0 + FA_BN < n_end) fa_load_rows<FA_BN, D>(s_k, kb, kv_stride, n0 + FA_BN, n_end);
         cp_async_commit();
 
         // O += P·V: P's A fragments come from the S accumulators of keys 16kk..16kk+15.
@@ -373,6 +374,7 @@ KILN_ATTENTION_BWD(BF16, bf16)
 // Backward on tensor cores (FlashAttention-2), sm_80+, f16/bf16, head dims 64/80/96/128.
 // Same arithmetic as the kernels above, with q, k, v and dO in the half type (dO rounded
 // to it by the launcher) and P and dS rounded to it as mma operands; f32 accumulation.
+// Padding (keys past a sequence's length, query rows past it) is zero-filled, not read.
 // Scores in the log2 domain: p = exp2(s·scale·log2 e − lse·log2 e).
 //
 // attention_bwd_dq_mma_{f16,bf16}_d{64,80,96,128}
@@ -417,7 +419,7 @@ __device__ void attention_bwd_dq_mma_impl(const u16* __restrict__ q, const u16* 
     u32 qf[D / 16][4], df[D / 16][4];
 #pragma unroll
     for (int which = 0; which < 2; which++) {
-        fa_load_rows<FA_BM, D>(s_stage, (which ? d_o : q) + q_off, q_stride, m0, q_len);
+        fa_load_rows<FA_BM, D>(s_stage, (which ? d_o : q) + q_off, q_stride, m0, (int)min(len, (u32)q_len));
         cp_async_commit();
         cp_async_wait<0>();
         __syncthreads();
@@ -440,7 +442,7 @@ __device__ void attention_bwd_dq_mma_impl(const u16* __restrict__ q, const u16* 
         const bool real = rows[hf] < q_len;
         vis[hf] = real ? visible_keys(rows[hf], len, q_len, kv_len, causal) : 0;
         lse2[hf] = vis[hf] > 0 ? lse[((u64)b * heads + h) * q_len + rows[hf]] * LOG2E : 0.f;
-        dd[hf] = real ? dvec[((u64)b * q_len + rows[hf]) * heads + h] : 0.f;
+        dd[hf] = vis[hf] > 0 ? dvec[((u64)b * q_len + rows[hf]) * heads + h] : 0.f;
     }
     const int last = min(m0 + FA_BM, (int)min(len, (u32)q_len)) - 1;
     const int n_end = last >= m0 ? visible_keys(last, len, q_len, kv_len, causal) : 0;
@@ -452,8 +454,8 @@ __device__ void attention_bwd_dq_mma_impl(const u16* __restrict__ q, const u16* 
         for (int r = 0; r < 4; r++) acc[j][r] = 0.f;
 
     for (int n0 = 0; n0 < n_end; n0 += FB_DQ_BN) {
-        fa_load_rows<FB_DQ_BN, D>(s_k, kb, kv_stride, n0, kv_len);
-        fa_load_rows<FB_DQ_BN, D>(s_v, vb, kv_stride, n0, kv_len);
+        fa_load_rows<FB_DQ_BN, D>(s_k, kb, kv_stride, n0, n_end);
+        fa_load_rows<FB_DQ_BN, D>(s_v, vb, kv_stride, n0, n_end);
         cp_async_commit();
         cp_async_wait<0>();
         __syncthreads();
@@ -547,8 +549,9 @@ __device__ void attention_bwd_dkv_mma_impl(const u16* __restrict__ q, const u16*
     const float LOG2E = 1.4426950408889634f;
     const float scale2 = scale * LOG2E;
 
-    fa_load_rows<FA_BN, D>(s_k, k + kv_off, kv_stride, n0, kv_len);
-    fa_load_rows<FA_BN, D>(s_v, v + kv_off, kv_stride, n0, kv_len);
+    const int kv_valid = (int)min(len, (u32)kv_len);
+    fa_load_rows<FA_BN, D>(s_k, k + kv_off, kv_stride, n0, kv_valid);
+    fa_load_rows<FA_BN, D>(s_v, v + kv_off, kv_stride, n0, kv_valid);
     cp_async_commit();
 
     float dk_acc[D / 8][4], dv_acc[D / 8][4];
@@ -560,20 +563,20 @@ __device__ void attention_bwd_dkv_mma_impl(const u16* __restrict__ q, const u16*
     // Query rows that may see key n0: causal row i sees keys < i + kv_len − q_len + 1.
     const int valid_rows = (int)min(len, (u32)q_len);
     const int first = causal ? max(0, n0 - (kv_len - q_len)) / FB_DKV_BM * FB_DKV_BM : 0;
-    const bool any_key = n0 < (int)min(len, (u32)kv_len);
+    const bool any_key = n0 < kv_valid;
     for (int hh = 0; hh < group && any_key; hh++) {
         const int h = kh * group + hh;
         const u64 q_off = ((u64)b * q_len * heads + h) * D;
         for (int m0 = first; m0 < valid_rows; m0 += FB_DKV_BM) {
-            fa_load_rows<FB_DKV_BM, D>(s_q, q + q_off, q_stride, m0, q_len);
-            fa_load_rows<FB_DKV_BM, D>(s_do, d_o + q_off, q_stride, m0, q_len);
+            fa_load_rows<FB_DKV_BM, D>(s_q, q + q_off, q_stride, m0, valid_rows);
+            fa_load_rows<FB_DKV_BM, D>(s_do, d_o + q_off, q_stride, m0, valid_rows);
             cp_async_commit();
             if (threadIdx.x < FB_DKV_BM) {
                 const int i = m0 + threadIdx.x;
                 const int vis = i < q_len ? visible_keys(i, len, q_len, kv_len, causal) : 0;
                 s_vis[threadIdx.x] = vis;
                 s_lse2[threadIdx.x] = vis > 0 ? lse[((u64)b * heads + h) * q_len + i] * LOG2E : 0.f;
-                s_d[threadIdx.x] = i < q_len ? dvec[((u64)b * q_len + i) * heads + h] : 0.f;
+                s_d[threadIdx.x] = vis > 0 ? dvec[((u64)b * q_len + i) * heads + h] : 0.f;
             }
             cp_async_wait<0>();
             __syncthreads();

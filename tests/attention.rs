@@ -195,6 +195,45 @@ fn padded_rows_give_what_the_unpadded_sequence_gives() {
 }
 
 #[test]
+fn whatever_padding_holds_never_reaches_real_rows() {
+    use kiln::ops::attention::attention_backward;
+    // Sequence 1 is 33 long in a batch padded to 70; its padding holds NaN in one copy of
+    // the inputs and zeros in the other. Forward and backward must agree bit for bit, with
+    // zeros in the padding rows.
+    let (len, full, heads, dim) = (33usize, 70usize, 2usize, 64usize);
+    let shape = [2, full, heads, dim];
+    let host = |seed: u64, pad: f32| {
+        let mut v = Tensor::randn(&shape, 0.0, 1.0, seed, DType::F32, &Device::Cpu).unwrap().to_vec::<f32>().unwrap();
+        v[(full + len) * heads * dim..].iter_mut().for_each(|x| *x = pad);
+        v
+    };
+    let options = AttentionOptions { causal: true, scale: None, seq_lens: Some(vec![full, len]) };
+    for device in devices() {
+        let run = |pad: f32| {
+            let t = |seed| Tensor::from_f32(&host(seed, pad), &shape, DType::BF16, &device).unwrap();
+            let (q, k, v, d_o) = (t(31), t(32), t(33), t(34));
+            let fwd = attention(&q, &k, &v, &options).unwrap();
+            let grads = attention_backward(&q, &k, &v, &fwd, &d_o, &options).unwrap();
+            [
+                fwd.o.to_vec_f32().unwrap(),
+                grads.dq.to_vec_f32().unwrap(),
+                grads.dk.to_vec_f32().unwrap(),
+                grads.dv.to_vec_f32().unwrap(),
+            ]
+        };
+        let (clean, dirty) = (run(0.0), run(f32::NAN));
+        for (name, (c, d)) in ["o", "dq", "dk", "dv"].iter().zip(clean.iter().zip(&dirty)) {
+            let same = c.iter().zip(d).all(|(a, b)| a.to_bits() == b.to_bits());
+            assert!(same, "{device} {name}: NaN in the padding changed the result");
+            assert!(
+                c[(full + len) * heads * dim..].iter().all(|&x| x == 0.0),
+                "{device} {name}: padding rows are zero"
+            );
+        }
+    }
+}
+
+#[test]
 fn bad_input_is_an_error() {
     let t = |s: &[usize]| Tensor::zeros(s, DType::F32, &Device::Cpu).unwrap();
     let o = AttentionOptions::default();
