@@ -94,6 +94,53 @@ __device__ __forceinline__ void fa_load_rows(u16* dst, const u16* src, u64 strid
     }
 }
 
+// Warp-level pieces of the tensor-core kernels below (lane = threadIdx.x % 32; tiles in
+// shared memory with rows of `ld` halves; fragment layouts as in gemm.cuh).
+
+// A fragments of the 16×16 tile at column k0 of a [m][k] tile: lanes 0-15 give rows 0-15
+// at k0, lanes 16-31 the same rows at k0 + 8.
+__device__ __forceinline__ void fa_load_a(const u16* tile, int ld, int k0, u32 (&a)[4]) {
+    const int lane = threadIdx.x & 31;
+    ldmatrix_x4<false>(smem_addr(tile + (lane & 15) * ld + k0 + (lane >> 4) * 8), a[0], a[1], a[2], a[3]);
+}
+
+// c0, c1 += a · Bᵀ for rows n0..n0+15 (two n-tiles of 8) and columns k0..k0+15 of a [n][k]
+// tile: matrix q of the ldmatrix holds rows (q >> 1)·8.., columns (q & 1)·8...
+template <bool BF>
+__device__ __forceinline__ void fa_mma_nk(float (&c0)[4], float (&c1)[4], const u32 (&a)[4], const u16* tile, int ld,
+                                          int n0, int k0) {
+    const int lane = threadIdx.x & 31, quad = lane >> 3, row8 = lane & 7;
+    u32 b0, b1, b2, b3;
+    ldmatrix_x4<false>(smem_addr(tile + (n0 + row8 + (quad >> 1) * 8) * ld + k0 + (quad & 1) * 8), b0, b1, b2, b3);
+    mma_16816<BF>(c0, a, b0, b1);
+    mma_16816<BF>(c1, a, b2, b3);
+}
+
+// acc += a · rows k0..k0+15 of a [k][n] tile with D columns (rows of D + 8 halves), read
+// by ldmatrix.trans: matrix q holds rows (q & 1)·8.., columns (q >> 1)·8...
+template <bool BF, int D>
+__device__ __forceinline__ void fa_mma_kn(float (&acc)[D / 8][4], const u32 (&a)[4], const u16* tile, int k0) {
+    const int lane = threadIdx.x & 31, quad = lane >> 3, row8 = lane & 7;
+#pragma unroll
+    for (int nj = 0; nj < D / 16; nj++) {
+        u32 b0, b1, b2, b3;
+        ldmatrix_x4<true>(smem_addr(tile + (k0 + row8 + (quad & 1) * 8) * (D + 8) + nj * 16 + (quad >> 1) * 8), b0,
+                          b1, b2, b3);
+        mma_16816<BF>(acc[2 * nj], a, b0, b1);
+        mma_16816<BF>(acc[2 * nj + 1], a, b2, b3);
+    }
+}
+
+// The A fragment made of two m16n8 accumulator tiles side by side (columns 0-7 and 8-15),
+// rounded to the half type: P and dS go from one product into the next in registers.
+template <bool BF>
+__device__ __forceinline__ void fa_acc_to_a(const float (&c0)[4], const float (&c1)[4], u32 (&a)[4]) {
+    a[0] = pack_half2<BF>(c0[0], c0[1]);
+    a[1] = pack_half2<BF>(c0[2], c0[3]);
+    a[2] = pack_half2<BF>(c1[0], c1[1]);
+    a[3] = pack_half2<BF>(c1[2], c1[3]);
+}
+
 template <bool BF, int D>
 __device__ void attention_fwd_mma_impl(const u16* __restrict__ q, const u16* __restrict__ k,
                                        const u16* __restrict__ v, const u32* lens, u16* __restrict__ o,
@@ -105,7 +152,7 @@ __device__ void attention_fwd_mma_impl(const u16* __restrict__ q, const u16* __r
     __shared__ __align__(128) u16 s_k[FA_BN * LD];
     __shared__ __align__(128) u16 s_v[FA_BN * LD];  // holds Q's tile before the loop
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const int g = lane >> 2, t = lane & 3, quad = lane >> 3, row8 = lane & 7;
+    const int g = lane >> 2, t = lane & 3;
     const int m0 = blockIdx.x * FA_BM;
     const int b = blockIdx.y / heads, h = blockIdx.y % heads;
     const int kh = h / (heads / kv_heads);
@@ -121,10 +168,7 @@ __device__ void attention_fwd_mma_impl(const u16* __restrict__ q, const u16* __r
     __syncthreads();
     u32 qf[D / 16][4];
 #pragma unroll
-    for (int kk = 0; kk < D / 16; kk++) {
-        const u16* p = s_v + (warp * 16 + (lane & 15)) * LD + kk * 16 + (lane >> 4) * 8;
-        ldmatrix_x4<false>(smem_addr(p), qf[kk][0], qf[kk][1], qf[kk][2], qf[kk][3]);
-    }
+    for (int kk = 0; kk < D / 16; kk++) fa_load_a(s_v + warp * 16 * LD, LD, kk * 16, qf[kk]);
     __syncthreads();
 
     // This lane's two rows (g and g + 8 of the warp's 16) and the keys each sees.
@@ -163,14 +207,7 @@ __device__ void attention_fwd_mma_impl(const u16* __restrict__ q, const u16* __r
 #pragma unroll
         for (int kk = 0; kk < D / 16; kk++) {
 #pragma unroll
-            for (int nj = 0; nj < FA_BN / 16; nj++) {
-                // K as [n][k]: matrix q holds key rows (q >> 1) * 8.., dims (q & 1) * 8..
-                const u16* p = s_k + (nj * 16 + row8 + (quad >> 1) * 8) * LD + kk * 16 + (quad & 1) * 8;
-                u32 b0, b1, b2, b3;
-                ldmatrix_x4<false>(smem_addr(p), b0, b1, b2, b3);
-                mma_16816<BF>(s[2 * nj], qf[kk], b0, b1);
-                mma_16816<BF>(s[2 * nj + 1], qf[kk], b2, b3);
-            }
+            for (int nj = 0; nj < FA_BN / 16; nj++) fa_mma_nk<BF>(s[2 * nj], s[2 * nj + 1], qf[kk], s_k, LD, nj * 16, kk * 16);
         }
 
         // Online softmax, log2 domain. s[j][r]: row g + 8·(r >> 1), key n0 + 8j + 2t + (r & 1).
@@ -217,19 +254,8 @@ __device__ void attention_fwd_mma_impl(const u16* __restrict__ q, const u16* __r
 #pragma unroll
         for (int kk = 0; kk < FA_BN / 16; kk++) {
             u32 pa[4];
-            pa[0] = pack_half2<BF>(s[2 * kk][0], s[2 * kk][1]);
-            pa[1] = pack_half2<BF>(s[2 * kk][2], s[2 * kk][3]);
-            pa[2] = pack_half2<BF>(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-            pa[3] = pack_half2<BF>(s[2 * kk + 1][2], s[2 * kk + 1][3]);
-#pragma unroll
-            for (int nj = 0; nj < D / 16; nj++) {
-                // V as [k][n]: matrix q holds key rows (q & 1) * 8.., dims (q >> 1) * 8..
-                const u16* p = s_v + (kk * 16 + row8 + (quad & 1) * 8) * LD + nj * 16 + (quad >> 1) * 8;
-                u32 b0, b1, b2, b3;
-                ldmatrix_x4<true>(smem_addr(p), b0, b1, b2, b3);
-                mma_16816<BF>(o_acc[2 * nj], pa, b0, b1);
-                mma_16816<BF>(o_acc[2 * nj + 1], pa, b2, b3);
-            }
+            fa_acc_to_a<BF>(s[2 * kk], s[2 * kk + 1], pa);
+            fa_mma_kn<BF, D>(o_acc, pa, s_v, kk * 16);
         }
         __syncthreads();
     }
@@ -406,7 +432,7 @@ __device__ void attention_bwd_dq_mma_impl(const u16* __restrict__ q, const u16* 
     __shared__ __align__(128) u16 s_v[FB_DQ_BN * LD];
     __shared__ __align__(128) u16 s_stage[FA_BM * LD];  // Q's tile, then dO's
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const int g = lane >> 2, t = lane & 3, quad = lane >> 3, row8 = lane & 7;
+    const int g = lane >> 2, t = lane & 3;
     const int m0 = blockIdx.x * FA_BM;
     const int b = blockIdx.y / heads, h = blockIdx.y % heads;
     const int kh = h / (heads / kv_heads);
@@ -424,11 +450,7 @@ __device__ void attention_bwd_dq_mma_impl(const u16* __restrict__ q, const u16* 
         cp_async_wait<0>();
         __syncthreads();
 #pragma unroll
-        for (int kk = 0; kk < D / 16; kk++) {
-            const u16* p = s_stage + (warp * 16 + (lane & 15)) * LD + kk * 16 + (lane >> 4) * 8;
-            u32* f = which ? df[kk] : qf[kk];
-            ldmatrix_x4<false>(smem_addr(p), f[0], f[1], f[2], f[3]);
-        }
+        for (int kk = 0; kk < D / 16; kk++) fa_load_a(s_stage + warp * 16 * LD, LD, kk * 16, which ? df[kk] : qf[kk]);
         __syncthreads();
     }
 
@@ -469,15 +491,8 @@ __device__ void attention_bwd_dq_mma_impl(const u16* __restrict__ q, const u16* 
         for (int kk = 0; kk < D / 16; kk++) {
 #pragma unroll
             for (int nj = 0; nj < FB_DQ_BN / 16; nj++) {
-                // K and V as [n][k]: matrix q holds key rows (q >> 1) * 8.., dims (q & 1) * 8..
-                const int off = (nj * 16 + row8 + (quad >> 1) * 8) * LD + kk * 16 + (quad & 1) * 8;
-                u32 b0, b1, b2, b3;
-                ldmatrix_x4<false>(smem_addr(s_k + off), b0, b1, b2, b3);
-                mma_16816<BF>(sc[2 * nj], qf[kk], b0, b1);
-                mma_16816<BF>(sc[2 * nj + 1], qf[kk], b2, b3);
-                ldmatrix_x4<false>(smem_addr(s_v + off), b0, b1, b2, b3);
-                mma_16816<BF>(dp[2 * nj], df[kk], b0, b1);
-                mma_16816<BF>(dp[2 * nj + 1], df[kk], b2, b3);
+                fa_mma_nk<BF>(sc[2 * nj], sc[2 * nj + 1], qf[kk], s_k, LD, nj * 16, kk * 16);
+                fa_mma_nk<BF>(dp[2 * nj], dp[2 * nj + 1], df[kk], s_v, LD, nj * 16, kk * 16);
             }
         }
         // dS = P ⊙ (dP − D), in sc. sc[j][r]: row half r >> 1, key n0 + 8j + 2t + (r & 1).
@@ -493,18 +508,8 @@ __device__ void attention_bwd_dq_mma_impl(const u16* __restrict__ q, const u16* 
 #pragma unroll
         for (int kk = 0; kk < FB_DQ_BN / 16; kk++) {
             u32 a[4];
-            a[0] = pack_half2<BF>(sc[2 * kk][0], sc[2 * kk][1]);
-            a[1] = pack_half2<BF>(sc[2 * kk][2], sc[2 * kk][3]);
-            a[2] = pack_half2<BF>(sc[2 * kk + 1][0], sc[2 * kk + 1][1]);
-            a[3] = pack_half2<BF>(sc[2 * kk + 1][2], sc[2 * kk + 1][3]);
-#pragma unroll
-            for (int nj = 0; nj < D / 16; nj++) {
-                const u16* p = s_k + (kk * 16 + row8 + (quad & 1) * 8) * LD + nj * 16 + (quad >> 1) * 8;
-                u32 b0, b1, b2, b3;
-                ldmatrix_x4<true>(smem_addr(p), b0, b1, b2, b3);
-                mma_16816<BF>(acc[2 * nj], a, b0, b1);
-                mma_16816<BF>(acc[2 * nj + 1], a, b2, b3);
-            }
+            fa_acc_to_a<BF>(sc[2 * kk], sc[2 * kk + 1], a);
+            fa_mma_kn<BF, D>(acc, a, s_k, kk * 16);
         }
         __syncthreads();
     }
@@ -539,7 +544,7 @@ __device__ void attention_bwd_dkv_mma_impl(const u16* __restrict__ q, const u16*
     __shared__ float s_lse2[FB_DKV_BM], s_d[FB_DKV_BM];
     __shared__ int s_vis[FB_DKV_BM];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const int g = lane >> 2, t = lane & 3, quad = lane >> 3, row8 = lane & 7;
+    const int g = lane >> 2, t = lane & 3;
     const int n0 = blockIdx.x * FA_BN;
     const int b = blockIdx.y / kv_heads, kh = blockIdx.y % kv_heads;
     const int group = heads / kv_heads;
@@ -589,20 +594,12 @@ __device__ void attention_bwd_dkv_mma_impl(const u16* __restrict__ q, const u16*
                 for (int r = 0; r < 4; r++) st[j][r] = dpt[j][r] = 0.f;
 #pragma unroll
             for (int kk = 0; kk < D / 16; kk++) {
-                // K and V as A ([m][k]): lanes 0-15 rows at k, lanes 16-31 rows at k + 8.
-                const int a_off = (warp * 16 + (lane & 15)) * LD + kk * 16 + (lane >> 4) * 8;
+                // K and V as A ([m][k]); Q and dO as [n][k] (query rows × dims).
                 u32 ka[4], va[4];
-                ldmatrix_x4<false>(smem_addr(s_k + a_off), ka[0], ka[1], ka[2], ka[3]);
-                ldmatrix_x4<false>(smem_addr(s_v + a_off), va[0], va[1], va[2], va[3]);
-                // Q and dO as [n][k]: matrix q holds query rows (q >> 1) * 8.., dims (q & 1) * 8..
-                const int b_off = (row8 + (quad >> 1) * 8) * LD + kk * 16 + (quad & 1) * 8;
-                u32 b0, b1, b2, b3;
-                ldmatrix_x4<false>(smem_addr(s_q + b_off), b0, b1, b2, b3);
-                mma_16816<BF>(st[0], ka, b0, b1);
-                mma_16816<BF>(st[1], ka, b2, b3);
-                ldmatrix_x4<false>(smem_addr(s_do + b_off), b0, b1, b2, b3);
-                mma_16816<BF>(dpt[0], va, b0, b1);
-                mma_16816<BF>(dpt[1], va, b2, b3);
+                fa_load_a(s_k + warp * 16 * LD, LD, kk * 16, ka);
+                fa_load_a(s_v + warp * 16 * LD, LD, kk * 16, va);
+                fa_mma_nk<BF>(st[0], st[1], ka, s_q, LD, 0, kk * 16);
+                fa_mma_nk<BF>(dpt[0], dpt[1], va, s_do, LD, 0, kk * 16);
             }
             // Pᵀ and dSᵀ. st[j][r]: key n0 + 16·warp + g + 8·(r >> 1), query m0 + 8j + 2t + (r & 1).
 #pragma unroll
@@ -614,27 +611,12 @@ __device__ void attention_bwd_dkv_mma_impl(const u16* __restrict__ q, const u16*
                     st[j][r] = p;
                     dpt[j][r] = p * (dpt[j][r] - s_d[qi]);
                 }
+            // dV += Pᵀ·dO and dK += dSᵀ·Q: dO and Q as [k][n] (query rows × dims).
             u32 pa[4], sa[4];
-            pa[0] = pack_half2<BF>(st[0][0], st[0][1]);
-            pa[1] = pack_half2<BF>(st[0][2], st[0][3]);
-            pa[2] = pack_half2<BF>(st[1][0], st[1][1]);
-            pa[3] = pack_half2<BF>(st[1][2], st[1][3]);
-            sa[0] = pack_half2<BF>(dpt[0][0], dpt[0][1]);
-            sa[1] = pack_half2<BF>(dpt[0][2], dpt[0][3]);
-            sa[2] = pack_half2<BF>(dpt[1][0], dpt[1][1]);
-            sa[3] = pack_half2<BF>(dpt[1][2], dpt[1][3]);
-            // dV += Pᵀ·dO and dK += dSᵀ·Q: dO and Q as [k][n] (query rows × dims), ldmatrix.trans.
-#pragma unroll
-            for (int nj = 0; nj < D / 16; nj++) {
-                const int off = (row8 + (quad & 1) * 8) * LD + nj * 16 + (quad >> 1) * 8;
-                u32 b0, b1, b2, b3;
-                ldmatrix_x4<true>(smem_addr(s_do + off), b0, b1, b2, b3);
-                mma_16816<BF>(dv_acc[2 * nj], pa, b0, b1);
-                mma_16816<BF>(dv_acc[2 * nj + 1], pa, b2, b3);
-                ldmatrix_x4<true>(smem_addr(s_q + off), b0, b1, b2, b3);
-                mma_16816<BF>(dk_acc[2 * nj], sa, b0, b1);
-                mma_16816<BF>(dk_acc[2 * nj + 1], sa, b2, b3);
-            }
+            fa_acc_to_a<BF>(st[0], st[1], pa);
+            fa_acc_to_a<BF>(dpt[0], dpt[1], sa);
+            fa_mma_kn<BF, D>(dv_acc, pa, s_do, 0);
+            fa_mma_kn<BF, D>(dk_acc, sa, s_q, 0);
             __syncthreads();
         }
     }

@@ -547,6 +547,7 @@ fn cpu_decode(
     q_lens: &[usize],
 ) -> Result<AttentionOutput> {
     use crate::tensor::CpuStorage;
+    #[allow(irrefutable_let_patterns)] // only the CPU backend is built without features
     let (Storage::Cpu(ks), Storage::Cpu(vs)) = (cache.k.storage(), cache.v.storage()) else {
         return Err(Error::DeviceMismatch("the CPU decode needs the cache on the CPU".into()));
     };
@@ -640,15 +641,18 @@ fn decode_splits<T: crate::Element>(
             parts
         })
         .collect();
-    let mut by_row: Vec<Option<Partial>> = (0..s.batch * s.heads * s.q_len * s.splits).map(|_| None).collect();
+    // Every (row, split) belongs to exactly one task: move each partial to its place.
+    let mut by_row: Vec<Partial> = (0..s.batch * s.heads * s.q_len * s.splits)
+        .map(|_| Partial { m: f32::NEG_INFINITY, l: 0.0, acc: Vec::new() })
+        .collect();
     for (task, parts) in tasks.into_iter().enumerate() {
         let (b, kh, split) = task_of(task);
         for (x, part) in parts.into_iter().enumerate() {
             let (h, i) = (kh * group + x / s.q_len, x % s.q_len);
-            by_row[((b * s.heads + h) * s.q_len + i) * s.splits + split] = Some(part);
+            by_row[((b * s.heads + h) * s.q_len + i) * s.splits + split] = part;
         }
     }
-    by_row.into_iter().map(|p| p.expect("every (row, split) belongs to one task")).collect()
+    by_row
 }
 
 /// Merges split results: M = max m, L = Σ e^(m − M)·l, acc = Σ e^(m − M)·acc. Splits with no

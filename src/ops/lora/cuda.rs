@@ -179,10 +179,7 @@ pub(crate) fn fused(f: &Fused<'_>) -> Result<(Tensor, Tensor)> {
 /// xa for the decoding path: `lora_shrink` with a one-adapter table (every row picks it),
 /// one warp per (token, rank column).
 fn gemv_shrink(f: &Fused<'_>) -> Result<Tensor> {
-    let x = match f.dropout {
-        Some((p, seed)) => crate::ops::dropout(f.x, p, seed)?,
-        None => f.x.clone(),
-    };
+    let x = f.lora_input()?;
     let device = x.device();
     let (tokens, r) = (x.shape()[0], f.rank());
     let table = RawBuffer::new(bytemuck::cast_slice(&[0u32, 0, r as u32, 1f32.to_bits()]).to_vec(), &device)?;

@@ -255,13 +255,17 @@ impl Fused<'_> {
         self.a.shape()[0]
     }
 
+    /// `drop(x)`, the LoRA branch's input.
+    pub fn lora_input(&self) -> Result<Tensor> {
+        match self.dropout {
+            Some((p, seed)) => crate::ops::dropout(self.x, p, seed),
+            None => Ok(self.x.clone()),
+        }
+    }
+
     /// `drop(x)·Aᵀ`, f32: the kernels' xa when they do not compute it themselves.
     pub fn shrink(&self) -> Result<Tensor> {
-        let x = match self.dropout {
-            Some((p, seed)) => crate::ops::dropout(self.x, p, seed)?,
-            None => self.x.clone(),
-        };
-        matmul_with(&x, &self.a, MatmulOptions::nt().out_dtype(DType::F32))
+        matmul_with(&self.lora_input()?, &self.a, MatmulOptions::nt().out_dtype(DType::F32))
     }
 
     /// Whether the GPU kernels compute xa in their own k-loop.
