@@ -1,7 +1,8 @@
 //! Quantized products on every device in `Device::all()`:
 //! - `quant_gemv/<device>`: y = x·Wᵀ for one token, in bytes of W read per second, beside
 //!   the f16 dense product of the same shape (its W bytes) and a device-to-device copy
-//!   (bytes read + written, as STREAM counts them).
+//!   (bytes read + written, as STREAM counts them). On the CPU also `<format>_int8x`, the
+//!   product with 8-bit activations (`QMatmulOptions::int8_activations`).
 //! - `quant_gemm/<device>`: 16 and 64 token rows (512 on GPUs), in FLOP/s (criterion's
 //!   elem/s column), beside the f16 dense product of the same shape.
 //!
@@ -9,7 +10,7 @@
 //! adapters. `KILN_BENCH_QUICK=1` shortens the measurement.
 
 use criterion::{BenchmarkGroup, BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use kiln::ops::{MatmulOptions, QTensor, QuantFormat, matmul_with, qmatmul};
+use kiln::ops::{MatmulOptions, QMatmulOptions, QTensor, QuantFormat, matmul_with, qmatmul, qmatmul_with};
 use kiln::{DType, Device, DeviceKind, Tensor};
 use rayon::prelude::*;
 use std::time::Duration;
@@ -50,6 +51,16 @@ fn bench_quant(c: &mut Criterion) {
                     y
                 })
             });
+        }
+        if device.is_cpu() {
+            // 8-bit activations change the kernel only where integer products pay: the CPU.
+            for (format, q) in quantized.iter().filter(|(f, _)| f.ggml_block_bytes().is_some()) {
+                group.throughput(Throughput::Bytes(q.size_in_bytes() as u64));
+                let options = QMatmulOptions::default().int8_activations();
+                group.bench_function(BenchmarkId::new(format!("{format}_int8x"), &shape), |b| {
+                    b.iter(|| qmatmul_with(&x, q, options).expect("qmatmul"))
+                });
+            }
         }
         group.throughput(Throughput::Bytes(dense.size_in_bytes() as u64));
         group.bench_function(BenchmarkId::new("dense_f16", &shape), |b| {

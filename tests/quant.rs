@@ -4,8 +4,8 @@
 mod common;
 
 use common::{BACKEND_ROUNDINGS, U32, assert_close, devices, gpu_devices};
-use kiln::ops::quant::{NF4_CODE, Nf4Absmax, dynamic_code};
-use kiln::ops::{QTensor, QuantFormat, qmatmul, qmatmul_input_grad};
+use kiln::ops::quant::{GEMV_MAX_TOKENS, NF4_CODE, Nf4Absmax, dynamic_code};
+use kiln::ops::{QMatmulOptions, QTensor, QuantFormat, qmatmul, qmatmul_input_grad, qmatmul_with};
 use kiln::{DType, Device, Error, Tensor};
 use proptest::prelude::*;
 
@@ -301,6 +301,95 @@ fn dequantize_matches_the_cpu_bit_for_bit() {
                 let got = q.to_device(&device).unwrap().dequantize(dtype).unwrap();
                 assert_eq!(got.to_bytes().unwrap(), want, "{device} {format} -> {dtype}");
             }
+        }
+    }
+}
+
+/// x rounded as `QMatmulOptions::int8_activations` documents it: per row and block of 32,
+/// `d = amax / 127` in f32, `q = round(x·(1/d))` half away from zero; the value `d·q` exactly.
+fn rounded_to_int8(x: &[f32]) -> Vec<f64> {
+    x.chunks(32)
+        .flat_map(|b| {
+            let amax = b.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let d = amax / 127.0;
+            let inv = if d != 0.0 { 1.0 / d } else { 0.0 };
+            b.iter().map(move |v| d as f64 * (v * inv).round() as f64)
+        })
+        .collect()
+}
+
+#[test]
+fn int8_activations_round_where_documented_and_nowhere_else() {
+    let (out, cols) = (37, 192);
+    let options = QMatmulOptions::default().int8_activations();
+    for format in QuantFormat::ALL {
+        let w = Tensor::randn(&[out, cols], 0.0, 0.1, 21, DType::F32, &Device::Cpu).unwrap();
+        let q = QTensor::quantize(&w, format).unwrap();
+        let dense = q.dequantize(DType::F32).unwrap().to_vec::<f32>().unwrap();
+        for dtype in [DType::F32, DType::BF16] {
+            for tokens in [1, 2, 3, 4, 6, 8, 9, 40] {
+                let x = Tensor::randn(&[tokens, cols], 0.0, 1.0, 22 + tokens as u64, dtype, &Device::Cpu).unwrap();
+                let xs = x.to_vec_f32().unwrap();
+                let xr = rounded_to_int8(&xs);
+                let reference = |xv: &dyn Fn(usize) -> f64| {
+                    let (mut exact, mut mass) = (vec![0f64; tokens * out], vec![0f64; tokens * out]);
+                    for t in 0..tokens {
+                        for o in 0..out {
+                            for j in 0..cols {
+                                let v = xv(t * cols + j) * dense[o * cols + j] as f64;
+                                exact[t * out + o] += v;
+                                mass[t * out + o] += v.abs();
+                            }
+                        }
+                    }
+                    (exact, mass)
+                };
+                let atol = |mass: &[f64]| -> Vec<f64> { mass.iter().map(|m| 2.0 * cols as f64 * U32 * m).collect() };
+                let (exact, mass) = reference(&|i| xs[i] as f64);
+                let (rounded, mass_rounded) = reference(&|i| xr[i]);
+                for device in devices() {
+                    let y = qmatmul_with(&x.to_device(&device).unwrap(), &q.to_device(&device).unwrap(), options)
+                        .unwrap()
+                        .to_vec_f32()
+                        .unwrap();
+                    let what = format!("{device} {format} {dtype} tokens {tokens}");
+                    let rounds = device.is_cpu() && format.ggml_block_bytes().is_some() && tokens <= GEMV_MAX_TOKENS;
+                    if rounds {
+                        assert_close(&what, &y, &rounded, &atol(&mass_rounded), dtype, 1.0);
+                        // The rounding is real: the exact product is out of f32 reach.
+                        let off = y.iter().zip(&exact).filter(|(g, e)| (**g as f64 - **e).abs() > 1e-4).count();
+                        assert!(off > 0, "{what}: no output moved; were the activations rounded?");
+                    } else {
+                        let weight_rounding = match device {
+                            Device::Cuda(_) if dtype != DType::F32 => dtype.unit_roundoff(),
+                            _ => 0.0,
+                        };
+                        // As `check` allows a backend: twice the CPU's accumulation bound, and
+                        // CUDA's tensor-core GEMM rounding each decoded weight to x's half type.
+                        let atol: Vec<f64> =
+                            atol(&mass).iter().zip(&mass).map(|(a, m)| 2.0 * a + weight_rounding * m).collect();
+                        assert_close(&what, &y, &exact, &atol, dtype, BACKEND_ROUNDINGS);
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn int8_activations_keep_non_finite_values() {
+    // A NaN or an infinity must not vanish into a zero code: token 1's outputs are all NaN.
+    let w = Tensor::randn(&[5, 64], 0.0, 0.1, 4, DType::F32, &Device::Cpu).unwrap();
+    for bad in [f32::NAN, f32::INFINITY] {
+        let mut xs = vec![0.5f32; 2 * 64];
+        xs[64 + 33] = bad;
+        let x = Tensor::from_slice(&xs, &[2, 64], &Device::Cpu).unwrap();
+        for format in [QuantFormat::Q8_0, QuantFormat::Q4_0] {
+            let q = QTensor::quantize(&w, format).unwrap();
+            let y = qmatmul_with(&x, &q, QMatmulOptions::default().int8_activations()).unwrap();
+            let y = y.to_vec::<f32>().unwrap();
+            assert!(y[..5].iter().all(|v| v.is_finite()), "{format} {bad}: {y:?}");
+            assert!(y[5..].iter().all(|v| v.is_nan()), "{format} {bad}: {y:?}");
         }
     }
 }

@@ -10,7 +10,7 @@ pub mod quant;
 
 pub use elementwise::{add, add_bias, cast, dropout, mul, scale, sum_rows};
 pub use matmul::{MatmulOptions, matmul, matmul_with};
-pub use quant::{QTensor, QuantFormat, qmatmul, qmatmul_input_grad};
+pub use quant::{QMatmulOptions, QTensor, QuantFormat, qmatmul, qmatmul_input_grad, qmatmul_with};
 
 use crate::{Error, Result, Tensor};
 

@@ -22,6 +22,7 @@
 
 #[cfg(feature = "cuda")]
 pub(crate) mod cuda;
+mod gemv;
 #[cfg(feature = "wgpu")]
 pub(crate) mod wgpu;
 
@@ -579,7 +580,35 @@ fn decode_block(w: &QTensor, bytes: &[u8], b: usize, out: &mut [f32]) {
 /// Errors: `Shape` when `x`'s last dimension is not `in` (naming both shapes);
 /// `DeviceMismatch`; `OutOfMemory`.
 pub fn qmatmul(x: &Tensor, w: &QTensor) -> Result<Tensor> {
-    product(x, w, Direction::Forward)
+    qmatmul_with(x, w, QMatmulOptions::default())
+}
+
+/// What [`qmatmul_with`] may trade for speed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct QMatmulOptions {
+    /// Allow rounding the activations to 8 bits per block of 32 where a backend has integer
+    /// kernels for the product, as llama.cpp computes on the CPU: per row and block,
+    /// `d = amax / 127` (kept in f32) and `q = round(x / d)`, half away from zero, so each
+    /// activation moves by at most `d / 2`; the block's dot with the weight's integers is then
+    /// exact and scaled once by `d_w·d`.
+    ///
+    /// Taken today by the CPU GEMV (at most [`GEMV_MAX_TOKENS`] rows) over Q8_0 and Q4_0
+    /// weights, with or without SIMD. Every other path computes exactly as [`qmatmul`]: the
+    /// GPU GEMVs are bound by W's bytes, not by widening them, and the GEMMs reuse each
+    /// decoded weight across many rows.
+    pub int8_activations: bool,
+}
+
+impl QMatmulOptions {
+    /// Allows 8-bit activations: see the field of the same name.
+    pub fn int8_activations(self) -> Self {
+        QMatmulOptions { int8_activations: true }
+    }
+}
+
+/// [`qmatmul`] with options: the same contract, the same errors.
+pub fn qmatmul_with(x: &Tensor, w: &QTensor, options: QMatmulOptions) -> Result<Tensor> {
+    product(x, w, Direction::Forward, options)
 }
 
 /// The input gradient through a frozen quantized weight: `dx = dy·W`, `dy` `[.., out]`,
@@ -587,7 +616,7 @@ pub fn qmatmul(x: &Tensor, w: &QTensor) -> Result<Tensor> {
 ///
 /// Errors as [`qmatmul`].
 pub fn qmatmul_input_grad(dy: &Tensor, w: &QTensor) -> Result<Tensor> {
-    product(dy, w, Direction::InputGrad)
+    product(dy, w, Direction::InputGrad, QMatmulOptions::default())
 }
 
 /// Which product through W.
@@ -608,7 +637,7 @@ pub(crate) struct QProblem {
     pub direction: Direction,
 }
 
-fn product(x: &Tensor, w: &QTensor, direction: Direction) -> Result<Tensor> {
+fn product(x: &Tensor, w: &QTensor, direction: Direction, options: QMatmulOptions) -> Result<Tensor> {
     if x.device() != w.device() {
         return Err(Error::DeviceMismatch(format!(
             "x on {} and the quantized weight on {}; move one with to_device",
@@ -644,7 +673,7 @@ fn product(x: &Tensor, w: &QTensor, direction: Direction) -> Result<Tensor> {
         (Storage::Cpu(xs), RawBuffer::Cpu(bytes)) => {
             let xf = xs.to_f32_vec();
             let y = if tokens <= GEMV_MAX_TOKENS && direction == Direction::Forward {
-                cpu_gemv(w, bytes, &xf, tokens)
+                gemv::cpu_gemv(w, bytes, &xf, tokens, options.int8_activations)
             } else {
                 cpu_gemm(w, bytes, &xf, &p)
             };
@@ -662,188 +691,6 @@ fn product(x: &Tensor, w: &QTensor, direction: Direction) -> Result<Tensor> {
         }
         #[allow(unreachable_patterns)]
         _ => Err(Error::DeviceMismatch("x and the weight are on different backends".into())),
-    }
-}
-
-/// GEMV: each output row decodes its blocks once and dots them with every token row.
-fn cpu_gemv(w: &QTensor, bytes: &[u8], x: &[f32], tokens: usize) -> Vec<f32> {
-    let (rows, cols, bs) = (w.rows, w.cols, w.format.block_size());
-    let blocks_per_row = cols / bs;
-    #[cfg(target_arch = "x86_64")]
-    let simd = std::is_x86_feature_detected!("avx2")
-        && std::is_x86_feature_detected!("fma")
-        && std::is_x86_feature_detected!("f16c");
-    let per_row: Vec<[f32; GEMV_MAX_TOKENS]> = (0..rows)
-        .into_par_iter()
-        // A row is a few microseconds of work: hand threads runs of rows, not single ones.
-        .with_min_len(32)
-        .map(|o| {
-            let mut acc = [0f32; GEMV_MAX_TOKENS];
-            #[cfg(target_arch = "x86_64")]
-            if simd {
-                if let Some(block_bytes) = w.format.ggml_block_bytes() {
-                    let row = &bytes[o * blocks_per_row * block_bytes..(o + 1) * blocks_per_row * block_bytes];
-                    // SAFETY: the features are present; `row` holds the row's blocks and `x`
-                    // holds `tokens` rows of `cols` values.
-                    unsafe { gemv_row_ggml_avx2(w.format == QuantFormat::Q4_0, row, x, cols, tokens, &mut acc) };
-                } else {
-                    let codes = &bytes[o * cols / 2..(o + 1) * cols / 2];
-                    let scales: Vec<f32> =
-                        (0..blocks_per_row).map(|bi| nf4_absmax(w, bytes, o * blocks_per_row + bi)).collect();
-                    // SAFETY: as above; `codes` holds the row's cols / 2 bytes, `scales` one
-                    // absmax per block of 64.
-                    unsafe { gemv_row_nf4_avx2(codes, &scales, x, cols, tokens, &mut acc) };
-                }
-                return acc;
-            }
-            let mut buf = [0f32; 64];
-            for bi in 0..blocks_per_row {
-                let decoded = &mut buf[..bs];
-                decode_block(w, bytes, o * blocks_per_row + bi, decoded);
-                for (t, a) in acc.iter_mut().enumerate().take(tokens) {
-                    *a += crate::ops::dot(decoded, &x[t * cols + bi * bs..t * cols + bi * bs + bs]);
-                }
-            }
-            acc
-        })
-        .collect();
-    let mut y = vec![0f32; tokens * rows];
-    for (o, acc) in per_row.iter().enumerate() {
-        for t in 0..tokens {
-            y[t * rows + o] = acc[t];
-        }
-    }
-    y
-}
-
-/// One output row of the Q8_0 / Q4_0 GEMV with AVX2: each block's 32 integers are widened
-/// to f32 once, dotted with each token's 32 activations, and the dot scaled by the block's
-/// f16 scale (llama.cpp's order: Σ d·(q·x) rather than Σ (d·q)·x, within the same bound).
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn gemv_row_ggml_avx2(
-    q4: bool,
-    row: &[u8],
-    x: &[f32],
-    cols: usize,
-    tokens: usize,
-    acc: &mut [f32; GEMV_MAX_TOKENS],
-) {
-    use std::arch::x86_64::*;
-    let block_bytes = if q4 { 18 } else { 34 };
-    let blocks = cols / 32;
-    debug_assert!(row.len() >= blocks * block_bytes && x.len() >= tokens * cols);
-    // SAFETY (whole body): block b spans row[b·block_bytes..][..block_bytes]; token t's
-    // activations for it are x[t·cols + 32b..][..32].
-    unsafe {
-        let widen = |v: __m128i| _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v));
-        let mut sums = [_mm256_setzero_ps(); GEMV_MAX_TOKENS];
-        let mut single = _mm256_setzero_ps();
-        for b in 0..blocks {
-            let blk = row.as_ptr().add(b * block_bytes);
-            let d = _mm256_set1_ps(_mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(*(blk as *const u16) as i32))));
-            let qs = blk.add(2);
-            let w = if q4 {
-                let raw = _mm_loadu_si128(qs as *const __m128i);
-                let mask = _mm_set1_epi8(0x0F);
-                let eight = _mm_set1_epi8(8);
-                let lo = _mm_sub_epi8(_mm_and_si128(raw, mask), eight);
-                let hi = _mm_sub_epi8(_mm_and_si128(_mm_srli_epi16(raw, 4), mask), eight);
-                [widen(lo), widen(_mm_srli_si128(lo, 8)), widen(hi), widen(_mm_srli_si128(hi, 8))]
-            } else {
-                let load8 = |i: usize| _mm_loadl_epi64(qs.add(i) as *const __m128i);
-                [widen(load8(0)), widen(load8(8)), widen(load8(16)), widen(load8(24))]
-            };
-            if tokens == 1 {
-                // Decoding: keep the running sum in a register (the general loop below
-                // goes through memory for its per-token sums).
-                let xp = x.as_ptr().add(b * 32);
-                let s0 = _mm256_fmadd_ps(w[1], _mm256_loadu_ps(xp.add(8)), _mm256_mul_ps(w[0], _mm256_loadu_ps(xp)));
-                let s1 = _mm256_fmadd_ps(
-                    w[3],
-                    _mm256_loadu_ps(xp.add(24)),
-                    _mm256_mul_ps(w[2], _mm256_loadu_ps(xp.add(16))),
-                );
-                single = _mm256_fmadd_ps(_mm256_add_ps(s0, s1), d, single);
-                continue;
-            }
-            for (t, sum) in sums.iter_mut().enumerate().take(tokens) {
-                let xp = x.as_ptr().add(t * cols + b * 32);
-                let mut s = _mm256_mul_ps(w[0], _mm256_loadu_ps(xp));
-                s = _mm256_fmadd_ps(w[1], _mm256_loadu_ps(xp.add(8)), s);
-                s = _mm256_fmadd_ps(w[2], _mm256_loadu_ps(xp.add(16)), s);
-                s = _mm256_fmadd_ps(w[3], _mm256_loadu_ps(xp.add(24)), s);
-                *sum = _mm256_fmadd_ps(s, d, *sum);
-            }
-        }
-        if tokens == 1 {
-            sums[0] = single;
-        }
-        for (a, sum) in acc.iter_mut().zip(sums).take(tokens) {
-            let mut lanes = [0f32; 8];
-            _mm256_storeu_ps(lanes.as_mut_ptr(), sum);
-            *a = lanes.iter().sum();
-        }
-    }
-}
-
-/// One output row of the NF4 GEMV with AVX2: 4-bit codes become NF4 values by two 8-entry
-/// permutes and a blend, are dotted with each token's activations, and each block's dot is
-/// scaled by its absmax (Σ a·(c·x), within the same bound as Σ (a·c)·x).
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn gemv_row_nf4_avx2(
-    codes: &[u8],
-    scales: &[f32],
-    x: &[f32],
-    cols: usize,
-    tokens: usize,
-    acc: &mut [f32; GEMV_MAX_TOKENS],
-) {
-    use std::arch::x86_64::*;
-    debug_assert!(codes.len() * 2 == cols && scales.len() * 64 == cols && x.len() >= tokens * cols);
-    // SAFETY (whole body): block b's codes are codes[32b..32b + 32], its activations
-    // x[t·cols + 64b..][..64].
-    unsafe {
-        let table_lo = _mm256_loadu_ps(NF4_CODE.as_ptr());
-        let table_hi = _mm256_loadu_ps(NF4_CODE.as_ptr().add(8));
-        let nibble = _mm_set1_epi8(0x0F);
-        // NF4 values of eight 4-bit codes held one per byte.
-        let lookup = |idx8: __m128i| {
-            let idx = _mm256_cvtepu8_epi32(idx8);
-            let hi = _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28));
-            _mm256_blendv_ps(_mm256_permutevar8x32_ps(table_lo, idx), _mm256_permutevar8x32_ps(table_hi, idx), hi)
-        };
-        let mut sums = [_mm256_setzero_ps(); GEMV_MAX_TOKENS];
-        for (b, &scale) in scales.iter().enumerate() {
-            let mut w = [_mm256_setzero_ps(); 8];
-            for half in 0..2 {
-                let raw = _mm_loadu_si128(codes.as_ptr().add(32 * b + 16 * half) as *const __m128i);
-                let hi = _mm_and_si128(_mm_srli_epi16(raw, 4), nibble);
-                let lo = _mm_and_si128(raw, nibble);
-                // Element 2i is byte i's high nibble, 2i + 1 its low one.
-                let first = _mm_unpacklo_epi8(hi, lo);
-                let second = _mm_unpackhi_epi8(hi, lo);
-                w[4 * half] = lookup(first);
-                w[4 * half + 1] = lookup(_mm_srli_si128(first, 8));
-                w[4 * half + 2] = lookup(second);
-                w[4 * half + 3] = lookup(_mm_srli_si128(second, 8));
-            }
-            let s = _mm256_set1_ps(scale);
-            for (t, sum) in sums.iter_mut().enumerate().take(tokens) {
-                let xp = x.as_ptr().add(t * cols + b * 64);
-                let mut d = _mm256_mul_ps(w[0], _mm256_loadu_ps(xp));
-                for (k, wk) in w.iter().enumerate().skip(1) {
-                    d = _mm256_fmadd_ps(*wk, _mm256_loadu_ps(xp.add(8 * k)), d);
-                }
-                *sum = _mm256_fmadd_ps(d, s, *sum);
-            }
-        }
-        for (a, sum) in acc.iter_mut().zip(sums).take(tokens) {
-            let mut lanes = [0f32; 8];
-            _mm256_storeu_ps(lanes.as_mut_ptr(), sum);
-            *a = lanes.iter().sum();
-        }
     }
 }
 
