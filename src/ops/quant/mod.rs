@@ -588,9 +588,9 @@ pub fn qmatmul(x: &Tensor, w: &QTensor) -> Result<Tensor> {
 pub struct QMatmulOptions {
     /// Allow rounding the activations to 8 bits per block of 32 where a backend has integer
     /// kernels for the product, as llama.cpp computes on the CPU: per row and block,
-    /// `d = amax / 127` (kept in f32) and `q = round(x / d)`, half away from zero, so each
-    /// activation moves by at most `d / 2`; the block's dot with the weight's integers is then
-    /// exact and scaled once by `d_w·d`.
+    /// `d = amax / 127` (kept in f32) and `q = round(x·(1/d))`, half away from zero, so each
+    /// activation moves by at most `d / 2` (to within f32 rounding); the block's dot with the
+    /// weight's integers is then exact and scaled once by `d_w·d`.
     ///
     /// Taken today by the CPU GEMV (at most [`GEMV_MAX_TOKENS`] rows) over Q8_0 and Q4_0
     /// weights, with or without SIMD. Every other path computes exactly as [`qmatmul`]: the
