@@ -45,6 +45,7 @@ mod dtype;
 mod error;
 mod fs;
 mod io;
+mod kernels;
 pub mod model;
 pub mod ops;
 mod tensor;
@@ -59,7 +60,7 @@ pub use tensor::Tensor;
 /// the compile check that builds every kernel for every supported architecture.
 #[cfg(feature = "cuda")]
 pub mod cuda {
-    pub use crate::device::cuda::{
-        Compiled, KERNELS, KernelSource, arch_for, compile, nvrtc_present, nvrtc_version, supported_archs,
-    };
+    pub use crate::device::cuda::{Compiled, arch_for, compile, nvrtc_present, nvrtc_version, supported_archs};
+    pub use crate::kernels::KernelSource;
+    pub use crate::kernels::cuda::ALL as KERNELS;
 }

@@ -1,5 +1,5 @@
-//! Every CUDA kernel compiles with NVRTC for real architectures (sm_80, sm_90, and sm_90a
-//! where a kernel uses Hopper-only instructions). Needs libnvrtc, not a GPU. Real archs make
+//! Every CUDA kernel compiles with NVRTC for real architectures (sm_80, sm_90), the ones the
+//! GPUs run. Needs libnvrtc, not a GPU. Real archs make
 //! ptxas check the inline PTX; the report shows registers, shared memory and spills.
 
 #![cfg(feature = "cuda")]
@@ -40,11 +40,7 @@ fn every_kernel_compiles_for_sm80_and_sm90() {
     println!("NVRTC {major}.{minor}");
     let mut failures = Vec::new();
     for kernel in KERNELS {
-        let mut archs = vec!["sm_80", "sm_90"];
-        if kernel.needs_sm90a {
-            archs.push("sm_90a");
-        }
-        for arch in archs {
+        for arch in ["sm_80", "sm_90"] {
             match compile(kernel, arch) {
                 Ok(compiled) => {
                     assert!(!compiled.image.is_empty(), "{} for {arch}: empty cubin", kernel.name);
@@ -69,7 +65,6 @@ fn a_kernel_that_does_not_compile_is_an_error_carrying_nvrtcs_log() {
     let broken = kiln::cuda::KernelSource {
         name: "broken",
         source: "extern \"C\" __global__ void k(float* x) { x[0] = undefined_name; }",
-        needs_sm90a: false,
     };
     match compile(&broken, "sm_80") {
         Err(kiln::Error::Compile { kernel, target, log }) => {
@@ -82,7 +77,6 @@ fn a_kernel_that_does_not_compile_is_an_error_carrying_nvrtcs_log() {
     let bad_ptx = kiln::cuda::KernelSource {
         name: "bad_ptx",
         source: "extern \"C\" __global__ void k(float* x) { asm volatile(\"not.an.instruction;\"); }",
-        needs_sm90a: false,
     };
     assert!(matches!(compile(&bad_ptx, "sm_90"), Err(kiln::Error::Compile { .. })));
 }

@@ -3,6 +3,7 @@
 
 pub mod attention;
 pub mod elementwise;
+pub(crate) mod hash;
 pub mod lora;
 pub mod matmul;
 pub mod optim;

@@ -1,20 +1,10 @@
 //! CUDA launcher for the attention forward (`kernels/attention.cu`).
 
 use super::{AttentionOutput, AttnShape};
-use crate::device::cuda::{CudaDevice, KernelSource};
-use crate::ops::matmul::cuda::{grid, to_i32};
+use crate::device::cuda::CudaDevice;
+use crate::device::cuda::launch::{dtype_code, grid, to_i32};
 use crate::{DType, Result, Tensor};
 use cudarc::driver::{LaunchConfig, PushKernelArg};
-
-pub(crate) const SOURCE: KernelSource = KernelSource {
-    name: "attention",
-    source: concat!(
-        include_str!("../../../kernels/common.cuh"),
-        include_str!("../../../kernels/gemm.cuh"),
-        include_str!("../../../kernels/attention.cu")
-    ),
-    needs_sm90a: false,
-};
 
 /// Head dims with a tensor-core forward kernel (f16/bf16, sm_80+).
 const MMA_HEAD_DIMS: [usize; 4] = [64, 80, 96, 128];
@@ -31,7 +21,7 @@ pub(crate) fn forward(q: &Tensor, k: &Tensor, v: &Tensor, s: &AttnShape, lens: &
     let o = Tensor::empty(q.shape(), DType::F32, &device)?;
     let lse = Tensor::empty(&[s.batch, s.heads, s.q_len], DType::F32, &device)?;
     let name = format!("attention_fwd_{}", q.dtype());
-    let f = dev.function(&SOURCE, &name)?;
+    let f = dev.function(&crate::kernels::cuda::ATTENTION, &name)?;
     let (q_len, kv_len) = (to_i32("q_len", s.q_len)?, to_i32("kv_len", s.kv_len)?);
     let (heads, kv_heads, dim) = (to_i32("heads", s.heads)?, to_i32("kv_heads", s.kv_heads)?, to_i32("dim", s.dim)?);
     let causal = s.causal as i32;
@@ -65,7 +55,7 @@ fn forward_mma(
     let o = Tensor::empty(q.shape(), q.dtype(), &device)?;
     let lse = Tensor::empty(&[s.batch, s.heads, s.q_len], DType::F32, &device)?;
     let name = format!("attention_fwd_mma_{}_d{}", q.dtype(), s.dim);
-    let f = dev.function(&SOURCE, &name)?;
+    let f = dev.function(&crate::kernels::cuda::ATTENTION, &name)?;
     let (q_len, kv_len) = (to_i32("q_len", s.q_len)?, to_i32("kv_len", s.kv_len)?);
     let (heads, kv_heads) = (to_i32("heads", s.heads)?, to_i32("kv_heads", s.kv_heads)?);
     let causal = s.causal as i32;
@@ -114,7 +104,7 @@ pub(crate) fn backward(
         [("dq", (s.batch * s.q_len * s.heads) as u64), ("dkv", (s.batch * s.kv_len * s.kv_heads) as u64)]
     {
         let name = format!("attention_bwd_{kind}_{}", q.dtype());
-        let f = dev.function(&SOURCE, &name)?;
+        let f = dev.function(&crate::kernels::cuda::ATTENTION, &name)?;
         let mut launch = dev.stream.launch_builder(&f);
         launch.arg(q.cuda_buffer()?).arg(k.cuda_buffer()?).arg(v.cuda_buffer()?).arg(d_o.cuda_buffer()?);
         launch.arg(lse.cuda_buffer()?).arg(dvec.cuda_buffer()?).arg(lens_ref);
@@ -153,7 +143,7 @@ pub(crate) fn decode(
         _ => 256,
     };
     let name = format!("attention_decode_split_{}_d{tier}", q.dtype());
-    let f = dev.function(&SOURCE, &name)?;
+    let f = dev.function(&crate::kernels::cuda::ATTENTION, &name)?;
     let (q_len, capacity) = (to_i32("q_len", s.q_len)?, to_i32("cache capacity", s.capacity)?);
     let (heads, kv_heads, dim) = (to_i32("heads", s.heads)?, to_i32("kv_heads", s.kv_heads)?, to_i32("dim", s.dim)?);
     let (split_keys, splits) = (to_i32("split", s.split)?, to_i32("splits", s.splits)?);
@@ -179,8 +169,8 @@ pub(crate) fn decode(
 
     let o = Tensor::empty(q.shape(), q.dtype(), &device)?;
     let lse = Tensor::empty(&[s.batch, s.heads, s.q_len], DType::F32, &device)?;
-    let f = dev.function(&SOURCE, "attention_decode_merge")?;
-    let (kind, rows64) = (crate::ops::matmul::cuda::out_kind(q.dtype()), rows as u64);
+    let f = dev.function(&crate::kernels::cuda::ATTENTION, "attention_decode_merge")?;
+    let (kind, rows64) = (dtype_code(q.dtype()), rows as u64);
     let mut launch = dev.stream.launch_builder(&f);
     launch.arg(part_ml.cuda_buffer()?).arg(part_acc.cuda_buffer()?).arg(o.cuda_buffer()?).arg(lse.cuda_buffer()?);
     launch.arg(&kind).arg(&q_len).arg(&heads).arg(&dim).arg(&splits).arg(&rows64);
@@ -214,7 +204,7 @@ fn backward_mma(
     let dv = Tensor::empty(v.shape(), DType::F32, &device)?;
     for kind in ["dq", "dkv"] {
         let name = format!("attention_bwd_{kind}_mma_{}_d{}", q.dtype(), s.dim);
-        let f = dev.function(&SOURCE, &name)?;
+        let f = dev.function(&crate::kernels::cuda::ATTENTION, &name)?;
         let mut launch = dev.stream.launch_builder(&f);
         launch.arg(q.cuda_buffer()?).arg(k.cuda_buffer()?).arg(v.cuda_buffer()?).arg(d_o.cuda_buffer()?);
         launch.arg(lse.cuda_buffer()?).arg(dvec.cuda_buffer()?).arg(lens_buf.cuda_slice()?);

@@ -1,11 +1,13 @@
 //! WGSL launchers for attention (`shaders/attention_*.wgsl`).
 
 use super::{AttentionOutput, AttnShape};
-use crate::device::wgpu::{fits_u32, grid_2d, wgsl_input};
+use crate::device::wgpu::launch::{fits_u32, grid_2d, wgsl_input};
+use crate::kernels::wgsl::{
+    ATTENTION_BWD_COMMON as BWD_COMMON, ATTENTION_BWD_DKV as BWD_DKV, ATTENTION_BWD_DQ as BWD_DQ,
+    ATTENTION_COMMON as COMMON, ATTENTION_DECODE_MERGE as DECODE_MERGE, ATTENTION_DECODE_SPLIT as DECODE_SPLIT,
+    ATTENTION_FWD as SHADER,
+};
 use crate::{DType, Result, Tensor};
-
-const COMMON: &str = include_str!("../../../shaders/attention_common.wgsl");
-const SHADER: &str = include_str!("../../../shaders/attention_fwd.wgsl");
 
 /// The `Params` of attention_common.wgsl for a dispatch over `rows` rows.
 fn params(s: &AttnShape, rows: usize, groups_x: u32) -> Result<Vec<u32>> {
@@ -48,10 +50,6 @@ pub(crate) fn forward(q: &Tensor, k: &Tensor, v: &Tensor, s: &AttnShape, lens: &
     dev.dispatch(&pipeline, &buffers, &params(s, rows, gx)?, (gx, gy, 1))?;
     Ok(AttentionOutput { o: o.to_dtype(q.dtype())?, lse })
 }
-
-const BWD_COMMON: &str = include_str!("../../../shaders/attention_bwd_common.wgsl");
-const BWD_DQ: &str = include_str!("../../../shaders/attention_bwd_dq.wgsl");
-const BWD_DKV: &str = include_str!("../../../shaders/attention_bwd_dkv.wgsl");
 
 pub(crate) fn backward(
     inputs: &super::BackwardInputs<'_>,
@@ -100,9 +98,6 @@ pub(crate) fn backward(
     dev.dispatch(&pipeline, &buffers, &params(s, rows, gx)?, (gx, gy, 1))?;
     Ok(super::AttentionGrads { dq, dk, dv })
 }
-
-const DECODE_SPLIT: &str = include_str!("../../../shaders/attention_decode_split.wgsl");
-const DECODE_MERGE: &str = include_str!("../../../shaders/attention_decode_merge.wgsl");
 
 /// Decoding against a KV cache: the split shader, then the merge.
 pub(crate) fn decode(

@@ -1,25 +1,11 @@
 //! CUDA launchers for the elementwise family (`kernels/elementwise.cu`).
 
 use super::BinaryOp;
-use crate::device::cuda::{CudaBuffer, CudaDevice, KernelSource};
+use crate::device::cuda::launch::grid_stride;
+use crate::device::cuda::{CudaBuffer, CudaDevice};
 use crate::{DType, Result, Tensor};
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 use std::sync::Arc;
-
-pub(crate) const SOURCE: KernelSource = KernelSource {
-    name: "elementwise",
-    source: concat!(include_str!("../../../kernels/common.cuh"), include_str!("../../../kernels/elementwise.cu")),
-    needs_sm90a: false,
-};
-
-/// A grid-stride launch over `n` elements: enough 256-thread blocks to fill any GPU.
-fn grid_stride(n: usize) -> LaunchConfig {
-    LaunchConfig {
-        grid_dim: (n.div_ceil(256).clamp(1, 1 << 16) as u32, 1, 1),
-        block_dim: (256, 1, 1),
-        shared_mem_bytes: 0,
-    }
-}
 
 pub(crate) fn binary(
     dev: &Arc<CudaDevice>,
@@ -31,7 +17,7 @@ pub(crate) fn binary(
     let out = Tensor::empty(a.shape(), a.dtype(), &a.device())?;
     let n = a.elem_count() as u64;
     let name = format!("{}_{}", op.name(), a.dtype());
-    let f = dev.function(&SOURCE, &name)?;
+    let f = dev.function(&crate::kernels::cuda::ELEMENTWISE, &name)?;
     let mut launch = dev.stream.launch_builder(&f);
     launch.arg(x.get()).arg(y.get()).arg(out.cuda_buffer()?).arg(&n);
     // SAFETY: x, y and out each hold n elements of the dtype the kernel name says.
@@ -43,7 +29,7 @@ pub(crate) fn scale(dev: &Arc<CudaDevice>, a: &Tensor, x: &CudaBuffer, s: f32) -
     let out = Tensor::empty(a.shape(), a.dtype(), &a.device())?;
     let n = a.elem_count() as u64;
     let name = format!("scale_{}", a.dtype());
-    let f = dev.function(&SOURCE, &name)?;
+    let f = dev.function(&crate::kernels::cuda::ELEMENTWISE, &name)?;
     let mut launch = dev.stream.launch_builder(&f);
     launch.arg(x.get()).arg(out.cuda_buffer()?).arg(&n).arg(&s);
     // SAFETY: x and out each hold n elements.
@@ -55,7 +41,7 @@ pub(crate) fn cast(dev: &Arc<CudaDevice>, a: &Tensor, x: &CudaBuffer, dtype: DTy
     let out = Tensor::empty(a.shape(), dtype, &a.device())?;
     let n = a.elem_count() as u64;
     let name = format!("cast_{}_{}", a.dtype(), dtype);
-    let f = dev.function(&SOURCE, &name)?;
+    let f = dev.function(&crate::kernels::cuda::ELEMENTWISE, &name)?;
     let mut launch = dev.stream.launch_builder(&f);
     launch.arg(x.get()).arg(out.cuda_buffer()?).arg(&n);
     // SAFETY: x and out each hold n elements of their dtypes.
@@ -69,7 +55,7 @@ pub(crate) fn sum_rows(dev: &Arc<CudaDevice>, a: &Tensor, x: &CudaBuffer, rows: 
         return Ok(out);
     }
     let name = format!("sum_rows_{}", a.dtype());
-    let f = dev.function(&SOURCE, &name)?;
+    let f = dev.function(&crate::kernels::cuda::ELEMENTWISE, &name)?;
     let (rows64, cols64) = (rows as u64, cols as u64);
     let cfg =
         LaunchConfig { grid_dim: (rows.clamp(1, 1 << 16) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
@@ -90,7 +76,7 @@ pub(crate) fn add_bias(
     let out = Tensor::empty(a.shape(), a.dtype(), &a.device())?;
     let (n, cols) = (a.elem_count() as u64, cols as u64);
     let name = format!("add_bias_{}", a.dtype());
-    let f = dev.function(&SOURCE, &name)?;
+    let f = dev.function(&crate::kernels::cuda::ELEMENTWISE, &name)?;
     let mut launch = dev.stream.launch_builder(&f);
     launch.arg(x.get()).arg(bias.get()).arg(out.cuda_buffer()?).arg(&n).arg(&cols);
     // SAFETY: x and out hold n elements, bias holds cols.
@@ -109,7 +95,7 @@ pub(crate) fn dropout(
     let out = Tensor::empty(a.shape(), a.dtype(), &a.device())?;
     let n = a.elem_count() as u64;
     let name = format!("dropout_{}", a.dtype());
-    let f = dev.function(&SOURCE, &name)?;
+    let f = dev.function(&crate::kernels::cuda::ELEMENTWISE, &name)?;
     let mut launch = dev.stream.launch_builder(&f);
     launch.arg(x.get()).arg(out.cuda_buffer()?).arg(&n).arg(&key).arg(&threshold).arg(&scale);
     // SAFETY: x and out hold n elements.

@@ -9,6 +9,7 @@ pub(crate) mod cuda;
 #[cfg(feature = "wgpu")]
 pub(crate) mod wgpu;
 
+use crate::ops::hash::mix32;
 use crate::tensor::{CpuStorage, Storage};
 use crate::{DType, Element, Error, Result, Tensor};
 use half::{bf16, f16};
@@ -189,14 +190,13 @@ pub fn add_bias(x: &Tensor, bias: &Tensor) -> Result<Tensor> {
 
 /// The dropout mask's key for a seed.
 fn dropout_key(seed: u64) -> u32 {
-    use crate::ops::optim::mix32;
     mix32(seed as u32 ^ mix32((seed >> 32) as u32 ^ 0x2545_f491))
 }
 
 /// Whether element `i` survives: murmur3's finaliser of (i · golden ratio) ^ key below the
 /// threshold. The same on every backend (32-bit integer arithmetic).
 fn keeps(key: u32, i: usize, threshold: u32) -> bool {
-    crate::ops::optim::mix32((i as u32).wrapping_mul(0x9e37_79b1) ^ key) < threshold
+    mix32((i as u32).wrapping_mul(0x9e37_79b1) ^ key) < threshold
 }
 
 /// Inverted dropout: each element is zeroed with probability `p` and the rest scaled by

@@ -2,12 +2,11 @@
 //! `shaders/sum_rows.wgsl`).
 
 use super::BinaryOp;
-use crate::device::wgpu::{WgpuBuffer, WgpuDevice, fits_u32, grid_2d, wgsl_input, wgsl_output_words};
+use crate::device::wgpu::launch::{fits_u32, grid_2d, wgsl_input, wgsl_output_words};
+use crate::device::wgpu::{WgpuBuffer, WgpuDevice};
+use crate::kernels::wgsl::{ELEMENTWISE_MAP as MAP_SHADER, ELEMENTWISE_SUM_ROWS as SUM_ROWS_SHADER};
 use crate::{DType, Result, Tensor};
 use std::sync::Arc;
-
-const MAP_SHADER: &str = include_str!("../../../shaders/elementwise.wgsl");
-const SUM_ROWS_SHADER: &str = include_str!("../../../shaders/sum_rows.wgsl");
 
 /// Runs the map shader over `inputs` (of `like`'s dtype; the first of its shape) into a new
 /// `out_dtype` tensor of that shape. `apply` is the WGSL body of `fn apply(i: u32) -> f32`;

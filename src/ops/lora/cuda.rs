@@ -3,23 +3,11 @@
 
 use super::{AdapterSet, BaseWeight, Fused};
 use crate::device::cuda::CudaDevice;
-use crate::device::cuda::KernelSource;
-use crate::ops::matmul::cuda::{grid, out_kind, to_i32};
+use crate::device::cuda::launch::{dtype_code, grid, to_i32};
 use crate::ops::quant::cuda::QArgs;
 use crate::tensor::RawBuffer;
 use crate::{DType, Result, Tensor};
 use cudarc::driver::{LaunchConfig, PushKernelArg};
-
-pub(crate) const SOURCE: KernelSource = KernelSource {
-    name: "lora",
-    source: concat!(
-        include_str!("../../../kernels/common.cuh"),
-        include_str!("../../../kernels/gemm.cuh"),
-        include_str!("../../../kernels/quant.cuh"),
-        include_str!("../../../kernels/lora.cu")
-    ),
-    needs_sm90a: false,
-};
 
 /// `v[t] = x[t]·A_aᵀ` for every row's adapter a (`lora_shrink`), `[tokens, rmax]` f32: x
 /// `[tokens, inp]` and the packed A f32, `table` and `rows` on the device as the kernel reads
@@ -29,7 +17,7 @@ fn shrink(x: &Tensor, a: &Tensor, table: &RawBuffer, rows: &RawBuffer, inp: usiz
     let tokens = x.shape()[0];
     let v = Tensor::empty(&[tokens, rmax], DType::F32, &x.device())?;
     let (inp, rmax_i) = (to_i32("in", inp)?, to_i32("rank", rmax)?);
-    let f = dev.function(&SOURCE, "lora_shrink")?;
+    let f = dev.function(&crate::kernels::cuda::LORA, "lora_shrink")?;
     let mut launch = dev.stream.launch_builder(&f);
     launch.arg(x.cuda_buffer()?).arg(a.cuda_buffer()?).arg(table.cuda_slice()?).arg(rows.cuda_slice()?);
     launch.arg(v.cuda_buffer()?).arg(&inp).arg(&rmax_i);
@@ -54,7 +42,7 @@ pub(crate) fn batched(x: &Tensor, y: &Tensor, set: &AdapterSet, adapters: &[i32]
     let out = Tensor::empty(y.shape(), DType::F32, &device)?;
     let (outn, rmax_i) = (set.out as i32, rmax as i32);
     let tokens64 = tokens as u64;
-    let f = dev.function(&SOURCE, "lora_expand")?;
+    let f = dev.function(&crate::kernels::cuda::LORA, "lora_expand")?;
     let mut launch = dev.stream.launch_builder(&f);
     launch.arg(v.cuda_buffer()?).arg(set.b.cuda_buffer()?).arg(table.cuda_slice()?).arg(rows.cuda_slice()?);
     launch.arg(y.cuda_buffer()?).arg(out.cuda_buffer()?).arg(&tokens64).arg(&outn).arg(&rmax_i);
@@ -78,7 +66,7 @@ pub(crate) fn fused(f: &Fused<'_>) -> Result<(Tensor, Tensor)> {
     let [out, inp] = f.base.shape();
     let (tokens, r) = (x.shape()[0], f.rank());
     let y = Tensor::empty(&[tokens, out], xd, &device)?;
-    let kind = out_kind(xd);
+    let kind = dtype_code(xd);
     let (m, n, k, r_i) = (to_i32("tokens", tokens)?, to_i32("out", out)?, to_i32("in", inp)?, to_i32("rank", r)?);
     let null = 0u64;
     let bias = f.bias.as_ref().map(|b| b.cuda_buffer()).transpose()?;
@@ -88,7 +76,7 @@ pub(crate) fn fused(f: &Fused<'_>) -> Result<(Tensor, Tensor)> {
         if tokens <= crate::ops::quant::GEMV_MAX_TOKENS {
             let xa = gemv_shrink(f)?;
             let name = format!("lora_gemv_{xd}");
-            let func = dev.function(&SOURCE, &name)?;
+            let func = dev.function(&crate::kernels::cuda::LORA, &name)?;
             let q = QArgs::of(w);
             let mut launch = dev.stream.launch_builder(&func);
             launch.arg(w.raw().cuda_slice()?).arg(x.cuda_buffer()?).arg(y.cuda_buffer()?).arg(&kind);
@@ -129,7 +117,7 @@ pub(crate) fn fused(f: &Fused<'_>) -> Result<(Tensor, Tensor)> {
     let engine = if tensor_cores { "mma" } else { "simt" };
     let weight = if matches!(f.base, BaseWeight::Dense(_)) { "dense" } else { "quant" };
     let name = format!("lora_fused_{engine}_{xd}_{weight}_{mode}");
-    let func = dev.function(&SOURCE, &name)?;
+    let func = dev.function(&crate::kernels::cuda::LORA, &name)?;
     let mut launch = dev.stream.launch_builder(&func);
     launch.arg(x.cuda_buffer()?);
     match f.base {

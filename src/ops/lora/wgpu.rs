@@ -3,17 +3,13 @@
 //! (`shaders/lora_shrink.wgsl`, `shaders/lora_expand.wgsl`).
 
 use super::{AdapterSet, BaseWeight, Fused};
-use crate::device::wgpu::{fits_u32, grid_2d, wgsl_input};
+use crate::device::wgpu::launch::{fits_u32, grid_2d, wgsl_input};
+use crate::kernels::wgsl::{LORA_EXPAND as EXPAND, LORA_FUSED as FUSED, LORA_SHRINK as SHRINK};
 use crate::ops::matmul::MatmulProblem;
 use crate::ops::matmul::wgpu::{PARAMS_FIELDS, SHADER as MATMUL_SHADER, groups, params as matmul_params};
 use crate::ops::quant::wgpu::{QUANT_FIELDS, decode_binding, quant_params};
 use crate::tensor::RawBuffer;
 use crate::{DType, Result, Tensor};
-
-const FUSED: &str = include_str!("../../../shaders/lora_fused.wgsl");
-
-const SHRINK: &str = include_str!("../../../shaders/lora_shrink.wgsl");
-const EXPAND: &str = include_str!("../../../shaders/lora_expand.wgsl");
 
 pub(crate) fn batched(x: &Tensor, y: &Tensor, set: &AdapterSet, adapters: &[i32]) -> Result<Tensor> {
     let dev = x.wgpu_device()?.clone();

@@ -2,40 +2,11 @@
 //! sm_80+ when rows are 16-byte aligned, the SIMT kernel otherwise.
 
 use super::MatmulProblem;
-use crate::device::cuda::{CudaBuffer, CudaDevice, KernelSource};
-use crate::{DType, Error, Result, Tensor};
+use crate::device::cuda::launch::{dtype_code, grid, to_i32};
+use crate::device::cuda::{CudaBuffer, CudaDevice};
+use crate::{DType, Result, Tensor};
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 use std::sync::Arc;
-
-pub(crate) const SOURCE: KernelSource = KernelSource {
-    name: "matmul",
-    source: concat!(
-        include_str!("../../../kernels/common.cuh"),
-        include_str!("../../../kernels/gemm.cuh"),
-        include_str!("../../../kernels/matmul.cu")
-    ),
-    needs_sm90a: false,
-};
-
-/// Output dtype code shared with `kernels/common.cuh`.
-pub(crate) fn out_kind(dtype: DType) -> i32 {
-    match dtype {
-        DType::F32 => 0,
-        DType::F16 => 1,
-        DType::BF16 => 2,
-    }
-}
-
-pub(crate) fn to_i32(what: &str, v: usize) -> Result<i32> {
-    i32::try_from(v).map_err(|_| Error::Unsupported(format!("{what} = {v} exceeds the kernels' 32-bit sizes")))
-}
-
-pub(crate) fn grid(what: &str, v: usize) -> Result<u32> {
-    if v > 65535 {
-        return Err(Error::Unsupported(format!("{what} needs {v} blocks in a grid dimension limited to 65535")));
-    }
-    Ok(v as u32)
-}
 
 /// Whether the tensor-core kernel takes this problem.
 pub(crate) fn uses_tensor_cores(cc: (u32, u32), p: &MatmulProblem) -> bool {
@@ -50,7 +21,7 @@ pub(crate) fn matmul(
     out: &Tensor,
 ) -> Result<()> {
     let c = out.cuda_buffer()?;
-    let kind = out_kind(p.out_dtype);
+    let kind = dtype_code(p.out_dtype);
     let (m, n, k) = (to_i32("m", p.m)?, to_i32("n", p.n)?, to_i32("k", p.k)?);
     let (lda, ldb) = (to_i32("lda", p.lda())?, to_i32("ldb", p.ldb())?);
     let (stride_a, stride_b) = (p.batch_stride_a as u64, p.batch_stride_b as u64);
@@ -63,7 +34,7 @@ pub(crate) fn matmul(
             (true, true) => "tt",
         };
         let name = format!("matmul_mma_{}_{layout}", p.in_dtype);
-        let f = dev.function(&SOURCE, &name)?;
+        let f = dev.function(&crate::kernels::cuda::MATMUL, &name)?;
         let cfg = LaunchConfig {
             grid_dim: (grid("n tiles", p.n.div_ceil(128))?, grid("m tiles", p.m.div_ceil(128))?, batch),
             block_dim: (256, 1, 1),
@@ -77,7 +48,7 @@ pub(crate) fn matmul(
         unsafe { launch.launch(cfg) }.map_err(|e| CudaDevice::launch_err(&name, e))?;
     } else {
         let name = format!("matmul_simt_{}", p.in_dtype);
-        let f = dev.function(&SOURCE, &name)?;
+        let f = dev.function(&crate::kernels::cuda::MATMUL, &name)?;
         let cfg = LaunchConfig {
             grid_dim: (grid("n tiles", p.n.div_ceil(64))?, grid("m tiles", p.m.div_ceil(64))?, batch),
             block_dim: (16, 16, 1),

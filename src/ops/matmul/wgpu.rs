@@ -1,11 +1,11 @@
 //! WGSL launcher for matmul (`shaders/matmul.wgsl`).
 
 use super::MatmulProblem;
-use crate::device::wgpu::{WgpuBuffer, WgpuDevice, fits_u32, wgsl_input};
+use crate::device::wgpu::launch::{fits_u32, wgsl_input};
+use crate::device::wgpu::{WgpuBuffer, WgpuDevice};
+pub(crate) use crate::kernels::wgsl::MATMUL as SHADER;
 use crate::{DType, Result, Tensor};
 use std::sync::Arc;
-
-pub(crate) const SHADER: &str = include_str!("../../../shaders/matmul.wgsl");
 
 /// The hooks of `shaders/matmul.wgsl` for a plain product: nothing joins it.
 pub(crate) const PLAIN_HOOKS: &str = "fn extra_load(k0: u32, li: u32) {}\nfn extra_mac(li: u32) {}\n\

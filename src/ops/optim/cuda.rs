@@ -2,16 +2,10 @@
 //! launch for the whole list of parameters, driven by a table of device pointers.
 
 use super::{ParamSlot, StepConstants, StepReport};
-use crate::device::cuda::{CudaDevice, KernelSource};
-use crate::ops::matmul::cuda::out_kind;
+use crate::device::cuda::CudaDevice;
+use crate::device::cuda::launch::dtype_code;
 use crate::{Error, Result, Tensor};
 use cudarc::driver::{DevicePtr, LaunchConfig, PushKernelArg};
-
-pub(crate) const SOURCE: KernelSource = KernelSource {
-    name: "optim",
-    source: concat!(include_str!("../../../kernels/common.cuh"), include_str!("../../../kernels/optim.cu")),
-    needs_sm90a: false,
-};
 
 /// Elements per block, as `CHUNK` in the kernel.
 const CHUNK: usize = 8192;
@@ -29,8 +23,8 @@ pub(crate) fn step(slots: &mut [ParamSlot<'_>], c: &StepConstants) -> Result<Ste
         let n = s.master.elem_count();
         let opt = |t: Option<&Tensor>| t.map(|t| ptr(&dev, t)).transpose().map(|p| p.unwrap_or(0));
         let working = s.working.as_deref();
-        let kinds = out_kind(s.grad.dtype()) as u64
-            | (working.map_or(0, |w| out_kind(w.dtype())) as u64) << 8
+        let kinds = dtype_code(s.grad.dtype()) as u64
+            | (working.map_or(0, |w| dtype_code(w.dtype())) as u64) << 8
             | (working.is_some() as u64) << 16
             | (s.anchor.is_some() as u64) << 17
             | (s.fisher.is_some() as u64) << 18
@@ -69,7 +63,7 @@ pub(crate) fn step(slots: &mut [ParamSlot<'_>], c: &StepConstants) -> Result<Ste
     let (result_ptr, _sync) = result.get().device_ptr(&dev.stream);
     let (sumsq_ptr, flag_ptr) = (result_ptr, result_ptr + 8);
 
-    let f = dev.function(&SOURCE, "grad_sq_norm")?;
+    let f = dev.function(&crate::kernels::cuda::OPTIM, "grad_sq_norm")?;
     let mut launch = dev.stream.launch_builder(&f);
     launch.arg(table_buf.get()).arg(&count).arg(partials.get()).arg(flags.get());
     // SAFETY: the table describes live tensors of the stated sizes and dtypes; partials
@@ -77,7 +71,7 @@ pub(crate) fn step(slots: &mut [ParamSlot<'_>], c: &StepConstants) -> Result<Ste
     unsafe { launch.launch(cfg) }.map_err(|e| CudaDevice::launch_err("grad_sq_norm", e))?;
 
     let blocks = chunks as u64;
-    let f = dev.function(&SOURCE, "norm_finish")?;
+    let f = dev.function(&crate::kernels::cuda::OPTIM, "norm_finish")?;
     let mut launch = dev.stream.launch_builder(&f);
     launch.arg(partials.get()).arg(flags.get()).arg(&blocks).arg(&sumsq_ptr).arg(&flag_ptr);
     let one = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
@@ -85,7 +79,7 @@ pub(crate) fn step(slots: &mut [ParamSlot<'_>], c: &StepConstants) -> Result<Ste
     unsafe { launch.launch(one) }.map_err(|e| CudaDevice::launch_err("norm_finish", e))?;
 
     let use_fisher = c.use_fisher as i32;
-    let f = dev.function(&SOURCE, "adamw_step")?;
+    let f = dev.function(&crate::kernels::cuda::OPTIM, "adamw_step")?;
     let mut launch = dev.stream.launch_builder(&f);
     launch.arg(table_buf.get()).arg(&count).arg(&sumsq_ptr).arg(&flag_ptr);
     launch.arg(&c.beta1).arg(&c.beta2).arg(&c.eps).arg(&c.decay).arg(&c.step_size).arg(&c.bc2_sqrt);
@@ -103,8 +97,8 @@ pub(crate) fn step(slots: &mut [ParamSlot<'_>], c: &StepConstants) -> Result<Ste
 pub(crate) fn fisher_accumulate(fisher: &mut Tensor, grad: &Tensor, inv_count: f32) -> Result<()> {
     let dev = fisher.cuda_device()?.clone();
     let n = fisher.elem_count() as u64;
-    let kind = out_kind(grad.dtype());
-    let f = dev.function(&SOURCE, "fisher_accumulate")?;
+    let kind = dtype_code(grad.dtype());
+    let f = dev.function(&crate::kernels::cuda::OPTIM, "fisher_accumulate")?;
     let mut launch = dev.stream.launch_builder(&f);
     launch.arg(fisher.cuda_buffer()?).arg(grad.cuda_buffer()?).arg(&kind).arg(&n).arg(&inv_count);
     let cfg = LaunchConfig {

@@ -26,6 +26,7 @@ pub(crate) mod cuda;
 pub(crate) mod wgpu;
 
 use crate::ops::SharedMut;
+use crate::ops::hash::mix32;
 use crate::tensor::{CpuStorage, Storage};
 use crate::{DType, Element, Error, Result, Tensor};
 use half::slice::HalfFloatSliceExt;
@@ -252,16 +253,6 @@ impl StepConstants {
 #[inline(always)]
 fn lerp(start: f32, end: f32, w: f32) -> f32 {
     if w < 0.5 { start + w * (end - start) } else { end - (end - start) * (1.0 - w) }
-}
-
-/// A 32-bit integer hash (murmur3's finaliser), the same on every backend.
-#[inline(always)]
-pub(crate) fn mix32(mut h: u32) -> u32 {
-    h ^= h >> 16;
-    h = h.wrapping_mul(0x85eb_ca6b);
-    h ^= h >> 13;
-    h = h.wrapping_mul(0xc2b2_ae35);
-    h ^ (h >> 16)
 }
 
 /// θ rounded stochastically to bf16: add 16 random bits below the kept ones and truncate,

@@ -3,13 +3,11 @@
 //! group, one reduction, and one step dispatch per group — not one per tensor.
 
 use super::{ParamSlot, StepConstants, StepReport};
-use crate::device::wgpu::{WgpuDevice, fits_u32, grid_2d, wgsl_input};
+use crate::device::wgpu::WgpuDevice;
+use crate::device::wgpu::launch::{fits_u32, grid_2d, wgsl_input};
+use crate::kernels::wgsl::{OPTIM_NORM as NORM, OPTIM_REDUCE as REDUCE, OPTIM_STEP as STEP};
 use crate::{DType, Result, Tensor};
 use std::fmt::Write;
-
-const NORM: &str = include_str!("../../../shaders/optim_norm.wgsl");
-const REDUCE: &str = include_str!("../../../shaders/optim_reduce.wgsl");
-const STEP: &str = include_str!("../../../shaders/optim_step.wgsl");
 
 /// Elements per workgroup of the norm shader (its CHUNK) and of the step shader.
 const NORM_CHUNK: usize = 4096;

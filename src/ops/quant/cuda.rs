@@ -2,22 +2,11 @@
 //! rows, GEMM (tensor cores for f16/bf16 activations on sm_80+, SIMT otherwise).
 
 use super::{Direction, QProblem, QTensor};
-use crate::device::cuda::{CudaBuffer, CudaDevice, KernelSource};
-use crate::ops::matmul::cuda::{grid, out_kind, to_i32};
+use crate::device::cuda::launch::{dtype_code, grid, to_i32};
+use crate::device::cuda::{CudaBuffer, CudaDevice};
 use crate::{DType, Result, Tensor};
 use cudarc::driver::{LaunchArgs, LaunchConfig, PushKernelArg};
 use std::sync::Arc;
-
-pub(crate) const SOURCE: KernelSource = KernelSource {
-    name: "quant",
-    source: concat!(
-        include_str!("../../../kernels/common.cuh"),
-        include_str!("../../../kernels/gemm.cuh"),
-        include_str!("../../../kernels/quant.cuh"),
-        include_str!("../../../kernels/quant.cu")
-    ),
-    needs_sm90a: false,
-};
 
 /// The format and NF4 state arguments every quant kernel takes last (`QDESC_PARAMS`).
 pub(crate) struct QArgs {
@@ -48,9 +37,9 @@ impl QArgs {
 pub(crate) fn dequantize(dev: &Arc<CudaDevice>, w: &QTensor, buf: &CudaBuffer, dtype: DType) -> Result<Tensor> {
     let out = Tensor::empty(&[w.rows, w.cols], dtype, &w.device())?;
     let n = (w.rows * w.cols) as u64;
-    let kind = out_kind(dtype);
+    let kind = dtype_code(dtype);
     let q = QArgs::of(w);
-    let f = dev.function(&SOURCE, "dequantize")?;
+    let f = dev.function(&crate::kernels::cuda::QUANT, "dequantize")?;
     let mut launch = dev.stream.launch_builder(&f);
     launch.arg(buf.get()).arg(out.cuda_buffer()?).arg(&kind).arg(&n);
     q.push(&mut launch);
@@ -80,14 +69,14 @@ pub(crate) fn product(
     wbuf: &CudaBuffer,
     out: &Tensor,
 ) -> Result<()> {
-    let kind = out_kind(x.dtype());
+    let kind = dtype_code(x.dtype());
     let q = QArgs::of(w);
     let y = out.cuda_buffer()?;
     let (m, n, k, cols) = (to_i32("tokens", p.tokens)?, to_i32("n", p.n)?, to_i32("k", p.k)?, to_i32("in", w.cols)?);
     let xd = x.dtype();
     if p.tokens <= super::GEMV_MAX_TOKENS && p.direction == Direction::Forward {
         let name = format!("quant_gemv_{xd}");
-        let f = dev.function(&SOURCE, &name)?;
+        let f = dev.function(&crate::kernels::cuda::QUANT, &name)?;
         let rows = to_i32("out", w.rows)?;
         let mut launch = dev.stream.launch_builder(&f);
         launch.arg(wbuf.get()).arg(xbuf.get()).arg(y).arg(&kind).arg(&rows).arg(&cols).arg(&m);
@@ -101,7 +90,7 @@ pub(crate) fn product(
     if uses_tensor_cores(dev, xd, w, p.k) {
         let dir = if p.direction == Direction::Forward { "fwd" } else { "bwd" };
         let name = format!("quant_gemm_mma_{xd}_{dir}");
-        let f = dev.function(&SOURCE, &name)?;
+        let f = dev.function(&crate::kernels::cuda::QUANT, &name)?;
         let mut launch = dev.stream.launch_builder(&f);
         launch.arg(xbuf.get()).arg(wbuf.get()).arg(y).arg(&kind).arg(&m).arg(&n).arg(&k).arg(&cols);
         q.push(&mut launch);
@@ -114,7 +103,7 @@ pub(crate) fn product(
         unsafe { launch.launch(cfg) }.map_err(|e| CudaDevice::launch_err(&name, e))?;
     } else {
         let name = format!("quant_gemm_simt_{xd}");
-        let f = dev.function(&SOURCE, &name)?;
+        let f = dev.function(&crate::kernels::cuda::QUANT, &name)?;
         let direction = (p.direction == Direction::InputGrad) as i32;
         let mut launch = dev.stream.launch_builder(&f);
         launch.arg(xbuf.get()).arg(wbuf.get()).arg(y).arg(&kind).arg(&m).arg(&n).arg(&k).arg(&cols).arg(&direction);

@@ -3,15 +3,13 @@
 //! a loader that decodes W tiles as it stages them).
 
 use super::{Direction, QProblem, QTensor};
-use crate::device::wgpu::{WgpuBuffer, WgpuDevice, fits_u32, grid_2d, wgsl_input, wgsl_output_words};
+use crate::device::wgpu::launch::{fits_u32, grid_2d, wgsl_input, wgsl_output_words};
+use crate::device::wgpu::{WgpuBuffer, WgpuDevice};
+use crate::kernels::wgsl::{ELEMENTWISE_MAP as MAP, QUANT_DECODE as DECODE, QUANT_GEMV as GEMV};
 use crate::ops::matmul::MatmulProblem;
 use crate::ops::matmul::wgpu::{PARAMS_FIELDS, PLAIN_HOOKS, SHADER as MATMUL_SHADER, groups, params as matmul_params};
 use crate::{DType, Result, Tensor};
 use std::sync::Arc;
-
-const DECODE: &str = include_str!("../../../shaders/quant_decode.wgsl");
-const GEMV: &str = include_str!("../../../shaders/quant_gemv.wgsl");
-const MAP: &str = include_str!("../../../shaders/elementwise.wgsl");
 
 /// The `q_*` fields of `Params` that quant_decode.wgsl reads.
 pub(crate) const QUANT_FIELDS: &str = "q_format: u32, q_absmax: u32, q_nested: u32, q_code: u32, q_offset: u32,";

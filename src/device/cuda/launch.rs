@@ -1,0 +1,37 @@
+//! What every CUDA launcher needs: dtype codes, checked conversions of sizes to the kernels'
+//! integer types, and grid shapes.
+
+use crate::{DType, Error, Result};
+use cudarc::driver::LaunchConfig;
+
+/// The dtype code the kernels branch on (`kernels/common.cuh`: 0 f32, 1 f16, 2 bf16).
+pub(crate) fn dtype_code(dtype: DType) -> i32 {
+    match dtype {
+        DType::F32 => 0,
+        DType::F16 => 1,
+        DType::BF16 => 2,
+    }
+}
+
+/// `v` as a kernel's 32-bit size; `Err(Unsupported)` naming `what` when it does not fit.
+pub(crate) fn to_i32(what: &str, v: usize) -> Result<i32> {
+    i32::try_from(v).map_err(|_| Error::Unsupported(format!("{what} = {v} exceeds the kernels' 32-bit sizes")))
+}
+
+/// `v` blocks along grid dimension y or z (at most 65535); `Err(Unsupported)` past it.
+pub(crate) fn grid(what: &str, v: usize) -> Result<u32> {
+    if v > 65535 {
+        return Err(Error::Unsupported(format!("{what} needs {v} blocks in a grid dimension limited to 65535")));
+    }
+    Ok(v as u32)
+}
+
+/// A grid-stride launch over `n` items: enough 256-thread blocks to fill any GPU, each
+/// thread looping over the rest.
+pub(crate) fn grid_stride(n: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (n.div_ceil(256).clamp(1, 1 << 16) as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}

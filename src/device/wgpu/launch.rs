@@ -1,0 +1,65 @@
+//! What every WGSL launcher needs: bindings and loaders for an operand's dtype, output
+//! stores, grid shapes and checked conversions of sizes to the shaders' u32 indices.
+
+use crate::{Error, Result};
+
+/// WGSL that binds input `name` at `binding` and defines `load_<name>(i: u32) -> f32`
+/// reading element `i` as f32: f32 directly; f16 natively (`array<f16>`, needs the device's
+/// SHADER_F16 and `enable f16;`) or packed two per u32; bf16 packed two per u32. Element 0
+/// of a packed word is its low half (little-endian, as the host stores it).
+pub(crate) fn wgsl_input(name: &str, binding: u32, dtype: crate::DType, native_f16: bool) -> String {
+    use crate::DType;
+    let decl = |ty: &str| format!("@group(0) @binding({binding}) var<storage, read> {name}: array<{ty}>;\n");
+    match dtype {
+        DType::F32 => decl("f32") + &format!("fn load_{name}(i: u32) -> f32 {{ return {name}[i]; }}\n"),
+        DType::F16 if native_f16 => {
+            decl("f16") + &format!("fn load_{name}(i: u32) -> f32 {{ return f32({name}[i]); }}\n")
+        }
+        DType::F16 => {
+            decl("u32")
+                + &format!("fn load_{name}(i: u32) -> f32 {{ return unpack2x16float({name}[i >> 1u])[i & 1u]; }}\n")
+        }
+        DType::BF16 => {
+            decl("u32")
+                + &format!(
+                    "fn load_{name}(i: u32) -> f32 {{\n    let w = {name}[i >> 1u];\n    \
+                     return bitcast<f32>(select(w << 16u, w & 0xffff0000u, (i & 1u) == 1u));\n}}\n"
+                )
+        }
+    }
+}
+
+/// WGSL that binds the output at `binding` as 32-bit words and defines `ELEMS` (elements
+/// per word) and `store_word(w: u32, v: vec2<f32>)`, rounding to the output dtype.
+/// bf16 rounds to nearest even in integer arithmetic; NaN stays NaN.
+pub(crate) fn wgsl_output_words(binding: u32, dtype: crate::DType) -> String {
+    use crate::DType;
+    let decl = |ty: &str| format!("@group(0) @binding({binding}) var<storage, read_write> out: array<{ty}>;\n");
+    match dtype {
+        DType::F32 => decl("f32") + "const ELEMS: u32 = 1u;\nfn store_word(w: u32, v: vec2<f32>) { out[w] = v.x; }\n",
+        DType::F16 => {
+            decl("u32") + "const ELEMS: u32 = 2u;\nfn store_word(w: u32, v: vec2<f32>) { out[w] = pack2x16float(v); }\n"
+        }
+        DType::BF16 => {
+            decl("u32")
+                + "const ELEMS: u32 = 2u;\n\
+                   fn to_bf16(x: f32) -> u32 {\n    let b = bitcast<u32>(x);\n    \
+                   if ((b & 0x7fffffffu) > 0x7f800000u) { return (b >> 16u) | 0x40u; }\n    \
+                   return (b + 0x7fffu + ((b >> 16u) & 1u)) >> 16u;\n}\n\
+                   fn store_word(w: u32, v: vec2<f32>) { out[w] = to_bf16(v.x) | (to_bf16(v.y) << 16u); }\n"
+        }
+    }
+}
+
+/// Splits `groups` workgroups over x and y so neither exceeds the per-dimension limit;
+/// returns (groups_x, groups_y).
+pub(crate) fn grid_2d(groups: usize) -> (u32, u32) {
+    const MAX_X: usize = 65535;
+    let x = groups.clamp(1, MAX_X);
+    (x as u32, groups.div_ceil(x).max(1).min(u32::MAX as usize) as u32)
+}
+
+/// `Err(Unsupported)` unless `v` fits the u32 indices WGSL shaders use.
+pub(crate) fn fits_u32(what: &str, v: usize) -> Result<u32> {
+    u32::try_from(v).map_err(|_| Error::Unsupported(format!("{what} = {v} exceeds WGSL's 32-bit indexing")))
+}
