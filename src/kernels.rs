@@ -13,7 +13,7 @@ pub struct KernelSource {
     pub source: &'static str,
 }
 
-/// The CUDA programs, one per kernel family (attention in three).
+/// The CUDA programs, one per kernel family (attention in three: forward, backward, decoding).
 #[cfg(feature = "cuda")]
 pub(crate) mod cuda {
     use super::KernelSource;
@@ -36,10 +36,13 @@ pub(crate) mod cuda {
     pub(crate) const QUANT: KernelSource = program!("quant": "common.cuh", "gemm.cuh", "quant.cuh");
     pub(crate) const OPTIM: KernelSource = program!("optim": "common.cuh");
     pub(crate) const LORA: KernelSource = program!("lora": "common.cuh", "gemm.cuh", "quant.cuh");
-    pub(crate) const ATTENTION: KernelSource = program!("attention": "common.cuh", "gemm.cuh");
+    pub(crate) const ATTENTION_FWD: KernelSource = program!("attention_fwd": "common.cuh", "gemm.cuh", "attention.cuh");
+    pub(crate) const ATTENTION_BWD: KernelSource = program!("attention_bwd": "common.cuh", "gemm.cuh", "attention.cuh");
+    pub(crate) const ATTENTION_DECODE: KernelSource = program!("attention_decode": "common.cuh");
 
     /// Every CUDA program of the crate; the compile check builds each for each real arch.
-    pub const ALL: &[KernelSource] = &[MATMUL, ELEMENTWISE, QUANT, OPTIM, LORA, ATTENTION];
+    pub const ALL: &[KernelSource] =
+        &[MATMUL, ELEMENTWISE, QUANT, OPTIM, LORA, ATTENTION_FWD, ATTENTION_BWD, ATTENTION_DECODE];
 }
 
 /// The WGSL shaders. Most are completed by their launcher, which prepends the bindings and
@@ -53,8 +56,8 @@ pub(crate) mod wgsl {
     }
 
     pub(crate) const MATMUL: &str = shader!("matmul");
-    pub(crate) const ELEMENTWISE_MAP: &str = shader!("elementwise");
-    pub(crate) const ELEMENTWISE_SUM_ROWS: &str = shader!("sum_rows");
+    pub(crate) const ELEMENTWISE_MAP: &str = shader!("elementwise_map");
+    pub(crate) const ELEMENTWISE_SUM_ROWS: &str = shader!("elementwise_sum_rows");
     pub(crate) const QUANT_DECODE: &str = shader!("quant_decode");
     pub(crate) const QUANT_GEMV: &str = shader!("quant_gemv");
     pub(crate) const OPTIM_NORM: &str = shader!("optim_norm");

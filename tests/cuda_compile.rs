@@ -38,19 +38,24 @@ fn every_kernel_compiles_for_sm80_and_sm90() {
     }
     let (major, minor) = nvrtc_version().expect("NVRTC version");
     println!("NVRTC {major}.{minor}");
+    // Every (program, arch) pair on its own thread: NVRTC compiles separate programs
+    // concurrently, and the reports print in a fixed order afterwards.
+    let jobs: Vec<_> = KERNELS.iter().flat_map(|k| ["sm_80", "sm_90"].map(|arch| (k, arch))).collect();
+    let results: Vec<_> = std::thread::scope(|scope| {
+        let handles: Vec<_> = jobs.iter().map(|&(kernel, arch)| scope.spawn(move || compile(kernel, arch))).collect();
+        handles.into_iter().map(|h| h.join().expect("compile thread")).collect()
+    });
     let mut failures = Vec::new();
-    for kernel in KERNELS {
-        for arch in ["sm_80", "sm_90"] {
-            match compile(kernel, arch) {
-                Ok(compiled) => {
-                    assert!(!compiled.image.is_empty(), "{} for {arch}: empty cubin", kernel.name);
-                    println!("kernels/{}.cu for {arch}: {} bytes of cubin", kernel.name, compiled.image.len());
-                    for line in resource_lines(&compiled.log) {
-                        println!("{line}");
-                    }
+    for (&(kernel, arch), result) in jobs.iter().zip(results) {
+        match result {
+            Ok(compiled) => {
+                assert!(!compiled.image.is_empty(), "{} for {arch}: empty cubin", kernel.name);
+                println!("kernels/{}.cu for {arch}: {} bytes of cubin", kernel.name, compiled.image.len());
+                for line in resource_lines(&compiled.log) {
+                    println!("{line}");
                 }
-                Err(e) => failures.push(e.to_string()),
             }
+            Err(e) => failures.push(e.to_string()),
         }
     }
     assert!(failures.is_empty(), "kernels failed to compile:\n{}", failures.join("\n\n"));

@@ -1,4 +1,5 @@
-//! CUDA launcher for the attention forward (`kernels/attention.cu`).
+//! CUDA launchers for attention: forward (`kernels/attention_fwd.cu`), backward
+//! (`kernels/attention_bwd.cu`) and decoding (`kernels/attention_decode.cu`).
 
 use super::{AttentionOutput, AttnShape};
 use crate::device::cuda::CudaDevice;
@@ -21,7 +22,7 @@ pub(crate) fn forward(q: &Tensor, k: &Tensor, v: &Tensor, s: &AttnShape, lens: &
     let o = Tensor::empty(q.shape(), DType::F32, &device)?;
     let lse = Tensor::empty(&[s.batch, s.heads, s.q_len], DType::F32, &device)?;
     let name = format!("attention_fwd_{}", q.dtype());
-    let f = dev.function(&crate::kernels::cuda::ATTENTION, &name)?;
+    let f = dev.function(&crate::kernels::cuda::ATTENTION_FWD, &name)?;
     let (q_len, kv_len) = (to_i32("q_len", s.q_len)?, to_i32("kv_len", s.kv_len)?);
     let (heads, kv_heads, dim) = (to_i32("heads", s.heads)?, to_i32("kv_heads", s.kv_heads)?, to_i32("dim", s.dim)?);
     let causal = s.causal as i32;
@@ -55,7 +56,7 @@ fn forward_mma(
     let o = Tensor::empty(q.shape(), q.dtype(), &device)?;
     let lse = Tensor::empty(&[s.batch, s.heads, s.q_len], DType::F32, &device)?;
     let name = format!("attention_fwd_mma_{}_d{}", q.dtype(), s.dim);
-    let f = dev.function(&crate::kernels::cuda::ATTENTION, &name)?;
+    let f = dev.function(&crate::kernels::cuda::ATTENTION_FWD, &name)?;
     let (q_len, kv_len) = (to_i32("q_len", s.q_len)?, to_i32("kv_len", s.kv_len)?);
     let (heads, kv_heads) = (to_i32("heads", s.heads)?, to_i32("kv_heads", s.kv_heads)?);
     let causal = s.causal as i32;
@@ -104,7 +105,7 @@ pub(crate) fn backward(
         [("dq", (s.batch * s.q_len * s.heads) as u64), ("dkv", (s.batch * s.kv_len * s.kv_heads) as u64)]
     {
         let name = format!("attention_bwd_{kind}_{}", q.dtype());
-        let f = dev.function(&crate::kernels::cuda::ATTENTION, &name)?;
+        let f = dev.function(&crate::kernels::cuda::ATTENTION_BWD, &name)?;
         let mut launch = dev.stream.launch_builder(&f);
         launch.arg(q.cuda_buffer()?).arg(k.cuda_buffer()?).arg(v.cuda_buffer()?).arg(d_o.cuda_buffer()?);
         launch.arg(lse.cuda_buffer()?).arg(dvec.cuda_buffer()?).arg(lens_ref);
@@ -126,7 +127,7 @@ pub(crate) fn backward(
 pub(crate) fn decode(
     q: &Tensor,
     cache: &super::KvCache,
-    s: &super::DecodeShape,
+    s: &super::decode::DecodeShape,
     lens: &[usize],
     q_lens: &[usize],
 ) -> Result<AttentionOutput> {
@@ -143,7 +144,7 @@ pub(crate) fn decode(
         _ => 256,
     };
     let name = format!("attention_decode_split_{}_d{tier}", q.dtype());
-    let f = dev.function(&crate::kernels::cuda::ATTENTION, &name)?;
+    let f = dev.function(&crate::kernels::cuda::ATTENTION_DECODE, &name)?;
     let (q_len, capacity) = (to_i32("q_len", s.q_len)?, to_i32("cache capacity", s.capacity)?);
     let (heads, kv_heads, dim) = (to_i32("heads", s.heads)?, to_i32("kv_heads", s.kv_heads)?, to_i32("dim", s.dim)?);
     let (split_keys, splits) = (to_i32("split", s.split)?, to_i32("splits", s.splits)?);
@@ -169,7 +170,7 @@ pub(crate) fn decode(
 
     let o = Tensor::empty(q.shape(), q.dtype(), &device)?;
     let lse = Tensor::empty(&[s.batch, s.heads, s.q_len], DType::F32, &device)?;
-    let f = dev.function(&crate::kernels::cuda::ATTENTION, "attention_decode_merge")?;
+    let f = dev.function(&crate::kernels::cuda::ATTENTION_DECODE, "attention_decode_merge")?;
     let (kind, rows64) = (dtype_code(q.dtype()), rows as u64);
     let mut launch = dev.stream.launch_builder(&f);
     launch.arg(part_ml.cuda_buffer()?).arg(part_acc.cuda_buffer()?).arg(o.cuda_buffer()?).arg(lse.cuda_buffer()?);
@@ -204,7 +205,7 @@ fn backward_mma(
     let dv = Tensor::empty(v.shape(), DType::F32, &device)?;
     for kind in ["dq", "dkv"] {
         let name = format!("attention_bwd_{kind}_mma_{}_d{}", q.dtype(), s.dim);
-        let f = dev.function(&crate::kernels::cuda::ATTENTION, &name)?;
+        let f = dev.function(&crate::kernels::cuda::ATTENTION_BWD, &name)?;
         let mut launch = dev.stream.launch_builder(&f);
         launch.arg(q.cuda_buffer()?).arg(k.cuda_buffer()?).arg(v.cuda_buffer()?).arg(d_o.cuda_buffer()?);
         launch.arg(lse.cuda_buffer()?).arg(dvec.cuda_buffer()?).arg(lens_buf.cuda_slice()?);

@@ -103,7 +103,7 @@ pub(crate) fn backward(
 pub(crate) fn decode(
     q: &Tensor,
     cache: &super::KvCache,
-    s: &super::DecodeShape,
+    s: &super::decode::DecodeShape,
     lens: &[usize],
     q_lens: &[usize],
 ) -> Result<AttentionOutput> {

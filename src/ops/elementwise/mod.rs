@@ -2,7 +2,7 @@
 //! `sum_rows`, `cast`.
 //!
 //! Half-precision operands are widened to f32, combined, and rounded once on the way out.
-//! Kernels: the CPU code here, `kernels/elementwise.cu`, `shaders/elementwise.wgsl`.
+//! Kernels: the CPU code here, `kernels/elementwise.cu`, `shaders/elementwise_*.wgsl`.
 
 #[cfg(feature = "cuda")]
 pub(crate) mod cuda;

@@ -1,5 +1,5 @@
-//! WGSL launchers for the elementwise family (`shaders/elementwise.wgsl`,
-//! `shaders/sum_rows.wgsl`).
+//! WGSL launchers for the elementwise family (`shaders/elementwise_map.wgsl`,
+//! `shaders/elementwise_sum_rows.wgsl`).
 
 use super::BinaryOp;
 use crate::device::wgpu::launch::{fits_u32, grid_2d, wgsl_input, wgsl_output_words};

@@ -13,8 +13,8 @@
 //!   `d_w·d_x`, as ggml's `vec_dot_q4_0_q8_0` and `vec_dot_q8_0_q8_0` compute it.
 //! - NF4: codes looked up with two 8-entry permutes, then as the exact kernel.
 
-use super::{GEMV_MAX_TOKENS, NF4_CODE, QTensor, QuantFormat, decode_block, nf4_absmax};
-use half::f16;
+use super::formats::{BlockQ4_0, BlockQ8_0, GgmlBlock, decode_block, nf4_absmax};
+use super::{GEMV_MAX_TOKENS, NF4_CODE, QTensor, QuantFormat};
 use rayon::prelude::*;
 
 /// W rows per task: a row is a few microseconds of work, so threads get runs of rows.
@@ -208,7 +208,7 @@ unsafe fn ggml_rows_exact<const Q4: bool, const T: usize, const R: usize>(
     out: &mut [[f32; T]; R],
 ) {
     use std::arch::x86_64::*;
-    let block_bytes = if Q4 { 18 } else { 34 };
+    let block_bytes = if Q4 { BlockQ4_0::BYTES } else { BlockQ8_0::BYTES };
     debug_assert!(rows.iter().all(|r| r.len() >= cols / 32 * block_bytes) && x.len() >= T * cols);
     // SAFETY (whole body): block b of a row spans row[b·block_bytes..][..block_bytes]; token
     // t's activations for it are x[t·cols + 32b..][..32].
@@ -263,7 +263,7 @@ unsafe fn ggml_rows_int8<const Q4: bool, const T: usize, const R: usize>(
     out: &mut [[f32; T]; R],
 ) {
     use std::arch::x86_64::*;
-    let block_bytes = if Q4 { 18 } else { 34 };
+    let block_bytes = if Q4 { BlockQ4_0::BYTES } else { BlockQ8_0::BYTES };
     let blocks = cols / 32;
     debug_assert!(rows.iter().all(|r| r.len() >= blocks * block_bytes) && xq.q.len() >= T * cols);
     debug_assert!(xq.d.len() >= T * blocks && xq.q4_bias.len() >= T * blocks);
@@ -323,24 +323,21 @@ fn exact_row_scalar(w: &QTensor, bytes: &[u8], o: usize, x: &[f32], cols: usize,
 
 /// One Q8_0 / Q4_0 row against 8-bit activations, without SIMD: the same integer sums.
 fn int8_row_scalar(w: &QTensor, bytes: &[u8], o: usize, xq: &Q8Rows, cols: usize, out: &mut [f32]) {
-    let q4 = w.format == QuantFormat::Q4_0;
-    let block_bytes = if q4 { 18 } else { 34 };
+    match w.format {
+        QuantFormat::Q4_0 => int8_row::<BlockQ4_0>(bytes, o, xq, cols, out),
+        _ => int8_row::<BlockQ8_0>(bytes, o, xq, cols, out),
+    }
+}
+
+fn int8_row<B: GgmlBlock>(bytes: &[u8], o: usize, xq: &Q8Rows, cols: usize, out: &mut [f32]) {
     let blocks = cols / 32;
     out.fill(0.0);
     for b in 0..blocks {
-        let blk = &bytes[(o * blocks + b) * block_bytes..][..block_bytes];
-        let dw = f16::from_le_bytes([blk[0], blk[1]]).to_f32();
-        let code = |j: usize| -> i32 {
-            if q4 {
-                let byte = blk[2 + j % 16];
-                (if j < 16 { byte & 15 } else { byte >> 4 }) as i32 - 8
-            } else {
-                blk[2 + j] as i8 as i32
-            }
-        };
+        let blk = B::at(bytes, o * blocks + b);
+        let dw = blk.scale();
         for (t, a) in out.iter_mut().enumerate() {
             let yq = &xq.q[t * cols + 32 * b..][..32];
-            let dot: i32 = yq.iter().enumerate().map(|(j, &q)| code(j) * q as i32).sum();
+            let dot: i32 = yq.iter().enumerate().map(|(j, &q)| blk.code(j) * q as i32).sum();
             *a += dot as f32 * (dw * xq.d[t * blocks + b]);
         }
     }

@@ -22,155 +22,25 @@
 
 #[cfg(feature = "cuda")]
 pub(crate) mod cuda;
+mod formats;
+mod gemm;
 mod gemv;
+mod quantize;
 #[cfg(feature = "wgpu")]
 pub(crate) mod wgpu;
 
-use crate::ops::matmul::{MatmulProblem, cpu_matmul_f32_out};
+pub use formats::{BlockQ4_0, BlockQ8_0, NF4_CODE, Nf4Absmax, Nf4Layout, QuantFormat, dynamic_code};
+
 use crate::tensor::{CpuStorage, RawBuffer, Storage};
 use crate::{DType, Device, Error, Result, Tensor};
-use half::f16;
+use formats::{GgmlBlock, decode_block, nf4_absmax};
+use quantize::{quantize_blockwise_8bit, quantize_nf4, quantize_q4_0, quantize_q8_0};
 use rayon::prelude::*;
 use std::fmt;
 use std::sync::Arc;
 
 /// Token rows up to which the products take the GEMV path.
 pub const GEMV_MAX_TOKENS: usize = 8;
-
-/// A quantized weight format.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum QuantFormat {
-    Q8_0,
-    Q4_0,
-    Nf4,
-    Nf4DoubleQuant,
-}
-
-impl QuantFormat {
-    /// Weights per block.
-    pub fn block_size(self) -> usize {
-        match self {
-            QuantFormat::Q8_0 | QuantFormat::Q4_0 => 32,
-            QuantFormat::Nf4 | QuantFormat::Nf4DoubleQuant => 64,
-        }
-    }
-
-    /// Bytes of one ggml block (Q8_0, Q4_0).
-    pub fn ggml_block_bytes(self) -> Option<usize> {
-        match self {
-            QuantFormat::Q8_0 => Some(34),
-            QuantFormat::Q4_0 => Some(18),
-            _ => None,
-        }
-    }
-
-    pub fn name(self) -> &'static str {
-        match self {
-            QuantFormat::Q8_0 => "q8_0",
-            QuantFormat::Q4_0 => "q4_0",
-            QuantFormat::Nf4 => "nf4",
-            QuantFormat::Nf4DoubleQuant => "nf4dq",
-        }
-    }
-
-    pub const ALL: [QuantFormat; 4] =
-        [QuantFormat::Q8_0, QuantFormat::Q4_0, QuantFormat::Nf4, QuantFormat::Nf4DoubleQuant];
-
-    /// Kernel code of the format, shared with `kernels/quant.cu` and `shaders/quant.wgsl`.
-    #[cfg(any(feature = "cuda", feature = "wgpu"))]
-    pub(crate) fn code(self) -> u32 {
-        match self {
-            QuantFormat::Q8_0 => 0,
-            QuantFormat::Q4_0 => 1,
-            QuantFormat::Nf4 => 2,
-            QuantFormat::Nf4DoubleQuant => 3,
-        }
-    }
-}
-
-impl std::str::FromStr for QuantFormat {
-    type Err = Error;
-
-    /// Parses `q8_0`, `q4_0`, `nf4`, `nf4dq` (case-insensitive).
-    fn from_str(s: &str) -> Result<QuantFormat> {
-        QuantFormat::ALL.into_iter().find(|f| f.name().eq_ignore_ascii_case(s)).ok_or_else(|| {
-            Error::InvalidArgument(format!("unknown quantized format {s:?}; known: q8_0, q4_0, nf4, nf4dq"))
-        })
-    }
-}
-
-impl fmt::Display for QuantFormat {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
-    }
-}
-
-/// The 16 NormalFloat values of QLoRA (bitsandbytes' NF4 code), index = 4-bit code.
-pub const NF4_CODE: [f32; 16] = [
-    -1.0,
-    -0.696_192_8,
-    -0.525_073_05,
-    -0.394_917_5,
-    -0.284_441_38,
-    -0.184_773_43,
-    -0.091_050_036,
-    0.0,
-    0.079_580_3,
-    0.160_930_2,
-    0.246_112_3,
-    0.337_915_24,
-    0.440_709_83,
-    0.562_617,
-    0.722_956_84,
-    1.0,
-];
-
-/// bitsandbytes' dynamic 8-bit code (`create_dynamic_map(signed=True)`): 127 positive and
-/// 127 negative values spread over 7 decades, 0 and 1, sorted.
-pub fn dynamic_code() -> [f32; 256] {
-    let mut values: Vec<f64> = Vec::with_capacity(256);
-    for i in 0..7i32 {
-        let items = (1usize << i) + 1;
-        let scale = 10f64.powi(i - 6);
-        for j in 0..items - 1 {
-            let lo = 0.1 + 0.9 * j as f64 / (items - 1) as f64;
-            let hi = 0.1 + 0.9 * (j + 1) as f64 / (items - 1) as f64;
-            let mean = (lo + hi) / 2.0;
-            values.push(scale * mean);
-            values.push(-scale * mean);
-        }
-    }
-    values.push(0.0);
-    values.push(1.0);
-    values.sort_by(|a, b| a.total_cmp(b));
-    let mut code = [0f32; 256];
-    for (c, v) in code.iter_mut().zip(values) {
-        *c = v as f32;
-    }
-    code
-}
-
-/// Where the parts of an NF4 tensor sit in its buffer (byte offsets).
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Nf4Layout {
-    /// `absmax` as f32 per block, or with double quantisation one `u8` code per block.
-    pub absmax_offset: usize,
-    /// Double quantisation: f32 scale per 256 blocks.
-    pub nested_offset: usize,
-    /// Double quantisation: the 256-entry f32 code.
-    pub code_offset: usize,
-    /// Double quantisation: the mean subtracted from absmax before quantising it.
-    pub offset: f32,
-}
-
-/// The absmax state of an NF4 tensor, as bitsandbytes keeps it.
-#[derive(Debug, Clone, Copy)]
-pub enum Nf4Absmax<'a> {
-    /// One f32 per block of 64 weights.
-    F32(&'a [f32]),
-    /// QLoRA's double quantisation: `absmax = nested_code[quantized]·nested_absmax[block / 256] + offset`.
-    DoubleQuant { quantized: &'a [u8], nested_absmax: &'a [f32], nested_code: &'a [f32], offset: f32 },
-}
 
 /// A quantized `[out, in]` weight on one device.
 #[derive(Clone)]
@@ -364,8 +234,8 @@ impl QTensor {
         let blocks = rows * cols / format.block_size();
         w.max_abs = (0..blocks)
             .map(|b| match format {
-                QuantFormat::Q8_0 => f16::from_le_bytes([bytes[34 * b], bytes[34 * b + 1]]).to_f32(),
-                QuantFormat::Q4_0 => f16::from_le_bytes([bytes[18 * b], bytes[18 * b + 1]]).to_f32(),
+                QuantFormat::Q8_0 => BlockQ8_0::at(&bytes, b).scale(),
+                QuantFormat::Q4_0 => BlockQ4_0::at(&bytes, b).scale(),
                 _ => nf4_absmax(&w, &bytes, b),
             })
             .fold(0f32, |m, s| m.max(s.abs() * code_max));
@@ -392,10 +262,12 @@ impl QTensor {
         let device = w.device();
         match format {
             QuantFormat::Q8_0 => {
-                Self::from_parts(format, rows, cols, Nf4Layout::ggml(), quantize_q8_0(&values), &device)
+                let blocks = quantize_q8_0(&values);
+                Self::from_parts(format, rows, cols, Nf4Layout::ggml(), bytemuck::cast_vec(blocks), &device)
             }
             QuantFormat::Q4_0 => {
-                Self::from_parts(format, rows, cols, Nf4Layout::ggml(), quantize_q4_0(&values), &device)
+                let blocks = quantize_q4_0(&values);
+                Self::from_parts(format, rows, cols, Nf4Layout::ggml(), bytemuck::cast_vec(blocks), &device)
             }
             QuantFormat::Nf4 => {
                 let (packed, absmax) = quantize_nf4(&values);
@@ -431,142 +303,6 @@ impl QTensor {
             RawBuffer::Cuda { dev, buf, .. } => cuda::dequantize(dev, self, buf, dtype),
             #[cfg(feature = "wgpu")]
             RawBuffer::Wgpu { dev, buf, .. } => wgpu::dequantize(dev, self, buf, dtype),
-        }
-    }
-}
-
-impl Nf4Layout {
-    fn ggml() -> Nf4Layout {
-        Nf4Layout { absmax_offset: 0, nested_offset: 0, code_offset: 0, offset: 0.0 }
-    }
-}
-
-// ---------------------------------------------------------------------------------------
-// Quantizers (CPU), following ggml's reference code and bitsandbytes.
-
-/// ggml `quantize_row_q8_0_ref`: d = amax / 127, q = round(x / d) (half away from zero).
-fn quantize_q8_0(values: &[f32]) -> Vec<u8> {
-    values
-        .par_chunks(32)
-        .flat_map_iter(|x| {
-            let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
-            let d = amax / 127.0;
-            let id = if d != 0.0 { 1.0 / d } else { 0.0 };
-            let mut block = Vec::with_capacity(34);
-            block.extend(f16::from_f32(d).to_le_bytes());
-            block.extend(x.iter().map(|v| (v * id).round() as i8 as u8));
-            block
-        })
-        .collect()
-}
-
-/// ggml `quantize_row_q4_0_ref`: d = (the value of largest magnitude) / −8,
-/// q = min(15, trunc(x / d + 8.5)); byte j = q[j] | q[j + 16] << 4.
-fn quantize_q4_0(values: &[f32]) -> Vec<u8> {
-    values
-        .par_chunks(32)
-        .flat_map_iter(|x| {
-            let (mut amax, mut max) = (0f32, 0f32);
-            for &v in x {
-                if amax < v.abs() {
-                    amax = v.abs();
-                    max = v;
-                }
-            }
-            let d = max / -8.0;
-            let id = if d != 0.0 { 1.0 / d } else { 0.0 };
-            let q = |v: f32| ((v * id + 8.5) as i8).min(15) as u8;
-            let mut block = Vec::with_capacity(18);
-            block.extend(f16::from_f32(d).to_le_bytes());
-            block.extend((0..16).map(|j| q(x[j]) | (q(x[j + 16]) << 4)));
-            block
-        })
-        .collect()
-}
-
-fn nearest(code: &[f32], v: f32) -> u8 {
-    let mut best = 0;
-    for (i, c) in code.iter().enumerate() {
-        if (v - c).abs() < (v - code[best]).abs() {
-            best = i;
-        }
-    }
-    best as u8
-}
-
-/// bitsandbytes' 4-bit NF4 quantisation: absmax per block of 64, codes nearest to w/absmax,
-/// packed first-weight-high.
-fn quantize_nf4(values: &[f32]) -> (Vec<u8>, Vec<f32>) {
-    let absmax: Vec<f32> = values.par_chunks(64).map(|x| x.iter().fold(0f32, |m, v| m.max(v.abs()))).collect();
-    let packed = values
-        .par_chunks(64)
-        .zip(absmax.par_iter())
-        .flat_map_iter(|(x, &a)| {
-            let inv = if a != 0.0 { 1.0 / a } else { 0.0 };
-            x.chunks(2).map(move |p| (nearest(&NF4_CODE, p[0] * inv) << 4) | nearest(&NF4_CODE, p[1] * inv))
-        })
-        .collect();
-    (packed, absmax)
-}
-
-/// bitsandbytes' blockwise 8-bit quantisation (blocks of 256): scale = max |v|, code index
-/// nearest to v / scale.
-fn quantize_blockwise_8bit(values: &[f32], code: &[f32; 256]) -> (Vec<u8>, Vec<f32>) {
-    let scales: Vec<f32> = values.chunks(256).map(|x| x.iter().fold(0f32, |m, v| m.max(v.abs()))).collect();
-    let quantized = values
-        .chunks(256)
-        .zip(&scales)
-        .flat_map(|(x, &s)| {
-            let inv = if s != 0.0 { 1.0 / s } else { 0.0 };
-            x.iter().map(move |v| nearest(code, v * inv))
-        })
-        .collect();
-    (quantized, scales)
-}
-
-// ---------------------------------------------------------------------------------------
-// Decoding (CPU)
-
-fn f32_at(bytes: &[u8], at: usize) -> f32 {
-    f32::from_le_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]])
-}
-
-/// The scale of NF4 block `b`.
-fn nf4_absmax(w: &QTensor, bytes: &[u8], b: usize) -> f32 {
-    let l = &w.layout;
-    match w.format {
-        QuantFormat::Nf4DoubleQuant => {
-            let code = f32_at(bytes, l.code_offset + 4 * bytes[l.absmax_offset + b] as usize);
-            code * f32_at(bytes, l.nested_offset + 4 * (b / 256)) + l.offset
-        }
-        _ => f32_at(bytes, l.absmax_offset + 4 * b),
-    }
-}
-
-/// Decodes block `b` (in row-major block order) into `out` (one block of weights).
-fn decode_block(w: &QTensor, bytes: &[u8], b: usize, out: &mut [f32]) {
-    match w.format {
-        QuantFormat::Q8_0 => {
-            let blk = &bytes[34 * b..34 * b + 34];
-            let d = f16::from_le_bytes([blk[0], blk[1]]).to_f32();
-            for (o, &q) in out.iter_mut().zip(&blk[2..]) {
-                *o = (q as i8) as f32 * d;
-            }
-        }
-        QuantFormat::Q4_0 => {
-            let blk = &bytes[18 * b..18 * b + 18];
-            let d = f16::from_le_bytes([blk[0], blk[1]]).to_f32();
-            for j in 0..16 {
-                out[j] = ((blk[2 + j] & 15) as i32 - 8) as f32 * d;
-                out[j + 16] = ((blk[2 + j] >> 4) as i32 - 8) as f32 * d;
-            }
-        }
-        QuantFormat::Nf4 | QuantFormat::Nf4DoubleQuant => {
-            let scale = nf4_absmax(w, bytes, b);
-            for (j, &byte) in bytes[32 * b..32 * b + 32].iter().enumerate() {
-                out[2 * j] = NF4_CODE[(byte >> 4) as usize] * scale;
-                out[2 * j + 1] = NF4_CODE[(byte & 15) as usize] * scale;
-            }
         }
     }
 }
@@ -675,7 +411,7 @@ fn product(x: &Tensor, w: &QTensor, direction: Direction, options: QMatmulOption
             let y = if tokens <= GEMV_MAX_TOKENS && direction == Direction::Forward {
                 gemv::cpu_gemv(w, bytes, &xf, tokens, options.int8_activations)
             } else {
-                cpu_gemm(w, bytes, &xf, &p)
+                gemm::cpu_gemm(w, bytes, &xf, &p)
             };
             Ok(Tensor::from_cpu_storage(CpuStorage::from_f32_vec(x.dtype(), y), &out_shape, x.dtype()))
         }
@@ -692,69 +428,4 @@ fn product(x: &Tensor, w: &QTensor, direction: Direction, options: QMatmulOption
         #[allow(unreachable_patterns)]
         _ => Err(Error::DeviceMismatch("x and the weight are on different backends".into())),
     }
-}
-
-/// Columns of the result per task in the GEMM: a multiple of every block size.
-const GEMM_PANEL: usize = 128;
-
-/// GEMM: for each panel of result columns, decode the W rows or columns it needs to f32 and
-/// run the dense CPU kernel on them; panels run in parallel and never hold all of W.
-fn cpu_gemm(w: &QTensor, bytes: &[u8], x: &[f32], p: &QProblem) -> Vec<f32> {
-    let (rows, cols, bs) = (w.rows, w.cols, w.format.block_size());
-    let panels = p.n.div_ceil(GEMM_PANEL);
-    let results: Vec<(usize, usize, Vec<f32>)> = (0..panels)
-        .into_par_iter()
-        .map(|pi| {
-            let (j0, j1) = (pi * GEMM_PANEL, ((pi + 1) * GEMM_PANEL).min(p.n));
-            let width = j1 - j0;
-            let mut block = [0f32; 64];
-            let panel = match p.direction {
-                // Rows j0..j1 of W, each [k]: the panel is Bᵀ, [width, k].
-                Direction::Forward => {
-                    let mut panel = vec![0f32; width * cols];
-                    for (r, dst) in panel.chunks_mut(cols).enumerate() {
-                        for (bi, d) in dst.chunks_mut(bs).enumerate() {
-                            decode_block(w, bytes, (j0 + r) * (cols / bs) + bi, d);
-                        }
-                    }
-                    panel
-                }
-                // Columns j0..j1 of every W row: the panel is B, [k = rows, width].
-                Direction::InputGrad => {
-                    let mut panel = vec![0f32; rows * width];
-                    for (r, dst) in panel.chunks_mut(width).enumerate() {
-                        let mut c = j0;
-                        while c < j1 {
-                            let bi = c / bs;
-                            decode_block(w, bytes, r * (cols / bs) + bi, &mut block[..bs]);
-                            let take = (bi * bs + bs).min(j1) - c;
-                            dst[c - j0..c - j0 + take].copy_from_slice(&block[c - bi * bs..c - bi * bs + take]);
-                            c += take;
-                        }
-                    }
-                    panel
-                }
-            };
-            let mp = MatmulProblem {
-                batch: 1,
-                m: p.tokens,
-                n: width,
-                k: p.k,
-                trans_a: false,
-                trans_b: p.direction == Direction::Forward,
-                batch_stride_a: 0,
-                batch_stride_b: 0,
-                in_dtype: DType::F32,
-                out_dtype: DType::F32,
-            };
-            (j0, width, cpu_matmul_f32_out(&mp, x, &panel))
-        })
-        .collect();
-    let mut y = vec![0f32; p.tokens * p.n];
-    for (j0, width, part) in results {
-        for t in 0..p.tokens {
-            y[t * p.n + j0..t * p.n + j0 + width].copy_from_slice(&part[t * width..(t + 1) * width]);
-        }
-    }
-    y
 }

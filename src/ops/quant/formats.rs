@@ -1,0 +1,248 @@
+//! Quantized weight formats: ggml's blocks as types, the NF4 and dynamic 8-bit codebooks of
+//! bitsandbytes, the layout of NF4 state in a `QTensor`'s buffer, and decoding on the CPU.
+
+use super::QTensor;
+use crate::{Error, Result};
+use bytemuck::{Pod, Zeroable};
+use half::f16;
+use std::fmt;
+
+/// ggml's Q8_0 block: 32 weights `w = d·qs[j]` (`block_q8_0`, 34 bytes, unaligned in files).
+#[repr(C, packed)]
+#[derive(Debug, Clone, Copy, Pod, Zeroable)]
+pub struct BlockQ8_0 {
+    pub d: f16,
+    pub qs: [i8; 32],
+}
+
+/// ggml's Q4_0 block: 32 weights `w = d·(q − 8)`; byte `j` of `qs` holds weight `j` in its
+/// low nibble and weight `j + 16` in its high one (`block_q4_0`, 18 bytes).
+#[repr(C, packed)]
+#[derive(Debug, Clone, Copy, Pod, Zeroable)]
+pub struct BlockQ4_0 {
+    pub d: f16,
+    pub qs: [u8; 16],
+}
+
+/// A ggml block type: its size and how it decodes, so the code that walks a row of blocks
+/// is written once for both.
+pub(crate) trait GgmlBlock: Pod {
+    /// Bytes of one block: `size_of::<Self>()`, as the kernels' pointer arithmetic uses it.
+    const BYTES: usize = std::mem::size_of::<Self>();
+
+    /// The block's scale as f32.
+    fn scale(&self) -> f32;
+
+    /// The block's 32 integer codes, centred (Q4_0's `q − 8`).
+    fn code(&self, j: usize) -> i32;
+
+    /// Block `b` of a row-major run of blocks.
+    fn at(bytes: &[u8], b: usize) -> &Self {
+        bytemuck::from_bytes(&bytes[b * Self::BYTES..(b + 1) * Self::BYTES])
+    }
+
+    /// The 32 weights `d·code`, rounded once in f32 (as every kernel decodes them).
+    fn decode(&self, out: &mut [f32]) {
+        let d = self.scale();
+        for (j, o) in out[..32].iter_mut().enumerate() {
+            *o = self.code(j) as f32 * d;
+        }
+    }
+}
+
+impl GgmlBlock for BlockQ8_0 {
+    fn scale(&self) -> f32 {
+        { self.d }.to_f32()
+    }
+
+    fn code(&self, j: usize) -> i32 {
+        self.qs[j] as i32
+    }
+}
+
+impl GgmlBlock for BlockQ4_0 {
+    fn scale(&self) -> f32 {
+        { self.d }.to_f32()
+    }
+
+    fn code(&self, j: usize) -> i32 {
+        let byte = self.qs[j % 16];
+        (if j < 16 { byte & 15 } else { byte >> 4 }) as i32 - 8
+    }
+}
+
+/// A quantized weight format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum QuantFormat {
+    Q8_0,
+    Q4_0,
+    Nf4,
+    Nf4DoubleQuant,
+}
+
+impl QuantFormat {
+    /// Weights per block.
+    pub fn block_size(self) -> usize {
+        match self {
+            QuantFormat::Q8_0 | QuantFormat::Q4_0 => 32,
+            QuantFormat::Nf4 | QuantFormat::Nf4DoubleQuant => 64,
+        }
+    }
+
+    /// Bytes of one ggml block (Q8_0: [`BlockQ8_0`], Q4_0: [`BlockQ4_0`]).
+    pub fn ggml_block_bytes(self) -> Option<usize> {
+        match self {
+            QuantFormat::Q8_0 => Some(BlockQ8_0::BYTES),
+            QuantFormat::Q4_0 => Some(BlockQ4_0::BYTES),
+            _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            QuantFormat::Q8_0 => "q8_0",
+            QuantFormat::Q4_0 => "q4_0",
+            QuantFormat::Nf4 => "nf4",
+            QuantFormat::Nf4DoubleQuant => "nf4dq",
+        }
+    }
+
+    pub const ALL: [QuantFormat; 4] =
+        [QuantFormat::Q8_0, QuantFormat::Q4_0, QuantFormat::Nf4, QuantFormat::Nf4DoubleQuant];
+
+    /// Kernel code of the format, shared with `kernels/quant.cu` and `shaders/quant.wgsl`.
+    #[cfg(any(feature = "cuda", feature = "wgpu"))]
+    pub(crate) fn code(self) -> u32 {
+        match self {
+            QuantFormat::Q8_0 => 0,
+            QuantFormat::Q4_0 => 1,
+            QuantFormat::Nf4 => 2,
+            QuantFormat::Nf4DoubleQuant => 3,
+        }
+    }
+}
+
+impl std::str::FromStr for QuantFormat {
+    type Err = Error;
+
+    /// Parses `q8_0`, `q4_0`, `nf4`, `nf4dq` (case-insensitive).
+    fn from_str(s: &str) -> Result<QuantFormat> {
+        QuantFormat::ALL.into_iter().find(|f| f.name().eq_ignore_ascii_case(s)).ok_or_else(|| {
+            Error::InvalidArgument(format!("unknown quantized format {s:?}; known: q8_0, q4_0, nf4, nf4dq"))
+        })
+    }
+}
+
+impl fmt::Display for QuantFormat {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// The 16 NormalFloat values of QLoRA (bitsandbytes' NF4 code), index = 4-bit code.
+pub const NF4_CODE: [f32; 16] = [
+    -1.0,
+    -0.696_192_8,
+    -0.525_073_05,
+    -0.394_917_5,
+    -0.284_441_38,
+    -0.184_773_43,
+    -0.091_050_036,
+    0.0,
+    0.079_580_3,
+    0.160_930_2,
+    0.246_112_3,
+    0.337_915_24,
+    0.440_709_83,
+    0.562_617,
+    0.722_956_84,
+    1.0,
+];
+
+/// bitsandbytes' dynamic 8-bit code (`create_dynamic_map(signed=True)`): 127 positive and
+/// 127 negative values spread over 7 decades, 0 and 1, sorted.
+pub fn dynamic_code() -> [f32; 256] {
+    let mut values: Vec<f64> = Vec::with_capacity(256);
+    for i in 0..7i32 {
+        let items = (1usize << i) + 1;
+        let scale = 10f64.powi(i - 6);
+        for j in 0..items - 1 {
+            let lo = 0.1 + 0.9 * j as f64 / (items - 1) as f64;
+            let hi = 0.1 + 0.9 * (j + 1) as f64 / (items - 1) as f64;
+            let mean = (lo + hi) / 2.0;
+            values.push(scale * mean);
+            values.push(-scale * mean);
+        }
+    }
+    values.push(0.0);
+    values.push(1.0);
+    values.sort_by(|a, b| a.total_cmp(b));
+    let mut code = [0f32; 256];
+    for (c, v) in code.iter_mut().zip(values) {
+        *c = v as f32;
+    }
+    code
+}
+
+/// Where the parts of an NF4 tensor sit in its buffer (byte offsets).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Nf4Layout {
+    /// `absmax` as f32 per block, or with double quantisation one `u8` code per block.
+    pub absmax_offset: usize,
+    /// Double quantisation: f32 scale per 256 blocks.
+    pub nested_offset: usize,
+    /// Double quantisation: the 256-entry f32 code.
+    pub code_offset: usize,
+    /// Double quantisation: the mean subtracted from absmax before quantising it.
+    pub offset: f32,
+}
+
+/// The absmax state of an NF4 tensor, as bitsandbytes keeps it.
+#[derive(Debug, Clone, Copy)]
+pub enum Nf4Absmax<'a> {
+    /// One f32 per block of 64 weights.
+    F32(&'a [f32]),
+    /// QLoRA's double quantisation: `absmax = nested_code[quantized]·nested_absmax[block / 256] + offset`.
+    DoubleQuant { quantized: &'a [u8], nested_absmax: &'a [f32], nested_code: &'a [f32], offset: f32 },
+}
+
+impl Nf4Layout {
+    /// No NF4 state: the layout of a ggml tensor.
+    pub(crate) fn ggml() -> Nf4Layout {
+        Nf4Layout { absmax_offset: 0, nested_offset: 0, code_offset: 0, offset: 0.0 }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Decoding (CPU)
+
+fn f32_at(bytes: &[u8], at: usize) -> f32 {
+    f32::from_le_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]])
+}
+
+/// The scale of NF4 block `b`.
+pub(crate) fn nf4_absmax(w: &QTensor, bytes: &[u8], b: usize) -> f32 {
+    let l = &w.layout;
+    match w.format {
+        QuantFormat::Nf4DoubleQuant => {
+            let code = f32_at(bytes, l.code_offset + 4 * bytes[l.absmax_offset + b] as usize);
+            code * f32_at(bytes, l.nested_offset + 4 * (b / 256)) + l.offset
+        }
+        _ => f32_at(bytes, l.absmax_offset + 4 * b),
+    }
+}
+
+/// Decodes block `b` (in row-major block order) into `out` (one block of weights).
+pub(crate) fn decode_block(w: &QTensor, bytes: &[u8], b: usize, out: &mut [f32]) {
+    match w.format {
+        QuantFormat::Q8_0 => BlockQ8_0::at(bytes, b).decode(out),
+        QuantFormat::Q4_0 => BlockQ4_0::at(bytes, b).decode(out),
+        QuantFormat::Nf4 | QuantFormat::Nf4DoubleQuant => {
+            let scale = nf4_absmax(w, bytes, b);
+            for (j, &byte) in bytes[32 * b..32 * b + 32].iter().enumerate() {
+                out[2 * j] = NF4_CODE[(byte >> 4) as usize] * scale;
+                out[2 * j + 1] = NF4_CODE[(byte & 15) as usize] * scale;
+            }
+        }
+    }
+}
