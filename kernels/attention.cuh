@@ -4,6 +4,17 @@
 
 #define MAX_HEAD_DIM 256
 
+// The scalars of every forward and backward kernel (AttentionParams in
+// src/ops/attention/cuda.rs). `rows` counts what the one-row-per-thread kernels walk: query
+// rows (forward, dq) or key rows (dk, dv); the tensor-core kernels ignore it and `dim`.
+struct AttentionParams {
+    u64 rows;
+    int q_len, kv_len, heads, kv_heads, dim;
+    float scale;
+    int causal;
+    int pad0;
+};
+
 __device__ __forceinline__ int visible_keys(int i, u32 len, int q_len, int kv_len, int causal) {
     if ((u32)i >= min(len, (u32)q_len)) return 0;
     const int kv_valid = (int)min(len, (u32)kv_len);

@@ -11,7 +11,7 @@
 template <class T>
 struct AttnArgs {
     const typename T::storage *q, *k, *v;
-    const float *d_o, *lse, *dvec;
+    const float *d_o, *lse, *delta;
     const u32* lens;
     int q_len, kv_len, heads, kv_heads, dim;
     float scale;
@@ -28,7 +28,7 @@ struct AttnArgs {
             dp = fmaf(d_o[qb + c], T::load(v[kb + c]), dp);
         }
         const float p = expf(score * scale - lse[(b * heads + h) * q_len + i]);
-        return make_float2(p, p * (dp - dvec[(b * q_len + i) * heads + h]));
+        return make_float2(p, p * (dp - delta[(b * q_len + i) * heads + h]));
     }
 };
 
@@ -74,20 +74,20 @@ __device__ void attention_bwd_dkv_impl(const AttnArgs<T>& a, float* dk, float* d
     }
 }
 
-#define ATTN_BWD_PARAMS(T)                                                                          \
+#define ATTN_BWD_INPUTS(T)                                                                          \
     const T::storage *q, const T::storage *k, const T::storage *v, const float *d_o,                \
-        const float *lse, const float *dvec, const u32 *lens, int q_len, int kv_len, int heads,     \
-        int kv_heads, int dim, float scale, int causal
-#define ATTN_BWD_ARGS(T) AttnArgs<T>{q, k, v, d_o, lse, dvec, lens, q_len, kv_len, heads, kv_heads, dim, scale, causal}
+        const float *lse, const float *delta, const u32 *lens
+#define ATTN_BWD_ARGS(T)                                                                            \
+    AttnArgs<T>{q, k, v, d_o, lse, delta, lens, p.q_len, p.kv_len, p.heads, p.kv_heads, p.dim, p.scale, p.causal}
 
 #define KILN_ATTENTION_BWD(T, NAME)                                                                 \
     extern "C" __global__ void __launch_bounds__(128)                                                \
-        attention_bwd_dq_##NAME(ATTN_BWD_PARAMS(T), float* dq, u64 rows) {                           \
-        attention_bwd_dq_impl<T>(ATTN_BWD_ARGS(T), dq, rows);                                        \
+        attention_bwd_dq_##NAME(ATTN_BWD_INPUTS(T), float* dq, const AttentionParams p) {           \
+        attention_bwd_dq_impl<T>(ATTN_BWD_ARGS(T), dq, p.rows);                                      \
     }                                                                                                \
     extern "C" __global__ void __launch_bounds__(128)                                                \
-        attention_bwd_dkv_##NAME(ATTN_BWD_PARAMS(T), float* dk, float* dv, u64 rows) {               \
-        attention_bwd_dkv_impl<T>(ATTN_BWD_ARGS(T), dk, dv, rows);                                   \
+        attention_bwd_dkv_##NAME(ATTN_BWD_INPUTS(T), float* dk, float* dv, const AttentionParams p) { \
+        attention_bwd_dkv_impl<T>(ATTN_BWD_ARGS(T), dk, dv, p.rows);                                 \
     }
 
 KILN_ATTENTION_BWD(F32, f32)
@@ -121,7 +121,7 @@ KILN_ATTENTION_BWD(BF16, bf16)
 template <bool BF, int D>
 __device__ void attention_bwd_dq_mma_impl(const u16* __restrict__ q, const u16* __restrict__ k,
                                           const u16* __restrict__ v, const u16* __restrict__ d_o,
-                                          const float* __restrict__ lse, const float* __restrict__ dvec,
+                                          const float* __restrict__ lse, const float* __restrict__ delta,
                                           const u32* lens, float* __restrict__ dq, int q_len, int kv_len, int heads,
                                           int kv_heads, float scale, int causal) {
 #if __CUDA_ARCH__ >= 800
@@ -162,7 +162,7 @@ __device__ void attention_bwd_dq_mma_impl(const u16* __restrict__ q, const u16* 
         const bool real = rows[hf] < q_len;
         vis[hf] = real ? visible_keys(rows[hf], len, q_len, kv_len, causal) : 0;
         lse2[hf] = vis[hf] > 0 ? lse[((u64)b * heads + h) * q_len + rows[hf]] * LOG2E : 0.f;
-        dd[hf] = vis[hf] > 0 ? dvec[((u64)b * q_len + rows[hf]) * heads + h] : 0.f;
+        dd[hf] = vis[hf] > 0 ? delta[((u64)b * q_len + rows[hf]) * heads + h] : 0.f;
     }
     const int last = min(m0 + FA_BM, (int)min(len, (u32)q_len)) - 1;
     const int n_end = last >= m0 ? visible_keys(last, len, q_len, kv_len, causal) : 0;
@@ -230,7 +230,7 @@ __device__ void attention_bwd_dq_mma_impl(const u16* __restrict__ q, const u16* 
 template <bool BF, int D>
 __device__ void attention_bwd_dkv_mma_impl(const u16* __restrict__ q, const u16* __restrict__ k,
                                            const u16* __restrict__ v, const u16* __restrict__ d_o,
-                                           const float* __restrict__ lse, const float* __restrict__ dvec,
+                                           const float* __restrict__ lse, const float* __restrict__ delta,
                                            const u32* lens, float* __restrict__ dk, float* __restrict__ dv, int q_len,
                                            int kv_len, int heads, int kv_heads, float scale, int causal) {
 #if __CUDA_ARCH__ >= 800
@@ -279,7 +279,7 @@ __device__ void attention_bwd_dkv_mma_impl(const u16* __restrict__ q, const u16*
                 const int vis = i < q_len ? visible_keys(i, len, q_len, kv_len, causal) : 0;
                 s_vis[threadIdx.x] = vis;
                 s_lse2[threadIdx.x] = vis > 0 ? lse[((u64)b * heads + h) * q_len + i] * LOG2E : 0.f;
-                s_d[threadIdx.x] = vis > 0 ? dvec[((u64)b * q_len + i) * heads + h] : 0.f;
+                s_d[threadIdx.x] = vis > 0 ? delta[((u64)b * q_len + i) * heads + h] : 0.f;
             }
             cp_async_wait<0>();
             __syncthreads();
@@ -341,18 +341,16 @@ __device__ void attention_bwd_dkv_mma_impl(const u16* __restrict__ q, const u16*
 
 #define KILN_ATTENTION_BWD_MMA(BF, NAME, D)                                                          \
     extern "C" __global__ void __launch_bounds__(128) attention_bwd_dq_mma_##NAME##_d##D(          \
-        const u16* q, const u16* k, const u16* v, const u16* d_o, const float* lse, const float* dvec, \
-        const u32* lens, float* dq, int q_len, int kv_len, int heads, int kv_heads, float scale,       \
-        int causal) {                                                                                  \
-        attention_bwd_dq_mma_impl<BF, D>(q, k, v, d_o, lse, dvec, lens, dq, q_len, kv_len, heads,    \
-                                         kv_heads, scale, causal);                                     \
+        const u16* q, const u16* k, const u16* v, const u16* d_o, const float* lse, const float* delta, \
+        const u32* lens, float* dq, const AttentionParams p) {                                         \
+        attention_bwd_dq_mma_impl<BF, D>(q, k, v, d_o, lse, delta, lens, dq, p.q_len, p.kv_len,      \
+                                         p.heads, p.kv_heads, p.scale, p.causal);                      \
     }                                                                                                  \
     extern "C" __global__ void __launch_bounds__(128) attention_bwd_dkv_mma_##NAME##_d##D(         \
-        const u16* q, const u16* k, const u16* v, const u16* d_o, const float* lse, const float* dvec, \
-        const u32* lens, float* dk, float* dv, int q_len, int kv_len, int heads, int kv_heads,         \
-        float scale, int causal) {                                                                     \
-        attention_bwd_dkv_mma_impl<BF, D>(q, k, v, d_o, lse, dvec, lens, dk, dv, q_len, kv_len,      \
-                                          heads, kv_heads, scale, causal);                             \
+        const u16* q, const u16* k, const u16* v, const u16* d_o, const float* lse, const float* delta, \
+        const u32* lens, float* dk, float* dv, const AttentionParams p) {                              \
+        attention_bwd_dkv_mma_impl<BF, D>(q, k, v, d_o, lse, delta, lens, dk, dv, p.q_len, p.kv_len, \
+                                          p.heads, p.kv_heads, p.scale, p.causal);                     \
     }
 
 KILN_ATTENTION_BWD_MMA(false, f16, 64)

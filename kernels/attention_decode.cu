@@ -2,14 +2,14 @@
 //
 // Decoding against a KV cache, split along the cache (flash-decoding). Mirrors cpu_decode.
 // The cache is [batch, capacity, kv_heads, dim]; query row i of sequence b (q_valid real
-// rows, len cached) sees keys 0..len − q_valid + i. Partials: ml [rows, splits, 2] (max,
-// sum; sum 0 when the split saw no key), acc [rows, splits, dim] (Σ p·v), with row
+// rows, len cached) sees keys 0..len − q_valid + i. Partials: ml [rows, split_count, 2] (max,
+// sum; sum 0 when the split saw no key), acc [rows, split_count, dim] (Σ p·v), with row
 // r = (b·heads + h)·q_len + i.
 //
 // attention_decode_split_{f32,f16,bf16}_d{64,128,256}
 //     128 threads (4 warps) per (split, sequence and kv head, group of up to 8 of the kv
-//     head's group·q_len query rows): grid (splits, batch·kv_heads, ceil(group·q_len / 8)).
-//     Warps take keys j ≡ warp (mod 4) of the split's split_keys, two at a time; lane holds dims
+//     head's group·q_len query rows): grid (split_count, batch·kv_heads, ceil(group·q_len / 8)).
+//     Warps take keys j ≡ warp (mod 4) of the split, two at a time; lane holds dims
 //     lane + 32e (e < D / 32), so each key and value row is read once for all the block's
 //     query rows (grouped-query heads share it). Per key and row: a warp-shuffle dot
 //     product and the online-softmax update. The warps merge in shared memory.
@@ -19,6 +19,21 @@
 
 #define DECODE_ROWS 8
 
+// The split kernel's scalars (DecodeSplitParams in src/ops/attention/cuda.rs).
+struct DecodeSplitParams {
+    int q_len, capacity, heads, kv_heads, dim;
+    float scale;
+    int keys_per_split, split_count;
+};
+
+// The merge kernel's scalars (DecodeMergeParams in src/ops/attention/cuda.rs).
+struct DecodeMergeParams {
+    u64 rows;
+    int q_len, heads, dim, split_count;
+    int out_kind;
+    int pad0;
+};
+
 __device__ __forceinline__ u32 decode_visible(int i, u32 len, u32 q_valid) {
     return (u32)i >= q_valid ? 0u : len - q_valid + (u32)i + 1u;
 }
@@ -27,7 +42,7 @@ template <class T, int D>
 __device__ void decode_split_impl(const typename T::storage* __restrict__ q, const typename T::storage* __restrict__ k,
                                   const typename T::storage* __restrict__ v, const u32* lens, const u32* q_lens,
                                   float* part_ml, float* part_acc, int q_len, int capacity, int heads, int kv_heads,
-                                  int dim, float scale, int split_keys, int splits) {
+                                  int dim, float scale, int keys_per_split, int split_count) {
     constexpr int E = D / 32;
     __shared__ float s_ml[4][DECODE_ROWS][2];
     __shared__ float s_acc[4][DECODE_ROWS][D];
@@ -58,10 +73,10 @@ __device__ void decode_split_impl(const typename T::storage* __restrict__ q, con
         m[rr] = -3.0e38f;
         l[rr] = 0.f;
     }
-    const int j_end = min((split + 1) * split_keys, (int)max_vis);
+    const int j_end = min((split + 1) * keys_per_split, (int)max_vis);
     // Two keys per warp and step (j and j + 4), both rows loaded before either is used, so
     // more of the cache is in flight.
-    for (int j = split * split_keys + warp; j < j_end; j += 8) {
+    for (int j = split * keys_per_split + warp; j < j_end; j += 8) {
         float kj[2][E], vj[2][E];
 #pragma unroll
         for (int u = 0; u < 2; u++) {
@@ -119,7 +134,7 @@ __device__ void decode_split_impl(const typename T::storage* __restrict__ q, con
             }
         }
         const int h = kh * group + (row0 + rr) / q_len, i = (row0 + rr) % q_len;
-        const u64 part = (((u64)b * heads + h) * q_len + i) * splits + split;
+        const u64 part = (((u64)b * heads + h) * q_len + i) * split_count + split;
         part_acc[part * dim + c] = aa;
         if (c == 0) {
             part_ml[2 * part] = mm;
@@ -131,10 +146,9 @@ __device__ void decode_split_impl(const typename T::storage* __restrict__ q, con
 #define KILN_DECODE_SPLIT(T, NAME, D)                                                                 \
     extern "C" __global__ void __launch_bounds__(128) attention_decode_split_##NAME##_d##D(          \
         const T::storage* q, const T::storage* k, const T::storage* v, const u32* lens,               \
-        const u32* q_lens, float* part_ml, float* part_acc, int q_len, int capacity, int heads,        \
-        int kv_heads, int dim, float scale, int split_keys, int splits) {                              \
-        decode_split_impl<T, D>(q, k, v, lens, q_lens, part_ml, part_acc, q_len, capacity, heads,    \
-                                kv_heads, dim, scale, split_keys, splits);                              \
+        const u32* q_lens, float* part_ml, float* part_acc, const DecodeSplitParams p) {              \
+        decode_split_impl<T, D>(q, k, v, lens, q_lens, part_ml, part_acc, p.q_len, p.capacity,       \
+                                p.heads, p.kv_heads, p.dim, p.scale, p.keys_per_split, p.split_count); \
     }
 
 KILN_DECODE_SPLIT(F32, f32, 64)
@@ -148,26 +162,28 @@ KILN_DECODE_SPLIT(BF16, bf16, 128)
 KILN_DECODE_SPLIT(BF16, bf16, 256)
 
 extern "C" __global__ void __launch_bounds__(256) attention_decode_merge(const float* part_ml, const float* part_acc,
-                                                                         void* o, float* lse, int out_kind, int q_len,
-                                                                         int heads, int dim, int splits, u64 rows) {
+                                                                         void* o, float* lse,
+                                                                         const DecodeMergeParams p) {
+    const u64 rows = p.rows;
+    const int q_len = p.q_len, heads = p.heads, dim = p.dim, split_count = p.split_count;
     const u64 r = (u64)blockIdx.x * 8 + (threadIdx.x >> 5);
     const int lane = threadIdx.x & 31;
     if (r >= rows) return;
-    const float* ml = part_ml + 2 * r * splits;
+    const float* ml = part_ml + 2 * r * split_count;
     float mm = -3.0e38f;
-    for (int s = 0; s < splits; s++)
+    for (int s = 0; s < split_count; s++)
         if (ml[2 * s + 1] > 0.f) mm = fmaxf(mm, ml[2 * s]);
     float ll = 0.f;
-    for (int s = 0; s < splits; s++)
+    for (int s = 0; s < split_count; s++)
         if (ml[2 * s + 1] > 0.f) ll += expf(ml[2 * s] - mm) * ml[2 * s + 1];
     const u64 b = r / ((u64)heads * q_len);
     const int h = (int)((r / q_len) % heads), i = (int)(r % q_len);
     const u64 o_base = ((b * q_len + i) * heads + h) * dim;
     for (int c = lane; c < dim; c += 32) {
         float a = 0.f;
-        for (int s = 0; s < splits; s++)
-            if (ml[2 * s + 1] > 0.f) a += expf(ml[2 * s] - mm) * part_acc[(r * splits + s) * dim + c];
-        store_out(o, o_base + c, ll > 0.f ? a / ll : 0.f, out_kind);
+        for (int s = 0; s < split_count; s++)
+            if (ml[2 * s + 1] > 0.f) a += expf(ml[2 * s] - mm) * part_acc[(r * split_count + s) * dim + c];
+        store_out(o, o_base + c, ll > 0.f ? a / ll : 0.f, p.out_kind);
     }
     if (lane == 0) lse[r] = ll > 0.f ? mm + logf(ll) : __int_as_float(0xff800000);  // −∞
 }

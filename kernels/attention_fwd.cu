@@ -41,10 +41,9 @@ __device__ void attention_fwd_impl(const typename T::storage* q, const typename 
 #define KILN_ATTENTION(T, NAME)                                                                     \
     extern "C" __global__ void __launch_bounds__(128) attention_fwd_##NAME(                          \
         const T::storage* q, const T::storage* k, const T::storage* v, const u32* lens, float* o,     \
-        float* lse, int q_len, int kv_len, int heads, int kv_heads, int dim, float scale, int causal,  \
-        u64 rows) {                                                                                  \
-        attention_fwd_impl<T>(q, k, v, lens, o, lse, q_len, kv_len, heads, kv_heads, dim, scale,      \
-                              causal, rows);                                                         \
+        float* lse, const AttentionParams p) {                                                       \
+        attention_fwd_impl<T>(q, k, v, lens, o, lse, p.q_len, p.kv_len, p.heads, p.kv_heads, p.dim,   \
+                              p.scale, p.causal, p.rows);                                            \
     }
 
 KILN_ATTENTION(F32, f32)
@@ -213,10 +212,10 @@ __device__ void attention_fwd_mma_impl(const u16* __restrict__ q, const u16* __r
 
 #define KILN_ATTENTION_MMA(BF, NAME, D)                                                               \
     extern "C" __global__ void __launch_bounds__(128) attention_fwd_mma_##NAME##_d##D(               \
-        const u16* q, const u16* k, const u16* v, const u32* lens, u16* o, float* lse, int q_len,       \
-        int kv_len, int heads, int kv_heads, float scale, int causal) {                                 \
-        attention_fwd_mma_impl<BF, D>(q, k, v, lens, o, lse, q_len, kv_len, heads, kv_heads, scale,  \
-                                      causal);                                                          \
+        const u16* q, const u16* k, const u16* v, const u32* lens, u16* o, float* lse,                  \
+        const AttentionParams p) {                                                                      \
+        attention_fwd_mma_impl<BF, D>(q, k, v, lens, o, lse, p.q_len, p.kv_len, p.heads, p.kv_heads, \
+                                      p.scale, p.causal);                                               \
     }
 
 KILN_ATTENTION_MMA(false, f16, 64)

@@ -8,12 +8,20 @@
 //                                         picks it on sm_80+ when lda and ldb are multiples
 //                                         of 8 (16-byte rows)
 
+// The scalars of every matmul kernel (MatmulParams in src/ops/matmul/cuda.rs). The mma
+// kernels take the transposes from their names.
+struct MatmulParams {
+    u64 stride_a, stride_b;
+    int m, n, k, lda, ldb;
+    int trans_a, trans_b;
+    int out_kind;
+};
+
 #define KILN_MATMUL_SIMT(T, NAME)                                                                  \
     extern "C" __global__ void __launch_bounds__(256) matmul_simt_##NAME(                          \
-        const T::storage* A, const T::storage* B, void* C, int out_kind, int M, int N, int K,      \
-        int lda, int ldb, u64 stride_a, u64 stride_b, int trans_a, int trans_b) {                  \
-        const DenseB<T> bload{B, ldb, stride_b, trans_b};                                          \
-        gemm_simt<T>(A, bload, C, out_kind, M, N, K, lda, stride_a, trans_a, trans_b);             \
+        const T::storage* A, const T::storage* B, void* C, const MatmulParams p) {                 \
+        const DenseB<T> bload{B, p.ldb, p.stride_b, p.trans_b};                                    \
+        gemm_simt<T>(A, bload, C, p.out_kind, p.m, p.n, p.k, p.lda, p.stride_a, p.trans_a, p.trans_b); \
     }
 
 KILN_MATMUL_SIMT(F32, f32)
@@ -22,10 +30,9 @@ KILN_MATMUL_SIMT(BF16, bf16)
 
 #define KILN_MATMUL_MMA(BF, NAME, TA, TB, LAYOUT)                                                  \
     extern "C" __global__ void __launch_bounds__(256) matmul_mma_##NAME##_##LAYOUT(                \
-        const u16* A, const u16* B, void* C, int out_kind, int M, int N, int K, int lda, int ldb,  \
-        u64 stride_a, u64 stride_b) {                                                              \
-        const DenseBStage<TB> bstage{B, ldb, stride_b, K, N};                                      \
-        gemm_mma<BF, TA, TB>(A, bstage, C, out_kind, M, N, K, lda, stride_a);                      \
+        const u16* A, const u16* B, void* C, const MatmulParams p) {                               \
+        const DenseBStage<TB> bstage{B, p.ldb, p.stride_b, p.k, p.n};                              \
+        gemm_mma<BF, TA, TB>(A, bstage, C, p.out_kind, p.m, p.n, p.k, p.lda, p.stride_a);          \
     }
 
 KILN_MATMUL_MMA(false, f16, false, false, nn)

@@ -1,12 +1,9 @@
 // Fused optimizer kernels over a list of parameter tensors in one launch (multi-tensor).
 //
-// The launcher uploads a table with one row of 10 u64 per tensor:
-//   master, m, v, grad, working, anchor, fisher (device pointers; 0 when absent), n,
-//   kinds (grad dtype | working dtype << 8 | has working << 16 | has anchor << 17
-//          | has fisher << 18), first chunk
-// (kinds bit 19: round the bf16 working copy stochastically, with the key in bits 32..64.)
-// Blocks take chunks of CHUNK elements: block b serves the tensor whose chunk range holds
-// b (binary search over the first-chunk column). 256 threads per block.
+// The launcher uploads a table with one OptimSlot per tensor (device pointers, sizes, dtype
+// codes, the block where its chunks start). Blocks take chunks of CHUNK elements: block b
+// serves the tensor whose chunk range holds b (binary search over `first_chunk`). 256
+// threads per block.
 //
 // grad_sq_norm      per block: Σ g² in f64 (squares of f32 are exact in f64) and whether
 //                   any g is NaN or inf, into partials[block] / flags[block]
@@ -14,20 +11,39 @@
 //                   every run) into out: {f64 Σ g², u32 flag}
 // adamw_step        reads that result: a set flag skips the step (nothing written);
 //                   otherwise clip = min(1, max_norm / (√Σg² + 1e-6)) and every element
-//                   takes the update of src/ops/optim/mod.rs, in the same order of f32
-//                   operations (explicit _rn intrinsics, so nothing is fused).
+//                   takes the update of src/ops/optim/mod.rs with the constants of
+//                   AdamWParams, in the same order of f32 operations (explicit _rn
+//                   intrinsics, so nothing is fused).
 // fisher_accumulate F += (g² − F) · inv_count, one tensor, grid-stride.
 
 #define CHUNK 8192
-#define ROW 10
 
-struct Slot {
+// One parameter tensor of a step (OptimSlot in src/ops/optim/cuda.rs): device pointers (0
+// where absent), its element count, its first block, dtype codes of the gradient and the
+// working copy, which optional parts it has, and its stochastic-rounding key.
+struct OptimSlot {
+    u64 master, m, v, grad, working, anchor, fisher;
     u64 n;
-    int grad_kind, working_kind;
-    bool has_working, has_anchor, has_fisher, stochastic;
-    u32 key;
     u64 first_chunk;
-    const u64* row;
+    int grad_kind, working_kind;
+    int has_working, has_anchor, has_fisher;
+    int stochastic;
+    u32 key;
+    u32 pad0;
+};
+
+// The step's constants (AdamWParams in src/ops/optim/mod.rs, shared with optim_step.wgsl).
+struct AdamWParams {
+    float beta1, beta2;
+    float one_minus_beta1, one_minus_beta2;
+    float eps;
+    float decay;      // 1 − lr·wd
+    float step_size;  // lr / (1 − β1ᵗ)
+    float bc2_sqrt;   // √(1 − β2ᵗ)
+    float lambda;
+    float max_norm;   // 0: no clipping
+    u32 use_fisher;
+    u32 pad0;
 };
 
 __device__ __forceinline__ float load_any(const void* p, u64 i, int kind) {
@@ -37,20 +53,16 @@ __device__ __forceinline__ float load_any(const void* p, u64 i, int kind) {
 }
 
 // The tensor that block b works on, found by binary search over the first-chunk column.
-__device__ __forceinline__ Slot find_slot(const u64* table, int slots, u64 b) {
+__device__ __forceinline__ const OptimSlot& find_slot(const OptimSlot* table, int slots, u64 b) {
     int lo = 0, hi = slots - 1;
     while (lo < hi) {
         const int mid = (lo + hi + 1) / 2;
-        if (table[mid * ROW + 9] <= b) lo = mid; else hi = mid - 1;
+        if (table[mid].first_chunk <= b) lo = mid; else hi = mid - 1;
     }
-    const u64* row = table + lo * ROW;
-    const u64 kinds = row[8];
-    return Slot{row[7], (int)(kinds & 0xff), (int)((kinds >> 8) & 0xff), ((kinds >> 16) & 1) != 0,
-                ((kinds >> 17) & 1) != 0, ((kinds >> 18) & 1) != 0, ((kinds >> 19) & 1) != 0,
-                (u32)(kinds >> 32), row[9], row};
+    return table[lo];
 }
 
-// murmur3's finaliser, as mix32 in src/ops/optim/mod.rs.
+// murmur3's finaliser, as mix32 in src/ops/hash.rs.
 __device__ __forceinline__ u32 mix32(u32 h) {
     h ^= h >> 16;
     h *= 0x85ebca6bu;
@@ -67,11 +79,11 @@ __device__ __forceinline__ u16 bf16_stochastic(float theta, u32 key, u32 index) 
     return (u16)((bits + r) >> 16);
 }
 
-extern "C" __global__ void __launch_bounds__(256) grad_sq_norm(const u64* table, int slots, double* partials,
+extern "C" __global__ void __launch_bounds__(256) grad_sq_norm(const OptimSlot* table, int slots, double* partials,
                                                                u32* flags) {
     __shared__ double warp_sums[8];
-    const Slot s = find_slot(table, slots, blockIdx.x);
-    const void* grad = (const void*)s.row[3];
+    const OptimSlot s = find_slot(table, slots, blockIdx.x);
+    const void* grad = (const void*)s.grad;
     const u64 start = (blockIdx.x - s.first_chunk) * (u64)CHUNK;
     const u64 end = min(start + CHUNK, s.n);
     double acc = 0.0;
@@ -119,37 +131,36 @@ extern "C" __global__ void __launch_bounds__(256) norm_finish(const double* part
     }
 }
 
-extern "C" __global__ void __launch_bounds__(256) adamw_step(
-    const u64* table, int slots, const double* sumsq, const u32* nonfinite, float beta1, float beta2,
-    float eps, float decay, float step_size, float bc2_sqrt, float lambda, float max_norm, int use_fisher) {
+extern "C" __global__ void __launch_bounds__(256) adamw_step(const OptimSlot* table, int slots, const double* sumsq,
+                                                             const u32* nonfinite, const AdamWParams p) {
     if (*nonfinite) return;
     const float norm = (float)sqrt(*sumsq);
-    const float clip = max_norm > 0.f ? fminf(__fdiv_rn(max_norm, __fadd_rn(norm, 1e-6f)), 1.f) : 1.f;
-    const Slot s = find_slot(table, slots, blockIdx.x);
-    float* master = (float*)s.row[0];
-    float* m = (float*)s.row[1];
-    float* v = (float*)s.row[2];
-    const void* grad = (const void*)s.row[3];
-    void* working = (void*)s.row[4];
-    const float* anchor = (const float*)s.row[5];
-    const float* fisher = (const float*)s.row[6];
-    const float w1 = 1.f - beta1, w2 = 1.f - beta2;
+    const float clip = p.max_norm > 0.f ? fminf(__fdiv_rn(p.max_norm, __fadd_rn(norm, 1e-6f)), 1.f) : 1.f;
+    const OptimSlot s = find_slot(table, slots, blockIdx.x);
+    float* master = (float*)s.master;
+    float* m = (float*)s.m;
+    float* v = (float*)s.v;
+    const void* grad = (const void*)s.grad;
+    void* working = (void*)s.working;
+    const float* anchor = (const float*)s.anchor;
+    const float* fisher = (const float*)s.fisher;
+    const float w1 = p.one_minus_beta1, w2 = p.one_minus_beta2;
     const u64 start = (blockIdx.x - s.first_chunk) * (u64)CHUNK;
     const u64 end = min(start + CHUNK, s.n);
     for (u64 i = start + threadIdx.x; i < end; i += blockDim.x) {
         float theta = master[i];
         float g = __fmul_rn(load_any(grad, i, s.grad_kind), clip);
         if (s.has_anchor) {
-            const float pull = __fmul_rn(lambda, __fsub_rn(theta, anchor[i]));
-            g = __fadd_rn(g, use_fisher ? __fmul_rn(fisher[i], pull) : pull);
+            const float pull = __fmul_rn(p.lambda, __fsub_rn(theta, anchor[i]));
+            g = __fadd_rn(g, p.use_fisher ? __fmul_rn(fisher[i], pull) : pull);
         }
-        theta = __fmul_rn(theta, decay);
+        theta = __fmul_rn(theta, p.decay);
         float mi = m[i];
         mi = w1 < 0.5f ? __fadd_rn(mi, __fmul_rn(w1, __fsub_rn(g, mi)))
                        : __fsub_rn(g, __fmul_rn(__fsub_rn(g, mi), __fsub_rn(1.f, w1)));
-        const float vi = __fadd_rn(__fmul_rn(v[i], beta2), __fmul_rn(w2, __fmul_rn(g, g)));
-        const float denom = __fadd_rn(__fdiv_rn(__fsqrt_rn(vi), bc2_sqrt), eps);
-        theta = __fsub_rn(theta, __fmul_rn(step_size, __fdiv_rn(mi, denom)));
+        const float vi = __fadd_rn(__fmul_rn(v[i], p.beta2), __fmul_rn(w2, __fmul_rn(g, g)));
+        const float denom = __fadd_rn(__fdiv_rn(__fsqrt_rn(vi), p.bc2_sqrt), p.eps);
+        theta = __fsub_rn(theta, __fmul_rn(p.step_size, __fdiv_rn(mi, denom)));
         master[i] = theta;
         m[i] = mi;
         v[i] = vi;

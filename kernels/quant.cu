@@ -1,5 +1,6 @@
 // Quantized weights: decoding, dequantize, and the products y = x·Wᵀ and dx = dy·W with W
-// an [out, in] quantized weight (formats in src/ops/quant/mod.rs). Every weight is
+// an [out, in] quantized weight (formats in src/ops/quant/formats.rs). Every kernel takes
+// the weight's QuantParams; the products take QuantProductParams (quant.cuh). Every weight is
 // `code · scale` rounded once in f32, as the CPU decodes it (explicit _rn ops, no fusing);
 // the tensor-core GEMM then rounds it once more to the activations' half type (the
 // launcher keeps f16 off that path when |w| could exceed f16's range).
@@ -18,8 +19,8 @@
 //                                    the activations' half type in shared memory; sm_80+,
 //                                    A rows 16-byte aligned
 
-extern "C" __global__ void dequantize(const u8* w, void* out, int out_kind, u64 n, QDESC_PARAMS) {
-    const QDesc q = QDESC;
+extern "C" __global__ void dequantize(const u8* w, void* out, int out_kind, u64 n, const QuantParams qp) {
+    const QDesc q = qdesc(qp);
     for (u64 e = blockIdx.x * (u64)blockDim.x + threadIdx.x; e < n; e += (u64)gridDim.x * blockDim.x) {
         store_out(out, e, decode1(w, q, e), out_kind);
     }
@@ -27,9 +28,8 @@ extern "C" __global__ void dequantize(const u8* w, void* out, int out_kind, u64 
 
 #define KILN_QUANT_GEMV(TX, NAME)                                                                   \
     extern "C" __global__ void __launch_bounds__(256) quant_gemv_##NAME(                            \
-        const u8* w, const TX::storage* x, void* y, int out_kind, int rows, int cols, int tokens,    \
-        QDESC_PARAMS) {                                                                              \
-        quant_gemv_impl<TX>(w, QDESC, x, y, out_kind, rows, cols, tokens);                          \
+        const u8* w, const TX::storage* x, void* y, const QuantProductParams p, const QuantParams qp) { \
+        quant_gemv_impl<TX>(w, qdesc(qp), x, y, p.out_kind, p.n, p.k, p.m);                         \
     }
 
 KILN_QUANT_GEMV(F32, f32)
@@ -37,10 +37,9 @@ KILN_QUANT_GEMV(F16, f16)
 KILN_QUANT_GEMV(BF16, bf16)
 #define KILN_QUANT_GEMM_SIMT(TX, NAME)                                                              \
     extern "C" __global__ void __launch_bounds__(256) quant_gemm_simt_##NAME(                       \
-        const TX::storage* x, const u8* w, void* y, int out_kind, int M, int N, int K, int cols,      \
-        int direction, QDESC_PARAMS) {                                                               \
-        const QuantB bload{w, QDESC, cols, direction};                                               \
-        gemm_simt<TX>(x, bload, y, out_kind, M, N, K, K, 0, 0, direction == 0);                      \
+        const TX::storage* x, const u8* w, void* y, const QuantProductParams p, const QuantParams qp) { \
+        const QuantB bload{w, qdesc(qp), p.cols, p.direction};                                       \
+        gemm_simt<TX>(x, bload, y, p.out_kind, p.m, p.n, p.k, p.k, 0, 0, p.direction == 0);          \
     }
 
 KILN_QUANT_GEMM_SIMT(F32, f32)
@@ -49,10 +48,9 @@ KILN_QUANT_GEMM_SIMT(BF16, bf16)
 
 #define KILN_QUANT_GEMM_MMA(T, BF, NAME, TB, DIR)                                                   \
     extern "C" __global__ void __launch_bounds__(256) quant_gemm_mma_##NAME##_##DIR(                \
-        const u16* x, const u8* w, void* y, int out_kind, int M, int N, int K, int cols,             \
-        QDESC_PARAMS) {                                                                              \
-        const QuantBStage<T, TB> bstage{w, QDESC, cols, K, N};                                       \
-        gemm_mma<BF, false, TB>(x, bstage, y, out_kind, M, N, K, K, 0);                              \
+        const u16* x, const u8* w, void* y, const QuantProductParams p, const QuantParams qp) {      \
+        const QuantBStage<T, TB> bstage{w, qdesc(qp), p.cols, p.k, p.n};                             \
+        gemm_mma<BF, false, TB>(x, bstage, y, p.out_kind, p.m, p.n, p.k, p.k, 0);                    \
     }
 
 KILN_QUANT_GEMM_MMA(F16, false, f16, true, fwd)

@@ -1,7 +1,28 @@
 // Quantized weights as the kernels read them (prepended after common.cuh and gemm.cuh, for
 // quant.cu and lora.cu): the decoders, the GEMV body, and the B-loaders through which the
-// GEMM engines read W. Formats in src/ops/quant/mod.rs. Every weight is `code · scale`
+// GEMM engines read W. Formats in src/ops/quant/formats.rs. Every weight is `code · scale`
 // rounded once in f32, as the CPU decodes it (explicit _rn ops, no fusing).
+
+// Bytes of ggml's blocks (BlockQ8_0, BlockQ4_0 in src/ops/quant/formats.rs).
+#define BLOCK_Q8_0_BYTES 34
+#define BLOCK_Q4_0_BYTES 18
+
+// The weight's format and the place of its NF4 state, as every quant kernel takes it
+// (QuantParams in src/ops/quant/cuda.rs).
+struct QuantParams {
+    u64 absmax_offset, nested_offset, code_offset;  // bytes into w
+    int format;    // 0 Q8_0, 1 Q4_0, 2 NF4, 3 NF4 with double quantisation
+    float offset;  // the mean double quantisation subtracted from absmax
+};
+
+// The sizes of a product through W (QuantProductParams in src/ops/quant/cuda.rs): x is
+// [m, k], the result [m, n]; W is [rows, cols] with cols its row length; direction 0 is
+// x·Wᵀ (n = rows, k = cols), 1 is dy·W (n = cols, k = rows). The GEMV has m ≤ 8.
+struct QuantProductParams {
+    int m, n, k, cols;
+    int direction;
+    int out_kind;
+};
 
 __constant__ float kNF4[16] = {
     -1.0f, -0.6961928009986877f, -0.5250730514526367f, -0.39491748809814453f,
@@ -20,22 +41,28 @@ __device__ __forceinline__ const float* nf4_shared() {
     return table;
 }
 
-// Format and NF4 state offsets (bytes) of one quantized weight, and the NF4 table.
+// One quantized weight as the decoders read it: its QuantParams and the NF4 table.
 struct QDesc {
-    int format;  // 0 Q8_0, 1 Q4_0, 2 NF4, 3 NF4 with double quantisation
+    int format;
     u64 absmax_off, nested_off, code_off;
     float offset;
     const float* nf4;  // kNF4 in shared memory (nf4_shared)
     __device__ __forceinline__ int block_size() const { return format >= 2 ? 64 : 32; }
 };
 
+// The QDesc of a kernel's QuantParams. Every thread of the block calls it, before any early
+// exit (it fills the shared NF4 table).
+__device__ __forceinline__ QDesc qdesc(const QuantParams& p) {
+    return QDesc{p.format, p.absmax_offset, p.nested_offset, p.code_offset, p.offset, nf4_shared()};
+}
+
 __device__ __forceinline__ float f32_at(const u8* w, u64 at) { return *(const float*)(w + at); }
 __device__ __forceinline__ float f16_at(const u8* w, u64 at) { return f16_to_f32(*(const u16*)(w + at)); }
 
 __device__ __forceinline__ float block_scale(const u8* w, const QDesc& q, u64 b) {
     switch (q.format) {
-        case 0: return f16_at(w, b * 34);
-        case 1: return f16_at(w, b * 18);
+        case 0: return f16_at(w, b * BLOCK_Q8_0_BYTES);
+        case 1: return f16_at(w, b * BLOCK_Q4_0_BYTES);
         case 2: return f32_at(w, q.absmax_off + 4 * b);
         default: {
             const float code = f32_at(w, q.code_off + 4 * (u64)w[q.absmax_off + b]);
@@ -49,11 +76,11 @@ __device__ __forceinline__ void decode8(const u8* w, const QDesc& q, u64 e0, flo
     const u64 b = e0 / q.block_size();
     const float s = block_scale(w, q, b);
     if (q.format == 0) {
-        const u8* qs = w + b * 34 + 2 + (e0 & 31);
+        const u8* qs = w + b * BLOCK_Q8_0_BYTES + 2 + (e0 & 31);
 #pragma unroll
         for (int j = 0; j < 8; j++) out[j] = __fmul_rn((float)(signed char)qs[j], s);
     } else if (q.format == 1) {
-        const u8* qs = w + b * 18 + 2;
+        const u8* qs = w + b * BLOCK_Q4_0_BYTES + 2;
         const int j0 = (int)(e0 & 31);
 #pragma unroll
         for (int j = 0; j < 8; j++) {
@@ -79,7 +106,7 @@ __device__ __forceinline__ void decode32(const u8* w, const QDesc& q, u64 e0, fl
     const float s = block_scale(w, q, b);
     if (q.format <= 1) {
         const bool q8 = q.format == 0;
-        const u16* qs = (const u16*)(w + b * (q8 ? 34 : 18) + 2);
+        const u16* qs = (const u16*)(w + b * (q8 ? BLOCK_Q8_0_BYTES : BLOCK_Q4_0_BYTES) + 2);
 #pragma unroll
         for (int j = 0; j < 16; j++) {
             if (!q8 && j >= 8) break;
@@ -112,9 +139,6 @@ __device__ __forceinline__ float decode1(const u8* w, const QDesc& q, u64 e) {
     decode8(w, q, e & ~(u64)7, v);
     return v[e & 7];
 }
-
-#define QDESC_PARAMS int format, u64 absmax_off, u64 nested_off, u64 code_off, float offset
-#define QDESC QDesc{format, absmax_off, nested_off, code_off, offset, nf4_shared()}
 
 // ---------------------------------------------------------------------------------------
 // GEMV

@@ -1,10 +1,8 @@
 // Shared by attention_bwd_dq.wgsl and attention_bwd_dkv.wgsl (FlashAttention-2 scheme):
 // scores recomputed from q, k and lse, p = exp(s − lse), dS = p · (dO_i · v_j − D_i) with
-// D = rowsum(dO ⊙ O) ([b, q_len, h]). The including shader declares `lse`, `dvec`, `lens`
+// D = rowsum(dO ⊙ O) ([b, q_len, h]). The including shader declares `lse`, `delta`, `lens`
 // and `params`; the Rust side prepends `load_q`, `load_k`, `load_v`, `load_g` (dO) at
 // bindings 0-3, and attention_common.wgsl before this file.
-
-
 
 // (p, dS) of query row (b, i, h) and key j.
 fn pair(b: u32, h: u32, i: u32, j: u32) -> vec2<f32> {
@@ -19,7 +17,7 @@ fn pair(b: u32, h: u32, i: u32, j: u32) -> vec2<f32> {
         dp = fma(load_g(qb + c), load_v(kb + c), dp);
     }
     let p = exp(score * params.scale - lse[(b * params.heads + h) * params.q_len + i]);
-    return vec2<f32>(p, p * (dp - dvec[(b * params.q_len + i) * params.heads + h]));
+    return vec2<f32>(p, p * (dp - delta[(b * params.q_len + i) * params.heads + h]));
 }
 
 fn row_index(wg: vec3<u32>, li: u32) -> u32 {

@@ -4,11 +4,11 @@
 // attention_bwd_common.wgsl has the shared parts. Dispatch: 2-D, 64 rows per workgroup.
 
 @group(0) @binding(4) var<storage, read> lse: array<f32>;
-@group(0) @binding(5) var<storage, read> dvec: array<f32>;
+@group(0) @binding(5) var<storage, read> delta: array<f32>;
 @group(0) @binding(6) var<storage, read> lens: array<u32>;
-@group(0) @binding(7) var<storage, read_write> grad_a: array<f32>;
-@group(0) @binding(8) var<storage, read_write> grad_b: array<f32>;
-@group(0) @binding(9) var<uniform> params: Params;
+@group(0) @binding(7) var<storage, read_write> dk: array<f32>;
+@group(0) @binding(8) var<storage, read_write> dv: array<f32>;
+@group(0) @binding(9) var<uniform> params: AttentionParams;
 
 @compute @workgroup_size(64)
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) li: u32) {
@@ -22,8 +22,8 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     let kh = r % params.kv_heads;
     let group = params.heads / params.kv_heads;
     for (var c = 0u; c < d; c++) {
-        grad_a[r * d + c] = 0.0;
-        grad_b[r * d + c] = 0.0;
+        dk[r * d + c] = 0.0;
+        dv[r * d + c] = 0.0;
     }
     for (var h = kh * group; h < (kh + 1u) * group; h++) {
         for (var i = 0u; i < params.q_len; i++) {
@@ -33,8 +33,8 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
             let pd = pair(b, h, i, j);
             let qb = ((b * params.q_len + i) * params.heads + h) * d;
             for (var c = 0u; c < d; c++) {
-                grad_b[r * d + c] = fma(pd.x, load_g(qb + c), grad_b[r * d + c]);
-                grad_a[r * d + c] = fma(params.scale * pd.y, load_q(qb + c), grad_a[r * d + c]);
+                dv[r * d + c] = fma(pd.x, load_g(qb + c), dv[r * d + c]);
+                dk[r * d + c] = fma(params.scale * pd.y, load_q(qb + c), dk[r * d + c]);
             }
         }
     }

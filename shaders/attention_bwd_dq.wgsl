@@ -3,10 +3,10 @@
 // shared parts. Dispatch: 2-D, 64 rows per workgroup.
 
 @group(0) @binding(4) var<storage, read> lse: array<f32>;
-@group(0) @binding(5) var<storage, read> dvec: array<f32>;
+@group(0) @binding(5) var<storage, read> delta: array<f32>;
 @group(0) @binding(6) var<storage, read> lens: array<u32>;
-@group(0) @binding(7) var<storage, read_write> grad_a: array<f32>;
-@group(0) @binding(8) var<uniform> params: Params;
+@group(0) @binding(7) var<storage, read_write> dk: array<f32>;
+@group(0) @binding(8) var<uniform> params: AttentionParams;
 
 @compute @workgroup_size(64)
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) li: u32) {
@@ -20,14 +20,14 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     let h = r % params.heads;
     let kh = h / (params.heads / params.kv_heads);
     for (var c = 0u; c < d; c++) {
-        grad_a[r * d + c] = 0.0;
+        dk[r * d + c] = 0.0;
     }
     let end = visible(i, lens[b]);
     for (var j = 0u; j < end; j++) {
         let ds = pair(b, h, i, j).y * params.scale;
         let kb = ((b * params.kv_len + j) * params.kv_heads + kh) * d;
         for (var c = 0u; c < d; c++) {
-            grad_a[r * d + c] = fma(ds, load_k(kb + c), grad_a[r * d + c]);
+            dk[r * d + c] = fma(ds, load_k(kb + c), dk[r * d + c]);
         }
     }
 }

@@ -1,7 +1,9 @@
-// Shared by every attention shader: the launch parameters and which keys a query row sees
-// (AttnShape::visible in src/ops/attention/mod.rs).
+// Shared by the forward and backward attention shaders: the launch parameters and which
+// keys a query row sees (AttnShape::visible in src/ops/attention/mod.rs).
 
-struct Params {
+// AttentionParams in src/ops/attention/wgpu.rs. `rows`: query rows (forward, dq) or key
+// rows (dk, dv), one per invocation.
+struct AttentionParams {
     q_len: u32,
     kv_len: u32,
     heads: u32,
@@ -11,6 +13,9 @@ struct Params {
     causal: u32,
     rows: u32,
     groups_x: u32,
+    pad0: u32,
+    pad1: u32,
+    pad2: u32,
 }
 
 // Keys 0..visible(i) of a sequence of length len (see AttnShape::visible).

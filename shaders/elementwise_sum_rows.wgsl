@@ -4,14 +4,16 @@
 // tree reduction in workgroup memory. The Rust side prepends binding 0 with `load_x(i)`.
 // Dispatch: 2-D, (groups_x, ceil(rows / groups_x)).
 
-struct Params {
+// SumRowsParams in src/ops/elementwise/wgpu.rs.
+struct SumRowsParams {
     rows: u32,
     cols: u32,
     groups_x: u32,
+    pad0: u32,
 }
 
 @group(0) @binding(1) var<storage, read_write> out: array<f32>;
-@group(0) @binding(2) var<uniform> params: Params;
+@group(0) @binding(2) var<uniform> params: SumRowsParams;
 
 var<workgroup> partial: array<f32, 256>;
 

@@ -1,25 +1,15 @@
-// Many LoRA adapters in one batch, first pass (kernels/lora.cu has the same two passes).
-// Each row t picks adapter rows[t] (−1: none); `table` holds per adapter the offsets of its
-// A and B in the packed arrays, its rank and its scale (f32 bits).
+// Many LoRA adapters in one batch, first pass (lora_adapters.wgsl is prepended).
 //
 // v[t, j] = x[t]·A_a[j] (0 past the adapter's rank). One workgroup of 64 per (t, j),
 // workgroup g = t · rmax + j; a tree reduction finishes the dot product.
 // Dispatch: 2-D, (groups_x, …) over tokens · rmax workgroups.
 
-struct Params {
-    tokens: u32,
-    inp: u32,
-    outn: u32,
-    rmax: u32,
-    groups_x: u32,
-}
-
 @group(0) @binding(0) var<storage, read> x: array<f32>;
 @group(0) @binding(1) var<storage, read> a: array<f32>;
-@group(0) @binding(2) var<storage, read> table: array<u32>;
+@group(0) @binding(2) var<storage, read> table: array<AdapterEntry>;
 @group(0) @binding(3) var<storage, read> rows: array<i32>;
 @group(0) @binding(4) var<storage, read_write> v: array<f32>;
-@group(0) @binding(5) var<uniform> params: Params;
+@group(0) @binding(5) var<uniform> params: LoraBatchedParams;
 
 var<workgroup> partial: array<f32, 64>;
 
@@ -34,8 +24,8 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     let j = g % params.rmax;
     let adapter = rows[t];
     var acc = 0.0;
-    if (adapter >= 0 && j < table[4u * u32(adapter) + 2u]) {
-        let a0 = table[4u * u32(adapter)] + j * params.inp;
+    if (adapter >= 0 && j < table[adapter].rank) {
+        let a0 = table[adapter].a_offset + j * params.inp;
         for (var i = li; i < params.inp; i += 64u) {
             acc = fma(x[t * params.inp + i], a[a0 + i], acc);
         }

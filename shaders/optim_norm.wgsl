@@ -1,13 +1,21 @@
 // Σ g² and a non-finite flag over a group of gradients, one partial per workgroup.
 //
-// The Rust side prepends, per tensor j of the group, `load_gj(i) -> f32` (binding j), the
-// `partials` binding (array<f32>: sum, flag per workgroup), `Params` with
-// `info: array<vec4<u32>, 16>` (x = elements, y = first workgroup), `groups` (workgroups
-// of this group) and `base` (where its partials start), and
-// `fn partial(g: u32, li: u32) -> vec2<f32>`, which picks the tensor of workgroup g and
-// returns Σ g² over elements start + li, start + li + 256, … of its chunk (x) and whether
-// any was not finite (y: 0 or 1).
+// The Rust side prepends optim_slots.wgsl, per tensor j of the group `load_gj(i) -> f32`
+// (binding j), the `partials` binding (array<f32>: sum, flag per workgroup) and the uniform
+// `params: OptimNormParams`, and `fn partial(g: u32, li: u32) -> vec2<f32>`, which picks the
+// tensor of workgroup g and returns Σ g² over elements start + li, start + li + 256, … of
+// its chunk (x) and whether any was not finite (y: 0 or 1).
 // Dispatch: 2-D, one workgroup per CHUNK elements of every tensor.
+
+// OptimNormParams in src/ops/optim/wgpu.rs: the group's tensors, its workgroups and where
+// its partials start.
+struct OptimNormParams {
+    info: array<SlotInfo, 16>,
+    groups: u32,
+    base: u32,
+    pad0: u32,
+    pad1: u32,
+}
 
 const CHUNK: u32 = 4096u;
 var<workgroup> sums: array<vec2<f32>, 256>;

@@ -2,13 +2,17 @@
 // non-finite flag}. One workgroup of 256 invocations. WGSL has no f64: a sum that leaves
 // f32's range also sets the flag, so such a step is skipped, never silently zeroed.
 
-struct Params {
+// OptimReduceParams in src/ops/optim/wgpu.rs: the partials to fold.
+struct OptimReduceParams {
     count: u32,
+    pad0: u32,
+    pad1: u32,
+    pad2: u32,
 }
 
 @group(0) @binding(0) var<storage, read> partials: array<f32>;
 @group(0) @binding(1) var<storage, read_write> result: array<u32>;
-@group(0) @binding(2) var<uniform> params: Params;
+@group(0) @binding(2) var<uniform> params: OptimReduceParams;
 
 var<workgroup> sums: array<vec2<f32>, 256>;
 

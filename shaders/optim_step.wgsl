@@ -4,11 +4,33 @@
 // Each invocation updates one pair of elements, so a packed f16/bf16 working copy is
 // written a whole 32-bit word at a time. The step reads `result` (optim_reduce.wgsl): a set
 // non-finite flag skips it, else the clip factor comes from the norm.
-// The Rust side prepends the per-tensor bindings and `fn slot_j(w: u32, clip: f32)` for
-// each tensor j, `result`, `Params` (the step constants, then `info` as in
-// optim_norm.wgsl, z = stochastic-rounding key) and `fn dispatch(g: u32, li: u32, clip: f32)`, which picks the tensor
-// of workgroup g.
+// The Rust side prepends optim_slots.wgsl, the per-tensor bindings and
+// `fn slot_j(w: u32, clip: f32)` for each tensor j, `result`, the uniform
+// `params: OptimStepParams` and `fn dispatch(g: u32, li: u32, clip: f32)`, which picks the
+// tensor of workgroup g.
 // Dispatch: 2-D, one workgroup per 512 elements of every tensor.
+
+// The step's constants (AdamWParams in src/ops/optim/mod.rs, shared with kernels/optim.cu).
+struct AdamWParams {
+    beta1: f32,
+    beta2: f32,
+    one_minus_beta1: f32,
+    one_minus_beta2: f32,
+    eps: f32,
+    decay: f32,      // 1 − lr·wd
+    step_size: f32,  // lr / (1 − β1ᵗ)
+    bc2_sqrt: f32,   // √(1 − β2ᵗ)
+    lambda: f32,
+    max_norm: f32,   // 0: no clipping
+    use_fisher: u32,
+    pad0: u32,
+}
+
+// OptimStepParams in src/ops/optim/wgpu.rs.
+struct OptimStepParams {
+    adamw: AdamWParams,
+    info: array<SlotInfo, 16>,
+}
 
 fn lerp(start: f32, end: f32, w: f32) -> f32 {
     if (w < 0.5) {
@@ -19,11 +41,12 @@ fn lerp(start: f32, end: f32, w: f32) -> f32 {
 
 // (θ, m, v) after one step with gradient g.
 fn update(theta_in: f32, m_in: f32, v_in: f32, g: f32) -> vec3<f32> {
-    let theta = theta_in * params.decay;
-    let m = lerp(m_in, g, 1.0 - params.beta1);
-    let v = v_in * params.beta2 + (1.0 - params.beta2) * (g * g);
-    let denom = sqrt(v) / params.bc2_sqrt + params.eps;
-    return vec3<f32>(theta - params.step_size * (m / denom), m, v);
+    let c = params.adamw;
+    let theta = theta_in * c.decay;
+    let m = lerp(m_in, g, c.one_minus_beta1);
+    let v = v_in * c.beta2 + c.one_minus_beta2 * (g * g);
+    let denom = sqrt(v) / c.bc2_sqrt + c.eps;
+    return vec3<f32>(theta - c.step_size * (m / denom), m, v);
 }
 
 fn to_bf16(x: f32) -> u32 {
@@ -34,7 +57,7 @@ fn to_bf16(x: f32) -> u32 {
     return (b + 0x7fffu + ((b >> 16u) & 1u)) >> 16u;
 }
 
-// murmur3's finaliser and stochastic rounding to bf16, as in src/ops/optim/mod.rs.
+// murmur3's finaliser (src/ops/hash.rs) and stochastic rounding to bf16 (src/ops/optim/mod.rs).
 fn mix32(x: u32) -> u32 {
     var h = x;
     h ^= h >> 16u;
@@ -60,6 +83,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3
         return;
     }
     let norm = sqrt(bitcast<f32>(result[0]));
-    let clip = select(1.0, min(params.max_norm / (norm + 1e-6), 1.0), params.max_norm > 0.0);
+    let max_norm = params.adamw.max_norm;
+    let clip = select(1.0, min(max_norm / (norm + 1e-6), 1.0), max_norm > 0.0);
     dispatch(wg.y * nwg.x + wg.x, li, clip);
 }

@@ -1,9 +1,23 @@
 // Decoding quantized weights on the fly: `quant_weight(e)` is element e (row-major, flat)
 // of an [out, in] quantized weight, bound as `w: array<u32>` (the raw bytes; see
-// src/ops/quant/mod.rs for the formats). The including shader's `params` carries
-//     q_format: 0 Q8_0, 1 Q4_0, 2 NF4, 3 NF4 with double quantisation
-//     q_absmax, q_nested, q_code: byte offsets of the NF4 state; q_offset: f32 (bits)
-// Each weight is `code · scale` rounded once in f32, as the CPU decodes it.
+// src/ops/quant/formats.rs for the formats). The including shader's `Params` holds
+// `q: QuantParams`. Each weight is `code · scale` rounded once in f32, as the CPU decodes it.
+
+// The weight's format and the place of its NF4 state (QuantParams in src/ops/quant/wgpu.rs).
+struct QuantParams {
+    format: u32,         // 0 Q8_0, 1 Q4_0, 2 NF4, 3 NF4 with double quantisation
+    absmax_offset: u32,  // byte offsets of the NF4 state in `w`
+    nested_offset: u32,
+    code_offset: u32,
+    offset: f32,         // the mean double quantisation subtracted from absmax
+    pad0: u32,
+    pad1: u32,
+    pad2: u32,
+}
+
+// Bytes of ggml's blocks (BlockQ8_0, BlockQ4_0 in src/ops/quant/formats.rs).
+const BLOCK_Q8_0_BYTES: u32 = 34u;
+const BLOCK_Q4_0_BYTES: u32 = 18u;
 
 var<private> NF4: array<f32, 16> = array<f32, 16>(
     -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
@@ -27,18 +41,18 @@ fn f32_at(addr: u32) -> f32 {
 }
 
 fn block_size() -> u32 {
-    return select(32u, 64u, params.q_format >= 2u);
+    return select(32u, 64u, params.q.format >= 2u);
 }
 
 // The scale of block b.
 fn block_scale(b: u32) -> f32 {
-    switch params.q_format {
-        case 0u: { return f16_at(b * 34u); }
-        case 1u: { return f16_at(b * 18u); }
-        case 2u: { return f32_at(params.q_absmax + 4u * b); }
+    switch params.q.format {
+        case 0u: { return f16_at(b * BLOCK_Q8_0_BYTES); }
+        case 1u: { return f16_at(b * BLOCK_Q4_0_BYTES); }
+        case 2u: { return f32_at(params.q.absmax_offset + 4u * b); }
         default: {
-            let code = f32_at(params.q_code + 4u * byte_at(params.q_absmax + b));
-            return code * f32_at(params.q_nested + 4u * (b / 256u)) + bitcast<f32>(params.q_offset);
+            let code = f32_at(params.q.code_offset + 4u * byte_at(params.q.absmax_offset + b));
+            return code * f32_at(params.q.nested_offset + 4u * (b / 256u)) + params.q.offset;
         }
     }
 }
@@ -46,13 +60,13 @@ fn block_scale(b: u32) -> f32 {
 // The unscaled value of element e: the integer of Q8_0/Q4_0, the NF4 code value.
 fn block_code(e: u32) -> f32 {
     let j = e % 32u;
-    switch params.q_format {
+    switch params.q.format {
         case 0u: {
-            let q = byte_at((e / 32u) * 34u + 2u + j);
+            let q = byte_at((e / 32u) * BLOCK_Q8_0_BYTES + 2u + j);
             return f32(bitcast<i32>(q << 24u) >> 24u);
         }
         case 1u: {
-            let byte = byte_at((e / 32u) * 18u + 2u + (j & 15u));
+            let byte = byte_at((e / 32u) * BLOCK_Q4_0_BYTES + 2u + (j & 15u));
             return f32(i32(select(byte & 15u, byte >> 4u, j >= 16u)) - 8);
         }
         default: {

@@ -26,6 +26,13 @@ pub(crate) fn grid(what: &str, v: usize) -> Result<u32> {
     Ok(v as u32)
 }
 
+/// `v` blocks along grid dimension x (at most 2³¹ − 1); `Err(Unsupported)` past it.
+pub(crate) fn grid_x(what: &str, v: usize) -> Result<u32> {
+    u32::try_from(v).ok().filter(|&x| x < 1 << 31).ok_or_else(|| {
+        Error::Unsupported(format!("{what} needs {v} blocks along a grid dimension limited to 2^31 - 1"))
+    })
+}
+
 /// A grid-stride launch over `n` items: enough 256-thread blocks to fill any GPU, each
 /// thread looping over the rest.
 pub(crate) fn grid_stride(n: usize) -> LaunchConfig {

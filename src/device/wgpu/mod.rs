@@ -6,6 +6,7 @@ pub(crate) mod launch;
 
 use super::pool::{Pool, Pooled};
 use super::{Device, DeviceInfo, DeviceKind};
+use crate::kernels::KernelParams;
 use crate::{Error, Result};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -308,13 +309,14 @@ impl WgpuDevice {
         Ok(pipeline)
     }
 
-    /// One dispatch: binds `buffers` at bindings 0.. and `params` (a uniform block) after
-    /// them, and runs `workgroups`. Submits at once; the queue keeps the order.
-    pub(crate) fn dispatch(
+    /// One dispatch: binds `buffers` at bindings 0.. and `params` (the shader's uniform
+    /// block, its mirrored struct) after them, and runs `workgroups`. Submits at once; the
+    /// queue keeps the order.
+    pub(crate) fn dispatch<P: KernelParams>(
         &self,
         pipeline: &wgpu::ComputePipeline,
         buffers: &[&wgpu::Buffer],
-        params: &[u32],
+        params: &P,
         workgroups: (u32, u32, u32),
     ) -> Result<()> {
         self.dispatch_params_at(pipeline, buffers, buffers.len(), params, workgroups)
@@ -322,12 +324,12 @@ impl WgpuDevice {
 
     /// [`Self::dispatch`] with the uniform block at binding `params_at`; the buffers take
     /// the bindings 0.. around it (for a shader that binds more after its uniform).
-    pub(crate) fn dispatch_params_at(
+    pub(crate) fn dispatch_params_at<P: KernelParams>(
         &self,
         pipeline: &wgpu::ComputePipeline,
         buffers: &[&wgpu::Buffer],
         params_at: usize,
-        params: &[u32],
+        params: &P,
         workgroups: (u32, u32, u32),
     ) -> Result<()> {
         let limit = self.device.limits().max_compute_workgroups_per_dimension;
@@ -339,7 +341,7 @@ impl WgpuDevice {
         if workgroups.0 == 0 || workgroups.1 == 0 || workgroups.2 == 0 {
             return Ok(());
         }
-        let param_bytes: &[u8] = bytemuck::cast_slice(params);
+        let param_bytes: &[u8] = bytemuck::bytes_of(params);
         let bucket = Pool::<wgpu::Buffer>::bucket(param_bytes.len());
         let param_buf = match self.params.take(bucket) {
             Some(b) => b,
@@ -364,12 +366,10 @@ impl WgpuDevice {
                     resource: b.as_entire_binding(),
                 })
                 .collect();
-            if !params.is_empty() {
-                entries.push(wgpu::BindGroupEntry {
-                    binding: params_at as u32,
-                    resource: param_buf.get().as_entire_binding(),
-                });
-            }
+            entries.push(wgpu::BindGroupEntry {
+                binding: params_at as u32,
+                resource: param_buf.get().as_entire_binding(),
+            });
             let bind_group = self.device.create_bind_group(&wgpu::BindGroupDescriptor {
                 label: None,
                 layout: &layout,

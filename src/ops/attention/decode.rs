@@ -160,8 +160,8 @@ pub(crate) struct DecodeShape {
     pub dim: usize,
     pub scale: f32,
     /// Keys per split, and the splits covering the longest sequence.
-    pub split: usize,
-    pub splits: usize,
+    pub keys_per_split: usize,
+    pub split_count: usize,
 }
 
 /// Keys query row i of a sequence with `len` cached rows and `q_valid` real query rows sees:
@@ -219,9 +219,9 @@ pub fn attention_decode(q: &Tensor, cache: &KvCache, options: &DecodeOptions) ->
     }
     let longest = cache.lens.iter().copied().max().unwrap_or(0);
     // The CPU has few threads to fill and pays per split for its partials: longer splits.
-    let split = if q.device().is_cpu() { 4 * DECODE_SPLIT } else { DECODE_SPLIT };
-    let splits = longest.div_ceil(split).max(1);
-    let s = DecodeShape { batch, q_len, capacity, heads, kv_heads, dim, scale, split, splits };
+    let keys_per_split = if q.device().is_cpu() { 4 * DECODE_SPLIT } else { DECODE_SPLIT };
+    let split_count = longest.div_ceil(keys_per_split).max(1);
+    let s = DecodeShape { batch, q_len, capacity, heads, kv_heads, dim, scale, keys_per_split, split_count };
     let lens = &cache.lens;
     match q.storage() {
         Storage::Cpu(_) => cpu_decode(q, cache, &s, lens, &q_lens),
@@ -261,7 +261,7 @@ fn cpu_decode(
     let (d, rows) = (s.dim, s.batch * s.heads * s.q_len);
     let mut o = vec![0f32; rows * d];
     let mut lse = vec![f32::NEG_INFINITY; rows];
-    for (r, parts) in partials.chunks(s.splits).enumerate() {
+    for (r, parts) in partials.chunks(s.split_count).enumerate() {
         let (b, h, i) = (r / (s.heads * s.q_len), (r / s.q_len) % s.heads, r % s.q_len);
         let (m, l, acc) = merge_partials(parts, d);
         if l > 0.0 {
@@ -289,14 +289,16 @@ fn decode_splits<T: crate::Element>(
     let (d, group) = (s.dim, s.heads / s.kv_heads);
     let rows_per_head = group * s.q_len;
     // Task (b, kh, split) yields the partials of its rows x = (h − kh·group)·q_len + i.
-    let task_of = |task: usize| (task / (s.kv_heads * s.splits), (task / s.splits) % s.kv_heads, task % s.splits);
-    let tasks: Vec<Vec<Partial>> = (0..s.batch * s.kv_heads * s.splits)
+    let task_of =
+        |task: usize| (task / (s.kv_heads * s.split_count), (task / s.split_count) % s.kv_heads, task % s.split_count);
+    let tasks: Vec<Vec<Partial>> = (0..s.batch * s.kv_heads * s.split_count)
         .into_par_iter()
         .map(|task| {
             let (b, kh, split) = task_of(task);
-            let j0 = split * s.split;
-            let ends: Vec<usize> =
-                (0..rows_per_head).map(|x| decode_visible(x % s.q_len, lens[b], q_lens[b]).min(j0 + s.split)).collect();
+            let j0 = split * s.keys_per_split;
+            let ends: Vec<usize> = (0..rows_per_head)
+                .map(|x| decode_visible(x % s.q_len, lens[b], q_lens[b]).min(j0 + s.keys_per_split))
+                .collect();
             let j1 = ends.iter().copied().max().unwrap_or(0).max(j0);
             let keys = j1 - j0;
             let mut scores = vec![f32::NEG_INFINITY; rows_per_head * keys];
@@ -342,14 +344,14 @@ fn decode_splits<T: crate::Element>(
         })
         .collect();
     // Every (row, split) belongs to exactly one task: move each partial to its place.
-    let mut by_row: Vec<Partial> = (0..s.batch * s.heads * s.q_len * s.splits)
+    let mut by_row: Vec<Partial> = (0..s.batch * s.heads * s.q_len * s.split_count)
         .map(|_| Partial { m: f32::NEG_INFINITY, l: 0.0, acc: Vec::new() })
         .collect();
     for (task, parts) in tasks.into_iter().enumerate() {
         let (b, kh, split) = task_of(task);
         for (x, part) in parts.into_iter().enumerate() {
             let (h, i) = (kh * group + x / s.q_len, x % s.q_len);
-            by_row[((b * s.heads + h) * s.q_len + i) * s.splits + split] = part;
+            by_row[((b * s.heads + h) * s.q_len + i) * s.split_count + split] = part;
         }
     }
     by_row

@@ -234,7 +234,7 @@ pub fn attention_backward(
     // D = rowsum(dO ⊙ O), [batch, q_len, heads], with the elementwise kernels.
     let f32_of = |t: &Tensor| t.to_dtype(crate::DType::F32);
     let d = crate::ops::sum_rows(&crate::ops::mul(&f32_of(d_o)?, &f32_of(&forward.o)?)?)?;
-    let inputs = BackwardInputs { q, k, v, d_o, lse: &forward.lse, dvec: &d };
+    let inputs = BackwardInputs { q, k, v, d_o, lse: &forward.lse, delta: &d };
     match q.storage() {
         Storage::Cpu(_) => cpu_backward(&inputs, &s, &lens),
         #[cfg(feature = "cuda")]
@@ -252,13 +252,13 @@ pub(crate) struct BackwardInputs<'a> {
     pub v: &'a Tensor,
     pub d_o: &'a Tensor,
     pub lse: &'a Tensor,
-    pub dvec: &'a Tensor,
+    pub delta: &'a Tensor,
 }
 
 fn cpu_backward(inputs: &BackwardInputs<'_>, s: &AttnShape, lens: &[usize]) -> Result<AttentionGrads> {
-    let BackwardInputs { q, k, v, d_o, lse, dvec } = *inputs;
+    let BackwardInputs { q, k, v, d_o, lse, delta } = *inputs;
     let (qv, kv, vv, dov) = (q.to_vec_f32()?, k.to_vec_f32()?, v.to_vec_f32()?, d_o.to_vec_f32()?);
-    let (lse, dd) = (lse.to_vec::<f32>()?, dvec.to_vec::<f32>()?);
+    let (lse, dd) = (lse.to_vec::<f32>()?, delta.to_vec::<f32>()?);
     let (d, group) = (s.dim, s.heads / s.kv_heads);
     let q_at = |b: usize, i: usize, h: usize| ((b * s.q_len + i) * s.heads + h) * d;
     let kv_at = |b: usize, j: usize, kh: usize| ((b * s.kv_len + j) * s.kv_heads + kh) * d;

@@ -1,13 +1,105 @@
-//! CUDA launchers for LoRA (`kernels/lora.cu`): the fused layer and the batched
-//! multi-adapter product.
+//! CUDA launchers for LoRA (`kernels/lora.cu`): the fused layer, whose kernel [`select`]
+//! picks, and the batched multi-adapter product.
 
 use super::{AdapterSet, BaseWeight, Fused};
 use crate::device::cuda::CudaDevice;
-use crate::device::cuda::launch::{dtype_code, grid, to_i32};
-use crate::ops::quant::cuda::QArgs;
+use crate::device::cuda::launch::{dtype_code, grid, grid_stride, grid_x, to_i32};
+use crate::kernels::kernel_params;
+use crate::ops::matmul::MatmulProblem;
+use crate::ops::matmul::cuda::GemmEngine;
+use crate::ops::quant::GEMV_MAX_TOKENS;
+use crate::ops::quant::cuda::QuantParams;
 use crate::tensor::RawBuffer;
 use crate::{DType, Result, Tensor};
 use cudarc::driver::{LaunchConfig, PushKernelArg};
+
+kernel_params! {
+    /// The fused layer's sizes, rank and scale (`struct LoraParams` in `kernels/lora.cu`).
+    pub(crate) struct LoraParams {
+        m: i32,
+        n: i32,
+        k: i32,
+        rank: i32,
+        scale: f32,
+        out_kind: i32,
+    }
+}
+
+/// Where the fused kernels get xa = x·Aᵀ.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum XaSource {
+    /// Computed beforehand (dropout on the LoRA input, or a rank past the kernel's capacity)
+    /// and read in the epilogue: `_pre`.
+    Precomputed,
+    /// From the same k-loop as the base product, for ranks up to `capacity`: `_xa` (SIMT,
+    /// 32), `_xa16` or `_xa32` (tensor cores, the rank padded to 16 or 32).
+    InKernel { capacity: usize },
+}
+
+/// The kernels of the fused layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum LoraKernel {
+    /// `lora_gemv_{dtype}`: quantized W and at most [`GEMV_MAX_TOKENS`] rows (decoding),
+    /// the quant GEMV with the delta in its epilogue; xa computed first.
+    Gemv,
+    /// `lora_fused_{engine}_{dtype}_{dense|quant}_{xa}`: a GEMM engine with the delta as
+    /// extra k-steps before each tile is written.
+    Gemm { engine: GemmEngine, xa: XaSource },
+}
+
+/// The fused layer's kernel on a GPU of compute capability `cc`. The engine is the one the
+/// base product alone would take (matmul's or the quantized GEMM's selector).
+pub(crate) fn select(cc: (u32, u32), f: &Fused<'_>) -> LoraKernel {
+    let [out, inp] = f.base.shape();
+    let tokens = f.x.shape()[0];
+    let engine = match f.base {
+        BaseWeight::Quantized(_) if tokens <= GEMV_MAX_TOKENS => return LoraKernel::Gemv,
+        BaseWeight::Quantized(w) => crate::ops::quant::cuda::gemm_engine(cc, f.x.dtype(), w, inp),
+        BaseWeight::Dense(_) => {
+            crate::ops::matmul::cuda::select(cc, &MatmulProblem::unbatched(tokens, out, inp, true, f.x.dtype()))
+        }
+    };
+    let xa = if !f.xa_in_kernel() {
+        XaSource::Precomputed
+    } else {
+        match engine {
+            GemmEngine::Simt => XaSource::InKernel { capacity: 32 },
+            GemmEngine::Mma if f.rank() <= 16 => XaSource::InKernel { capacity: 16 },
+            GemmEngine::Mma => XaSource::InKernel { capacity: 32 },
+        }
+    };
+    LoraKernel::Gemm { engine, xa }
+}
+
+impl LoraKernel {
+    fn name(self, f: &Fused<'_>) -> String {
+        let xd = f.x.dtype();
+        match self {
+            LoraKernel::Gemv => format!("lora_gemv_{xd}"),
+            LoraKernel::Gemm { engine, xa } => {
+                let weight = if matches!(f.base, BaseWeight::Dense(_)) { "dense" } else { "quant" };
+                let xa = match (engine, xa) {
+                    (_, XaSource::Precomputed) => "pre".to_string(),
+                    (GemmEngine::Simt, XaSource::InKernel { .. }) => "xa".to_string(),
+                    (GemmEngine::Mma, XaSource::InKernel { capacity }) => format!("xa{capacity}"),
+                };
+                format!("lora_fused_{}_{xd}_{weight}_{xa}", engine.name())
+            }
+        }
+    }
+
+    fn config(self, tokens: usize, out: usize) -> Result<LaunchConfig> {
+        match self {
+            // A warp per output row, 8 per block.
+            LoraKernel::Gemv => Ok(LaunchConfig {
+                grid_dim: (grid_x("out rows / 8", out.div_ceil(8))?, 1, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            }),
+            LoraKernel::Gemm { engine, .. } => engine.config(tokens, out, 1),
+        }
+    }
+}
 
 /// `v[t] = x[t]·A_aᵀ` for every row's adapter a (`lora_shrink`), `[tokens, rmax]` f32: x
 /// `[tokens, inp]` and the packed A f32, `table` and `rows` on the device as the kernel reads
@@ -22,7 +114,7 @@ fn shrink(x: &Tensor, a: &Tensor, table: &RawBuffer, rows: &RawBuffer, inp: usiz
     launch.arg(x.cuda_buffer()?).arg(a.cuda_buffer()?).arg(table.cuda_slice()?).arg(rows.cuda_slice()?);
     launch.arg(v.cuda_buffer()?).arg(&inp).arg(&rmax_i);
     let cfg = LaunchConfig {
-        grid_dim: (grid("tokens", tokens)?, grid("rank groups", rmax.div_ceil(8))?, 1),
+        grid_dim: (grid_x("tokens", tokens)?, grid("rank groups", rmax.div_ceil(8))?, 1),
         block_dim: (256, 1, 1),
         shared_mem_bytes: 0,
     };
@@ -40,20 +132,14 @@ pub(crate) fn batched(x: &Tensor, y: &Tensor, set: &AdapterSet, adapters: &[i32]
     let rows = RawBuffer::new(bytemuck::cast_slice(adapters).to_vec(), &device)?;
     let v = shrink(x, &set.a, &table, &rows, set.inp, rmax)?;
     let out = Tensor::empty(y.shape(), DType::F32, &device)?;
-    let (outn, rmax_i) = (set.out as i32, rmax as i32);
+    let (outn, rmax_i) = (to_i32("out", set.out)?, to_i32("rank", rmax)?);
     let tokens64 = tokens as u64;
     let f = dev.function(&crate::kernels::cuda::LORA, "lora_expand")?;
     let mut launch = dev.stream.launch_builder(&f);
     launch.arg(v.cuda_buffer()?).arg(set.b.cuda_buffer()?).arg(table.cuda_slice()?).arg(rows.cuda_slice()?);
     launch.arg(y.cuda_buffer()?).arg(out.cuda_buffer()?).arg(&tokens64).arg(&outn).arg(&rmax_i);
-    let n = tokens * set.out;
-    let cfg = LaunchConfig {
-        grid_dim: (n.div_ceil(256).clamp(1, 1 << 16) as u32, 1, 1),
-        block_dim: (256, 1, 1),
-        shared_mem_bytes: 0,
-    };
     // SAFETY: y and out are [tokens, out]; v as above.
-    unsafe { launch.launch(cfg) }.map_err(|e| CudaDevice::launch_err("lora_expand", e))?;
+    unsafe { launch.launch(grid_stride(tokens * set.out)) }.map_err(|e| CudaDevice::launch_err("lora_expand", e))?;
     Ok(out)
 }
 
@@ -62,105 +148,60 @@ pub(crate) fn fused(f: &Fused<'_>) -> Result<(Tensor, Tensor)> {
     let x = f.x;
     let dev = x.cuda_device()?.clone();
     let device = x.device();
-    let xd = x.dtype();
     let [out, inp] = f.base.shape();
     let (tokens, r) = (x.shape()[0], f.rank());
-    let y = Tensor::empty(&[tokens, out], xd, &device)?;
-    let kind = dtype_code(xd);
-    let (m, n, k, r_i) = (to_i32("tokens", tokens)?, to_i32("out", out)?, to_i32("in", inp)?, to_i32("rank", r)?);
-    let null = 0u64;
-    let bias = f.bias.as_ref().map(|b| b.cuda_buffer()).transpose()?;
-    let b = f.b.cuda_buffer()?;
-
-    if let BaseWeight::Quantized(w) = f.base {
-        if tokens <= crate::ops::quant::GEMV_MAX_TOKENS {
-            let xa = gemv_shrink(f)?;
-            let name = format!("lora_gemv_{xd}");
-            let func = dev.function(&crate::kernels::cuda::LORA, &name)?;
-            let q = QArgs::of(w);
-            let mut launch = dev.stream.launch_builder(&func);
-            launch.arg(w.raw().cuda_slice()?).arg(x.cuda_buffer()?).arg(y.cuda_buffer()?).arg(&kind);
-            launch.arg(&n).arg(&k).arg(&m);
-            launch.arg(&null).arg(xa.cuda_buffer()?).arg(&null).arg(b);
-            match bias {
-                Some(bias) => launch.arg(bias),
-                None => launch.arg(&null),
-            };
-            launch.arg(&r_i).arg(&f.scale);
-            q.push(&mut launch);
-            let cfg = LaunchConfig {
-                grid_dim: (grid("out rows", out.div_ceil(8))?, 1, 1),
-                block_dim: (256, 1, 1),
-                shared_mem_bytes: 0,
-            };
-            // SAFETY: x [tokens, in], y [tokens, out], xa [tokens, r], B [out, r], bias [out];
-            // the weight buffer holds its state as QArgs describes.
-            unsafe { launch.launch(cfg) }.map_err(|e| CudaDevice::launch_err(&name, e))?;
-            return Ok((y, xa));
+    let kernel = select(dev.cc, f);
+    let name = kernel.name(f);
+    let y = Tensor::empty(&[tokens, out], x.dtype(), &device)?;
+    let params = LoraParams {
+        m: to_i32("tokens", tokens)?,
+        n: to_i32("out", out)?,
+        k: to_i32("in", inp)?,
+        rank: to_i32("rank", r)?,
+        scale: f.scale,
+        out_kind: dtype_code(x.dtype()),
+    };
+    // xa: computed first (written by `shrink`), or by the kernel (`xa_out`).
+    let (xa, xa_in_kernel) = match kernel {
+        LoraKernel::Gemv => (gemv_shrink(f)?, false),
+        LoraKernel::Gemm { xa: XaSource::Precomputed, .. } => (f.shrink()?, false),
+        LoraKernel::Gemm { xa: XaSource::InKernel { .. }, .. } => {
+            (Tensor::empty(&[tokens, r], DType::F32, &device)?, true)
         }
-    }
-
-    let tensor_cores = match f.base {
-        BaseWeight::Dense(_) => xd != DType::F32 && dev.cc.0 >= 8 && inp.is_multiple_of(8),
-        BaseWeight::Quantized(w) => crate::ops::quant::cuda::uses_tensor_cores(&dev, xd, w, inp),
     };
-    let (mode, xa) = if f.xa_in_kernel() {
-        let mode = match (tensor_cores, r <= 16) {
-            (true, true) => "xa16",
-            (true, false) => "xa32",
-            (false, _) => "xa",
-        };
-        (mode, Tensor::empty(&[tokens, r], DType::F32, &device)?)
-    } else {
-        ("pre", f.shrink()?)
-    };
-    let engine = if tensor_cores { "mma" } else { "simt" };
-    let weight = if matches!(f.base, BaseWeight::Dense(_)) { "dense" } else { "quant" };
-    let name = format!("lora_fused_{engine}_{xd}_{weight}_{mode}");
+    let null = 0u64;
     let func = dev.function(&crate::kernels::cuda::LORA, &name)?;
     let mut launch = dev.stream.launch_builder(&func);
-    launch.arg(x.cuda_buffer()?);
-    match f.base {
-        BaseWeight::Dense(w) => launch.arg(w.cuda_buffer()?),
-        BaseWeight::Quantized(w) => launch.arg(w.raw().cuda_slice()?),
+    match (kernel, f.base) {
+        (LoraKernel::Gemv, BaseWeight::Quantized(w)) => launch.arg(w.raw().cuda_slice()?).arg(x.cuda_buffer()?),
+        (_, BaseWeight::Dense(w)) => launch.arg(x.cuda_buffer()?).arg(w.cuda_buffer()?),
+        (_, BaseWeight::Quantized(w)) => launch.arg(x.cuda_buffer()?).arg(w.raw().cuda_slice()?),
     };
-    launch.arg(y.cuda_buffer()?).arg(&kind).arg(&m).arg(&n).arg(&k);
-    if mode == "pre" {
-        launch.arg(&null).arg(xa.cuda_buffer()?).arg(&null);
-    } else {
+    launch.arg(y.cuda_buffer()?);
+    // LORA_BUFFERS: A_lora, xa_in, xa_out, B_lora, bias (null where the kernel reads none).
+    if xa_in_kernel {
         launch.arg(f.a.cuda_buffer()?).arg(&null).arg(xa.cuda_buffer()?);
+    } else {
+        launch.arg(&null).arg(xa.cuda_buffer()?).arg(&null);
     }
-    launch.arg(b);
-    match bias {
-        Some(bias) => launch.arg(bias),
+    launch.arg(f.b.cuda_buffer()?);
+    match &f.bias {
+        Some(bias) => launch.arg(bias.cuda_buffer()?),
         None => launch.arg(&null),
     };
-    launch.arg(&r_i).arg(&f.scale);
+    launch.arg(&params);
     let q = match f.base {
-        BaseWeight::Quantized(w) => Some(QArgs::of(w)),
+        BaseWeight::Quantized(w) => Some(QuantParams::of(w)),
         BaseWeight::Dense(_) => None,
     };
     if let Some(q) = &q {
-        q.push(&mut launch);
+        launch.arg(q);
     }
-    let cfg = if tensor_cores {
-        LaunchConfig {
-            grid_dim: (grid("n tiles", out.div_ceil(128))?, grid("token tiles", tokens.div_ceil(128))?, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        }
-    } else {
-        LaunchConfig {
-            grid_dim: (grid("n tiles", out.div_ceil(64))?, grid("token tiles", tokens.div_ceil(64))?, 1),
-            block_dim: (16, 16, 1),
-            shared_mem_bytes: 0,
-        }
-    };
-    // SAFETY: x [tokens, in] (rows 16-byte aligned on the tensor-core path: in % 8 == 0),
-    // W [out, in] dense in x's dtype or quantized as QArgs describes, y [tokens, out],
-    // A [r, in] in x's dtype, xa [tokens, r], B [out, r], bias [out]; r ≤ 32 when the kernel
-    // computes xa itself.
-    unsafe { launch.launch(cfg) }.map_err(|e| CudaDevice::launch_err(&name, e))?;
+    // SAFETY: x [tokens, in] (rows 16-byte aligned on the tensor-core engine, which `select`
+    // takes only for in % 8 == 0), W [out, in] dense in x's dtype or quantized as QuantParams
+    // describes, y [tokens, out], A [r, in] in x's dtype, xa [tokens, r], B [out, r], bias
+    // [out]; r within the in-kernel capacity when the kernel computes xa itself.
+    unsafe { launch.launch(kernel.config(tokens, out)?) }.map_err(|e| CudaDevice::launch_err(&name, e))?;
     Ok((y, xa))
 }
 
@@ -170,7 +211,20 @@ fn gemv_shrink(f: &Fused<'_>) -> Result<Tensor> {
     let x = f.lora_input()?;
     let device = x.device();
     let (tokens, r) = (x.shape()[0], f.rank());
-    let table = RawBuffer::new(bytemuck::cast_slice(&[0u32, 0, r as u32, 1f32.to_bits()]).to_vec(), &device)?;
+    let entry = super::AdapterEntry { a_offset: 0, b_offset: 0, rank: r as u32, scale: 1.0 };
+    let table = RawBuffer::new(bytemuck::bytes_of(&entry).to_vec(), &device)?;
     let rows = RawBuffer::new(vec![0u8; 4 * tokens], &device)?;
     shrink(&x.to_dtype(DType::F32)?, &f.a.to_dtype(DType::F32)?, &table, &rows, x.shape()[1], r)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::mirror::{Lang, assert_mirrored};
+
+    #[test]
+    fn parameters_mirror_the_kernel_source() {
+        assert_mirrored::<LoraParams>(crate::kernels::cuda::LORA.source, Lang::Cuda);
+        assert_mirrored::<super::super::AdapterEntry>(crate::kernels::cuda::LORA.source, Lang::Cuda);
+    }
 }

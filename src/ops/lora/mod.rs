@@ -288,18 +288,7 @@ fn cpu_fused(f: &Fused<'_>) -> Result<(Tensor, Tensor)> {
         return Err(Error::InvalidArgument("the CPU base product is f32".into()));
     };
     // (s·xa)·Bᵀ as a product of depth r, accumulated into the base product's tiles.
-    let p = MatmulProblem {
-        batch: 1,
-        m: tokens,
-        n: out,
-        k: r,
-        trans_a: false,
-        trans_b: true,
-        batch_stride_a: 0,
-        batch_stride_b: 0,
-        in_dtype: DType::F32,
-        out_dtype: DType::F32,
-    };
+    let p = MatmulProblem::unbatched(tokens, out, r, true, DType::F32);
     cpu_matmul_into(&p, &sxa, &b, yv, true);
     if let Some(bias) = bias {
         use rayon::prelude::*;
@@ -335,6 +324,18 @@ pub fn lora_backward(dy: &Tensor, x: &Tensor, xa: &Tensor, layer: &LoraLinear<'_
     Ok(LoraGrads { dx, da, db })
 }
 
+crate::kernels::kernel_params! {
+    /// One adapter of an [`AdapterSet`] as the batched kernels read it (`struct AdapterEntry`
+    /// in `kernels/lora.cu` and `shaders/lora_adapters.wgsl`): where its A and B start in the
+    /// packed arrays (elements), its rank and its scale.
+    pub(crate) struct AdapterEntry {
+        a_offset: u32,
+        b_offset: u32,
+        rank: u32,
+        scale: f32,
+    }
+}
+
 /// Many adapters of one layer, packed for serving them side by side: each row of a batch
 /// picks its adapter (Punica's BGMV idea). Ranks may differ between adapters.
 #[derive(Debug, Clone)]
@@ -343,8 +344,8 @@ pub struct AdapterSet {
     a: Tensor,
     /// Every adapter's B, flattened one after the other, f32.
     b: Tensor,
-    /// Per adapter: offset of A, offset of B (elements), rank, scale (f32 bits).
-    table: Vec<u32>,
+    /// One entry per adapter.
+    table: Vec<AdapterEntry>,
     ranks: Vec<usize>,
     inp: usize,
     out: usize,
@@ -382,7 +383,12 @@ impl AdapterSet {
                 return Err(Error::InvalidArgument(format!("adapter {i}: scale {s} is not finite")));
             }
             let offset = |v: usize| u32::try_from(v).map_err(|_| Error::Unsupported("adapter set too large".into()));
-            table.extend([offset(a_all.len())?, offset(b_all.len())?, offset(r)?, s.to_bits()]);
+            table.push(AdapterEntry {
+                a_offset: offset(a_all.len())?,
+                b_offset: offset(b_all.len())?,
+                rank: offset(r)?,
+                scale: *s,
+            });
             a_all.extend(a.to_vec_f32()?);
             b_all.extend(b.to_vec_f32()?);
             ranks.push(r);
@@ -460,8 +466,8 @@ fn cpu_batched(x: &Tensor, y: &Tensor, set: &AdapterSet, adapters: &[i32]) -> Re
         if a < 0 {
             return;
         }
-        let e = &set.table[4 * a as usize..4 * a as usize + 4];
-        let (ao, bo, r, s) = (e[0] as usize, e[1] as usize, e[2] as usize, f32::from_bits(e[3]));
+        let e = set.table[a as usize];
+        let (ao, bo, r, s) = (e.a_offset as usize, e.b_offset as usize, e.rank as usize, e.scale);
         let xr = &xv[t * inp..(t + 1) * inp];
         let v: Vec<f32> = (0..r).map(|j| crate::ops::dot(xr, &av[ao + j * inp..ao + (j + 1) * inp])).collect();
         for (o, yo) in row.iter_mut().enumerate() {

@@ -4,12 +4,54 @@
 
 use super::{AdapterSet, BaseWeight, Fused};
 use crate::device::wgpu::launch::{fits_u32, grid_2d, wgsl_input};
-use crate::kernels::wgsl::{LORA_EXPAND as EXPAND, LORA_FUSED as FUSED, LORA_SHRINK as SHRINK};
+use crate::kernels::{kernel_params, wgsl, wgsl_struct};
 use crate::ops::matmul::MatmulProblem;
-use crate::ops::matmul::wgpu::{PARAMS_FIELDS, SHADER as MATMUL_SHADER, groups, params as matmul_params};
-use crate::ops::quant::wgpu::{QUANT_FIELDS, decode_binding, quant_params};
+use crate::ops::matmul::wgpu::{MatmulParams, groups};
+use crate::ops::quant::wgpu::{QuantParams, decode_binding};
 use crate::tensor::RawBuffer;
 use crate::{DType, Result, Tensor};
+
+kernel_params! {
+    /// The delta's rank and scale, and whether a bias joins (`struct LoraParams` in
+    /// `shaders/lora_fused.wgsl`).
+    struct LoraParams {
+        rank: u32,
+        scale: f32,
+        has_bias: u32,
+        pad0: u32,
+    }
+}
+
+kernel_params! {
+    /// The fused layer's uniform over a dense W.
+    struct DenseUniform {
+        mm: MatmulParams,
+        lora: LoraParams,
+    }
+}
+
+kernel_params! {
+    /// The fused layer's uniform over a quantized W.
+    struct QuantUniform {
+        mm: MatmulParams,
+        q: QuantParams,
+        lora: LoraParams,
+    }
+}
+
+kernel_params! {
+    /// The batch's sizes (`struct LoraBatchedParams` in `shaders/lora_adapters.wgsl`).
+    struct LoraBatchedParams {
+        tokens: u32,
+        inp: u32,
+        outn: u32,
+        rmax: u32,
+        groups_x: u32,
+        pad0: u32,
+        pad1: u32,
+        pad2: u32,
+    }
+}
 
 pub(crate) fn batched(x: &Tensor, y: &Tensor, set: &AdapterSet, adapters: &[i32]) -> Result<Tensor> {
     let dev = x.wgpu_device()?.clone();
@@ -20,18 +62,23 @@ pub(crate) fn batched(x: &Tensor, y: &Tensor, set: &AdapterSet, adapters: &[i32]
     let rows = RawBuffer::new(bytemuck::cast_slice(adapters).to_vec(), &device)?;
     let v = Tensor::empty(&[tokens, rmax], DType::F32, &device)?;
     let out = Tensor::empty(y.shape(), DType::F32, &device)?;
-    let dims =
-        [fits_u32("tokens", tokens)?, fits_u32("in", set.inp)?, fits_u32("out", set.out)?, fits_u32("rank", rmax)?];
+    let mut params = LoraBatchedParams {
+        tokens: fits_u32("tokens", tokens)?,
+        inp: fits_u32("in", set.inp)?,
+        outn: fits_u32("out", set.out)?,
+        rmax: fits_u32("rank", rmax)?,
+        ..Default::default()
+    };
 
     let (gx, gy) = grid_2d(tokens * rmax);
-    let pipeline = dev.pipeline("lora_shrink", || SHRINK.to_string())?;
-    let params = [dims[0], dims[1], dims[2], dims[3], gx];
+    params.groups_x = gx;
+    let pipeline = dev.pipeline("lora_shrink", || format!("{}{}", wgsl::LORA_ADAPTERS, wgsl::LORA_SHRINK))?;
     let buffers = [x.wgpu_buffer()?, set.a.wgpu_buffer()?, table.wgpu_buffer()?, rows.wgpu_buffer()?, v.wgpu_buffer()?];
     dev.dispatch(&pipeline, &buffers, &params, (gx, gy, 1))?;
 
     let (gx, gy) = grid_2d((tokens * set.out).div_ceil(64));
-    let pipeline = dev.pipeline("lora_expand", || EXPAND.to_string())?;
-    let params = [dims[0], dims[1], dims[2], dims[3], gx];
+    params.groups_x = gx;
+    let pipeline = dev.pipeline("lora_expand", || format!("{}{}", wgsl::LORA_ADAPTERS, wgsl::LORA_EXPAND))?;
     let buffers = [
         v.wgpu_buffer()?,
         set.b.wgpu_buffer()?,
@@ -63,35 +110,23 @@ pub(crate) fn fused(f: &Fused<'_>) -> Result<(Tensor, Tensor)> {
     );
     let pipeline = dev.pipeline(&key, || {
         let enable = if native { "enable f16;\n" } else { "" };
-        let (weight_fields, weight) = match f.base {
-            BaseWeight::Dense(w) => ("", wgsl_input("b", 1, w.dtype(), native)),
-            BaseWeight::Quantized(_) => {
-                (QUANT_FIELDS, format!("{}fn load_b(i: u32) -> f32 {{ return quant_weight(i); }}\n", decode_binding(1)))
-            }
+        let (uniform, weight) = match f.base {
+            BaseWeight::Dense(w) => (wgsl_struct::<DenseUniform>("Params"), wgsl_input("b", 1, w.dtype(), native)),
+            BaseWeight::Quantized(_) => (
+                wgsl_struct::<QuantUniform>("Params"),
+                format!("{}fn load_b(i: u32) -> f32 {{ return quant_weight(i); }}\n", decode_binding(1)),
+            ),
         };
         format!(
-            "{enable}struct Params {{ {PARAMS_FIELDS} {weight_fields} lora_r: u32, lora_scale: u32, lora_bias: u32, }}\n\
-             {}{weight}const XA_IN_KERNEL: bool = {in_kernel};\n{FUSED}{MATMUL_SHADER}",
+            "{enable}{uniform}{}{weight}const XA_IN_KERNEL: bool = {in_kernel};\n{}{}",
             wgsl_input("a", 0, x.dtype(), native),
+            wgsl::LORA_FUSED,
+            wgsl::MATMUL,
         )
     })?;
-    let mp = MatmulProblem {
-        batch: 1,
-        m: tokens,
-        n: out,
-        k: inp,
-        trans_a: false,
-        trans_b: true,
-        batch_stride_a: 0,
-        batch_stride_b: 0,
-        in_dtype: x.dtype(),
-        out_dtype: DType::F32,
-    };
-    let mut params = matmul_params(&mp)?;
-    if let BaseWeight::Quantized(w) = f.base {
-        params.extend(quant_params(w)?);
-    }
-    params.extend([fits_u32("rank", r)?, f.scale.to_bits(), f.bias.is_some() as u32]);
+    let mp = MatmulProblem::unbatched(tokens, out, inp, true, x.dtype());
+    let mm = MatmulParams::of(&mp)?;
+    let lora = LoraParams { rank: fits_u32("rank", r)?, scale: f.scale, has_bias: f.bias.is_some() as u32, pad0: 0 };
     let (xa, a32) = if in_kernel {
         (Tensor::empty(&[tokens, r], DType::F32, &device)?, Some(f.a.to_dtype(DType::F32)?))
     } else {
@@ -114,6 +149,27 @@ pub(crate) fn fused(f: &Fused<'_>) -> Result<(Tensor, Tensor)> {
         f.bias.as_ref().map(|b| b.wgpu_buffer()).transpose()?.unwrap_or(lb),
     ];
     // matmul.wgsl's uniform block sits at binding 3, before lora_fused.wgsl's bindings.
-    dev.dispatch_params_at(&pipeline, &buffers, 3, &params, groups(&mp)?)?;
+    match f.base {
+        BaseWeight::Dense(_) => {
+            dev.dispatch_params_at(&pipeline, &buffers, 3, &DenseUniform { mm, lora }, groups(&mp)?)?
+        }
+        BaseWeight::Quantized(w) => {
+            let params = QuantUniform { mm, q: QuantParams::of(w)?, lora };
+            dev.dispatch_params_at(&pipeline, &buffers, 3, &params, groups(&mp)?)?
+        }
+    }
     Ok((y.to_dtype(x.dtype())?, xa))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::mirror::{Lang, assert_mirrored};
+
+    #[test]
+    fn parameters_mirror_the_shaders() {
+        assert_mirrored::<LoraParams>(wgsl::LORA_FUSED, Lang::Wgsl);
+        assert_mirrored::<LoraBatchedParams>(wgsl::LORA_ADAPTERS, Lang::Wgsl);
+        assert_mirrored::<super::super::AdapterEntry>(wgsl::LORA_ADAPTERS, Lang::Wgsl);
+    }
 }

@@ -62,6 +62,23 @@ pub(crate) struct MatmulProblem {
 }
 
 impl MatmulProblem {
+    /// One `[m, k]` A times B (`[k, n]`, or `[n, k]` with `trans_b`), f32 out: the product
+    /// the other families run on their operands.
+    pub(crate) fn unbatched(m: usize, n: usize, k: usize, trans_b: bool, in_dtype: DType) -> MatmulProblem {
+        MatmulProblem {
+            batch: 1,
+            m,
+            n,
+            k,
+            trans_a: false,
+            trans_b,
+            batch_stride_a: 0,
+            batch_stride_b: 0,
+            in_dtype,
+            out_dtype: DType::F32,
+        }
+    }
+
     /// Elements between rows of A as stored (k, or m when transposed).
     pub fn lda(&self) -> usize {
         if self.trans_a { self.m } else { self.k }

@@ -3,12 +3,42 @@
 
 use super::{ParamSlot, StepConstants, StepReport};
 use crate::device::cuda::CudaDevice;
-use crate::device::cuda::launch::dtype_code;
+use crate::device::cuda::launch::{dtype_code, grid_stride};
+use crate::kernels::kernel_params;
 use crate::{Error, Result, Tensor};
 use cudarc::driver::{DevicePtr, LaunchConfig, PushKernelArg};
 
 /// Elements per block, as `CHUNK` in the kernel.
 const CHUNK: usize = 8192;
+
+kernel_params! {
+    /// One parameter tensor of a step, a row of the table the kernels walk (`struct
+    /// OptimSlot` in `kernels/optim.cu`).
+    pub(crate) struct OptimSlot {
+        master: u64,
+        m: u64,
+        v: u64,
+        grad: u64,
+        /// Device pointers of the optional parts; 0 where absent.
+        working: u64,
+        anchor: u64,
+        fisher: u64,
+        /// Elements.
+        n: u64,
+        /// The first block of the tensor's chunks.
+        first_chunk: u64,
+        /// Dtype codes of the gradient and the working copy.
+        grad_kind: i32,
+        working_kind: i32,
+        has_working: i32,
+        has_anchor: i32,
+        has_fisher: i32,
+        /// Round the bf16 working copy stochastically, with `key`.
+        stochastic: i32,
+        key: u32,
+        pad0: u32,
+    }
+}
 
 fn ptr(dev: &CudaDevice, t: &Tensor) -> Result<u64> {
     let (p, _sync) = t.cuda_buffer()?.device_ptr(&dev.stream);
@@ -17,31 +47,31 @@ fn ptr(dev: &CudaDevice, t: &Tensor) -> Result<u64> {
 
 pub(crate) fn step(slots: &mut [ParamSlot<'_>], c: &StepConstants) -> Result<StepReport> {
     let dev = slots[0].master.cuda_device()?.clone();
-    let mut table: Vec<u64> = Vec::with_capacity(slots.len() * 10);
+    let mut table: Vec<OptimSlot> = Vec::with_capacity(slots.len());
     let mut chunks = 0usize;
     for (j, s) in slots.iter().enumerate() {
         let n = s.master.elem_count();
         let opt = |t: Option<&Tensor>| t.map(|t| ptr(&dev, t)).transpose().map(|p| p.unwrap_or(0));
         let working = s.working.as_deref();
-        let kinds = dtype_code(s.grad.dtype()) as u64
-            | (working.map_or(0, |w| dtype_code(w.dtype())) as u64) << 8
-            | (working.is_some() as u64) << 16
-            | (s.anchor.is_some() as u64) << 17
-            | (s.fisher.is_some() as u64) << 18
-            | ((c.sr_key.is_some() && working.is_some()) as u64) << 19
-            | (c.slot_key(j) as u64) << 32;
-        table.extend([
-            ptr(&dev, s.master)?,
-            ptr(&dev, s.m)?,
-            ptr(&dev, s.v)?,
-            ptr(&dev, s.grad)?,
-            opt(working)?,
-            opt(s.anchor)?,
-            opt(s.fisher)?,
-            n as u64,
-            kinds,
-            chunks as u64,
-        ]);
+        table.push(OptimSlot {
+            master: ptr(&dev, s.master)?,
+            m: ptr(&dev, s.m)?,
+            v: ptr(&dev, s.v)?,
+            grad: ptr(&dev, s.grad)?,
+            working: opt(working)?,
+            anchor: opt(s.anchor)?,
+            fisher: opt(s.fisher)?,
+            n: n as u64,
+            first_chunk: chunks as u64,
+            grad_kind: dtype_code(s.grad.dtype()),
+            working_kind: working.map_or(0, |w| dtype_code(w.dtype())),
+            has_working: working.is_some() as i32,
+            has_anchor: s.anchor.is_some() as i32,
+            has_fisher: s.fisher.is_some() as i32,
+            stochastic: (c.sr_key.is_some() && working.is_some()) as i32,
+            key: c.slot_key(j),
+            pad0: 0,
+        });
         chunks += n.div_ceil(CHUNK).max(1);
     }
     let table_buf = {
@@ -78,12 +108,9 @@ pub(crate) fn step(slots: &mut [ParamSlot<'_>], c: &StepConstants) -> Result<Ste
     // SAFETY: partials and flags hold `blocks` entries; the result holds an f64 and a u32.
     unsafe { launch.launch(one) }.map_err(|e| CudaDevice::launch_err("norm_finish", e))?;
 
-    let use_fisher = c.use_fisher as i32;
     let f = dev.function(&crate::kernels::cuda::OPTIM, "adamw_step")?;
     let mut launch = dev.stream.launch_builder(&f);
-    launch.arg(table_buf.get()).arg(&count).arg(&sumsq_ptr).arg(&flag_ptr);
-    launch.arg(&c.beta1).arg(&c.beta2).arg(&c.eps).arg(&c.decay).arg(&c.step_size).arg(&c.bc2_sqrt);
-    launch.arg(&c.lambda).arg(&c.max_norm).arg(&use_fisher);
+    launch.arg(table_buf.get()).arg(&count).arg(&sumsq_ptr).arg(&flag_ptr).arg(&c.adamw);
     // SAFETY: as above; master, m, v and working are owned by this step (storage_mut).
     unsafe { launch.launch(cfg) }.map_err(|e| CudaDevice::launch_err("adamw_step", e))?;
 
@@ -101,12 +128,19 @@ pub(crate) fn fisher_accumulate(fisher: &mut Tensor, grad: &Tensor, inv_count: f
     let f = dev.function(&crate::kernels::cuda::OPTIM, "fisher_accumulate")?;
     let mut launch = dev.stream.launch_builder(&f);
     launch.arg(fisher.cuda_buffer()?).arg(grad.cuda_buffer()?).arg(&kind).arg(&n).arg(&inv_count);
-    let cfg = LaunchConfig {
-        grid_dim: ((n as usize).div_ceil(256).clamp(1, 1 << 16) as u32, 1, 1),
-        block_dim: (256, 1, 1),
-        shared_mem_bytes: 0,
-    };
     // SAFETY: both hold n elements; fisher is owned by this call.
-    unsafe { launch.launch(cfg) }.map_err(|e| CudaDevice::launch_err("fisher_accumulate", e))?;
+    unsafe { launch.launch(grid_stride(n as usize)) }.map_err(|e| CudaDevice::launch_err("fisher_accumulate", e))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::mirror::{Lang, assert_mirrored};
+
+    #[test]
+    fn parameters_mirror_the_kernel_source() {
+        assert_mirrored::<OptimSlot>(crate::kernels::cuda::OPTIM.source, Lang::Cuda);
+        assert_mirrored::<super::super::AdamWParams>(crate::kernels::cuda::OPTIM.source, Lang::Cuda);
+    }
 }

@@ -198,23 +198,37 @@ fn validate(slots: &[ParamSlot<'_>], h: &AdamWHyper, step: u64) -> Result<crate:
     Ok(device)
 }
 
-/// The constants every backend's kernel derives from the hyperparameters and the step.
+crate::kernels::kernel_params! {
+    /// The constants of one step that every backend's update reads (`struct AdamWParams` in
+    /// `kernels/optim.cu` and `shaders/optim_step.wgsl`), derived from the hyperparameters
+    /// and the step.
+    pub(crate) struct AdamWParams {
+        beta1: f32,
+        beta2: f32,
+        /// The moment weights 1 − β1 and 1 − β2.
+        one_minus_beta1: f32,
+        one_minus_beta2: f32,
+        eps: f32,
+        /// 1 − lr·wd
+        decay: f32,
+        /// lr / (1 − β1ᵗ)
+        step_size: f32,
+        /// √(1 − β2ᵗ)
+        bc2_sqrt: f32,
+        lambda: f32,
+        /// Clip threshold; 0 for none.
+        max_norm: f32,
+        /// Whether the penalty multiplies by F (EWC, 1) or not (L2, 0).
+        use_fisher: u32,
+        pad0: u32,
+    }
+}
+
+/// What every backend derives from the hyperparameters and the step.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct StepConstants {
-    pub beta1: f32,
-    pub beta2: f32,
-    pub eps: f32,
-    /// 1 − lr·wd
-    pub decay: f32,
-    /// lr / (1 − β1ᵗ)
-    pub step_size: f32,
-    /// √(1 − β2ᵗ)
-    pub bc2_sqrt: f32,
-    pub lambda: f32,
-    /// Clip threshold; 0 for none.
-    pub max_norm: f32,
-    /// Whether the penalty multiplies by F (EWC) or not (L2).
-    pub use_fisher: bool,
+    /// The update's constants, as the kernels take them.
+    pub adamw: AdamWParams,
     /// Stochastic rounding of bf16 working copies: the per-step key, or None.
     pub sr_key: Option<u32>,
 }
@@ -222,20 +236,24 @@ pub(crate) struct StepConstants {
 impl StepConstants {
     fn new(h: &AdamWHyper, step: u64) -> StepConstants {
         let t = step.min(i32::MAX as u64) as i32;
-        StepConstants {
+        let adamw = AdamWParams {
             beta1: h.beta1,
             beta2: h.beta2,
+            one_minus_beta1: 1.0 - h.beta1,
+            one_minus_beta2: 1.0 - h.beta2,
             eps: h.eps,
             decay: 1.0 - h.lr * h.weight_decay,
             step_size: h.lr / (1.0 - h.beta1.powi(t)),
             bc2_sqrt: (1.0 - h.beta2.powi(t)).sqrt(),
             lambda: h.lambda(),
             max_norm: h.max_grad_norm.unwrap_or(0.0),
-            use_fisher: matches!(h.penalty, Penalty::Ewc { .. }),
-            sr_key: h
-                .stochastic_rounding
-                .map(|seed| mix32(seed as u32 ^ mix32((seed >> 32) as u32) ^ mix32(step as u32 ^ 0x5bd1_e995))),
-        }
+            use_fisher: matches!(h.penalty, Penalty::Ewc { .. }) as u32,
+            pad0: 0,
+        };
+        let sr_key = h
+            .stochastic_rounding
+            .map(|seed| mix32(seed as u32 ^ mix32((seed >> 32) as u32) ^ mix32(step as u32 ^ 0x5bd1_e995)));
+        StepConstants { adamw, sr_key }
     }
 
     /// The stochastic-rounding key of parameter `slot` this step.
@@ -245,7 +263,8 @@ impl StepConstants {
 
     /// The clip factor for a gradient norm.
     pub(crate) fn clip(&self, norm: f32) -> f32 {
-        if self.max_norm > 0.0 { (self.max_norm / (norm + 1e-6)).min(1.0) } else { 1.0 }
+        let max_norm = self.adamw.max_norm;
+        if max_norm > 0.0 { (max_norm / (norm + 1e-6)).min(1.0) } else { 1.0 }
     }
 }
 
@@ -275,8 +294,8 @@ fn effective_grad(c: &StepConstants, grad: f32, clip: f32, theta: f32, anchor: O
     let g = grad * clip;
     match anchor {
         Some((a, f)) => {
-            let pull = c.lambda * (theta - a);
-            g + if c.use_fisher { f * pull } else { pull }
+            let pull = c.adamw.lambda * (theta - a);
+            g + if c.adamw.use_fisher != 0 { f * pull } else { pull }
         }
         None => g,
     }
@@ -286,9 +305,10 @@ fn effective_grad(c: &StepConstants, grad: f32, clip: f32, theta: f32, anchor: O
 /// same order of f32 operations.
 #[inline(always)]
 fn update(c: &StepConstants, theta: f32, m: f32, v: f32, g: f32) -> (f32, f32, f32) {
+    let c = &c.adamw;
     let theta = theta * c.decay;
-    let m = lerp(m, g, 1.0 - c.beta1);
-    let v = v * c.beta2 + (1.0 - c.beta2) * (g * g);
+    let m = lerp(m, g, c.one_minus_beta1);
+    let v = v * c.beta2 + c.one_minus_beta2 * (g * g);
     let denom = v.sqrt() / c.bc2_sqrt + c.eps;
     (theta - c.step_size * (m / denom), m, v)
 }

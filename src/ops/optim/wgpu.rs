@@ -2,18 +2,68 @@
 //! many as the adapter's storage-binding limit allows), so a step is one norm dispatch per
 //! group, one reduction, and one step dispatch per group — not one per tensor.
 
-use super::{ParamSlot, StepConstants, StepReport};
+use super::{AdamWParams, ParamSlot, StepConstants, StepReport};
 use crate::device::wgpu::WgpuDevice;
 use crate::device::wgpu::launch::{fits_u32, grid_2d, wgsl_input};
-use crate::kernels::wgsl::{OPTIM_NORM as NORM, OPTIM_REDUCE as REDUCE, OPTIM_STEP as STEP};
+use crate::kernels::{kernel_params, wgsl};
 use crate::{DType, Result, Tensor};
 use std::fmt::Write;
 
 /// Elements per workgroup of the norm shader (its CHUNK) and of the step shader.
 const NORM_CHUNK: usize = 4096;
 const STEP_CHUNK: usize = 512;
-/// Tensors per generated shader (the size of its `info` array).
+/// Tensors per generated shader (the size of its `info` array; MAX_GROUP in
+/// `shaders/optim_slots.wgsl`).
 const MAX_GROUP: usize = 16;
+
+kernel_params! {
+    /// One tensor of a group (`struct SlotInfo` in `shaders/optim_slots.wgsl`).
+    struct SlotInfo {
+        len: u32,
+        first_group: u32,
+        key: u32,
+        pad0: u32,
+    }
+}
+
+kernel_params! {
+    /// `struct OptimNormParams` in `shaders/optim_norm.wgsl`.
+    struct OptimNormParams {
+        info: [SlotInfo; 16],
+        groups: u32,
+        base: u32,
+        pad0: u32,
+        pad1: u32,
+    }
+}
+
+kernel_params! {
+    /// `struct OptimReduceParams` in `shaders/optim_reduce.wgsl`.
+    struct OptimReduceParams {
+        count: u32,
+        pad0: u32,
+        pad1: u32,
+        pad2: u32,
+    }
+}
+
+kernel_params! {
+    /// `struct OptimStepParams` in `shaders/optim_step.wgsl`.
+    struct OptimStepParams {
+        adamw: AdamWParams,
+        info: [SlotInfo; 16],
+    }
+}
+
+kernel_params! {
+    /// `struct OptimFisherParams` in `shaders/optim_fisher.wgsl`.
+    struct OptimFisherParams {
+        n: u32,
+        groups_x: u32,
+        inv_count: f32,
+        pad0: u32,
+    }
+}
 
 /// Tensors per shader: up to 7 storage bindings each, plus one shared.
 fn group_size(dev: &WgpuDevice) -> usize {
@@ -21,19 +71,21 @@ fn group_size(dev: &WgpuDevice) -> usize {
     (limit.saturating_sub(1) / 7).clamp(1, MAX_GROUP)
 }
 
-/// `info` (elements, first workgroup) for each tensor of a group, padded to 16 vec4s, and
-/// the group's workgroup count.
-/// `keys[j]` fills z (the stochastic-rounding key of tensor j).
-fn info(ns: &[usize], per_workgroup: usize, keys: &[u32]) -> Result<(Vec<u32>, usize)> {
-    let mut words = vec![0u32; 4 * MAX_GROUP];
+/// The `info` of a group's tensors, `per_workgroup` elements to a workgroup, and the
+/// group's workgroup count. `keys[j]` is tensor j's stochastic-rounding key.
+fn info(ns: &[usize], per_workgroup: usize, keys: &[u32]) -> Result<([SlotInfo; MAX_GROUP], usize)> {
+    let mut info = [SlotInfo::default(); MAX_GROUP];
     let mut first = 0usize;
     for (j, &n) in ns.iter().enumerate() {
-        words[4 * j] = fits_u32("parameter elements", n)?;
-        words[4 * j + 1] = fits_u32("workgroups", first)?;
-        words[4 * j + 2] = keys.get(j).copied().unwrap_or(0);
+        info[j] = SlotInfo {
+            len: fits_u32("parameter elements", n)?,
+            first_group: fits_u32("workgroups", first)?,
+            key: keys.get(j).copied().unwrap_or(0),
+            pad0: 0,
+        };
         first += n.div_ceil(per_workgroup).max(1);
     }
-    Ok((words, first))
+    Ok((info, first))
 }
 
 /// `fn <name>(g: u32, li: u32, …)`: an if-chain sending workgroup g to its tensor's body.
@@ -41,7 +93,7 @@ fn route(name: &str, extra_params: &str, ret: &str, bodies: &[String]) -> String
     let mut src = format!("fn {name}(g: u32, li: u32{extra_params}){ret} {{\n");
     for (j, body) in bodies.iter().enumerate() {
         if j + 1 < bodies.len() {
-            let _ = writeln!(src, "    if (g < params.info[{}].y) {{ {body} }}", j + 1);
+            let _ = writeln!(src, "    if (g < params.info[{}].first_group) {{ {body} }}", j + 1);
         } else {
             let _ = writeln!(src, "    {{ {body} }}");
         }
@@ -62,21 +114,18 @@ pub(crate) fn step(slots: &mut [ParamSlot<'_>], c: &StepConstants) -> Result<Ste
         let dtypes: Vec<DType> = chunk.iter().map(|s| s.grad.dtype()).collect();
         let key = format!("optim_norm_{dtypes:?}");
         let pipeline = dev.pipeline(&key, || {
-            let mut src = String::new();
+            let mut src = wgsl::OPTIM_SLOTS.to_string();
             for (j, d) in dtypes.iter().enumerate() {
                 src += &wgsl_input(&format!("g{j}"), j as u32, *d, false);
             }
-            let _ = writeln!(src, "@group(0) @binding({}) var<storage, read_write> partials: array<f32>;", dtypes.len());
-            let _ = writeln!(
-                src,
-                "struct Params {{ info: array<vec4<u32>, {MAX_GROUP}>, groups: u32, base: u32 }}\n\
-                 @group(0) @binding({}) var<uniform> params: Params;",
-                dtypes.len() + 1
-            );
+            let _ =
+                writeln!(src, "@group(0) @binding({}) var<storage, read_write> partials: array<f32>;", dtypes.len());
+            let _ = writeln!(src, "@group(0) @binding({}) var<uniform> params: OptimNormParams;", dtypes.len() + 1);
             let bodies: Vec<String> = (0..dtypes.len())
                 .map(|j| {
                     format!(
-                        "let start = (g - params.info[{j}].y) * CHUNK; let end = min(params.info[{j}].x, start + CHUNK); \
+                        "let start = (g - params.info[{j}].first_group) * CHUNK; \
+                         let end = min(params.info[{j}].len, start + CHUNK); \
                          var acc = vec2<f32>(0.0, 0.0); \
                          for (var i = start + li; i < end; i += 256u) {{ let x = load_g{j}(i); acc.x += x * x; \
                          if (not_finite(x)) {{ acc.y = 1.0; }} }} return acc;"
@@ -84,11 +133,16 @@ pub(crate) fn step(slots: &mut [ParamSlot<'_>], c: &StepConstants) -> Result<Ste
                 })
                 .collect();
             src += &route("partial", "", " -> vec2<f32>", &bodies);
-            src + NORM
+            src + wgsl::OPTIM_NORM
         })?;
         let ns: Vec<usize> = chunk.iter().map(|s| s.master.elem_count()).collect();
-        let (mut params, groups) = info(&ns, NORM_CHUNK, &[])?;
-        params.extend([fits_u32("workgroups", groups)?, fits_u32("workgroups", base)?, 0, 0]);
+        let (info, groups) = info(&ns, NORM_CHUNK, &[])?;
+        let params = OptimNormParams {
+            info,
+            groups: fits_u32("workgroups", groups)?,
+            base: fits_u32("workgroups", base)?,
+            ..Default::default()
+        };
         let mut buffers: Vec<&wgpu::Buffer> = chunk.iter().map(|s| s.grad.wgpu_buffer()).collect::<Result<_>>()?;
         buffers.push(partials.wgpu_buffer()?);
         let (gx, gy) = grid_2d(groups);
@@ -96,13 +150,9 @@ pub(crate) fn step(slots: &mut [ParamSlot<'_>], c: &StepConstants) -> Result<Ste
         base += groups;
     }
     let result = Tensor::empty(&[2], DType::F32, &device)?;
-    let reduce = dev.pipeline("optim_reduce", || REDUCE.to_string())?;
-    dev.dispatch(
-        &reduce,
-        &[partials.wgpu_buffer()?, result.wgpu_buffer()?],
-        &[fits_u32("partials", norm_groups)?],
-        (1, 1, 1),
-    )?;
+    let reduce = dev.pipeline("optim_reduce", || wgsl::OPTIM_REDUCE.to_string())?;
+    let params = OptimReduceParams { count: fits_u32("partials", norm_groups)?, ..Default::default() };
+    dev.dispatch(&reduce, &[partials.wgpu_buffer()?, result.wgpu_buffer()?], &params, (1, 1, 1))?;
 
     // 2. The step, reading the norm and the flag from `result`.
     let stochastic = c.sr_key.is_some();
@@ -115,13 +165,8 @@ pub(crate) fn step(slots: &mut [ParamSlot<'_>], c: &StepConstants) -> Result<Ste
         let pipeline = dev.pipeline(&key, || step_source(&descs, stochastic))?;
         let ns: Vec<usize> = chunk.iter().map(|s| s.master.elem_count()).collect();
         let keys: Vec<u32> = (0..chunk.len()).map(|j| c.slot_key(g * group + j)).collect();
-        let (info_words, groups) = info(&ns, STEP_CHUNK, &keys)?;
-        let mut params: Vec<u32> = [c.beta1, c.beta2, c.eps, c.decay, c.step_size, c.bc2_sqrt, c.lambda, c.max_norm]
-            .iter()
-            .map(|v| v.to_bits())
-            .collect();
-        params.extend([c.use_fisher as u32, 0, 0, 0]);
-        params.extend(info_words);
+        let (info, groups) = info(&ns, STEP_CHUNK, &keys)?;
+        let params = OptimStepParams { adamw: c.adamw, info };
         let mut buffers: Vec<&wgpu::Buffer> = Vec::new();
         for s in chunk.iter() {
             buffers.extend([s.master.wgpu_buffer()?, s.m.wgpu_buffer()?, s.v.wgpu_buffer()?, s.grad.wgpu_buffer()?]);
@@ -150,7 +195,7 @@ pub(crate) fn step(slots: &mut [ParamSlot<'_>], c: &StepConstants) -> Result<Ste
 /// The step shader for a group: per tensor j, bindings master, m, v, grad, then working,
 /// anchor, fisher where present; then `result` and the uniform.
 fn step_source(descs: &[(DType, Option<DType>, bool, bool)], stochastic: bool) -> String {
-    let mut src = String::new();
+    let mut src = wgsl::OPTIM_SLOTS.to_string();
     let mut b = 0u32;
     fn bind(src: &mut String, b: &mut u32, decl: String) {
         let _ = writeln!(src, "@group(0) @binding({b}) {decl}");
@@ -175,10 +220,10 @@ fn step_source(descs: &[(DType, Option<DType>, bool, bool)], stochastic: bool) -
         }
         let pull = match (anchor, fisher) {
             (false, _) => String::new(),
-            (true, false) => format!("g = g + params.lambda * (theta - anchor{j}[i]);"),
+            (true, false) => format!("g = g + params.adamw.lambda * (theta - anchor{j}[i]);"),
             (true, true) => format!(
-                "let pull = params.lambda * (theta - anchor{j}[i]); \
-                 g = g + select(pull, fisher{j}[i] * pull, params.use_fisher != 0u);"
+                "let pull = params.adamw.lambda * (theta - anchor{j}[i]); \
+                 g = g + select(pull, fisher{j}[i] * pull, params.adamw.use_fisher != 0u);"
             ),
         };
         let store = match working {
@@ -188,7 +233,7 @@ fn step_source(descs: &[(DType, Option<DType>, bool, bool)], stochastic: bool) -
             ),
             Some(DType::F16) => format!("if (2u * w < n) {{ working{j}[w] = pack2x16float(th); }}"),
             Some(DType::BF16) if stochastic => format!(
-                "if (2u * w < n) {{ let key = params.info[{j}].z; \
+                "if (2u * w < n) {{ let key = params.info[{j}].key; \
                  working{j}[w] = bf16_stochastic(th.x, key, 2u * w) | (bf16_stochastic(th.y, key, 2u * w + 1u) << 16u); }}"
             ),
             Some(DType::BF16) => {
@@ -197,40 +242,44 @@ fn step_source(descs: &[(DType, Option<DType>, bool, bool)], stochastic: bool) -
         };
         let _ = writeln!(
             src,
-            "fn slot{j}(w: u32, clip: f32) {{\n    let n = params.info[{j}].x;\n    var th = vec2<f32>(0.0, 0.0);\n    \
+            "fn slot{j}(w: u32, clip: f32) {{\n    let n = params.info[{j}].len;\n    var th = vec2<f32>(0.0, 0.0);\n    \
              for (var e = 0u; e < 2u; e++) {{\n        let i = 2u * w + e;\n        if (i < n) {{\n            \
              let theta = master{j}[i];\n            var g = load_g{j}(i) * clip;\n            {pull}\n            \
              let r = update(theta, m{j}[i], v{j}[i], g);\n            \
              master{j}[i] = r.x; m{j}[i] = r.y; v{j}[i] = r.z; th[e] = r.x;\n        }}\n    }}\n    {store}\n}}"
         );
-        bodies.push(format!("slot{j}((g - params.info[{j}].y) * 256u + li, clip); return;"));
+        bodies.push(format!("slot{j}((g - params.info[{j}].first_group) * 256u + li, clip); return;"));
     }
     bind(&mut src, &mut b, "var<storage, read> result: array<u32>;".to_string());
-    let _ = writeln!(
-        src,
-        "struct Params {{ beta1: f32, beta2: f32, eps: f32, decay: f32, step_size: f32, bc2_sqrt: f32, lambda: f32, \
-         max_norm: f32, use_fisher: u32, pad0: u32, pad1: u32, pad2: u32, info: array<vec4<u32>, {MAX_GROUP}> }}\n\
-         @group(0) @binding({b}) var<uniform> params: Params;"
-    );
+    let _ = writeln!(src, "@group(0) @binding({b}) var<uniform> params: OptimStepParams;");
     src += &route("dispatch", ", clip: f32", "", &bodies);
-    src + STEP
+    src + wgsl::OPTIM_STEP
 }
 
 pub(crate) fn fisher_accumulate(fisher: &mut Tensor, grad: &Tensor, inv_count: f32) -> Result<()> {
     let dev = fisher.wgpu_device()?.clone();
     let key = format!("fisher_accumulate_{}", grad.dtype());
-    let pipeline = dev.pipeline(&key, || {
-        format!(
-            "@group(0) @binding(0) var<storage, read_write> fisher: array<f32>;\n{}\
-             struct Params {{ n: u32, groups_x: u32, inv: f32 }}\n@group(0) @binding(2) var<uniform> params: Params;\n\
-             @compute @workgroup_size(256)\nfn main(@builtin(workgroup_id) wg: vec3<u32>, \
-             @builtin(local_invocation_index) li: u32) {{\n    let i = (wg.y * params.groups_x + wg.x) * 256u + li;\n    \
-             if (i < params.n) {{ let g = load_g(i); fisher[i] = fisher[i] + (g * g - fisher[i]) * params.inv; }}\n}}\n",
-            wgsl_input("g", 1, grad.dtype(), false)
-        )
-    })?;
+    let pipeline =
+        dev.pipeline(&key, || format!("{}{}", wgsl_input("g", 1, grad.dtype(), false), wgsl::OPTIM_FISHER))?;
     let n = fisher.elem_count();
     let (gx, gy) = grid_2d(n.div_ceil(256));
-    let params = [fits_u32("elements", n)?, gx, inv_count.to_bits()];
+    let params = OptimFisherParams { n: fits_u32("elements", n)?, groups_x: gx, inv_count, pad0: 0 };
     dev.dispatch(&pipeline, &[fisher.wgpu_buffer()?, grad.wgpu_buffer()?], &params, (gx, gy, 1))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::mirror::{Lang, assert_mirrored};
+
+    #[test]
+    fn parameters_mirror_the_shaders() {
+        assert_mirrored::<SlotInfo>(wgsl::OPTIM_SLOTS, Lang::Wgsl);
+        assert_mirrored::<OptimNormParams>(wgsl::OPTIM_NORM, Lang::Wgsl);
+        assert_mirrored::<OptimReduceParams>(wgsl::OPTIM_REDUCE, Lang::Wgsl);
+        assert_mirrored::<AdamWParams>(wgsl::OPTIM_STEP, Lang::Wgsl);
+        assert_mirrored::<OptimStepParams>(wgsl::OPTIM_STEP, Lang::Wgsl);
+        assert_mirrored::<OptimFisherParams>(wgsl::OPTIM_FISHER, Lang::Wgsl);
+        assert!(wgsl::OPTIM_SLOTS.contains(&format!("const MAX_GROUP: u32 = {MAX_GROUP}u;")));
+    }
 }

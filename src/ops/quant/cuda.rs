@@ -1,36 +1,113 @@
-//! CUDA launchers for quantized weights (`kernels/quant.cu`): dequantize, GEMV for few token
-//! rows, GEMM (tensor cores for f16/bf16 activations on sm_80+, SIMT otherwise).
+//! CUDA launchers for quantized weights (`kernels/quant.cu`): dequantize, and the products,
+//! whose kernel [`select`] picks: the GEMV for few token rows, else a GEMM engine.
 
-use super::{Direction, QProblem, QTensor};
-use crate::device::cuda::launch::{dtype_code, grid, to_i32};
+use super::{Direction, GEMV_MAX_TOKENS, QProblem, QTensor};
+use crate::device::cuda::launch::{dtype_code, grid_stride, grid_x, to_i32};
 use crate::device::cuda::{CudaBuffer, CudaDevice};
+use crate::kernels::kernel_params;
+use crate::ops::matmul::cuda::GemmEngine;
 use crate::{DType, Result, Tensor};
-use cudarc::driver::{LaunchArgs, LaunchConfig, PushKernelArg};
+use cudarc::driver::{LaunchConfig, PushKernelArg};
 use std::sync::Arc;
 
-/// The format and NF4 state arguments every quant kernel takes last (`QDESC_PARAMS`).
-pub(crate) struct QArgs {
-    format: i32,
-    absmax_off: u64,
-    nested_off: u64,
-    code_off: u64,
-    offset: f32,
+kernel_params! {
+    /// The weight's format and the place of its NF4 state, as every quant kernel takes it
+    /// (`struct QuantParams` in `kernels/quant.cuh`).
+    pub(crate) struct QuantParams {
+        absmax_offset: u64,
+        nested_offset: u64,
+        code_offset: u64,
+        format: i32,
+        offset: f32,
+    }
 }
 
-impl QArgs {
-    pub(crate) fn of(w: &QTensor) -> QArgs {
+impl QuantParams {
+    pub(crate) fn of(w: &QTensor) -> QuantParams {
         let l = w.nf4_layout();
-        QArgs {
+        QuantParams {
+            absmax_offset: l.absmax_offset as u64,
+            nested_offset: l.nested_offset as u64,
+            code_offset: l.code_offset as u64,
             format: w.format.code() as i32,
-            absmax_off: l.absmax_offset as u64,
-            nested_off: l.nested_offset as u64,
-            code_off: l.code_offset as u64,
             offset: l.offset,
         }
     }
+}
 
-    pub(crate) fn push<'a>(&'a self, launch: &mut LaunchArgs<'a>) {
-        launch.arg(&self.format).arg(&self.absmax_off).arg(&self.nested_off).arg(&self.code_off).arg(&self.offset);
+kernel_params! {
+    /// The sizes of a product through W (`struct QuantProductParams` in `kernels/quant.cuh`).
+    pub(crate) struct QuantProductParams {
+        m: i32,
+        n: i32,
+        k: i32,
+        cols: i32,
+        direction: i32,
+        out_kind: i32,
+    }
+}
+
+impl QuantProductParams {
+    fn of(p: &QProblem, w: &QTensor, out_dtype: DType) -> Result<QuantProductParams> {
+        Ok(QuantProductParams {
+            m: to_i32("tokens", p.tokens)?,
+            n: to_i32("n", p.n)?,
+            k: to_i32("k", p.k)?,
+            cols: to_i32("in", w.cols)?,
+            direction: (p.direction == Direction::InputGrad) as i32,
+            out_kind: dtype_code(out_dtype),
+        })
+    }
+}
+
+/// The kernels of a product through a quantized weight.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum QuantKernel {
+    /// `quant_gemv_{dtype}`: x·Wᵀ for up to [`GEMV_MAX_TOKENS`] rows, a warp per W row.
+    Gemv,
+    /// `quant_gemm_simt_{dtype}` or `quant_gemm_mma_{dtype}_{fwd,bwd}`.
+    Gemm(GemmEngine),
+}
+
+/// The GEMM engine for x (of dtype `xd`) times W reduced over `k` on a GPU of compute
+/// capability `cc`. The tensor-core engine rounds decoded weights to x's half type: f16 only
+/// when they fit.
+pub(crate) fn gemm_engine(cc: (u32, u32), xd: DType, w: &QTensor, k: usize) -> GemmEngine {
+    let fits = xd == DType::BF16 || (xd == DType::F16 && w.max_abs_bound() <= 65504.0);
+    if fits && cc.0 >= 8 && k.is_multiple_of(8) { GemmEngine::Mma } else { GemmEngine::Simt }
+}
+
+/// The kernel of a product.
+pub(crate) fn select(cc: (u32, u32), p: &QProblem, xd: DType, w: &QTensor) -> QuantKernel {
+    if p.tokens <= GEMV_MAX_TOKENS && p.direction == Direction::Forward {
+        QuantKernel::Gemv
+    } else {
+        QuantKernel::Gemm(gemm_engine(cc, xd, w, p.k))
+    }
+}
+
+impl QuantKernel {
+    fn name(self, xd: DType, direction: Direction) -> String {
+        match self {
+            QuantKernel::Gemv => format!("quant_gemv_{xd}"),
+            QuantKernel::Gemm(GemmEngine::Simt) => format!("quant_gemm_simt_{xd}"),
+            QuantKernel::Gemm(GemmEngine::Mma) => {
+                let dir = if direction == Direction::Forward { "fwd" } else { "bwd" };
+                format!("quant_gemm_mma_{xd}_{dir}")
+            }
+        }
+    }
+
+    fn config(self, p: &QProblem) -> Result<LaunchConfig> {
+        match self {
+            // A warp per output row, 8 per block.
+            QuantKernel::Gemv => Ok(LaunchConfig {
+                grid_dim: (grid_x("out rows / 8", p.n.div_ceil(8))?, 1, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            }),
+            QuantKernel::Gemm(engine) => engine.config(p.tokens, p.n, 1),
+        }
     }
 }
 
@@ -38,26 +115,14 @@ pub(crate) fn dequantize(dev: &Arc<CudaDevice>, w: &QTensor, buf: &CudaBuffer, d
     let out = Tensor::empty(&[w.rows, w.cols], dtype, &w.device())?;
     let n = (w.rows * w.cols) as u64;
     let kind = dtype_code(dtype);
-    let q = QArgs::of(w);
+    let q = QuantParams::of(w);
     let f = dev.function(&crate::kernels::cuda::QUANT, "dequantize")?;
     let mut launch = dev.stream.launch_builder(&f);
-    launch.arg(buf.get()).arg(out.cuda_buffer()?).arg(&kind).arg(&n);
-    q.push(&mut launch);
-    let cfg = LaunchConfig {
-        grid_dim: ((n as usize).div_ceil(256).clamp(1, 1 << 16) as u32, 1, 1),
-        block_dim: (256, 1, 1),
-        shared_mem_bytes: 0,
-    };
-    // SAFETY: the buffer holds the weight's state as QArgs describes; out holds n elements.
-    unsafe { launch.launch(cfg) }.map_err(|e| CudaDevice::launch_err("dequantize", e))?;
+    launch.arg(buf.get()).arg(out.cuda_buffer()?).arg(&kind).arg(&n).arg(&q);
+    // SAFETY: the buffer holds the weight's state as QuantParams describes; out holds n
+    // elements.
+    unsafe { launch.launch(grid_stride(n as usize)) }.map_err(|e| CudaDevice::launch_err("dequantize", e))?;
     Ok(out)
-}
-
-/// Whether the tensor-core GEMM takes x (its dtype) times W reduced over k. It rounds decoded
-/// weights to x's half type: f16 only when they fit.
-pub(crate) fn uses_tensor_cores(dev: &CudaDevice, xd: DType, w: &QTensor, k: usize) -> bool {
-    let fits = xd == DType::BF16 || (xd == DType::F16 && w.max_abs_bound() <= 65504.0);
-    fits && dev.cc.0 >= 8 && k.is_multiple_of(8)
 }
 
 pub(crate) fn product(
@@ -69,52 +134,43 @@ pub(crate) fn product(
     wbuf: &CudaBuffer,
     out: &Tensor,
 ) -> Result<()> {
-    let kind = dtype_code(x.dtype());
-    let q = QArgs::of(w);
-    let y = out.cuda_buffer()?;
-    let (m, n, k, cols) = (to_i32("tokens", p.tokens)?, to_i32("n", p.n)?, to_i32("k", p.k)?, to_i32("in", w.cols)?);
-    let xd = x.dtype();
-    if p.tokens <= super::GEMV_MAX_TOKENS && p.direction == Direction::Forward {
-        let name = format!("quant_gemv_{xd}");
-        let f = dev.function(&crate::kernels::cuda::QUANT, &name)?;
-        let rows = to_i32("out", w.rows)?;
-        let mut launch = dev.stream.launch_builder(&f);
-        launch.arg(wbuf.get()).arg(xbuf.get()).arg(y).arg(&kind).arg(&rows).arg(&cols).arg(&m);
-        q.push(&mut launch);
-        let cfg =
-            LaunchConfig { grid_dim: (w.rows.div_ceil(8) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
-        // SAFETY: x holds tokens·in elements, y tokens·out, the weight buffer its state.
-        unsafe { launch.launch(cfg) }.map_err(|e| CudaDevice::launch_err(&name, e))?;
-        return Ok(());
-    }
-    if uses_tensor_cores(dev, xd, w, p.k) {
-        let dir = if p.direction == Direction::Forward { "fwd" } else { "bwd" };
-        let name = format!("quant_gemm_mma_{xd}_{dir}");
-        let f = dev.function(&crate::kernels::cuda::QUANT, &name)?;
-        let mut launch = dev.stream.launch_builder(&f);
-        launch.arg(xbuf.get()).arg(wbuf.get()).arg(y).arg(&kind).arg(&m).arg(&n).arg(&k).arg(&cols);
-        q.push(&mut launch);
-        let cfg = LaunchConfig {
-            grid_dim: (grid("n tiles", p.n.div_ceil(128))?, grid("token tiles", p.tokens.div_ceil(128))?, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        // SAFETY: as above; rows of x are 16-byte aligned (k a multiple of 8).
-        unsafe { launch.launch(cfg) }.map_err(|e| CudaDevice::launch_err(&name, e))?;
-    } else {
-        let name = format!("quant_gemm_simt_{xd}");
-        let f = dev.function(&crate::kernels::cuda::QUANT, &name)?;
-        let direction = (p.direction == Direction::InputGrad) as i32;
-        let mut launch = dev.stream.launch_builder(&f);
-        launch.arg(xbuf.get()).arg(wbuf.get()).arg(y).arg(&kind).arg(&m).arg(&n).arg(&k).arg(&cols).arg(&direction);
-        q.push(&mut launch);
-        let cfg = LaunchConfig {
-            grid_dim: (grid("n tiles", p.n.div_ceil(64))?, grid("token tiles", p.tokens.div_ceil(64))?, 1),
-            block_dim: (16, 16, 1),
-            shared_mem_bytes: 0,
-        };
-        // SAFETY: as above.
-        unsafe { launch.launch(cfg) }.map_err(|e| CudaDevice::launch_err(&name, e))?;
-    }
+    let kernel = select(dev.cc, p, x.dtype(), w);
+    let name = kernel.name(x.dtype(), p.direction);
+    let shape = QuantProductParams::of(p, w, x.dtype())?;
+    let q = QuantParams::of(w);
+    let f = dev.function(&crate::kernels::cuda::QUANT, &name)?;
+    let mut launch = dev.stream.launch_builder(&f);
+    match kernel {
+        QuantKernel::Gemv => launch.arg(wbuf.get()).arg(xbuf.get()),
+        QuantKernel::Gemm(_) => launch.arg(xbuf.get()).arg(wbuf.get()),
+    };
+    launch.arg(out.cuda_buffer()?).arg(&shape).arg(&q);
+    // SAFETY: x holds tokens·k elements, out tokens·n, the weight buffer its state as
+    // QuantParams describes; on the tensor-core engine rows of x are 16-byte aligned (k a
+    // multiple of 8, checked by `select`).
+    unsafe { launch.launch(kernel.config(p)?) }.map_err(|e| CudaDevice::launch_err(&name, e))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::mirror::{Lang, assert_mirrored};
+
+    #[test]
+    fn parameters_mirror_the_kernel_source() {
+        assert_mirrored::<QuantParams>(crate::kernels::cuda::QUANT.source, Lang::Cuda);
+        assert_mirrored::<QuantProductParams>(crate::kernels::cuda::QUANT.source, Lang::Cuda);
+    }
+
+    #[test]
+    fn block_sizes_match_the_kernels() {
+        use crate::ops::quant::formats::GgmlBlock;
+        for (name, bytes) in
+            [("BLOCK_Q8_0_BYTES", super::super::BlockQ8_0::BYTES), ("BLOCK_Q4_0_BYTES", super::super::BlockQ4_0::BYTES)]
+        {
+            let define = format!("#define {name} {bytes}");
+            assert!(crate::kernels::cuda::QUANT.source.contains(&define), "kernels/quant.cuh lacks `{define}`");
+        }
+    }
 }

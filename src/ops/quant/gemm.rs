@@ -48,18 +48,7 @@ pub(super) fn cpu_gemm(w: &QTensor, bytes: &[u8], x: &[f32], p: &QProblem) -> Ve
                     panel
                 }
             };
-            let mp = MatmulProblem {
-                batch: 1,
-                m: p.tokens,
-                n: width,
-                k: p.k,
-                trans_a: false,
-                trans_b: p.direction == Direction::Forward,
-                batch_stride_a: 0,
-                batch_stride_b: 0,
-                in_dtype: DType::F32,
-                out_dtype: DType::F32,
-            };
+            let mp = MatmulProblem::unbatched(p.tokens, width, p.k, p.direction == Direction::Forward, DType::F32);
             (j0, width, cpu_matmul_f32_out(&mp, x, &panel))
         })
         .collect();

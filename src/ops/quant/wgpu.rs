@@ -2,27 +2,84 @@
 //! quantized loader), GEMV (`shaders/quant_gemv.wgsl`) and GEMM (`shaders/matmul.wgsl` with
 //! a loader that decodes W tiles as it stages them).
 
-use super::{Direction, QProblem, QTensor};
+use super::{Direction, GEMV_MAX_TOKENS, QProblem, QTensor};
 use crate::device::wgpu::launch::{fits_u32, grid_2d, wgsl_input, wgsl_output_words};
 use crate::device::wgpu::{WgpuBuffer, WgpuDevice};
-use crate::kernels::wgsl::{ELEMENTWISE_MAP as MAP, QUANT_DECODE as DECODE, QUANT_GEMV as GEMV};
+use crate::kernels::{kernel_params, wgsl, wgsl_struct};
+use crate::ops::elementwise::wgpu::MapParams;
 use crate::ops::matmul::MatmulProblem;
-use crate::ops::matmul::wgpu::{PARAMS_FIELDS, PLAIN_HOOKS, SHADER as MATMUL_SHADER, groups, params as matmul_params};
+use crate::ops::matmul::wgpu::{MatmulParams, PLAIN_HOOKS, groups};
 use crate::{DType, Result, Tensor};
 use std::sync::Arc;
 
-/// The `q_*` fields of `Params` that quant_decode.wgsl reads.
-pub(crate) const QUANT_FIELDS: &str = "q_format: u32, q_absmax: u32, q_nested: u32, q_code: u32, q_offset: u32,";
-
-pub(crate) fn quant_params(w: &QTensor) -> Result<[u32; 5]> {
-    let l = w.nf4_layout();
-    fits_u32("quantized weight bytes", w.raw().len())?;
-    fits_u32("quantized weight elements", w.rows * w.cols)?;
-    Ok([w.format.code(), l.absmax_offset as u32, l.nested_offset as u32, l.code_offset as u32, l.offset.to_bits()])
+kernel_params! {
+    /// The weight's format and the place of its NF4 state (`struct QuantParams` in
+    /// `shaders/quant_decode.wgsl`).
+    pub(crate) struct QuantParams {
+        format: u32,
+        absmax_offset: u32,
+        nested_offset: u32,
+        code_offset: u32,
+        offset: f32,
+        pad0: u32,
+        pad1: u32,
+        pad2: u32,
+    }
 }
 
+impl QuantParams {
+    pub(crate) fn of(w: &QTensor) -> Result<QuantParams> {
+        let l = w.nf4_layout();
+        fits_u32("quantized weight bytes", w.raw().len())?;
+        fits_u32("quantized weight elements", w.rows * w.cols)?;
+        Ok(QuantParams {
+            format: w.format.code(),
+            absmax_offset: l.absmax_offset as u32,
+            nested_offset: l.nested_offset as u32,
+            code_offset: l.code_offset as u32,
+            offset: l.offset,
+            ..Default::default()
+        })
+    }
+}
+
+kernel_params! {
+    /// The GEMV's sizes (`struct QuantGemvParams` in `shaders/quant_gemv.wgsl`).
+    struct QuantGemvParams {
+        rows: u32,
+        cols: u32,
+        tokens: u32,
+        groups_x: u32,
+    }
+}
+
+kernel_params! {
+    /// The GEMV's uniform.
+    struct GemvUniform {
+        gemv: QuantGemvParams,
+        q: QuantParams,
+    }
+}
+
+kernel_params! {
+    /// The GEMM's uniform: matmul's sizes and the weight's decoding.
+    struct GemmUniform {
+        mm: MatmulParams,
+        q: QuantParams,
+    }
+}
+
+kernel_params! {
+    /// Dequantize's uniform: the map's extent and the weight's decoding.
+    struct DequantizeUniform {
+        map: MapParams,
+        q: QuantParams,
+    }
+}
+
+/// The `w` binding with the decoders of `shaders/quant_decode.wgsl`.
 pub(crate) fn decode_binding(binding: u32) -> String {
-    format!("@group(0) @binding({binding}) var<storage, read> w: array<u32>;\n{DECODE}")
+    format!("@group(0) @binding({binding}) var<storage, read> w: array<u32>;\n{}", wgsl::QUANT_DECODE)
 }
 
 fn native_f16(dev: &WgpuDevice, dtype: DType) -> bool {
@@ -32,20 +89,19 @@ fn native_f16(dev: &WgpuDevice, dtype: DType) -> bool {
 pub(crate) fn dequantize(dev: &Arc<WgpuDevice>, w: &QTensor, buf: &WgpuBuffer, dtype: DType) -> Result<Tensor> {
     let pipeline = dev.pipeline(&format!("dequantize_{dtype}"), || {
         format!(
-            "struct Params {{ len: u32, words: u32, groups_x: u32, s: f32, {QUANT_FIELDS} }}\n\
-             @group(0) @binding(2) var<uniform> params: Params;\n{}{}\
-             fn apply(i: u32) -> f32 {{ return quant_weight(i); }}\n{MAP}",
+            "{}@group(0) @binding(2) var<uniform> params: Params;\n{}{}\
+             fn apply(i: u32) -> f32 {{ return quant_weight(i); }}\n{}",
+            wgsl_struct::<DequantizeUniform>("Params"),
             decode_binding(0),
             wgsl_output_words(1, dtype),
+            wgsl::ELEMENTWISE_MAP,
         )
     })?;
     let out = Tensor::empty(&[w.rows, w.cols], dtype, &w.device())?;
-    let len = w.rows * w.cols;
-    let words = len.div_ceil(if dtype == DType::F32 { 1 } else { 2 });
-    let (gx, gy) = grid_2d(words.div_ceil(256));
-    let mut params = vec![fits_u32("elements", len)?, fits_u32("words", words)?, gx, 0];
-    params.extend(quant_params(w)?);
-    dev.dispatch(&pipeline, &[buf.get(), out.wgpu_buffer()?], &params, (gx, gy, 1))?;
+    let map = MapParams::over(w.rows * w.cols, dtype)?;
+    let groups = map.workgroups();
+    let params = DequantizeUniform { map, q: QuantParams::of(w)? };
+    dev.dispatch(&pipeline, &[buf.get(), out.wgpu_buffer()?], &params, groups)?;
     Ok(out)
 }
 
@@ -62,43 +118,62 @@ pub(crate) fn product(
     let enable = if native { "enable f16;\n" } else { "" };
     let suffix = format!("{}{}", x.dtype(), if native { "_native" } else { "" });
     let y = Tensor::empty(out_shape, DType::F32, &x.device())?;
-    if p.tokens <= super::GEMV_MAX_TOKENS && p.direction == Direction::Forward {
+    let q = QuantParams::of(w)?;
+    if p.tokens <= GEMV_MAX_TOKENS && p.direction == Direction::Forward {
         let pipeline = dev.pipeline(&format!("quant_gemv_{suffix}"), || {
             format!(
-                "{enable}struct Params {{ rows: u32, cols: u32, tokens: u32, groups_x: u32, {QUANT_FIELDS} }}\n{}{}{GEMV}",
+                "{enable}{}{}{}{}",
+                wgsl_struct::<GemvUniform>("Params"),
                 decode_binding(0),
                 wgsl_input("x", 1, x.dtype(), native),
+                wgsl::QUANT_GEMV,
             )
         })?;
         let (gx, gy) = grid_2d(w.rows);
-        let mut params = vec![fits_u32("out", w.rows)?, fits_u32("in", w.cols)?, p.tokens as u32, gx];
-        params.extend(quant_params(w)?);
-        dev.dispatch(&pipeline, &[wbuf.get(), xbuf.get(), y.wgpu_buffer()?], &params, (gx, gy, 1))?;
+        let gemv = QuantGemvParams {
+            rows: fits_u32("out", w.rows)?,
+            cols: fits_u32("in", w.cols)?,
+            tokens: p.tokens as u32,
+            groups_x: gx,
+        };
+        dev.dispatch(&pipeline, &[wbuf.get(), xbuf.get(), y.wgpu_buffer()?], &GemvUniform { gemv, q }, (gx, gy, 1))?;
     } else {
         // matmul.wgsl with A = x and B = W (Wᵀ forward): its B index is then W's flat index.
         let pipeline = dev.pipeline(&format!("quant_gemm_{suffix}"), || {
             format!(
-                "{enable}struct Params {{ {PARAMS_FIELDS} {QUANT_FIELDS} }}\n{}{}\
-                 fn load_b(i: u32) -> f32 {{ return quant_weight(i); }}\n{PLAIN_HOOKS}{MATMUL_SHADER}",
+                "{enable}{}{}{}fn load_b(i: u32) -> f32 {{ return quant_weight(i); }}\n{PLAIN_HOOKS}{}",
+                wgsl_struct::<GemmUniform>("Params"),
                 wgsl_input("a", 0, x.dtype(), native),
                 decode_binding(1),
+                wgsl::MATMUL,
             )
         })?;
-        let mp = MatmulProblem {
-            batch: 1,
-            m: p.tokens,
-            n: p.n,
-            k: p.k,
-            trans_a: false,
-            trans_b: p.direction == Direction::Forward,
-            batch_stride_a: 0,
-            batch_stride_b: 0,
-            in_dtype: x.dtype(),
-            out_dtype: DType::F32,
-        };
-        let mut params = matmul_params(&mp)?;
-        params.extend(quant_params(w)?);
+        let mp = MatmulProblem::unbatched(p.tokens, p.n, p.k, p.direction == Direction::Forward, x.dtype());
+        let params = GemmUniform { mm: MatmulParams::of(&mp)?, q };
         dev.dispatch(&pipeline, &[xbuf.get(), wbuf.get(), y.wgpu_buffer()?], &params, groups(&mp)?)?;
     }
     y.to_dtype(x.dtype())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::mirror::{Lang, assert_mirrored};
+
+    #[test]
+    fn parameters_mirror_the_shaders() {
+        assert_mirrored::<QuantParams>(wgsl::QUANT_DECODE, Lang::Wgsl);
+        assert_mirrored::<QuantGemvParams>(wgsl::QUANT_GEMV, Lang::Wgsl);
+    }
+
+    #[test]
+    fn block_sizes_match_the_shader() {
+        use crate::ops::quant::formats::GgmlBlock;
+        for (name, bytes) in
+            [("BLOCK_Q8_0_BYTES", super::super::BlockQ8_0::BYTES), ("BLOCK_Q4_0_BYTES", super::super::BlockQ4_0::BYTES)]
+        {
+            let decl = format!("const {name}: u32 = {bytes}u;");
+            assert!(wgsl::QUANT_DECODE.contains(&decl), "shaders/quant_decode.wgsl lacks `{decl}`");
+        }
+    }
 }
