@@ -60,6 +60,13 @@ pub trait Element: Copy + Send + Sync + bytemuck::Pod + 'static {
             *d = s.to_f32();
         }
     }
+    /// Rounds a run of f32 values to this type, to nearest even (with SIMD where the type
+    /// has it).
+    fn slice_from_f32(src: &[f32], dst: &mut [Self]) {
+        for (d, &s) in dst.iter_mut().zip(src) {
+            *d = Self::from_f32(s);
+        }
+    }
 }
 
 impl Element for f32 {
@@ -83,6 +90,9 @@ impl Element for f16 {
     fn slice_to_f32(src: &[Self], dst: &mut [f32]) {
         src.convert_to_f32_slice(dst);
     }
+    fn slice_from_f32(src: &[f32], dst: &mut [Self]) {
+        dst.convert_from_f32_slice(src);
+    }
 }
 
 impl Element for bf16 {
@@ -95,5 +105,8 @@ impl Element for bf16 {
     }
     fn slice_to_f32(src: &[Self], dst: &mut [f32]) {
         src.convert_to_f32_slice(dst);
+    }
+    fn slice_from_f32(src: &[f32], dst: &mut [Self]) {
+        dst.convert_from_f32_slice(src);
     }
 }

@@ -217,7 +217,11 @@ pub(crate) mod mirror {
         assert_eq!(declared, expected, "struct {}: the {lang:?} declaration differs from the Rust one", P::NAME);
         if lang == Lang::Wgsl {
             let size = std::mem::size_of::<P>();
-            assert!(size.is_multiple_of(16), "struct {}: {size} bytes, not a multiple of 16 (add padding fields)", P::NAME);
+            assert!(
+                size.is_multiple_of(16),
+                "struct {}: {size} bytes, not a multiple of 16 (add padding fields)",
+                P::NAME
+            );
         }
     }
 

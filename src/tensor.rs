@@ -1,11 +1,11 @@
 //! `Tensor`: device storage, a shape and a dtype. Contiguous and row-major; immutable once
 //! made, so clones share storage and ops return new tensors.
 
-use crate::device::Device;
 #[cfg(feature = "cuda")]
 use crate::device::cuda::{CudaBuffer, CudaDevice};
 #[cfg(feature = "wgpu")]
 use crate::device::wgpu::{WgpuBuffer, WgpuDevice};
+use crate::device::{Backend, Device};
 use crate::dtype::{DType, Element};
 use crate::{Error, Result};
 use half::{bf16, f16};
@@ -13,12 +13,75 @@ use rayon::prelude::*;
 use std::fmt;
 use std::sync::Arc;
 
+/// Runs `$body` with `$v` bound to the host storage's elements (`&[f32]`, `&[f16]` or
+/// `&[bf16]`, each a [`StorageElement`]): the split by dtype, written once. Also with a
+/// mutable storage and `$v` a mutable slice.
+macro_rules! with_elems {
+    ($storage:expr, $v:ident => $body:expr) => {
+        match $storage {
+            $crate::tensor::CpuStorage::F32($v) => $body,
+            $crate::tensor::CpuStorage::F16($v) => $body,
+            $crate::tensor::CpuStorage::BF16($v) => $body,
+        }
+    };
+}
+pub(crate) use with_elems;
+
+/// An element type as host storage holds it.
+pub(crate) trait StorageElement: Element {
+    /// Host storage holding `v`.
+    fn into_storage(v: Vec<Self>) -> CpuStorage;
+    /// The elements of host storage of this dtype; `None` for another dtype.
+    fn slice_of(s: &CpuStorage) -> Option<&[Self]>;
+}
+
+macro_rules! storage_element {
+    ($ty:ty, $variant:ident) => {
+        impl StorageElement for $ty {
+            fn into_storage(v: Vec<Self>) -> CpuStorage {
+                CpuStorage::$variant(v)
+            }
+            fn slice_of(s: &CpuStorage) -> Option<&[Self]> {
+                match s {
+                    CpuStorage::$variant(v) => Some(v),
+                    _ => None,
+                }
+            }
+        }
+    };
+}
+storage_element!(f32, F32);
+storage_element!(f16, F16);
+storage_element!(bf16, BF16);
+
 /// Host storage, typed.
 pub(crate) enum CpuStorage {
     F32(Vec<f32>),
     F16(Vec<f16>),
     BF16(Vec<bf16>),
 }
+
+/// Runs `$body` with the type `$t` standing for the element type of `$dtype`: the split by
+/// dtype of code that makes storage, written once.
+macro_rules! with_dtype {
+    ($dtype:expr, $t:ident => $body:expr) => {
+        match $dtype {
+            $crate::DType::F32 => {
+                type $t = f32;
+                $body
+            }
+            $crate::DType::F16 => {
+                type $t = half::f16;
+                $body
+            }
+            $crate::DType::BF16 => {
+                type $t = half::bf16;
+                $body
+            }
+        }
+    };
+}
+pub(crate) use with_dtype;
 
 impl CpuStorage {
     /// `len` elements, NaN when output poisoning is on and zero otherwise.
@@ -30,26 +93,17 @@ impl CpuStorage {
     /// `len` elements with element `i` set to `f(i)` (rounded to `dtype`). A host allocation
     /// that fails is `Err(OutOfMemory)`, not an abort.
     pub(crate) fn filled(dtype: DType, len: usize, f: impl Fn(usize) -> f32 + Sync + Send) -> Result<CpuStorage> {
-        fn build<T: Element>(len: usize, f: impl Fn(usize) -> f32 + Sync + Send) -> Result<Vec<T>> {
-            let mut v = Vec::new();
+        with_dtype!(dtype, T => {
+            let mut v: Vec<T> = Vec::new();
             v.try_reserve_exact(len)
-                .map_err(|_| Error::OutOfMemory(format!("host allocation of {len} elements of {} failed", T::DTYPE)))?;
+                .map_err(|_| Error::OutOfMemory(format!("host allocation of {len} elements of {dtype} failed")))?;
             v.par_extend((0..len).into_par_iter().map(|i| T::from_f32(f(i))));
-            Ok(v)
-        }
-        Ok(match dtype {
-            DType::F32 => CpuStorage::F32(build(len, f)?),
-            DType::F16 => CpuStorage::F16(build(len, f)?),
-            DType::BF16 => CpuStorage::BF16(build(len, f)?),
+            Ok(T::into_storage(v))
         })
     }
 
     pub(crate) fn from_f32(dtype: DType, data: &[f32]) -> CpuStorage {
-        match dtype {
-            DType::F32 => CpuStorage::F32(data.to_vec()),
-            DType::F16 => CpuStorage::F16(data.par_iter().map(|&x| f16::from_f32(x)).collect()),
-            DType::BF16 => CpuStorage::BF16(data.par_iter().map(|&x| bf16::from_f32(x)).collect()),
-        }
+        with_dtype!(dtype, T => T::into_storage(data.par_iter().map(|&x| T::from_f32(x)).collect()))
     }
 
     /// Takes an f32 vector, rounding it when `dtype` is a half type.
@@ -61,35 +115,19 @@ impl CpuStorage {
     }
 
     fn from_bytes(dtype: DType, bytes: &[u8]) -> CpuStorage {
-        match dtype {
-            DType::F32 => CpuStorage::F32(bytemuck::pod_collect_to_vec(bytes)),
-            DType::F16 => CpuStorage::F16(bytemuck::pod_collect_to_vec(bytes)),
-            DType::BF16 => CpuStorage::BF16(bytemuck::pod_collect_to_vec(bytes)),
-        }
+        with_dtype!(dtype, T => T::into_storage(bytemuck::pod_collect_to_vec::<u8, T>(bytes)))
     }
 
     fn as_bytes(&self) -> &[u8] {
-        match self {
-            CpuStorage::F32(v) => bytemuck::cast_slice(v),
-            CpuStorage::F16(v) => bytemuck::cast_slice(v),
-            CpuStorage::BF16(v) => bytemuck::cast_slice(v),
-        }
+        with_elems!(self, v => bytemuck::cast_slice(v))
     }
 
     fn as_bytes_mut(&mut self) -> &mut [u8] {
-        match self {
-            CpuStorage::F32(v) => bytemuck::cast_slice_mut(v),
-            CpuStorage::F16(v) => bytemuck::cast_slice_mut(v),
-            CpuStorage::BF16(v) => bytemuck::cast_slice_mut(v),
-        }
+        with_elems!(self, v => bytemuck::cast_slice_mut(v))
     }
 
     pub(crate) fn to_f32_vec(&self) -> Vec<f32> {
-        match self {
-            CpuStorage::F32(v) => v.clone(),
-            CpuStorage::F16(v) => v.par_iter().map(|x| x.to_f32()).collect(),
-            CpuStorage::BF16(v) => v.par_iter().map(|x| x.to_f32()).collect(),
-        }
+        with_elems!(self, v => v.par_iter().map(|x| x.to_f32()).collect())
     }
 }
 
@@ -106,6 +144,45 @@ pub(crate) enum Storage {
         dev: Arc<WgpuDevice>,
         buf: WgpuBuffer,
     },
+}
+
+impl Storage {
+    /// The host storage, when the tensor is on the CPU.
+    pub(crate) fn as_cpu(&self) -> Option<&CpuStorage> {
+        match self {
+            Storage::Cpu(s) => Some(s),
+            // Unreachable in a CPU-only build; the one place that says so.
+            #[allow(unreachable_patterns)]
+            _ => None,
+        }
+    }
+
+    /// The host storage, mutably, when the tensor is on the CPU.
+    pub(crate) fn as_cpu_mut(&mut self) -> Option<&mut CpuStorage> {
+        match self {
+            Storage::Cpu(s) => Some(s),
+            #[allow(unreachable_patterns)]
+            _ => None,
+        }
+    }
+
+    /// The device and buffer, when the tensor is on a CUDA GPU.
+    #[cfg(feature = "cuda")]
+    pub(crate) fn as_cuda(&self) -> Option<(&Arc<CudaDevice>, &CudaBuffer)> {
+        match self {
+            Storage::Cuda { dev, buf } => Some((dev, buf)),
+            _ => None,
+        }
+    }
+
+    /// The device and buffer, when the tensor is on a wgpu adapter.
+    #[cfg(feature = "wgpu")]
+    pub(crate) fn as_wgpu(&self) -> Option<(&Arc<WgpuDevice>, &WgpuBuffer)> {
+        match self {
+            Storage::Wgpu { dev, buf } => Some((dev, buf)),
+            _ => None,
+        }
+    }
 }
 
 /// An n-dimensional array on one device. See the crate docs for a tour.
@@ -144,12 +221,7 @@ impl Tensor {
         if n != data.len() {
             return Err(Error::Shape(format!("shape {shape:?} holds {n} elements but {} were given", data.len())));
         }
-        let host = match T::DTYPE {
-            DType::F32 => CpuStorage::F32(bytemuck::cast_slice(data).to_vec()),
-            DType::F16 => CpuStorage::F16(bytemuck::cast_slice(data).to_vec()),
-            DType::BF16 => CpuStorage::BF16(bytemuck::cast_slice(data).to_vec()),
-        };
-        Self::from_host(host, shape, T::DTYPE, device)
+        Self::from_host(CpuStorage::from_bytes(T::DTYPE, bytemuck::cast_slice(data)), shape, T::DTYPE, device)
     }
 
     /// A tensor of `dtype` from f32 values, each rounded to the nearest representable value.
@@ -173,27 +245,23 @@ impl Tensor {
         device: &Device,
         make_host: impl FnOnce() -> Result<CpuStorage>,
     ) -> Result<Tensor> {
+        // Checked for every device, so a size past usize fails the same way everywhere.
         let bytes = byte_count(shape, dtype)?;
-        let storage = match *device {
-            Device::Cpu => Storage::Cpu(make_host()?),
+        #[cfg(not(any(feature = "cuda", feature = "wgpu")))]
+        let _ = bytes;
+        let storage = match device.backend()? {
+            Backend::Cpu => Storage::Cpu(make_host()?),
             #[cfg(feature = "cuda")]
-            Device::Cuda(i) => {
-                let dev = CudaDevice::get(i)?;
+            Backend::Cuda(dev) => {
                 let mut buf = dev.alloc(bytes)?;
                 dev.write(&mut buf, make_host()?.as_bytes())?;
                 Storage::Cuda { dev, buf }
             }
             #[cfg(feature = "wgpu")]
-            Device::Wgpu(i) => {
-                let dev = WgpuDevice::get(i)?;
+            Backend::Wgpu(dev) => {
                 let buf = dev.alloc(bytes)?;
                 dev.write(&buf, make_host()?.as_bytes())?;
                 Storage::Wgpu { dev, buf }
-            }
-            #[allow(unreachable_patterns)]
-            other => {
-                let _ = (bytes, make_host);
-                return Err(Error::NoDevice(format!("{other}: backend not built")));
             }
         };
         Ok(Tensor { storage: Arc::new(storage), shape: shape.to_vec(), dtype, device: *device })
@@ -243,24 +311,19 @@ impl Tensor {
     /// poisoning is on).
     pub(crate) fn empty(shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor> {
         let bytes = byte_count(shape, dtype)?;
-        let storage = match *device {
-            Device::Cpu => Storage::Cpu(CpuStorage::alloc(dtype, elem_count(shape)?)?),
+        #[cfg(not(any(feature = "cuda", feature = "wgpu")))]
+        let _ = bytes;
+        let storage = match device.backend()? {
+            Backend::Cpu => Storage::Cpu(CpuStorage::alloc(dtype, elem_count(shape)?)?),
             #[cfg(feature = "cuda")]
-            Device::Cuda(i) => {
-                let dev = CudaDevice::get(i)?;
+            Backend::Cuda(dev) => {
                 let buf = dev.alloc(bytes)?;
                 Storage::Cuda { dev, buf }
             }
             #[cfg(feature = "wgpu")]
-            Device::Wgpu(i) => {
-                let dev = WgpuDevice::get(i)?;
+            Backend::Wgpu(dev) => {
                 let buf = dev.alloc(bytes)?;
                 Storage::Wgpu { dev, buf }
-            }
-            #[allow(unreachable_patterns)]
-            other => {
-                let _ = bytes;
-                return Err(Error::NoDevice(format!("{other}: backend not built")));
             }
         };
         Ok(Tensor { storage: Arc::new(storage), shape: shape.to_vec(), dtype, device: *device })
@@ -348,10 +411,9 @@ impl Tensor {
 
     /// The elements converted to f32 (exact for every dtype).
     pub fn to_vec_f32(&self) -> Result<Vec<f32>> {
-        match self.storage() {
-            Storage::Cpu(s) => Ok(s.to_f32_vec()),
-            #[allow(unreachable_patterns)]
-            _ => Ok(CpuStorage::from_bytes(self.dtype, &self.to_bytes()?).to_f32_vec()),
+        match self.storage().as_cpu() {
+            Some(s) => Ok(s.to_f32_vec()),
+            None => Ok(CpuStorage::from_bytes(self.dtype, &self.to_bytes()?).to_f32_vec()),
         }
     }
 
@@ -360,10 +422,9 @@ impl Tensor {
         if *device == self.device {
             return Ok(self.clone());
         }
-        let host = match self.storage() {
-            Storage::Cpu(s) => CpuStorage::from_bytes(self.dtype, s.as_bytes()),
-            #[allow(unreachable_patterns)]
-            _ => CpuStorage::from_bytes(self.dtype, &self.to_bytes()?),
+        let host = match self.storage().as_cpu() {
+            Some(s) => CpuStorage::from_bytes(self.dtype, s.as_bytes()),
+            None => CpuStorage::from_bytes(self.dtype, &self.to_bytes()?),
         };
         Self::from_host(host, &self.shape, self.dtype, device)
     }
@@ -400,21 +461,23 @@ impl Tensor {
             return Ok(());
         }
         let src_storage = src.storage.clone();
-        match (self.storage_mut()?, &*src_storage) {
-            (Storage::Cpu(d), Storage::Cpu(s)) => {
+        let mismatch = || Error::DeviceMismatch("write_region: tensors on different backends".into());
+        match self.storage_mut()? {
+            Storage::Cpu(d) => {
+                let s = src_storage.as_cpu().ok_or_else(mismatch)?;
                 d.as_bytes_mut()[dst_off..dst_off + bytes].copy_from_slice(&s.as_bytes()[src_off..src_off + bytes]);
                 Ok(())
             }
             #[cfg(feature = "cuda")]
-            (Storage::Cuda { dev, buf }, Storage::Cuda { buf: sb, .. }) => {
+            Storage::Cuda { dev, buf } => {
+                let (_, sb) = src_storage.as_cuda().ok_or_else(mismatch)?;
                 dev.copy_region(sb, src_off, buf, dst_off, bytes)
             }
             #[cfg(feature = "wgpu")]
-            (Storage::Wgpu { dev, buf }, Storage::Wgpu { buf: sb, .. }) => {
+            Storage::Wgpu { dev, buf } => {
+                let (_, sb) = src_storage.as_wgpu().ok_or_else(mismatch)?;
                 dev.copy_region(sb, src_off, buf, dst_off, bytes)
             }
-            #[allow(unreachable_patterns)]
-            _ => Err(Error::DeviceMismatch("write_region: tensors on different backends".into())),
         }
     }
 
@@ -435,20 +498,10 @@ fn unit_uniform(seed: u64, counter: u64) -> f32 {
 
 #[cfg(feature = "wgpu")]
 impl Tensor {
-    /// The wgpu device a tensor lives on.
-    pub(crate) fn wgpu_device(&self) -> Result<&Arc<WgpuDevice>> {
-        match self.storage() {
-            Storage::Wgpu { dev, .. } => Ok(dev),
-            #[allow(unreachable_patterns)]
-            _ => Err(Error::DeviceMismatch(format!("expected a wgpu tensor, found one on {}", self.device))),
-        }
-    }
-
     /// The wgpu buffer behind a tensor on a wgpu device.
     pub(crate) fn wgpu_buffer(&self) -> Result<&::wgpu::Buffer> {
         match self.storage() {
             Storage::Wgpu { buf, .. } => Ok(buf.get()),
-            #[allow(unreachable_patterns)]
             _ => Err(Error::DeviceMismatch(format!("expected a wgpu tensor, found one on {}", self.device))),
         }
     }
@@ -460,7 +513,6 @@ impl Tensor {
     pub(crate) fn cuda_device(&self) -> Result<&Arc<CudaDevice>> {
         match self.storage() {
             Storage::Cuda { dev, .. } => Ok(dev),
-            #[allow(unreachable_patterns)]
             _ => Err(Error::DeviceMismatch(format!("expected a CUDA tensor, found one on {}", self.device))),
         }
     }
@@ -469,7 +521,6 @@ impl Tensor {
     pub(crate) fn cuda_buffer(&self) -> Result<&cudarc::driver::CudaSlice<u8>> {
         match self.storage() {
             Storage::Cuda { buf, .. } => Ok(buf.get()),
-            #[allow(unreachable_patterns)]
             _ => Err(Error::DeviceMismatch(format!("expected a CUDA tensor, found one on {}", self.device))),
         }
     }
@@ -495,24 +546,30 @@ pub(crate) enum RawBuffer {
 
 impl RawBuffer {
     pub(crate) fn new(bytes: Vec<u8>, device: &Device) -> Result<RawBuffer> {
-        match *device {
-            Device::Cpu => Ok(RawBuffer::Cpu(bytes)),
+        match device.backend()? {
+            Backend::Cpu => Ok(RawBuffer::Cpu(bytes)),
             #[cfg(feature = "cuda")]
-            Device::Cuda(i) => {
-                let dev = CudaDevice::get(i)?;
+            Backend::Cuda(dev) => {
                 let mut buf = dev.alloc(bytes.len())?;
                 dev.write(&mut buf, &bytes)?;
                 Ok(RawBuffer::Cuda { dev, buf, len: bytes.len() })
             }
             #[cfg(feature = "wgpu")]
-            Device::Wgpu(i) => {
-                let dev = WgpuDevice::get(i)?;
+            Backend::Wgpu(dev) => {
                 let buf = dev.alloc(bytes.len())?;
                 dev.write(&buf, &bytes)?;
                 Ok(RawBuffer::Wgpu { dev, buf, len: bytes.len() })
             }
+        }
+    }
+
+    /// The bytes, when they are on the CPU.
+    pub(crate) fn as_cpu(&self) -> Option<&[u8]> {
+        match self {
+            RawBuffer::Cpu(v) => Some(v),
+            // Unreachable in a CPU-only build.
             #[allow(unreachable_patterns)]
-            other => Err(Error::NoDevice(format!("{other}: backend not built"))),
+            _ => None,
         }
     }
 
@@ -526,12 +583,29 @@ impl RawBuffer {
         }
     }
 
+    /// The pooled buffer, when the bytes are on a CUDA GPU.
+    #[cfg(feature = "cuda")]
+    pub(crate) fn as_cuda(&self) -> Option<&CudaBuffer> {
+        match self {
+            RawBuffer::Cuda { buf, .. } => Some(buf),
+            _ => None,
+        }
+    }
+
+    /// The pooled buffer, when the bytes are on a wgpu adapter.
+    #[cfg(feature = "wgpu")]
+    pub(crate) fn as_wgpu(&self) -> Option<&WgpuBuffer> {
+        match self {
+            RawBuffer::Wgpu { buf, .. } => Some(buf),
+            _ => None,
+        }
+    }
+
     /// The CUDA buffer behind raw bytes on a CUDA device.
     #[cfg(feature = "cuda")]
     pub(crate) fn cuda_slice(&self) -> Result<&cudarc::driver::CudaSlice<u8>> {
         match self {
             RawBuffer::Cuda { buf, .. } => Ok(buf.get()),
-            #[allow(unreachable_patterns)]
             _ => Err(Error::DeviceMismatch("expected bytes on a CUDA device".into())),
         }
     }
@@ -541,7 +615,6 @@ impl RawBuffer {
     pub(crate) fn wgpu_buffer(&self) -> Result<&::wgpu::Buffer> {
         match self {
             RawBuffer::Wgpu { buf, .. } => Ok(buf.get()),
-            #[allow(unreachable_patterns)]
             _ => Err(Error::DeviceMismatch("expected bytes on a wgpu device".into())),
         }
     }

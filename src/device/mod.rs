@@ -11,9 +11,47 @@ pub(crate) mod pool;
 #[cfg(feature = "wgpu")]
 pub(crate) mod wgpu;
 
-use crate::{Error, Result};
+use crate::Result;
 use std::fmt;
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+
+/// A device resolved to its backend: the CPU, or an opened GPU context. Matching on it needs
+/// no arm for a backend that is not built.
+pub(crate) enum Backend {
+    Cpu,
+    #[cfg(feature = "cuda")]
+    Cuda(Arc<cuda::CudaDevice>),
+    #[cfg(feature = "wgpu")]
+    Wgpu(Arc<wgpu::WgpuDevice>),
+}
+
+/// `Err(NoDevice)` for a device whose backend was left out of the build.
+#[cfg(not(all(feature = "cuda", feature = "wgpu")))]
+fn not_built(device: Device, feature: &str) -> crate::Error {
+    crate::Error::NoDevice(format!("{device}: kiln was built without the `{feature}` feature"))
+}
+
+#[cfg(feature = "cuda")]
+fn cuda_backend(i: usize) -> Result<Backend> {
+    Ok(Backend::Cuda(cuda::CudaDevice::get(i)?))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda_backend(i: usize) -> Result<Backend> {
+    Err(not_built(Device::Cuda(i), "cuda"))
+}
+
+#[cfg(feature = "wgpu")]
+fn wgpu_backend(i: usize) -> Result<Backend> {
+    Ok(Backend::Wgpu(wgpu::WgpuDevice::get(i)?))
+}
+
+#[cfg(not(feature = "wgpu"))]
+fn wgpu_backend(i: usize) -> Result<Backend> {
+    Err(not_built(Device::Wgpu(i), "wgpu"))
+}
 
 /// Where a tensor lives and its ops run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -119,16 +157,28 @@ impl Device {
             .unwrap_or(Device::Cpu)
     }
 
+    /// The backend behind the device, its GPU context opened at first use.
+    pub(crate) fn backend(&self) -> Result<Backend> {
+        match *self {
+            Device::Cpu => Ok(Backend::Cpu),
+            Device::Cuda(i) => cuda_backend(i),
+            Device::Wgpu(i) => wgpu_backend(i),
+        }
+    }
+
     /// Name, memory and capabilities of the device.
     pub fn info(&self) -> Result<DeviceInfo> {
-        match *self {
-            Device::Cpu => Ok(cpu::info()),
+        // A wgpu adapter describes itself without opening a device.
+        #[cfg(feature = "wgpu")]
+        if let Device::Wgpu(i) = *self {
+            return wgpu::info(i);
+        }
+        match self.backend()? {
+            Backend::Cpu => Ok(cpu::info()),
             #[cfg(feature = "cuda")]
-            Device::Cuda(i) => cuda::CudaDevice::get(i)?.info(),
+            Backend::Cuda(dev) => dev.info(),
             #[cfg(feature = "wgpu")]
-            Device::Wgpu(i) => wgpu::info(i),
-            #[allow(unreachable_patterns)]
-            other => Err(Error::NoDevice(format!("{other}: kiln was built without this backend's feature"))),
+            Backend::Wgpu(dev) => wgpu::info(dev.index),
         }
     }
 
@@ -139,14 +189,12 @@ impl Device {
 
     /// Wait until all work queued on the device has finished. Timing code calls this.
     pub fn synchronize(&self) -> Result<()> {
-        match *self {
-            Device::Cpu => Ok(()),
+        match self.backend()? {
+            Backend::Cpu => Ok(()),
             #[cfg(feature = "cuda")]
-            Device::Cuda(i) => cuda::CudaDevice::get(i)?.synchronize(),
+            Backend::Cuda(dev) => dev.synchronize(),
             #[cfg(feature = "wgpu")]
-            Device::Wgpu(i) => wgpu::WgpuDevice::get(i)?.synchronize(),
-            #[allow(unreachable_patterns)]
-            other => Err(Error::NoDevice(format!("{other}: backend not built"))),
+            Backend::Wgpu(dev) => dev.synchronize(),
         }
     }
 }

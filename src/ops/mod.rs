@@ -13,7 +13,49 @@ pub use elementwise::{add, add_bias, cast, dropout, mul, scale, sum_rows};
 pub use matmul::{MatmulOptions, matmul, matmul_with};
 pub use quant::{QMatmulOptions, QTensor, QuantFormat, qmatmul, qmatmul_input_grad, qmatmul_with};
 
+#[cfg(feature = "cuda")]
+use crate::device::cuda::{CudaBuffer, CudaDevice};
+#[cfg(feature = "wgpu")]
+use crate::device::wgpu::{WgpuBuffer, WgpuDevice};
+use crate::tensor::{CpuStorage, Storage};
 use crate::{Error, Result, Tensor};
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
+use std::sync::Arc;
+
+/// An op's operands, matched on their storage once: all on the CPU, or all on one GPU, with
+/// that GPU's context and their buffers. A launcher takes `(device, buffers)`.
+pub(crate) enum Operands<'a, const N: usize> {
+    Cpu([&'a CpuStorage; N]),
+    #[cfg(feature = "cuda")]
+    Cuda(&'a Arc<CudaDevice>, [&'a CudaBuffer; N]),
+    #[cfg(feature = "wgpu")]
+    Wgpu(&'a Arc<WgpuDevice>, [&'a WgpuBuffer; N]),
+}
+
+/// The storage of `tensors`; `Err(DeviceMismatch)` naming `op` unless they share one device.
+pub(crate) fn operands<'a, const N: usize>(op: &str, tensors: [&'a Tensor; N]) -> Result<Operands<'a, N>> {
+    same_device(op, &tensors)?;
+    let mismatch = || Error::DeviceMismatch(format!("{op}: operands on different backends"));
+    let Some(first) = tensors.first() else {
+        return Err(Error::InvalidArgument(format!("{op}: no operands")));
+    };
+    /// Each tensor's part, or None when one is on another backend.
+    fn each<'a, T, const N: usize>(
+        tensors: [&'a Tensor; N],
+        part: impl Fn(&'a Storage) -> Option<T>,
+    ) -> Option<[T; N]> {
+        let parts: Vec<T> = tensors.iter().map(|t| part(t.storage())).collect::<Option<_>>()?;
+        parts.try_into().ok()
+    }
+    match first.storage() {
+        Storage::Cpu(_) => each(tensors, Storage::as_cpu).map(Operands::Cpu),
+        #[cfg(feature = "cuda")]
+        Storage::Cuda { dev, .. } => each(tensors, |s| s.as_cuda().map(|(_, b)| b)).map(|b| Operands::Cuda(dev, b)),
+        #[cfg(feature = "wgpu")]
+        Storage::Wgpu { dev, .. } => each(tensors, |s| s.as_wgpu().map(|(_, b)| b)).map(|b| Operands::Wgpu(dev, b)),
+    }
+    .ok_or_else(mismatch)
+}
 
 /// `Err(DeviceMismatch)` unless every tensor is on the same device.
 pub(crate) fn same_device(op: &str, tensors: &[&Tensor]) -> Result<()> {

@@ -85,6 +85,8 @@ pub(crate) fn info(index: usize) -> Result<DeviceInfo> {
 
 /// An opened adapter: device, queue, pipeline cache and buffer pool.
 pub(crate) struct WgpuDevice {
+    /// The adapter's index in [`adapters`].
+    pub(crate) index: usize,
     pub(crate) device: wgpu::Device,
     pub(crate) queue: wgpu::Queue,
     /// Whether the device was opened with SHADER_F16, so shaders may use `f16`.
@@ -100,10 +102,10 @@ impl WgpuDevice {
         let slot = adapters()
             .get(index)
             .ok_or_else(|| Error::NoDevice(format!("wgpu:{index}: {} adapter(s) present", adapter_count())))?;
-        slot.device.get_or_init(|| Self::open(&slot.adapter).map(Arc::new)).clone()
+        slot.device.get_or_init(|| Self::open(index, &slot.adapter).map(Arc::new)).clone()
     }
 
-    fn open(adapter: &wgpu::Adapter) -> Result<WgpuDevice> {
+    fn open(index: usize, adapter: &wgpu::Adapter) -> Result<WgpuDevice> {
         let wanted = wgpu::Features::SHADER_F16 | wgpu::Features::SUBGROUP;
         let features = adapter.features() & wanted;
         let limits = adapter.limits();
@@ -119,6 +121,7 @@ impl WgpuDevice {
         device.on_uncaptured_error(Arc::new(|e: wgpu::Error| eprintln!("kiln: wgpu error: {e}")));
         let max_binding = limits.max_storage_buffer_binding_size.min(limits.max_buffer_size);
         Ok(WgpuDevice {
+            index,
             device,
             queue,
             shader_f16: features.contains(wgpu::Features::SHADER_F16),

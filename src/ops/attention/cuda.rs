@@ -125,8 +125,14 @@ fn per_tile(what: &str, len: usize, pairs: usize) -> Result<LaunchConfig> {
     })
 }
 
-pub(crate) fn forward(q: &Tensor, k: &Tensor, v: &Tensor, s: &AttnShape, lens: &[usize]) -> Result<AttentionOutput> {
-    let dev = q.cuda_device()?.clone();
+pub(crate) fn forward(
+    dev: &Arc<CudaDevice>,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    s: &AttnShape,
+    lens: &[usize],
+) -> Result<AttentionOutput> {
     let device = q.device();
     let kernel = select(dev.cc, q.dtype(), s.dim);
     let lens_buf = super::lens_buffer(lens, &device)?;
@@ -154,9 +160,13 @@ pub(crate) fn forward(q: &Tensor, k: &Tensor, v: &Tensor, s: &AttnShape, lens: &
     Ok(AttentionOutput { o: o.to_dtype(q.dtype())?, lse })
 }
 
-pub(crate) fn backward(inputs: &BackwardInputs<'_>, s: &AttnShape, lens: &[usize]) -> Result<AttentionGrads> {
+pub(crate) fn backward(
+    dev: &Arc<CudaDevice>,
+    inputs: &BackwardInputs<'_>,
+    s: &AttnShape,
+    lens: &[usize],
+) -> Result<AttentionGrads> {
     let BackwardInputs { q, k, v, d_o, lse, delta } = *inputs;
-    let dev = q.cuda_device()?.clone();
     let device = q.device();
     let kernel = select(dev.cc, q.dtype(), s.dim);
     // dO in f32 for the one-row kernels; in q's half type as a tensor-core operand.
@@ -201,13 +211,13 @@ pub(crate) fn backward(inputs: &BackwardInputs<'_>, s: &AttnShape, lens: &[usize
 
 /// Decoding against a KV cache: the split kernel for the head dim's tier, then the merge.
 pub(crate) fn decode(
+    dev: &Arc<CudaDevice>,
     q: &Tensor,
     cache: &KvCache,
     s: &DecodeShape,
     lens: &[usize],
     q_lens: &[usize],
 ) -> Result<AttentionOutput> {
-    let dev: Arc<CudaDevice> = q.cuda_device()?.clone();
     let device = q.device();
     let rows = s.batch * s.heads * s.q_len;
     let lens_buf = super::lens_buffer(lens, &device)?;

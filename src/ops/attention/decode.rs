@@ -3,7 +3,8 @@
 //! CPU here; CUDA `kernels/attention_decode.cu`, WGSL `shaders/attention_decode_*.wgsl`.
 
 use super::{AttentionOutput, MAX_HEAD_DIM};
-use crate::tensor::Storage;
+use crate::ops::{Operands, operands};
+use crate::tensor::{CpuStorage, StorageElement, with_elems};
 use crate::{Error, Result, Tensor};
 use rayon::prelude::*;
 
@@ -223,12 +224,12 @@ pub fn attention_decode(q: &Tensor, cache: &KvCache, options: &DecodeOptions) ->
     let split_count = longest.div_ceil(keys_per_split).max(1);
     let s = DecodeShape { batch, q_len, capacity, heads, kv_heads, dim, scale, keys_per_split, split_count };
     let lens = &cache.lens;
-    match q.storage() {
-        Storage::Cpu(_) => cpu_decode(q, cache, &s, lens, &q_lens),
+    match operands("attention_decode", [q, &cache.k, &cache.v])? {
+        Operands::Cpu([_, ks, vs]) => cpu_decode(q, ks, vs, &s, lens, &q_lens),
         #[cfg(feature = "cuda")]
-        Storage::Cuda { .. } => super::cuda::decode(q, cache, &s, lens, &q_lens),
+        Operands::Cuda(dev, _) => super::cuda::decode(dev, q, cache, &s, lens, &q_lens),
         #[cfg(feature = "wgpu")]
-        Storage::Wgpu { .. } => super::wgpu::decode(q, cache, &s, lens, &q_lens),
+        Operands::Wgpu(dev, _) => super::wgpu::decode(dev, q, cache, &s, lens, &q_lens),
     }
 }
 
@@ -241,23 +242,16 @@ struct Partial {
 
 fn cpu_decode(
     q: &Tensor,
-    cache: &KvCache,
+    ks: &CpuStorage,
+    vs: &CpuStorage,
     s: &DecodeShape,
     lens: &[usize],
     q_lens: &[usize],
 ) -> Result<AttentionOutput> {
-    use crate::tensor::CpuStorage;
-    #[allow(irrefutable_let_patterns)] // only the CPU backend is built without features
-    let (Storage::Cpu(ks), Storage::Cpu(vs)) = (cache.k.storage(), cache.v.storage()) else {
-        return Err(Error::DeviceMismatch("the CPU decode needs the cache on the CPU".into()));
-    };
     let qv = q.to_vec_f32()?;
-    let partials = match (ks, vs) {
-        (CpuStorage::F32(k), CpuStorage::F32(v)) => decode_splits(&qv, k, v, s, lens, q_lens),
-        (CpuStorage::F16(k), CpuStorage::F16(v)) => decode_splits(&qv, k, v, s, lens, q_lens),
-        (CpuStorage::BF16(k), CpuStorage::BF16(v)) => decode_splits(&qv, k, v, s, lens, q_lens),
-        _ => return Err(Error::DType("the cache's k and v differ in dtype".into())),
-    };
+    let differ = || Error::DType("the cache's k and v differ in dtype".into());
+    let partials =
+        with_elems!(ks, k => decode_splits(&qv, k, StorageElement::slice_of(vs).ok_or_else(differ)?, s, lens, q_lens));
     let (d, rows) = (s.dim, s.batch * s.heads * s.q_len);
     let mut o = vec![0f32; rows * d];
     let mut lse = vec![f32::NEG_INFINITY; rows];
@@ -278,7 +272,7 @@ fn cpu_decode(
 /// The split partials of every query row, in (row, split) order. One task per (sequence,
 /// kv head, split) converts each cached key and value row once and applies it to every
 /// query row of the kv head's group: the split's scores first, then its softmax, then Σ p·v.
-fn decode_splits<T: crate::Element>(
+fn decode_splits<T: StorageElement>(
     qv: &[f32],
     k: &[T],
     v: &[T],

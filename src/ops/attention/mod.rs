@@ -19,7 +19,7 @@ pub(crate) mod wgpu;
 
 pub use decode::{DECODE_SPLIT, DecodeOptions, KvCache, attention_decode};
 
-use crate::tensor::Storage;
+use crate::ops::{Operands, operands};
 use crate::{Error, Result, Tensor};
 use rayon::prelude::*;
 
@@ -139,12 +139,12 @@ fn validate(q: &Tensor, k: &Tensor, v: &Tensor, options: &AttentionOptions) -> R
 /// q, k, v of different dtypes; `DeviceMismatch`.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, options: &AttentionOptions) -> Result<AttentionOutput> {
     let (s, lens) = validate(q, k, v, options)?;
-    match q.storage() {
-        Storage::Cpu(_) => cpu_forward(q, k, v, &s, &lens),
+    match operands("attention", [q, k, v])? {
+        Operands::Cpu(_) => cpu_forward(q, k, v, &s, &lens),
         #[cfg(feature = "cuda")]
-        Storage::Cuda { .. } => cuda::forward(q, k, v, &s, &lens),
+        Operands::Cuda(dev, _) => cuda::forward(dev, q, k, v, &s, &lens),
         #[cfg(feature = "wgpu")]
-        Storage::Wgpu { .. } => wgpu::forward(q, k, v, &s, &lens),
+        Operands::Wgpu(dev, _) => wgpu::forward(dev, q, k, v, &s, &lens),
     }
 }
 
@@ -235,12 +235,12 @@ pub fn attention_backward(
     let f32_of = |t: &Tensor| t.to_dtype(crate::DType::F32);
     let d = crate::ops::sum_rows(&crate::ops::mul(&f32_of(d_o)?, &f32_of(&forward.o)?)?)?;
     let inputs = BackwardInputs { q, k, v, d_o, lse: &forward.lse, delta: &d };
-    match q.storage() {
-        Storage::Cpu(_) => cpu_backward(&inputs, &s, &lens),
+    match operands("attention_backward", [q, &d])? {
+        Operands::Cpu(_) => cpu_backward(&inputs, &s, &lens),
         #[cfg(feature = "cuda")]
-        Storage::Cuda { .. } => cuda::backward(&inputs, &s, &lens),
+        Operands::Cuda(dev, _) => cuda::backward(dev, &inputs, &s, &lens),
         #[cfg(feature = "wgpu")]
-        Storage::Wgpu { .. } => wgpu::backward(&inputs, &s, &lens),
+        Operands::Wgpu(dev, _) => wgpu::backward(dev, &inputs, &s, &lens),
     }
 }
 

@@ -3,9 +3,11 @@
 
 use super::decode::DecodeShape;
 use super::{AttentionGrads, AttentionOutput, AttnShape, BackwardInputs, KvCache};
+use crate::device::wgpu::WgpuDevice;
 use crate::device::wgpu::launch::{fits_u32, grid_2d, wgsl_input};
 use crate::kernels::{kernel_params, wgsl};
 use crate::{DType, Result, Tensor};
+use std::sync::Arc;
 
 kernel_params! {
     /// The forward's and the backward's scalars (`struct AttentionParams` in
@@ -80,8 +82,14 @@ kernel_params! {
     }
 }
 
-pub(crate) fn forward(q: &Tensor, k: &Tensor, v: &Tensor, s: &AttnShape, lens: &[usize]) -> Result<AttentionOutput> {
-    let dev = q.wgpu_device()?.clone();
+pub(crate) fn forward(
+    dev: &Arc<WgpuDevice>,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    s: &AttnShape,
+    lens: &[usize],
+) -> Result<AttentionOutput> {
     let device = q.device();
     let native = q.dtype() == DType::F16 && dev.shader_f16;
     let key = format!("attention_fwd_{}{}", q.dtype(), if native { "_native" } else { "" });
@@ -112,9 +120,13 @@ pub(crate) fn forward(q: &Tensor, k: &Tensor, v: &Tensor, s: &AttnShape, lens: &
     Ok(AttentionOutput { o: o.to_dtype(q.dtype())?, lse })
 }
 
-pub(crate) fn backward(inputs: &BackwardInputs<'_>, s: &AttnShape, lens: &[usize]) -> Result<AttentionGrads> {
+pub(crate) fn backward(
+    dev: &Arc<WgpuDevice>,
+    inputs: &BackwardInputs<'_>,
+    s: &AttnShape,
+    lens: &[usize],
+) -> Result<AttentionGrads> {
     let BackwardInputs { q, k, v, d_o, lse, delta } = *inputs;
-    let dev = q.wgpu_device()?.clone();
     let device = q.device();
     let dtype = q.dtype();
     // dO in f32 whatever its dtype: no precision lost before the products.
@@ -158,13 +170,13 @@ pub(crate) fn backward(inputs: &BackwardInputs<'_>, s: &AttnShape, lens: &[usize
 
 /// Decoding against a KV cache: the split shader, then the merge.
 pub(crate) fn decode(
+    dev: &Arc<WgpuDevice>,
     q: &Tensor,
     cache: &KvCache,
     s: &DecodeShape,
     lens: &[usize],
     q_lens: &[usize],
 ) -> Result<AttentionOutput> {
-    let dev = q.wgpu_device()?.clone();
     let device = q.device();
     let native = q.dtype() == DType::F16 && dev.shader_f16;
     let key =

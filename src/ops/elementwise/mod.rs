@@ -10,9 +10,9 @@ pub(crate) mod cuda;
 pub(crate) mod wgpu;
 
 use crate::ops::hash::mix32;
-use crate::tensor::{CpuStorage, Storage};
+use crate::ops::{Operands, operands};
+use crate::tensor::{CpuStorage, StorageElement, with_dtype, with_elems};
 use crate::{DType, Element, Error, Result, Tensor};
-use half::{bf16, f16};
 use rayon::prelude::*;
 
 /// Binary elementwise operations.
@@ -50,34 +50,32 @@ pub fn mul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
 }
 
 fn binary(op: BinaryOp, a: &Tensor, b: &Tensor) -> Result<Tensor> {
-    crate::ops::same_device(op.name(), &[a, b])?;
+    let operands = operands(op.name(), [a, b])?;
     if a.shape() != b.shape() {
         return Err(Error::Shape(format!("{}: shapes {:?} and {:?} differ", op.name(), a.shape(), b.shape())));
     }
     if a.dtype() != b.dtype() {
         return Err(Error::DType(format!("{}: dtypes {} and {} differ", op.name(), a.dtype(), b.dtype())));
     }
-    match (a.storage(), b.storage()) {
-        (Storage::Cpu(x), Storage::Cpu(y)) => {
-            let out = match (x, y) {
-                (CpuStorage::F32(x), CpuStorage::F32(y)) => CpuStorage::F32(zip_map(x, y, op)),
-                (CpuStorage::F16(x), CpuStorage::F16(y)) => CpuStorage::F16(zip_map(x, y, op)),
-                (CpuStorage::BF16(x), CpuStorage::BF16(y)) => CpuStorage::BF16(zip_map(x, y, op)),
-                _ => unreachable!("dtypes checked above"),
-            };
+    match operands {
+        Operands::Cpu([x, y]) => {
+            let out = with_elems!(x, x => zip_map(x, y, op))
+                .ok_or_else(|| Error::DType(format!("{}: dtypes differ", op.name())))?;
             Ok(Tensor::from_cpu_storage(out, a.shape(), a.dtype()))
         }
         #[cfg(feature = "cuda")]
-        (Storage::Cuda { dev, buf: x }, Storage::Cuda { buf: y, .. }) => cuda::binary(dev, op, a, x, y),
+        Operands::Cuda(dev, [x, y]) => cuda::binary(dev, op, a, x, y),
         #[cfg(feature = "wgpu")]
-        (Storage::Wgpu { dev, buf: x }, Storage::Wgpu { buf: y, .. }) => wgpu::binary(dev, op, a, x, y),
-        #[allow(unreachable_patterns)]
-        _ => Err(Error::DeviceMismatch(format!("{}: operands on different backends", op.name()))),
+        Operands::Wgpu(dev, [x, y]) => wgpu::binary(dev, op, a, x, y),
     }
 }
 
-fn zip_map<T: Element>(x: &[T], y: &[T], op: BinaryOp) -> Vec<T> {
-    x.par_iter().zip(y.par_iter()).map(|(&x, &y)| T::from_f32(op.apply(x.to_f32(), y.to_f32()))).collect()
+/// `op` elementwise over x and y (which must hold x's dtype, else `None`).
+fn zip_map<T: StorageElement>(x: &[T], y: &CpuStorage, op: BinaryOp) -> Option<CpuStorage> {
+    let y = T::slice_of(y)?;
+    Some(T::into_storage(
+        x.par_iter().zip(y.par_iter()).map(|(&x, &y)| T::from_f32(op.apply(x.to_f32(), y.to_f32()))).collect(),
+    ))
 }
 
 /// `s · a`, elementwise, computed in f32. `Err(InvalidArgument)` when `s` is not finite.
@@ -85,24 +83,20 @@ pub fn scale(a: &Tensor, s: f32) -> Result<Tensor> {
     if !s.is_finite() {
         return Err(Error::InvalidArgument(format!("scale: factor {s} is not finite")));
     }
-    match a.storage() {
-        Storage::Cpu(x) => {
-            let out = match x {
-                CpuStorage::F32(x) => CpuStorage::F32(map(x, |v| v * s)),
-                CpuStorage::F16(x) => CpuStorage::F16(map(x, |v| v * s)),
-                CpuStorage::BF16(x) => CpuStorage::BF16(map(x, |v| v * s)),
-            };
+    match operands("scale", [a])? {
+        Operands::Cpu([x]) => {
+            let out = with_elems!(x, x => map(x, |v| v * s));
             Ok(Tensor::from_cpu_storage(out, a.shape(), a.dtype()))
         }
         #[cfg(feature = "cuda")]
-        Storage::Cuda { dev, buf } => cuda::scale(dev, a, buf, s),
+        Operands::Cuda(dev, [buf]) => cuda::scale(dev, a, buf, s),
         #[cfg(feature = "wgpu")]
-        Storage::Wgpu { dev, buf } => wgpu::scale(dev, a, buf, s),
+        Operands::Wgpu(dev, [buf]) => wgpu::scale(dev, a, buf, s),
     }
 }
 
-fn map<T: Element>(x: &[T], f: impl Fn(f32) -> f32 + Sync) -> Vec<T> {
-    x.par_iter().map(|&v| T::from_f32(f(v.to_f32()))).collect()
+fn map<T: StorageElement>(x: &[T], f: impl Fn(f32) -> f32 + Sync) -> CpuStorage {
+    T::into_storage(x.par_iter().map(|&v| T::from_f32(f(v.to_f32()))).collect())
 }
 
 /// Sum over the last dimension, accumulated in f32: `[.., n]` → `[..]` (a rank-1 input
@@ -112,27 +106,25 @@ pub fn sum_rows(a: &Tensor) -> Result<Tensor> {
         return Err(Error::Shape("sum_rows needs at least one dimension, got a scalar".into()));
     };
     let rows: usize = lead.iter().product();
-    match a.storage() {
-        Storage::Cpu(x) => {
-            let out = match x {
-                CpuStorage::F32(x) => CpuStorage::F32(row_sums(x, rows, cols)),
-                CpuStorage::F16(x) => CpuStorage::F16(row_sums(x, rows, cols)),
-                CpuStorage::BF16(x) => CpuStorage::BF16(row_sums(x, rows, cols)),
-            };
+    match operands("sum_rows", [a])? {
+        Operands::Cpu([x]) => {
+            let out = with_elems!(x, x => row_sums(x, rows, cols));
             Ok(Tensor::from_cpu_storage(out, lead, a.dtype()))
         }
         #[cfg(feature = "cuda")]
-        Storage::Cuda { dev, buf } => cuda::sum_rows(dev, a, buf, rows, cols),
+        Operands::Cuda(dev, [buf]) => cuda::sum_rows(dev, a, buf, rows, cols),
         #[cfg(feature = "wgpu")]
-        Storage::Wgpu { dev, buf } => wgpu::sum_rows(dev, a, buf, rows, cols),
+        Operands::Wgpu(dev, [buf]) => wgpu::sum_rows(dev, a, buf, rows, cols),
     }
 }
 
-fn row_sums<T: Element>(x: &[T], rows: usize, cols: usize) -> Vec<T> {
-    (0..rows)
-        .into_par_iter()
-        .map(|r| T::from_f32(x[r * cols..(r + 1) * cols].iter().map(|v| v.to_f32()).sum()))
-        .collect()
+fn row_sums<T: StorageElement>(x: &[T], rows: usize, cols: usize) -> CpuStorage {
+    T::into_storage(
+        (0..rows)
+            .into_par_iter()
+            .map(|r| T::from_f32(x[r * cols..(r + 1) * cols].iter().map(|v| v.to_f32()).sum()))
+            .collect(),
+    )
 }
 
 /// The elements converted to `dtype`, rounding to nearest even (f32 → f16 overflows to ±inf
@@ -141,28 +133,25 @@ pub fn cast(a: &Tensor, dtype: DType) -> Result<Tensor> {
     if a.dtype() == dtype {
         return Ok(a.clone());
     }
-    match a.storage() {
-        Storage::Cpu(x) => {
-            let out = match (x, dtype) {
-                (CpuStorage::F32(x), d) => CpuStorage::from_f32(d, x),
-                (CpuStorage::F16(x), DType::F32) => CpuStorage::F32(x.par_iter().map(|v| v.to_f32()).collect()),
-                (CpuStorage::F16(x), _) => CpuStorage::BF16(x.par_iter().map(|v| bf16::from_f32(v.to_f32())).collect()),
-                (CpuStorage::BF16(x), DType::F32) => CpuStorage::F32(x.par_iter().map(|v| v.to_f32()).collect()),
-                (CpuStorage::BF16(x), _) => CpuStorage::F16(x.par_iter().map(|v| f16::from_f32(v.to_f32())).collect()),
-            };
+    match operands("cast", [a])? {
+        Operands::Cpu([x]) => {
+            // Through f32, which holds every f16 and bf16 value exactly: one rounding.
+            let out = with_elems!(x, x => with_dtype!(dtype, U => U::into_storage(
+                x.par_iter().map(|v| U::from_f32(v.to_f32())).collect()
+            )));
             Ok(Tensor::from_cpu_storage(out, a.shape(), dtype))
         }
         #[cfg(feature = "cuda")]
-        Storage::Cuda { dev, buf } => cuda::cast(dev, a, buf, dtype),
+        Operands::Cuda(dev, [buf]) => cuda::cast(dev, a, buf, dtype),
         #[cfg(feature = "wgpu")]
-        Storage::Wgpu { dev, buf } => wgpu::cast(dev, a, buf, dtype),
+        Operands::Wgpu(dev, [buf]) => wgpu::cast(dev, a, buf, dtype),
     }
 }
 
 /// `x + bias` with `bias` `[n]` added to every row of `x` `[.., n]`, computed in f32. Same
 /// dtype and device; `Err(Shape)` when `bias` is not `[n]`.
 pub fn add_bias(x: &Tensor, bias: &Tensor) -> Result<Tensor> {
-    crate::ops::same_device("add_bias", &[x, bias])?;
+    let operands = operands("add_bias", [x, bias])?;
     let cols = x.shape().last().copied().unwrap_or(1);
     if bias.shape() != [cols] {
         return Err(Error::Shape(format!("add_bias: bias {:?} must be [{cols}] for x {:?}", bias.shape(), x.shape())));
@@ -173,18 +162,16 @@ pub fn add_bias(x: &Tensor, bias: &Tensor) -> Result<Tensor> {
     if x.elem_count() == 0 {
         return Tensor::empty(x.shape(), x.dtype(), &x.device());
     }
-    match (x.storage(), bias.storage()) {
-        (Storage::Cpu(xs), Storage::Cpu(bs)) => {
+    match operands {
+        Operands::Cpu([xs, bs]) => {
             let (xv, bv) = (xs.to_f32_vec(), bs.to_f32_vec());
             let out: Vec<f32> = xv.par_iter().enumerate().map(|(i, v)| v + bv[i % cols]).collect();
             Ok(Tensor::from_cpu_storage(CpuStorage::from_f32_vec(x.dtype(), out), x.shape(), x.dtype()))
         }
         #[cfg(feature = "cuda")]
-        (Storage::Cuda { dev, buf }, Storage::Cuda { buf: b, .. }) => cuda::add_bias(dev, x, buf, b, cols),
+        Operands::Cuda(dev, [buf, b]) => cuda::add_bias(dev, x, buf, b, cols),
         #[cfg(feature = "wgpu")]
-        (Storage::Wgpu { dev, buf }, Storage::Wgpu { buf: b, .. }) => wgpu::add_bias(dev, x, buf, b, cols),
-        #[allow(unreachable_patterns)]
-        _ => Err(Error::DeviceMismatch("add_bias: operands on different backends".into())),
+        Operands::Wgpu(dev, [buf, b]) => wgpu::add_bias(dev, x, buf, b, cols),
     }
 }
 
@@ -213,8 +200,8 @@ pub fn dropout(x: &Tensor, p: f32, seed: u64) -> Result<Tensor> {
     let key = dropout_key(seed);
     let threshold = ((1.0 - p as f64) * 4294967296.0).min(u32::MAX as f64) as u32;
     let scale = 1.0 / (1.0 - p);
-    match x.storage() {
-        Storage::Cpu(xs) => {
+    match operands("dropout", [x])? {
+        Operands::Cpu([xs]) => {
             let xv = xs.to_f32_vec();
             let out: Vec<f32> = xv
                 .par_iter()
@@ -224,8 +211,8 @@ pub fn dropout(x: &Tensor, p: f32, seed: u64) -> Result<Tensor> {
             Ok(Tensor::from_cpu_storage(CpuStorage::from_f32_vec(x.dtype(), out), x.shape(), x.dtype()))
         }
         #[cfg(feature = "cuda")]
-        Storage::Cuda { dev, buf } => cuda::dropout(dev, x, buf, key, threshold, scale),
+        Operands::Cuda(dev, [buf]) => cuda::dropout(dev, x, buf, key, threshold, scale),
         #[cfg(feature = "wgpu")]
-        Storage::Wgpu { dev, buf } => wgpu::dropout(dev, x, buf, key, threshold, scale),
+        Operands::Wgpu(dev, [buf]) => wgpu::dropout(dev, x, buf, key, threshold, scale),
     }
 }

@@ -12,6 +12,7 @@ use crate::ops::quant::cuda::QuantParams;
 use crate::tensor::RawBuffer;
 use crate::{DType, Result, Tensor};
 use cudarc::driver::{LaunchConfig, PushKernelArg};
+use std::sync::Arc;
 
 kernel_params! {
     /// The fused layer's sizes, rank and scale (`struct LoraParams` in `kernels/lora.cu`).
@@ -123,8 +124,13 @@ fn shrink(x: &Tensor, a: &Tensor, table: &RawBuffer, rows: &RawBuffer, inp: usiz
     Ok(v)
 }
 
-pub(crate) fn batched(x: &Tensor, y: &Tensor, set: &AdapterSet, adapters: &[i32]) -> Result<Tensor> {
-    let dev = x.cuda_device()?.clone();
+pub(crate) fn batched(
+    dev: &Arc<CudaDevice>,
+    x: &Tensor,
+    y: &Tensor,
+    set: &AdapterSet,
+    adapters: &[i32],
+) -> Result<Tensor> {
     let device = x.device();
     let tokens = x.shape()[0];
     let rmax = set.max_rank();
@@ -144,9 +150,8 @@ pub(crate) fn batched(x: &Tensor, y: &Tensor, set: &AdapterSet, adapters: &[i32]
 }
 
 /// The fused forward pass: returns y (x's dtype) and xa (f32).
-pub(crate) fn fused(f: &Fused<'_>) -> Result<(Tensor, Tensor)> {
+pub(crate) fn fused(dev: &Arc<CudaDevice>, f: &Fused<'_>) -> Result<(Tensor, Tensor)> {
     let x = f.x;
-    let dev = x.cuda_device()?.clone();
     let device = x.device();
     let [out, inp] = f.base.shape();
     let (tokens, r) = (x.shape()[0], f.rank());

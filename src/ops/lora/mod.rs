@@ -11,6 +11,7 @@ pub(crate) mod cuda;
 #[cfg(feature = "wgpu")]
 pub(crate) mod wgpu;
 
+use crate::device::Backend;
 use crate::{DType, Error, Result, Tensor};
 
 fn check(w: &Tensor, a: &Tensor, b: &Tensor, s: f32) -> Result<()> {
@@ -223,14 +224,12 @@ pub fn lora_forward(x: &Tensor, layer: &LoraLinear<'_>) -> Result<LoraOutput> {
         scale: layer.scale,
         dropout: layer.dropout,
     };
-    let (y, xa) = match device {
-        crate::Device::Cpu => cpu_fused(&fused)?,
+    let (y, xa) = match device.backend()? {
+        Backend::Cpu => cpu_fused(&fused)?,
         #[cfg(feature = "cuda")]
-        crate::Device::Cuda(_) => cuda::fused(&fused)?,
+        Backend::Cuda(dev) => cuda::fused(&dev, &fused)?,
         #[cfg(feature = "wgpu")]
-        crate::Device::Wgpu(_) => wgpu::fused(&fused)?,
-        #[allow(unreachable_patterns)]
-        other => return Err(Error::NoDevice(format!("{other}: backend not built"))),
+        Backend::Wgpu(dev) => wgpu::fused(&dev, &fused)?,
     };
     Ok(LoraOutput { y, xa })
 }
@@ -446,14 +445,12 @@ pub fn lora_batched(x: &Tensor, y: &Tensor, set: &AdapterSet, adapters: &[i32]) 
     }
     let xf = x.to_dtype(DType::F32)?;
     let yf = y.to_dtype(DType::F32)?;
-    let out = match xf.device() {
-        crate::Device::Cpu => cpu_batched(&xf, &yf, set, adapters)?,
+    let out = match xf.device().backend()? {
+        Backend::Cpu => cpu_batched(&xf, &yf, set, adapters)?,
         #[cfg(feature = "cuda")]
-        crate::Device::Cuda(_) => cuda::batched(&xf, &yf, set, adapters)?,
+        Backend::Cuda(dev) => cuda::batched(&dev, &xf, &yf, set, adapters)?,
         #[cfg(feature = "wgpu")]
-        crate::Device::Wgpu(_) => wgpu::batched(&xf, &yf, set, adapters)?,
-        #[allow(unreachable_patterns)]
-        other => return Err(Error::NoDevice(format!("{other}: backend not built"))),
+        Backend::Wgpu(dev) => wgpu::batched(&dev, &xf, &yf, set, adapters)?,
     };
     out.to_dtype(y.dtype())
 }

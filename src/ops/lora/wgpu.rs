@@ -3,6 +3,7 @@
 //! (`shaders/lora_shrink.wgsl`, `shaders/lora_expand.wgsl`).
 
 use super::{AdapterSet, BaseWeight, Fused};
+use crate::device::wgpu::WgpuDevice;
 use crate::device::wgpu::launch::{fits_u32, grid_2d, wgsl_input};
 use crate::kernels::{kernel_params, wgsl, wgsl_struct};
 use crate::ops::matmul::MatmulProblem;
@@ -10,6 +11,7 @@ use crate::ops::matmul::wgpu::{MatmulParams, groups};
 use crate::ops::quant::wgpu::{QuantParams, decode_binding};
 use crate::tensor::RawBuffer;
 use crate::{DType, Result, Tensor};
+use std::sync::Arc;
 
 kernel_params! {
     /// The delta's rank and scale, and whether a bias joins (`struct LoraParams` in
@@ -53,8 +55,13 @@ kernel_params! {
     }
 }
 
-pub(crate) fn batched(x: &Tensor, y: &Tensor, set: &AdapterSet, adapters: &[i32]) -> Result<Tensor> {
-    let dev = x.wgpu_device()?.clone();
+pub(crate) fn batched(
+    dev: &Arc<WgpuDevice>,
+    x: &Tensor,
+    y: &Tensor,
+    set: &AdapterSet,
+    adapters: &[i32],
+) -> Result<Tensor> {
     let device = x.device();
     let tokens = x.shape()[0];
     let rmax = set.max_rank();
@@ -92,9 +99,8 @@ pub(crate) fn batched(x: &Tensor, y: &Tensor, set: &AdapterSet, adapters: &[i32]
 }
 
 /// The fused forward pass: returns y (x's dtype) and xa (f32).
-pub(crate) fn fused(f: &Fused<'_>) -> Result<(Tensor, Tensor)> {
+pub(crate) fn fused(dev: &Arc<WgpuDevice>, f: &Fused<'_>) -> Result<(Tensor, Tensor)> {
     let x = f.x;
-    let dev = x.wgpu_device()?.clone();
     let device = x.device();
     let [out, inp] = f.base.shape();
     let (tokens, r) = (x.shape()[0], f.rank());

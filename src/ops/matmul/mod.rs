@@ -13,8 +13,8 @@ pub(crate) mod cuda;
 #[cfg(feature = "wgpu")]
 pub(crate) mod wgpu;
 
-use crate::ops::SharedMut;
-use crate::tensor::{CpuStorage, Storage};
+use crate::ops::{Operands, SharedMut, operands};
+use crate::tensor::{CpuStorage, StorageElement, with_elems};
 use crate::{DType, Element, Error, Result, Tensor};
 use rayon::prelude::*;
 
@@ -120,7 +120,7 @@ pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
 /// names both shapes); `DType` when `a` and `b` differ; `DeviceMismatch`; `OutOfMemory`.
 /// Zero-sized dimensions are valid: an empty output, or zeros when `k` is 0.
 pub fn matmul_with(a: &Tensor, b: &Tensor, options: MatmulOptions) -> Result<Tensor> {
-    crate::ops::same_device("matmul", &[a, b])?;
+    let operands = operands("matmul", [a, b])?;
     let (problem, out_shape) = plan(a, b, options)?;
     let device = a.device();
     if problem.k == 0 {
@@ -129,22 +129,19 @@ pub fn matmul_with(a: &Tensor, b: &Tensor, options: MatmulOptions) -> Result<Ten
     if out_shape.contains(&0) {
         return Tensor::empty(&out_shape, problem.out_dtype, &device);
     }
-    match (a.storage(), b.storage()) {
-        (Storage::Cpu(sa), Storage::Cpu(sb)) => {
-            Ok(Tensor::from_cpu_storage(cpu_matmul(&problem, sa, sb), &out_shape, problem.out_dtype))
+    match operands {
+        Operands::Cpu([sa, sb]) => {
+            let c = cpu_matmul(&problem, sa, sb).ok_or_else(|| Error::DType("matmul: dtypes differ".into()))?;
+            Ok(Tensor::from_cpu_storage(c, &out_shape, problem.out_dtype))
         }
         #[cfg(feature = "cuda")]
-        (Storage::Cuda { dev, buf: ba }, Storage::Cuda { buf: bb, .. }) => {
+        Operands::Cuda(dev, [ba, bb]) => {
             let out = Tensor::empty(&out_shape, problem.out_dtype, &device)?;
             cuda::matmul(dev, &problem, ba, bb, &out)?;
             Ok(out)
         }
         #[cfg(feature = "wgpu")]
-        (Storage::Wgpu { dev, buf: ba }, Storage::Wgpu { buf: bb, .. }) => {
-            wgpu::matmul(dev, &problem, ba, bb, device, &out_shape)
-        }
-        #[allow(unreachable_patterns)]
-        _ => Err(Error::DeviceMismatch("matmul: operands on different backends".into())),
+        Operands::Wgpu(dev, [ba, bb]) => wgpu::matmul(dev, &problem, ba, bb, device, &out_shape),
     }
 }
 
@@ -212,14 +209,10 @@ const MC: usize = 72;
 /// Columns of C per task, so narrow and wide problems both split across threads.
 const NC: usize = 256;
 
-fn cpu_matmul(p: &MatmulProblem, a: &CpuStorage, b: &CpuStorage) -> CpuStorage {
-    let c = match (a, b) {
-        (CpuStorage::F32(a), CpuStorage::F32(b)) => cpu_matmul_f32_out(p, a, b),
-        (CpuStorage::F16(a), CpuStorage::F16(b)) => cpu_matmul_f32_out(p, a, b),
-        (CpuStorage::BF16(a), CpuStorage::BF16(b)) => cpu_matmul_f32_out(p, a, b),
-        _ => unreachable!("plan() checked that the dtypes agree"),
-    };
-    CpuStorage::from_f32_vec(p.out_dtype, c)
+/// The CPU product; `None` when a and b differ in dtype (`plan` refuses that first).
+fn cpu_matmul(p: &MatmulProblem, a: &CpuStorage, b: &CpuStorage) -> Option<CpuStorage> {
+    let c = with_elems!(a, a => cpu_matmul_f32_out(p, a, StorageElement::slice_of(b)?));
+    Some(CpuStorage::from_f32_vec(p.out_dtype, c))
 }
 
 /// The CPU matmul with its f32 accumulators as the result (row-major [batch, m, n]).

@@ -7,6 +7,7 @@ use crate::device::cuda::launch::{dtype_code, grid_stride};
 use crate::kernels::kernel_params;
 use crate::{Error, Result, Tensor};
 use cudarc::driver::{DevicePtr, LaunchConfig, PushKernelArg};
+use std::sync::Arc;
 
 /// Elements per block, as `CHUNK` in the kernel.
 const CHUNK: usize = 8192;
@@ -45,19 +46,18 @@ fn ptr(dev: &CudaDevice, t: &Tensor) -> Result<u64> {
     Ok(p)
 }
 
-pub(crate) fn step(slots: &mut [ParamSlot<'_>], c: &StepConstants) -> Result<StepReport> {
-    let dev = slots[0].master.cuda_device()?.clone();
+pub(crate) fn step(dev: &Arc<CudaDevice>, slots: &mut [ParamSlot<'_>], c: &StepConstants) -> Result<StepReport> {
     let mut table: Vec<OptimSlot> = Vec::with_capacity(slots.len());
     let mut chunks = 0usize;
     for (j, s) in slots.iter().enumerate() {
         let n = s.master.elem_count();
-        let opt = |t: Option<&Tensor>| t.map(|t| ptr(&dev, t)).transpose().map(|p| p.unwrap_or(0));
+        let opt = |t: Option<&Tensor>| t.map(|t| ptr(dev, t)).transpose().map(|p| p.unwrap_or(0));
         let working = s.working.as_deref();
         table.push(OptimSlot {
-            master: ptr(&dev, s.master)?,
-            m: ptr(&dev, s.m)?,
-            v: ptr(&dev, s.v)?,
-            grad: ptr(&dev, s.grad)?,
+            master: ptr(dev, s.master)?,
+            m: ptr(dev, s.m)?,
+            v: ptr(dev, s.v)?,
+            grad: ptr(dev, s.grad)?,
             working: opt(working)?,
             anchor: opt(s.anchor)?,
             fisher: opt(s.fisher)?,
@@ -121,8 +121,12 @@ pub(crate) fn step(slots: &mut [ParamSlot<'_>], c: &StepConstants) -> Result<Ste
     Ok(StepReport { grad_norm: norm, clip_scale: if skipped { 1.0 } else { c.clip(norm) }, skipped })
 }
 
-pub(crate) fn fisher_accumulate(fisher: &mut Tensor, grad: &Tensor, inv_count: f32) -> Result<()> {
-    let dev = fisher.cuda_device()?.clone();
+pub(crate) fn fisher_accumulate(
+    dev: &Arc<CudaDevice>,
+    fisher: &mut Tensor,
+    grad: &Tensor,
+    inv_count: f32,
+) -> Result<()> {
     let n = fisher.elem_count() as u64;
     let kind = dtype_code(grad.dtype());
     let f = dev.function(&crate::kernels::cuda::OPTIM, "fisher_accumulate")?;

@@ -25,12 +25,12 @@ pub(crate) mod cuda;
 #[cfg(feature = "wgpu")]
 pub(crate) mod wgpu;
 
+use crate::device::Backend;
 use crate::ops::SharedMut;
 use crate::ops::hash::mix32;
-use crate::tensor::{CpuStorage, Storage};
+use crate::tensor::{CpuStorage, Storage, StorageElement, with_elems};
 use crate::{DType, Element, Error, Result, Tensor};
-use half::slice::HalfFloatSliceExt;
-use half::{bf16, f16};
+use half::bf16;
 use rayon::prelude::*;
 
 /// What protects the knowledge of earlier tasks.
@@ -332,93 +332,49 @@ pub fn adamw_step(slots: &mut [ParamSlot<'_>], h: &AdamWHyper, step: u64) -> Res
             w.storage_mut()?;
         }
     }
-    match device {
-        crate::Device::Cpu => cpu_step(slots, &c),
+    match device.backend()? {
+        Backend::Cpu => cpu_step(slots, &c),
         #[cfg(feature = "cuda")]
-        crate::Device::Cuda(_) => cuda::step(slots, &c),
+        Backend::Cuda(dev) => cuda::step(&dev, slots, &c),
         #[cfg(feature = "wgpu")]
-        crate::Device::Wgpu(_) => wgpu::step(slots, &c),
-        #[allow(unreachable_patterns)]
-        other => Err(Error::NoDevice(format!("{other}: backend not built"))),
+        Backend::Wgpu(dev) => wgpu::step(&dev, slots, &c),
     }
 }
 
-fn f32s(t: &Tensor) -> Result<&[f32]> {
-    match t.storage() {
-        Storage::Cpu(CpuStorage::F32(v)) => Ok(v),
-        _ => Err(Error::DType(format!("expected an f32 CPU tensor, got {} on {}", t.dtype(), t.device()))),
-    }
+/// A tensor's host storage; `Err(DeviceMismatch)` naming it when it is not on the CPU.
+fn host<'a>(t: &'a Tensor, what: &str) -> Result<&'a CpuStorage> {
+    t.storage().as_cpu().ok_or_else(|| Error::DeviceMismatch(format!("{what} is on {}, not the CPU", t.device())))
 }
 
-fn f32s_mut(t: &mut Tensor) -> Result<&mut [f32]> {
+fn f32s<'a>(t: &'a Tensor, what: &str) -> Result<&'a [f32]> {
+    f32::slice_of(host(t, what)?).ok_or_else(|| Error::DType(format!("{what} must be f32, got {}", t.dtype())))
+}
+
+fn f32s_mut<'a>(t: &'a mut Tensor, what: &str) -> Result<&'a mut [f32]> {
     match t.storage_mut()? {
         Storage::Cpu(CpuStorage::F32(v)) => Ok(v),
-        _ => Err(Error::DType("expected an f32 CPU tensor".into())),
+        _ => Err(Error::DType(format!("{what} must be an f32 tensor on the CPU"))),
     }
 }
 
 /// Elements per CPU task.
 const CPU_CHUNK: usize = 1 << 14;
 
-/// A gradient on the CPU, in its own dtype.
-enum Grad<'a> {
-    F32(&'a [f32]),
-    F16(&'a [half::f16]),
-    BF16(&'a [half::bf16]),
-}
-
-impl Grad<'_> {
-    fn of(t: &Tensor) -> Result<Grad<'_>> {
-        match t.storage() {
-            Storage::Cpu(CpuStorage::F32(v)) => Ok(Grad::F32(v)),
-            Storage::Cpu(CpuStorage::F16(v)) => Ok(Grad::F16(v)),
-            Storage::Cpu(CpuStorage::BF16(v)) => Ok(Grad::BF16(v)),
-            #[allow(unreachable_patterns)]
-            _ => Err(Error::DeviceMismatch("gradient not on the CPU".into())),
-        }
-    }
-
-    /// Elements `range` as f32, into `out`.
-    fn read(&self, range: std::ops::Range<usize>, out: &mut [f32]) {
-        match self {
-            Grad::F32(v) => out.copy_from_slice(&v[range]),
-            Grad::F16(v) => f16::slice_to_f32(&v[range], out),
-            Grad::BF16(v) => bf16::slice_to_f32(&v[range], out),
-        }
-    }
-
-    fn len(&self) -> usize {
-        match self {
-            Grad::F32(v) => v.len(),
-            Grad::F16(v) => v.len(),
-            Grad::BF16(v) => v.len(),
-        }
-    }
-}
-
-/// Where a CPU step writes the working copy.
-#[derive(Clone, Copy)]
-enum Working {
-    F32(SharedMut<f32>),
-    F16(SharedMut<half::f16>),
-    BF16(SharedMut<half::bf16>),
-}
-
 /// Σ g² (in f64) and whether any g is not finite, over every gradient.
 fn cpu_grad_norm(slots: &[ParamSlot<'_>]) -> Result<(f64, bool)> {
-    let mut total = (0f64, false);
-    for s in slots {
-        let g = Grad::of(s.grad)?;
-        let (sum, bad) = (0..g.len().div_ceil(CPU_CHUNK))
-            .into_par_iter()
-            .map(|c| {
-                let range = c * CPU_CHUNK..((c + 1) * CPU_CHUNK).min(g.len());
-                let mut buf = vec![0f32; range.len()];
-                g.read(range, &mut buf);
+    fn of<T: Element>(g: &[T]) -> (f64, bool) {
+        g.par_chunks(CPU_CHUNK)
+            .map(|chunk| {
+                let mut buf = vec![0f32; chunk.len()];
+                T::slice_to_f32(chunk, &mut buf);
                 let sum: f64 = buf.iter().map(|&x| (x as f64) * (x as f64)).sum();
                 (sum, buf.iter().any(|x| !x.is_finite()))
             })
-            .reduce(|| (0.0, false), |a, b| (a.0 + b.0, a.1 || b.1));
+            .reduce(|| (0.0, false), |a, b| (a.0 + b.0, a.1 || b.1))
+    }
+    let mut total = (0f64, false);
+    for s in slots {
+        let (sum, bad) = with_elems!(host(s.grad, "a gradient")?, g => of(g));
         total = (total.0 + sum, total.1 || bad);
     }
     Ok(total)
@@ -432,64 +388,77 @@ fn cpu_step(slots: &mut [ParamSlot<'_>], c: &StepConstants) -> Result<StepReport
     }
     let clip = c.clip(norm);
     for (slot, s) in slots.iter_mut().enumerate() {
-        let grad = Grad::of(s.grad)?;
-        let anchor = s.anchor.map(f32s).transpose()?;
-        let fisher = s.fisher.map(f32s).transpose()?;
-        // The working copy is written chunk by chunk in the same pass; chunks are disjoint.
+        let grad = host(s.grad, "a gradient")?;
+        let pins = Pins {
+            anchor: s.anchor.map(|a| f32s(a, "an anchor")).transpose()?,
+            fisher: s.fisher.map(|f| f32s(f, "a Fisher diagonal")).transpose()?,
+        };
+        let key = c.sr_key.map(|_| c.slot_key(slot));
+        // The working copy, written chunk by chunk in the same pass; chunks are disjoint.
         let working = match s.working.as_mut() {
             None => None,
-            Some(w) => Some(match w.storage_mut()? {
-                Storage::Cpu(CpuStorage::F32(v)) => Working::F32(SharedMut(v.as_mut_ptr())),
-                Storage::Cpu(CpuStorage::F16(v)) => Working::F16(SharedMut(v.as_mut_ptr())),
-                Storage::Cpu(CpuStorage::BF16(v)) => Working::BF16(SharedMut(v.as_mut_ptr())),
-                #[allow(unreachable_patterns)]
-                _ => return Err(Error::DeviceMismatch("working copy not on the CPU".into())),
-            }),
+            Some(w) => Some(
+                w.storage_mut()?
+                    .as_cpu_mut()
+                    .ok_or_else(|| Error::DeviceMismatch("the working copy is not on the CPU".into()))?,
+            ),
         };
-        let theta = f32s_mut(s.master)?;
-        let m = f32s_mut(s.m)?;
-        let v = f32s_mut(s.v)?;
-        let key = c.slot_key(slot);
-        theta
-            .par_chunks_mut(CPU_CHUNK)
-            .zip(m.par_chunks_mut(CPU_CHUNK))
-            .zip(v.par_chunks_mut(CPU_CHUNK))
-            .enumerate()
-            .for_each(|(k, ((t, mm), vv))| {
-                let start = k * CPU_CHUNK;
-                let mut g = vec![0f32; t.len()];
-                grad.read(start..start + t.len(), &mut g);
-                for (i, gi) in g.iter_mut().enumerate() {
-                    let pin = anchor.map(|a| (a[start + i], fisher.map_or(1.0, |f| f[start + i])));
-                    *gi = effective_grad(c, *gi, clip, t[i], pin);
-                }
-                update_chunk(c, t, mm, vv, &g);
-                // SAFETY: the working copy has as many elements as θ, and this task alone
-                // writes elements start..start + t.len().
-                unsafe {
-                    match working {
-                        None => {}
-                        Some(Working::F32(p)) => {
-                            std::slice::from_raw_parts_mut(p.ptr().add(start), t.len()).copy_from_slice(t)
-                        }
-                        Some(Working::F16(p)) => {
-                            std::slice::from_raw_parts_mut(p.ptr().add(start), t.len()).convert_from_f32_slice(t)
-                        }
-                        Some(Working::BF16(p)) => {
-                            let out = std::slice::from_raw_parts_mut(p.ptr().add(start), t.len());
-                            if c.sr_key.is_some() {
-                                for (i, (o, &x)) in out.iter_mut().zip(t.iter()).enumerate() {
-                                    *o = bf16_stochastic(x, key, (start + i) as u32);
-                                }
-                            } else {
-                                out.convert_from_f32_slice(t)
-                            }
-                        }
-                    }
-                }
-            });
+        let state = (f32s_mut(s.master, "a master weight")?, f32s_mut(s.m, "m")?, f32s_mut(s.v, "v")?);
+        with_elems!(grad, g => match working {
+            None => update_slot::<_, f32>(c, state, g, &pins, clip, None, key),
+            Some(w) => with_elems!(w, w => update_slot(c, state, g, &pins, clip, Some(SharedMut(w.as_mut_ptr())), key)),
+        });
     }
     Ok(StepReport { grad_norm: norm, clip_scale: clip, skipped: false })
+}
+
+/// The penalty's anchor θ* and Fisher diagonal F of one parameter, where it has them.
+struct Pins<'a> {
+    anchor: Option<&'a [f32]>,
+    fisher: Option<&'a [f32]>,
+}
+
+/// One parameter's update on the CPU, in parallel chunks: θ, m and v in place, the working
+/// copy (of W, as long as θ) rounded from the new θ, stochastically when `key` is set.
+fn update_slot<G: Element, W: Element>(
+    c: &StepConstants,
+    (theta, m, v): (&mut [f32], &mut [f32], &mut [f32]),
+    grad: &[G],
+    pins: &Pins<'_>,
+    clip: f32,
+    working: Option<SharedMut<W>>,
+    key: Option<u32>,
+) {
+    theta
+        .par_chunks_mut(CPU_CHUNK)
+        .zip(m.par_chunks_mut(CPU_CHUNK))
+        .zip(v.par_chunks_mut(CPU_CHUNK))
+        .enumerate()
+        .for_each(|(k, ((t, mm), vv))| {
+            let start = k * CPU_CHUNK;
+            let mut g = vec![0f32; t.len()];
+            G::slice_to_f32(&grad[start..start + t.len()], &mut g);
+            for (i, gi) in g.iter_mut().enumerate() {
+                let pin = pins.anchor.map(|a| (a[start + i], pins.fisher.map_or(1.0, |f| f[start + i])));
+                *gi = effective_grad(c, *gi, clip, t[i], pin);
+            }
+            update_chunk(c, t, mm, vv, &g);
+            if let Some(p) = working {
+                // SAFETY: the working copy has as many elements as θ, and this task alone
+                // writes elements start..start + t.len().
+                let out = unsafe { std::slice::from_raw_parts_mut(p.ptr().add(start), t.len()) };
+                match key {
+                    // `validate` admits stochastic rounding for bf16 working copies only.
+                    Some(key) if W::DTYPE == DType::BF16 => {
+                        let out: &mut [bf16] = bytemuck::cast_slice_mut(out);
+                        for (i, (o, &x)) in out.iter_mut().zip(t.iter()).enumerate() {
+                            *o = bf16_stochastic(x, key, (start + i) as u32);
+                        }
+                    }
+                    _ => W::slice_from_f32(t, out),
+                }
+            }
+        });
 }
 
 /// [`update`] over a chunk, compiled for AVX2 where the processor has it (the same f32
@@ -532,22 +501,16 @@ pub fn fisher_accumulate(fisher: &mut Tensor, grad: &Tensor, count: u64) -> Resu
     crate::ops::same_device("fisher_accumulate", &[fisher, grad])?;
     let inv = 1.0 / count as f32;
     fisher.storage_mut()?; // updated in place: own the storage first
-    match fisher.device() {
-        crate::Device::Cpu => {
-            let g = match grad.storage() {
-                Storage::Cpu(st) => st.to_f32_vec(),
-                #[allow(unreachable_patterns)]
-                _ => return Err(Error::DeviceMismatch("gradient not on the CPU".into())),
-            };
-            let f = f32s_mut(fisher)?;
+    match fisher.device().backend()? {
+        Backend::Cpu => {
+            let g = host(grad, "the gradient")?.to_f32_vec();
+            let f = f32s_mut(fisher, "the Fisher diagonal")?;
             f.par_iter_mut().zip(g.par_iter()).for_each(|(f, &g)| *f += (g * g - *f) * inv);
             Ok(())
         }
         #[cfg(feature = "cuda")]
-        crate::Device::Cuda(_) => cuda::fisher_accumulate(fisher, grad, inv),
+        Backend::Cuda(dev) => cuda::fisher_accumulate(&dev, fisher, grad, inv),
         #[cfg(feature = "wgpu")]
-        crate::Device::Wgpu(_) => wgpu::fisher_accumulate(fisher, grad, inv),
-        #[allow(unreachable_patterns)]
-        other => Err(Error::NoDevice(format!("{other}: backend not built"))),
+        Backend::Wgpu(dev) => wgpu::fisher_accumulate(&dev, fisher, grad, inv),
     }
 }

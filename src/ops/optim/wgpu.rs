@@ -8,6 +8,7 @@ use crate::device::wgpu::launch::{fits_u32, grid_2d, wgsl_input};
 use crate::kernels::{kernel_params, wgsl};
 use crate::{DType, Result, Tensor};
 use std::fmt::Write;
+use std::sync::Arc;
 
 /// Elements per workgroup of the norm shader (its CHUNK) and of the step shader.
 const NORM_CHUNK: usize = 4096;
@@ -101,40 +102,26 @@ fn route(name: &str, extra_params: &str, ret: &str, bodies: &[String]) -> String
     src + "}\n"
 }
 
-pub(crate) fn step(slots: &mut [ParamSlot<'_>], c: &StepConstants) -> Result<StepReport> {
-    let dev = slots[0].master.wgpu_device()?.clone();
-    let device = slots[0].master.device();
-    let group = group_size(&dev);
+pub(crate) fn step(dev: &Arc<WgpuDevice>, slots: &mut [ParamSlot<'_>], c: &StepConstants) -> Result<StepReport> {
+    let result = grad_norm(dev, slots)?;
+    update(dev, slots, c, &result)?;
+    let bytes = result.to_bytes()?;
+    let word = |i: usize| u32::from_le_bytes([bytes[4 * i], bytes[4 * i + 1], bytes[4 * i + 2], bytes[4 * i + 3]]);
+    let norm = f32::from_bits(word(0)).sqrt();
+    let skipped = word(1) != 0;
+    Ok(StepReport { grad_norm: norm, clip_scale: if skipped { 1.0 } else { c.clip(norm) }, skipped })
+}
 
-    // 1. Σ g² and the non-finite flag: per-workgroup partials, then one reduction.
+/// Σ g² and the non-finite flag over every gradient, as `[Σ g² (f32 bits), flag]` on the
+/// device: per-workgroup partials (one dispatch per group of tensors), then one reduction.
+fn grad_norm(dev: &Arc<WgpuDevice>, slots: &[ParamSlot<'_>]) -> Result<Tensor> {
+    let device = slots[0].master.device();
     let norm_groups: usize = slots.iter().map(|s| s.master.elem_count().div_ceil(NORM_CHUNK).max(1)).sum();
     let partials = Tensor::empty(&[2 * norm_groups], DType::F32, &device)?;
     let mut base = 0usize;
-    for chunk in slots.chunks(group) {
+    for chunk in slots.chunks(group_size(dev)) {
         let dtypes: Vec<DType> = chunk.iter().map(|s| s.grad.dtype()).collect();
-        let key = format!("optim_norm_{dtypes:?}");
-        let pipeline = dev.pipeline(&key, || {
-            let mut src = wgsl::OPTIM_SLOTS.to_string();
-            for (j, d) in dtypes.iter().enumerate() {
-                src += &wgsl_input(&format!("g{j}"), j as u32, *d, false);
-            }
-            let _ =
-                writeln!(src, "@group(0) @binding({}) var<storage, read_write> partials: array<f32>;", dtypes.len());
-            let _ = writeln!(src, "@group(0) @binding({}) var<uniform> params: OptimNormParams;", dtypes.len() + 1);
-            let bodies: Vec<String> = (0..dtypes.len())
-                .map(|j| {
-                    format!(
-                        "let start = (g - params.info[{j}].first_group) * CHUNK; \
-                         let end = min(params.info[{j}].len, start + CHUNK); \
-                         var acc = vec2<f32>(0.0, 0.0); \
-                         for (var i = start + li; i < end; i += 256u) {{ let x = load_g{j}(i); acc.x += x * x; \
-                         if (not_finite(x)) {{ acc.y = 1.0; }} }} return acc;"
-                    )
-                })
-                .collect();
-            src += &route("partial", "", " -> vec2<f32>", &bodies);
-            src + wgsl::OPTIM_NORM
-        })?;
+        let pipeline = dev.pipeline(&format!("optim_norm_{dtypes:?}"), || norm_source(&dtypes))?;
         let ns: Vec<usize> = chunk.iter().map(|s| s.master.elem_count()).collect();
         let (info, groups) = info(&ns, NORM_CHUNK, &[])?;
         let params = OptimNormParams {
@@ -153,8 +140,36 @@ pub(crate) fn step(slots: &mut [ParamSlot<'_>], c: &StepConstants) -> Result<Ste
     let reduce = dev.pipeline("optim_reduce", || wgsl::OPTIM_REDUCE.to_string())?;
     let params = OptimReduceParams { count: fits_u32("partials", norm_groups)?, ..Default::default() };
     dev.dispatch(&reduce, &[partials.wgpu_buffer()?, result.wgpu_buffer()?], &params, (1, 1, 1))?;
+    Ok(result)
+}
 
-    // 2. The step, reading the norm and the flag from `result`.
+/// The norm shader for a group of gradients of `dtypes`.
+fn norm_source(dtypes: &[DType]) -> String {
+    let mut src = wgsl::OPTIM_SLOTS.to_string();
+    for (j, d) in dtypes.iter().enumerate() {
+        src += &wgsl_input(&format!("g{j}"), j as u32, *d, false);
+    }
+    let _ = writeln!(src, "@group(0) @binding({}) var<storage, read_write> partials: array<f32>;", dtypes.len());
+    let _ = writeln!(src, "@group(0) @binding({}) var<uniform> params: OptimNormParams;", dtypes.len() + 1);
+    let bodies: Vec<String> = (0..dtypes.len())
+        .map(|j| {
+            format!(
+                "let start = (g - params.info[{j}].first_group) * CHUNK; \
+                 let end = min(params.info[{j}].len, start + CHUNK); \
+                 var acc = vec2<f32>(0.0, 0.0); \
+                 for (var i = start + li; i < end; i += 256u) {{ let x = load_g{j}(i); acc.x += x * x; \
+                 if (not_finite(x)) {{ acc.y = 1.0; }} }} return acc;"
+            )
+        })
+        .collect();
+    src += &route("partial", "", " -> vec2<f32>", &bodies);
+    src + wgsl::OPTIM_NORM
+}
+
+/// The update, one dispatch per group of tensors, reading the norm and the flag from
+/// `result` on the device.
+fn update(dev: &Arc<WgpuDevice>, slots: &mut [ParamSlot<'_>], c: &StepConstants, result: &Tensor) -> Result<()> {
+    let group = group_size(dev);
     let stochastic = c.sr_key.is_some();
     for (g, chunk) in slots.chunks_mut(group).enumerate() {
         let descs: Vec<(DType, Option<DType>, bool, bool)> = chunk
@@ -170,26 +185,16 @@ pub(crate) fn step(slots: &mut [ParamSlot<'_>], c: &StepConstants) -> Result<Ste
         let mut buffers: Vec<&wgpu::Buffer> = Vec::new();
         for s in chunk.iter() {
             buffers.extend([s.master.wgpu_buffer()?, s.m.wgpu_buffer()?, s.v.wgpu_buffer()?, s.grad.wgpu_buffer()?]);
-            if let Some(w) = s.working.as_ref() {
-                buffers.push(w.wgpu_buffer()?);
-            }
-            if let Some(a) = s.anchor {
-                buffers.push(a.wgpu_buffer()?);
-            }
-            if let Some(f) = s.fisher {
-                buffers.push(f.wgpu_buffer()?);
+            let optional = [s.working.as_deref(), s.anchor, s.fisher];
+            for t in optional.into_iter().flatten() {
+                buffers.push(t.wgpu_buffer()?);
             }
         }
         buffers.push(result.wgpu_buffer()?);
         let (gx, gy) = grid_2d(groups);
         dev.dispatch(&pipeline, &buffers, &params, (gx, gy, 1))?;
     }
-
-    let bytes = result.to_bytes()?;
-    let word = |i: usize| u32::from_le_bytes([bytes[4 * i], bytes[4 * i + 1], bytes[4 * i + 2], bytes[4 * i + 3]]);
-    let norm = f32::from_bits(word(0)).sqrt();
-    let skipped = word(1) != 0;
-    Ok(StepReport { grad_norm: norm, clip_scale: if skipped { 1.0 } else { c.clip(norm) }, skipped })
+    Ok(())
 }
 
 /// The step shader for a group: per tensor j, bindings master, m, v, grad, then working,
@@ -256,8 +261,12 @@ fn step_source(descs: &[(DType, Option<DType>, bool, bool)], stochastic: bool) -
     src + wgsl::OPTIM_STEP
 }
 
-pub(crate) fn fisher_accumulate(fisher: &mut Tensor, grad: &Tensor, inv_count: f32) -> Result<()> {
-    let dev = fisher.wgpu_device()?.clone();
+pub(crate) fn fisher_accumulate(
+    dev: &Arc<WgpuDevice>,
+    fisher: &mut Tensor,
+    grad: &Tensor,
+    inv_count: f32,
+) -> Result<()> {
     let key = format!("fisher_accumulate_{}", grad.dtype());
     let pipeline =
         dev.pipeline(&key, || format!("{}{}", wgsl_input("g", 1, grad.dtype(), false), wgsl::OPTIM_FISHER))?;

@@ -31,7 +31,8 @@ pub(crate) mod wgpu;
 
 pub use formats::{BlockQ4_0, BlockQ8_0, NF4_CODE, Nf4Absmax, Nf4Layout, QuantFormat, dynamic_code};
 
-use crate::tensor::{CpuStorage, RawBuffer, Storage};
+use crate::ops::{Operands, operands};
+use crate::tensor::{CpuStorage, RawBuffer};
 use crate::{DType, Device, Error, Result, Tensor};
 use formats::{GgmlBlock, decode_block, nf4_absmax};
 use quantize::{quantize_blockwise_8bit, quantize_nf4, quantize_q4_0, quantize_q8_0};
@@ -405,8 +406,10 @@ fn product(x: &Tensor, w: &QTensor, direction: Direction, options: QMatmulOption
     if tokens == 0 || n == 0 {
         return Tensor::empty(&out_shape, x.dtype(), &x.device());
     }
-    match (x.storage(), w.raw()) {
-        (Storage::Cpu(xs), RawBuffer::Cpu(bytes)) => {
+    let mismatch = || Error::DeviceMismatch("x and the weight are on different backends".into());
+    match operands("quantized product", [x])? {
+        Operands::Cpu([xs]) => {
+            let bytes = w.raw().as_cpu().ok_or_else(mismatch)?;
             let xf = xs.to_f32_vec();
             let y = if tokens <= GEMV_MAX_TOKENS && direction == Direction::Forward {
                 gemv::cpu_gemv(w, bytes, &xf, tokens, options.int8_activations)
@@ -416,16 +419,14 @@ fn product(x: &Tensor, w: &QTensor, direction: Direction, options: QMatmulOption
             Ok(Tensor::from_cpu_storage(CpuStorage::from_f32_vec(x.dtype(), y), &out_shape, x.dtype()))
         }
         #[cfg(feature = "cuda")]
-        (Storage::Cuda { dev, buf }, RawBuffer::Cuda { buf: wb, .. }) => {
+        Operands::Cuda(dev, [buf]) => {
             let out = Tensor::empty(&out_shape, x.dtype(), &x.device())?;
-            cuda::product(dev, &p, x, buf, w, wb, &out)?;
+            cuda::product(dev, &p, x, buf, w, w.raw().as_cuda().ok_or_else(mismatch)?, &out)?;
             Ok(out)
         }
         #[cfg(feature = "wgpu")]
-        (Storage::Wgpu { dev, buf }, RawBuffer::Wgpu { buf: wb, .. }) => {
-            wgpu::product(dev, &p, x, buf, w, wb, &out_shape)
+        Operands::Wgpu(dev, [buf]) => {
+            wgpu::product(dev, &p, x, buf, w, w.raw().as_wgpu().ok_or_else(mismatch)?, &out_shape)
         }
-        #[allow(unreachable_patterns)]
-        _ => Err(Error::DeviceMismatch("x and the weight are on different backends".into())),
     }
 }
