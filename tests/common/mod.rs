@@ -1,5 +1,6 @@
-//! Shared by the test files: the devices every test body runs on, and the tolerance check.
-#![allow(dead_code)]
+//! Shared by the test files: the devices every test body runs on, the macro that names a
+//! test per backend, and the tolerance check.
+#![allow(dead_code, unused_macros)]
 
 use kiln::{DType, Device, DeviceKind};
 use std::sync::Once;
@@ -40,6 +41,74 @@ pub fn devices() -> Vec<Device> {
 /// The devices other than the CPU, which are checked against it.
 pub fn gpu_devices() -> Vec<Device> {
     devices().into_iter().filter(|d| !d.is_cpu()).collect()
+}
+
+/// A backend, as the tests are named after it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Cpu,
+    Cuda,
+    Wgpu,
+}
+
+/// The devices of one backend. A GPU backend with no device prints SKIP and the reason (a
+/// missing wgpu adapter fails under CI=true, through [`devices`]).
+pub fn backend_devices(backend: Backend) -> Vec<Device> {
+    let all = devices();
+    let of: Vec<Device> = all
+        .into_iter()
+        .filter(|d| match backend {
+            Backend::Cpu => d.is_cpu(),
+            Backend::Cuda => matches!(d, Device::Cuda(_)),
+            Backend::Wgpu => matches!(d, Device::Wgpu(_)),
+        })
+        .collect();
+    if of.is_empty() {
+        let why = match backend {
+            Backend::Cuda => "no CUDA GPU or driver on this machine",
+            _ => "no wgpu adapter (install mesa-vulkan-drivers for lavapipe)",
+        };
+        println!("SKIP {backend:?}: {why}");
+    }
+    of
+}
+
+/// Turns each check body `fn name(device: &Device)` into three tests, `name_cpu`,
+/// `name_cuda` and `name_wgpu`, so a failing backend shows by name. A body checks the CPU
+/// against its f64 reference, and any other device against the CPU.
+macro_rules! device_tests {
+    ($($name:ident),* $(,)?) => {
+        $(
+            pastey::paste! {
+                #[test]
+                fn [<$name _cpu>]() {
+                    for device in common::backend_devices(common::Backend::Cpu) {
+                        $name(&device);
+                    }
+                }
+
+                #[test]
+                fn [<$name _cuda>]() {
+                    for device in common::backend_devices(common::Backend::Cuda) {
+                        $name(&device);
+                    }
+                }
+
+                #[test]
+                fn [<$name _wgpu>]() {
+                    for device in common::backend_devices(common::Backend::Wgpu) {
+                        $name(&device);
+                    }
+                }
+            }
+        )*
+    };
+}
+
+/// The proptest configuration of the property tests: `cases` fresh inputs, no persisted
+/// failures.
+pub fn cases(cases: u32) -> proptest::test_runner::Config {
+    proptest::test_runner::Config { cases, failure_persistence: None, ..Default::default() }
 }
 
 /// Unit roundoff of f32 accumulation.
