@@ -10,18 +10,11 @@
 //! batch 1 against an 8192-token cache with 8 kv heads; smaller in f32 on the CPU and on
 //! software adapters. `KILN_BENCH_QUICK=1` shortens runs.
 
-use criterion::{BenchmarkGroup, BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+mod common;
+
+use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use kiln::ops::attention::{AttentionOptions, DecodeOptions, KvCache, attention, attention_backward, attention_decode};
 use kiln::{DType, Device, DeviceKind, Tensor};
-use std::time::Duration;
-
-fn configure(group: &mut BenchmarkGroup<'_, criterion::measurement::WallTime>) {
-    let quick = std::env::var("KILN_BENCH_QUICK").is_ok();
-    group
-        .sample_size(10)
-        .warm_up_time(Duration::from_millis(if quick { 200 } else { 1000 }))
-        .measurement_time(Duration::from_secs(if quick { 1 } else { 3 }));
-}
 
 fn bench_attention(c: &mut Criterion) {
     for device in Device::all() {
@@ -43,7 +36,7 @@ fn bench_attention(c: &mut Criterion) {
         let label = format!("b{batch}/s{seq}/h{heads}/d{dim}/{dtype}");
 
         let mut group = c.benchmark_group(format!("attention_fwd/{device}"));
-        configure(&mut group);
+        common::configure(&mut group, 3);
         group.throughput(Throughput::Elements(fwd_flops));
         group.bench_function(BenchmarkId::new("causal", &label), |b| {
             b.iter(|| {
@@ -57,7 +50,7 @@ fn bench_attention(c: &mut Criterion) {
         let forward = attention(&q, &k, &v, &options).expect("forward");
         let d_o = Tensor::randn(&shape, 0.0, 1.0, 4, dtype, &device).expect("dO");
         let mut group = c.benchmark_group(format!("attention_bwd/{device}"));
-        configure(&mut group);
+        common::configure(&mut group, 3);
         group.throughput(Throughput::Elements(fwd_flops * 5 / 2));
         group.bench_function(BenchmarkId::new("causal", &label), |b| {
             b.iter(|| {
@@ -74,7 +67,7 @@ fn bench_attention(c: &mut Criterion) {
         let q1 = Tensor::randn(&[1, 1, d_heads, dim], 0.0, 1.0, 6, dtype, &device).expect("q");
         let label = format!("b1/cache{cache_len}/h{d_heads}/kv{d_kv}/d{dim}/{dtype}");
         let mut group = c.benchmark_group(format!("attention_decode/{device}"));
-        configure(&mut group);
+        common::configure(&mut group, 3);
         group.throughput(Throughput::Bytes(2 * kv.size_in_bytes() as u64));
         group.bench_function(BenchmarkId::new("decode", &label), |b| {
             b.iter(|| {

@@ -7,14 +7,14 @@
 //! Sizes follow the device: 4096×4096 and 512 tokens on GPUs, 1024×1024 and 128 tokens on
 //! the CPU, 128×128 and 16 tokens on software adapters. `KILN_BENCH_QUICK=1` shortens runs.
 
+mod common;
+
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use kiln::ops::lora::{AdapterSet, BaseWeight, LoraLinear, lora_batched, lora_forward};
 use kiln::ops::{MatmulOptions, add, matmul_with, scale};
 use kiln::{DType, Device, DeviceKind, Tensor};
-use std::time::Duration;
 
 fn bench_lora(c: &mut Criterion) {
-    let quick = std::env::var("KILN_BENCH_QUICK").is_ok();
     for device in Device::all() {
         let Ok(info) = device.info() else { continue };
         let (dim, tokens) = match info.kind {
@@ -26,10 +26,7 @@ fn bench_lora(c: &mut Criterion) {
         let x = Tensor::randn(&[tokens, dim], 0.0, 1.0, 1, dtype, &device).expect("x");
         let w = Tensor::randn(&[dim, dim], 0.0, 0.02, 2, dtype, &device).expect("w");
         let mut group = c.benchmark_group(format!("lora_layer/{device}"));
-        group
-            .sample_size(10)
-            .warm_up_time(Duration::from_millis(if quick { 200 } else { 1000 }))
-            .measurement_time(Duration::from_secs(if quick { 1 } else { 3 }));
+        common::configure(&mut group, 3);
         group.throughput(Throughput::Elements(2 * (tokens * dim * dim) as u64));
         let shape = format!("{dim}x{dim}/t{tokens}");
         group.bench_function(BenchmarkId::new("base", &shape), |b| {
@@ -67,10 +64,7 @@ fn bench_lora(c: &mut Criterion) {
         group.finish();
 
         let mut group = c.benchmark_group(format!("lora_batched/{device}"));
-        group
-            .sample_size(10)
-            .warm_up_time(Duration::from_millis(if quick { 200 } else { 1000 }))
-            .measurement_time(Duration::from_secs(if quick { 1 } else { 3 }));
+        common::configure(&mut group, 3);
         let rows = 32;
         let xb = Tensor::randn(&[rows, dim], 0.0, 1.0, 5, DType::F32, &device).expect("x");
         let yb = Tensor::zeros(&[rows, dim], DType::F32, &device).expect("y");

@@ -5,10 +5,11 @@
 //! software adapters such as lavapipe, which prove correctness rather than speed.
 //! `KILN_BENCH_QUICK=1` shortens the measurement (the GPU check uses it).
 
+mod common;
+
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use kiln::ops::{MatmulOptions, matmul_with};
 use kiln::{DType, Device, DeviceKind, Tensor};
-use std::time::Duration;
 
 fn sizes(kind: DeviceKind) -> Vec<usize> {
     match kind {
@@ -19,14 +20,10 @@ fn sizes(kind: DeviceKind) -> Vec<usize> {
 }
 
 fn bench_matmul(c: &mut Criterion) {
-    let quick = std::env::var("KILN_BENCH_QUICK").is_ok();
     for device in Device::all() {
         let Ok(info) = device.info() else { continue };
         let mut group = c.benchmark_group(format!("matmul/{device}"));
-        group
-            .sample_size(10)
-            .warm_up_time(Duration::from_millis(if quick { 200 } else { 1000 }))
-            .measurement_time(Duration::from_secs(if quick { 1 } else { 3 }));
+        common::configure(&mut group, 3);
         let dtypes: &[DType] = if info.kind == DeviceKind::Cpu { &[DType::F32, DType::BF16] } else { &DType::ALL };
         for &dtype in dtypes {
             for n in sizes(info.kind) {

@@ -8,11 +8,12 @@
 //! Beside them, a device-to-device copy of 400 MB (read + written), the bandwidth to compare
 //! with. `KILN_BENCH_QUICK=1` shortens the measurement.
 
+mod common;
+
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use kiln::ops::optim::{AdamWHyper, ParamSlot, adamw_step};
 use kiln::{DType, Device, DeviceKind, Tensor};
 use rayon::prelude::*;
-use std::time::Duration;
 
 struct Param {
     master: Tensor,
@@ -23,16 +24,12 @@ struct Param {
 }
 
 fn bench_optim(c: &mut Criterion) {
-    let quick = std::env::var("KILN_BENCH_QUICK").is_ok();
     for device in Device::all() {
         let Ok(info) = device.info() else { continue };
         let (tensors, size) = if info.kind == DeviceKind::SoftwareAdapter { (8, 1 << 18) } else { (25, 4_000_000) };
         let total = (tensors * size) as u64;
         let mut group = c.benchmark_group(format!("adamw/{device}"));
-        group
-            .sample_size(10)
-            .warm_up_time(Duration::from_millis(if quick { 200 } else { 1000 }))
-            .measurement_time(Duration::from_secs(if quick { 2 } else { 5 }));
+        common::configure(&mut group, 5);
         for (name, grad_dtype, working, clip, bytes_per_param) in
             [("plain", DType::F32, None, None, 28u64), ("mixed", DType::BF16, Some(DType::BF16), Some(1.0), 30)]
         {

@@ -9,19 +9,12 @@
 //! Sizes follow the device: 8192×8192 on GPUs and the CPU, small on software
 //! adapters. `KILN_BENCH_QUICK=1` shortens the measurement.
 
-use criterion::{BenchmarkGroup, BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+mod common;
+
+use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use kiln::ops::{MatmulOptions, QMatmulOptions, QTensor, QuantFormat, matmul_with, qmatmul, qmatmul_with};
 use kiln::{DType, Device, DeviceKind, Tensor};
 use rayon::prelude::*;
-use std::time::Duration;
-
-fn configure(group: &mut BenchmarkGroup<'_, criterion::measurement::WallTime>) {
-    let quick = std::env::var("KILN_BENCH_QUICK").is_ok();
-    group
-        .sample_size(10)
-        .warm_up_time(Duration::from_millis(if quick { 200 } else { 1000 }))
-        .measurement_time(Duration::from_secs(if quick { 1 } else { 3 }));
-}
 
 fn bench_quant(c: &mut Criterion) {
     for device in Device::all() {
@@ -40,7 +33,7 @@ fn bench_quant(c: &mut Criterion) {
             .collect();
 
         let mut group = c.benchmark_group(format!("quant_gemv/{device}"));
-        configure(&mut group);
+        common::configure(&mut group, 3);
         let x = Tensor::randn(&[1, cols], 0.0, 1.0, 2, DType::F16, &device).expect("x");
         for (format, q) in &quantized {
             group.throughput(Throughput::Bytes(q.size_in_bytes() as u64));
@@ -92,7 +85,7 @@ fn bench_quant(c: &mut Criterion) {
         group.finish();
 
         let mut group = c.benchmark_group(format!("quant_gemm/{device}"));
-        configure(&mut group);
+        common::configure(&mut group, 3);
         for tokens in token_counts {
             let x = Tensor::randn(&[tokens, cols], 0.0, 1.0, 3, DType::F16, &device).expect("x");
             group.throughput(Throughput::Elements(2 * (tokens * rows * cols) as u64));

@@ -18,21 +18,22 @@
 //     so ldmatrix is free of bank conflicts. Grid (ceil(N/128), ceil(M/128), batch).
 
 //
-// The LoRA extension (template argument LR, see kernels/lora.cu): both engines can add
+// The LoRA extension (template argument LORA_RANK, see kernels/lora.cu): both engines can add
 // `bias + s·xa·B_loraᵀ` to the tile of C before it is written, with B_lora [N, r] f32.
-//   LR < 0   plain product, no extension (the default).
-//   LR == 0  xa [M, r] f32 comes from global memory (computed beforehand).
-//   LR > 0   xa = A·A_loraᵀ is computed in the same k-loop from the tiles of A already in
-//            shared memory (A read once for both products), with A_lora [r, K] in A's type
-//            and r ≤ LR; the blocks of the first column write it out for the backward pass.
+//   LORA_RANK < 0   plain product, no extension (the default).
+//   LORA_RANK == 0  xa [M, r] f32 comes from global memory (computed beforehand).
+//   LORA_RANK > 0   xa = A·A_loraᵀ is computed in the same k-loop from the tiles of A already
+//                   in shared memory (A read once for both products), with A_lora [r, K] in A's
+//                   type and r ≤ LORA_RANK; the blocks of the first column write it out for the
+//                   backward pass.
 // The delta goes in as extra k-steps of 16 (SIMT) or 32 (mma) rank columns in f32: xa (times
 // s) and B_loraᵀ are staged into the freed tile buffers and multiply-added into the same
 // accumulators, so no [M, N] delta is ever written.
 
 struct LoraArgs {
-    const void* a;      // A_lora [r, K], A's element type (LR > 0)
-    const float* xa_in; // [M, r] (LR == 0)
-    float* xa_out;      // [M, r] (LR > 0)
+    const void* a;      // A_lora [r, K], A's element type (LORA_RANK > 0)
+    const float* xa_in; // [M, r] (LORA_RANK == 0)
+    float* xa_out;      // [M, r] (LORA_RANK > 0)
     const float* b;     // B_lora [N, r]
     const float* bias;  // [N] or null
     int r;
@@ -45,7 +46,7 @@ struct LoraArgs {
 #define SIMT_TILE 64
 #define SIMT_K 16
 
-// Rank columns of the in-kernel xa in the SIMT engine (LR > 0 means r ≤ SIMT_LORA_R).
+// Rank columns of the in-kernel xa in the SIMT engine (LORA_RANK > 0 means r ≤ SIMT_LORA_R).
 #define SIMT_LORA_R 32
 
 // acc += tile_a[kk][rows]ᵀ · tile_b[kk][cols] over one 16-deep step.
@@ -69,16 +70,16 @@ __device__ __forceinline__ void simt_mac(const float (&tile_a)[SIMT_K][SIMT_TILE
 
 // B comes from a loader: `bload(batch, k, n)` is B(k, n) as f32. `trans_b` only orders the
 // tile loads so consecutive threads walk B's stored rows.
-template <class T, class BLoad, int LR = -1>
+template <class T, class BLoad, int LORA_RANK = -1>
 __device__ void gemm_simt(const typename T::storage* __restrict__ A, const BLoad& bload,
                           void* __restrict__ C, int out_kind, int M, int N, int K, int lda,
                           u64 stride_a, int trans_a, int trans_b, const LoraArgs& lora = LoraArgs{}) {
-    static_assert(LR <= SIMT_LORA_R, "the SIMT engine computes xa for ranks up to SIMT_LORA_R");
-    if (LR > 0 && lora.r > LR) __trap();  // the launcher computes xa beforehand past LR
+    static_assert(LORA_RANK <= SIMT_LORA_R, "the SIMT engine computes xa for ranks up to SIMT_LORA_R");
+    if (LORA_RANK > 0 && lora.r > LORA_RANK) __trap();  // the launcher computes xa beforehand past LORA_RANK
     __shared__ float tile_a[SIMT_K][SIMT_TILE];
     __shared__ float tile_b[SIMT_K][SIMT_TILE];
     // A_lora's k-tile, [kk][j]; one float when unused.
-    __shared__ float tile_la[LR > 0 ? SIMT_K : 1][LR > 0 ? SIMT_LORA_R : 1];
+    __shared__ float tile_la[LORA_RANK > 0 ? SIMT_K : 1][LORA_RANK > 0 ? SIMT_LORA_R : 1];
     const int tx = threadIdx.x, ty = threadIdx.y, li = ty * 16 + tx;
     const int row0 = blockIdx.y * SIMT_TILE, col0 = blockIdx.x * SIMT_TILE;
     const u64 batch = blockIdx.z;
@@ -116,7 +117,7 @@ __device__ void gemm_simt(const typename T::storage* __restrict__ A, const BLoad
             if (gj < N && gk < K) v = bload(batch, gk, gj);
             tile_b[kk][nn] = v;
         }
-        if (LR > 0) {
+        if (LORA_RANK > 0) {
             const typename T::storage* la = (const typename T::storage*)lora.a;
 #pragma unroll
             for (int t = 0; t < SIMT_K * SIMT_LORA_R / 256; t++) {
@@ -127,7 +128,7 @@ __device__ void gemm_simt(const typename T::storage* __restrict__ A, const BLoad
         }
         __syncthreads();
         simt_mac(tile_a, tile_b, acc, tx, ty);
-        if (LR > 0) {
+        if (LORA_RANK > 0) {
 #pragma unroll
             for (int kk = 0; kk < SIMT_K; kk++) {
                 const float a = tile_a[kk][lrow];
@@ -138,11 +139,11 @@ __device__ void gemm_simt(const typename T::storage* __restrict__ A, const BLoad
         __syncthreads();
     }
 
-    if (LR >= 0) {
+    if (LORA_RANK >= 0) {
         // The delta as extra k-steps: tile_a[jj][row] = s·xa(row, j0 + jj), tile_b[jj][col] =
         // B_lora(col, j0 + jj).
         for (int j0 = 0; j0 < lora.r; j0 += SIMT_K) {
-            if (LR > 0) {
+            if (LORA_RANK > 0) {
 #pragma unroll
                 for (int q = 0; q < SIMT_LORA_R / 4; q++) {
                     const int j = lj + 4 * q;
@@ -182,7 +183,7 @@ __device__ void gemm_simt(const typename T::storage* __restrict__ A, const BLoad
             const int gj = col0 + tx * 4 + j;
             if (gj >= N) continue;
             float v = acc[i][j];
-            if (LR >= 0 && lora.bias) v += lora.bias[gj];
+            if (LORA_RANK >= 0 && lora.bias) v += lora.bias[gj];
             store_out(C, c_base + (u64)gi * N + gj, v, out_kind);
         }
     }
@@ -289,7 +290,7 @@ __device__ __forceinline__ void load_tile_async(u16* dst, const u16* src, u64 ld
     }
 }
 
-// Rank columns per delta step of the mma engine, and the largest in-kernel rank (LR > 0):
+// Rank columns per delta step of the mma engine, and the largest in-kernel rank (LORA_RANK > 0):
 // A_lora's double-buffered k-tiles must fit beside A's and B's in 48 KiB of static shared
 // memory.
 #define MMA_LORA_STEP 32
@@ -299,18 +300,18 @@ __device__ __forceinline__ void load_tile_async(u16* dst, const u16* src, u64 ld
 // in shared memory, laid out [n][k] (row stride BK + PAD) when TRANS_B, else [k][n] (row
 // stride BN + PAD), zero past K and N; asynchronously (cp.async, counted by the pipeline's
 // commit groups) or with plain stores (visible after the pipeline's barrier).
-template <bool BF, bool TRANS_A, bool TRANS_B, class BStage, int LR = -1>
+template <bool BF, bool TRANS_A, bool TRANS_B, class BStage, int LORA_RANK = -1>
 __device__ void gemm_mma(const u16* __restrict__ A, const BStage& bstage, void* __restrict__ C,
                          int out_kind, int M, int N, int K, int lda, u64 stride_a,
                          const LoraArgs& lora = LoraArgs{}) {
 #if __CUDA_ARCH__ >= 800
-    static_assert((LR <= MMA_LORA_R && LR % 16 == 0) || LR < 0, "in-kernel xa: rank padded to 16 or 32");
-    static_assert(LR <= 0 || !TRANS_A, "in-kernel xa reads A's tiles as [m][k]");
-    if (LR > 0 && lora.r > LR) __trap();  // the launcher computes xa beforehand past LR
+    static_assert((LORA_RANK <= MMA_LORA_R && LORA_RANK % 16 == 0) || LORA_RANK < 0, "in-kernel xa: rank padded to 16 or 32");
+    static_assert(LORA_RANK <= 0 || !TRANS_A, "in-kernel xa reads A's tiles as [m][k]");
+    if (LORA_RANK > 0 && lora.r > LORA_RANK) __trap();  // the launcher computes xa beforehand past LORA_RANK
     __shared__ __align__(128) u16 smem_a[2][MMA_TILE_HALVES];
     __shared__ __align__(128) u16 smem_b[2][MMA_TILE_HALVES];
     // A_lora's k-tiles as [j][k] (the layout of B's [n][k]); one element when unused.
-    __shared__ __align__(128) u16 smem_la[2][LR > 0 ? LR * (MMA_BK + MMA_PAD) : 8];
+    __shared__ __align__(128) u16 smem_la[2][LORA_RANK > 0 ? LORA_RANK * (MMA_BK + MMA_PAD) : 8];
 
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int warp_m = warp >> 2, warp_n = warp & 3;  // 2 × 4 warps, 64 × 32 each
@@ -325,7 +326,7 @@ __device__ void gemm_mma(const u16* __restrict__ A, const BStage& bstage, void* 
         if (TRANS_A) load_tile_async<MMA_BK, MMA_BM>(smem_a[s], A, lda, k0, m0, K, M);
         else         load_tile_async<MMA_BM, MMA_BK>(smem_a[s], A, lda, m0, k0, M, K);
         bstage.load(smem_b[s], k0, n0, batch);
-        if (LR > 0) load_tile_async<(LR > 0 ? LR : 16), MMA_BK>(smem_la[s], (const u16*)lora.a, K, 0, k0, lora.r, K);
+        if (LORA_RANK > 0) load_tile_async<(LORA_RANK > 0 ? LORA_RANK : 16), MMA_BK>(smem_la[s], (const u16*)lora.a, K, 0, k0, lora.r, K);
     };
 
     float acc[4][4][4];
@@ -337,7 +338,7 @@ __device__ void gemm_mma(const u16* __restrict__ A, const BStage& bstage, void* 
             for (int r = 0; r < 4; r++) acc[i][j][r] = 0.f;
     // In-kernel xa: warp (warp_m, warp_n) computes rows warp_m·64 + warp_n·16 .. +16 of the
     // tile against every rank column, as m16n8 tiles (the A fragments are the warp's own).
-    constexpr int XA_TILES = LR > 0 ? LR / 8 : 1;
+    constexpr int XA_TILES = LORA_RANK > 0 ? LORA_RANK / 8 : 1;
     float xa_acc[XA_TILES][4];
 #pragma unroll
     for (int j = 0; j < XA_TILES; j++)
@@ -394,7 +395,7 @@ __device__ void gemm_mma(const u16* __restrict__ A, const BStage& bstage, void* 
             for (int mi = 0; mi < 4; mi++)
 #pragma unroll
                 for (int ni = 0; ni < 4; ni++) mma_16816<BF>(acc[mi][ni], af[mi], bf[ni][0], bf[ni][1]);
-            if (LR > 0) {
+            if (LORA_RANK > 0) {
                 // A_lora as [j][k], the [n][k] pattern above.
                 u32 lf[XA_TILES][2];
 #pragma unroll
@@ -417,7 +418,7 @@ __device__ void gemm_mma(const u16* __restrict__ A, const BStage& bstage, void* 
 
     // Accumulator layout of m16n8: c0,c1 at (g, 2t..2t+1), c2,c3 at (g + 8, 2t..2t+1).
     const int g = lane >> 2, t = lane & 3;
-    if (LR >= 0) {
+    if (LORA_RANK >= 0) {
         // The delta as extra k-steps in f32, MMA_LORA_STEP rank columns at a time, staged
         // k-major in the freed A and B buffers: xs[jj][row] = s·xa, bs[jj][col] = B_lora.
         constexpr int LDX = MMA_BM + 4, LDB = MMA_BN + 4;
@@ -426,7 +427,7 @@ __device__ void gemm_mma(const u16* __restrict__ A, const BStage& bstage, void* 
         float* xs = (float*)&smem_a[0][0];
         float* bs = (float*)&smem_b[0][0];
         for (int j0 = 0; j0 < lora.r; j0 += MMA_LORA_STEP) {
-            if (LR > 0) {
+            if (LORA_RANK > 0) {
 #pragma unroll
                 for (int nj = 0; nj < XA_TILES; nj++)
 #pragma unroll
@@ -449,7 +450,7 @@ __device__ void gemm_mma(const u16* __restrict__ A, const BStage& bstage, void* 
                 bs[jj * LDB + col] = (n0 + col < N && j < lora.r) ? lora.b[(u64)(n0 + col) * lora.r + j] : 0.f;
             }
             __syncthreads();
-            const int steps = min(MMA_LORA_STEP, LR > 0 ? LR : lora.r - j0);
+            const int steps = min(MMA_LORA_STEP, LORA_RANK > 0 ? LORA_RANK : lora.r - j0);
             for (int jj = 0; jj < steps; jj++) {
                 float xv[4][2], bv[4][2];
 #pragma unroll
@@ -486,7 +487,7 @@ __device__ void gemm_mma(const u16* __restrict__ A, const BStage& bstage, void* 
                     const int col = n0 + warp_n * 32 + ni * 8 + 2 * t + e;
                     if (col >= N) continue;
                     float v = acc[mi][ni][half * 2 + e];
-                    if (LR >= 0 && lora.bias) v += lora.bias[col];
+                    if (LORA_RANK >= 0 && lora.bias) v += lora.bias[col];
                     store_out(C, c_base + (u64)row * N + col, v, out_kind);
                 }
             }

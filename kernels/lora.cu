@@ -42,16 +42,16 @@ struct AdapterEntry {
 #define LORA_BUFFERS const void *la, const float *xa_in, float *xa_out, const float *lb, const float *bias
 #define LORA LoraArgs{la, xa_in, xa_out, lb, bias, p.rank, p.scale}
 
-#define KILN_LORA_SIMT(T, NAME, LR, MODE)                                                                     \
+#define KILN_LORA_SIMT(T, NAME, LORA_RANK, MODE)                                                                     \
     extern "C" __global__ void __launch_bounds__(256) lora_fused_simt_##NAME##_dense_##MODE(                  \
         const T::storage* x, const T::storage* w, void* y, LORA_BUFFERS, const LoraParams p) {                \
         const DenseB<T> bload{w, p.k, 0, 1};                                                                   \
-        gemm_simt<T, DenseB<T>, LR>(x, bload, y, p.out_kind, p.m, p.n, p.k, p.k, 0, 0, 1, LORA);               \
+        gemm_simt<T, DenseB<T>, LORA_RANK>(x, bload, y, p.out_kind, p.m, p.n, p.k, p.k, 0, 0, 1, LORA);               \
     }                                                                                                          \
     extern "C" __global__ void __launch_bounds__(256) lora_fused_simt_##NAME##_quant_##MODE(                  \
         const T::storage* x, const u8* w, void* y, LORA_BUFFERS, const LoraParams p, const QuantParams qp) {  \
         const QuantB bload{w, qdesc(qp), p.k, 0};                                                              \
-        gemm_simt<T, QuantB, LR>(x, bload, y, p.out_kind, p.m, p.n, p.k, p.k, 0, 0, 1, LORA);                  \
+        gemm_simt<T, QuantB, LORA_RANK>(x, bload, y, p.out_kind, p.m, p.n, p.k, p.k, 0, 0, 1, LORA);                  \
     }
 
 KILN_LORA_SIMT(F32, f32, 0, pre)
@@ -61,16 +61,16 @@ KILN_LORA_SIMT(F16, f16, SIMT_LORA_R, xa)
 KILN_LORA_SIMT(BF16, bf16, 0, pre)
 KILN_LORA_SIMT(BF16, bf16, SIMT_LORA_R, xa)
 
-#define KILN_LORA_MMA(T, BF, NAME, LR, MODE)                                                                  \
+#define KILN_LORA_MMA(T, BF, NAME, LORA_RANK, MODE)                                                                  \
     extern "C" __global__ void __launch_bounds__(256) lora_fused_mma_##NAME##_dense_##MODE(                   \
         const u16* x, const u16* w, void* y, LORA_BUFFERS, const LoraParams p) {                              \
         const DenseBStage<true> bstage{w, p.k, 0, p.k, p.n};                                                   \
-        gemm_mma<BF, false, true, DenseBStage<true>, LR>(x, bstage, y, p.out_kind, p.m, p.n, p.k, p.k, 0, LORA); \
+        gemm_mma<BF, false, true, DenseBStage<true>, LORA_RANK>(x, bstage, y, p.out_kind, p.m, p.n, p.k, p.k, 0, LORA); \
     }                                                                                                          \
     extern "C" __global__ void __launch_bounds__(256) lora_fused_mma_##NAME##_quant_##MODE(                   \
         const u16* x, const u8* w, void* y, LORA_BUFFERS, const LoraParams p, const QuantParams qp) {         \
         const QuantBStage<T, true> bstage{w, qdesc(qp), p.k, p.k, p.n};                                        \
-        gemm_mma<BF, false, true, QuantBStage<T, true>, LR>(x, bstage, y, p.out_kind, p.m, p.n, p.k, p.k, 0, LORA); \
+        gemm_mma<BF, false, true, QuantBStage<T, true>, LORA_RANK>(x, bstage, y, p.out_kind, p.m, p.n, p.k, p.k, 0, LORA); \
     }
 
 KILN_LORA_MMA(F16, false, f16, 0, pre)

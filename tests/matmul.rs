@@ -2,9 +2,10 @@
 //! random shapes (1, primes, non-multiples of every tile, 16-byte-aligned sizes that take the
 //! tensor-core path on CUDA), transposes, batching and dtypes.
 
+#[macro_use]
 mod common;
 
-use common::{BACKEND_ROUNDINGS, U32, assert_close, devices, gpu_devices};
+use common::{BACKEND_ROUNDINGS, U32, assert_close};
 use kiln::ops::{MatmulOptions, matmul, matmul_with};
 use kiln::{DType, Device, Error, Tensor};
 use proptest::prelude::*;
@@ -116,8 +117,8 @@ fn cases() -> impl Strategy<Value = Case> {
         })
 }
 
-/// The test body: CPU against f64, every other device against the CPU.
-fn check(case: &Case) {
+/// The test body: on the CPU against f64, on any other device against the CPU.
+fn check(case: &Case, device: &Device) {
     let (a, b) = case.inputs(&Device::Cpu);
     let (a_host, b_host) = (a.to_vec_f32().unwrap(), b.to_vec_f32().unwrap());
     let (exact, mass) = case.reference(&a_host, &b_host);
@@ -128,108 +129,105 @@ fn check(case: &Case) {
     assert_eq!(cpu.shape(), out_shape.as_slice());
     assert_eq!(cpu.dtype(), case.out_dtype);
     let cpu_host = cpu.to_vec_f32().unwrap();
-    assert_close(&format!("cpu {case:?}"), &cpu_host, &exact, &atol, case.out_dtype, 1.0);
-
+    if device.is_cpu() {
+        assert_close(&format!("cpu {case:?}"), &cpu_host, &exact, &atol, case.out_dtype, 1.0);
+        return;
+    }
     let cpu_ref: Vec<f64> = cpu_host.iter().map(|&x| x as f64).collect();
     // Both results are within atol + u_out·|exact| of the exact value.
     let atol2: Vec<f64> = atol.iter().map(|t| 2.0 * t).collect();
-    for device in gpu_devices() {
-        let (a, b) = case.inputs(&device);
-        let out = matmul_with(&a, &b, case.options()).unwrap();
-        assert_eq!(out.shape(), out_shape.as_slice());
-        assert_eq!(out.device(), device);
-        assert_close(
-            &format!("{device} {case:?}"),
-            &out.to_vec_f32().unwrap(),
-            &cpu_ref,
-            &atol2,
-            case.out_dtype,
-            BACKEND_ROUNDINGS,
+    let (a, b) = case.inputs(device);
+    let out = matmul_with(&a, &b, case.options()).unwrap();
+    assert_eq!(out.shape(), out_shape.as_slice());
+    assert_eq!(out.device(), *device);
+    assert_close(
+        &format!("{device} {case:?}"),
+        &out.to_vec_f32().unwrap(),
+        &cpu_ref,
+        &atol2,
+        case.out_dtype,
+        BACKEND_ROUNDINGS,
+    );
+}
+
+fn matmul_matches_reference(device: &Device) {
+    proptest!(common::cases(48), |(case in cases())| check(&case, device));
+}
+
+fn matmul_at_model_sizes(device: &Device) {
+    // A projection of 4096-wide activations, as a 7B model's prefill does (fewer rows).
+    for dtype in DType::ALL {
+        check(
+            &Case {
+                batch_a: None,
+                batch_b: None,
+                m: 16,
+                n: 256,
+                k: 4096,
+                trans_a: false,
+                trans_b: true,
+                dtype,
+                out_dtype: DType::F32,
+                seed: 7,
+            },
+            device,
         );
     }
 }
 
-proptest! {
-    #![proptest_config(ProptestConfig { cases: 48, failure_persistence: None, ..ProptestConfig::default() })]
-    #[test]
-    fn matmul_matches_reference_on_every_device(case in cases()) {
-        check(&case);
-    }
+fn zero_sized_dimensions_give_empty_or_zero_results(device: &Device) {
+    let a = Tensor::zeros(&[3, 0], DType::F32, device).unwrap();
+    let b = Tensor::zeros(&[0, 5], DType::F32, device).unwrap();
+    let c = matmul(&a, &b).unwrap();
+    assert_eq!(c.shape(), &[3, 5]);
+    assert_eq!(c.to_vec::<f32>().unwrap(), vec![0.0; 15], "{device}: k = 0 gives zeros");
+    let a = Tensor::zeros(&[0, 4], DType::BF16, device).unwrap();
+    let b = Tensor::zeros(&[4, 6], DType::BF16, device).unwrap();
+    let c = matmul(&a, &b).unwrap();
+    assert_eq!(c.shape(), &[0, 6]);
+    assert!(c.to_vec_f32().unwrap().is_empty());
 }
 
-#[test]
-fn matmul_at_model_sizes() {
-    // A projection of 4096-wide activations, as a 7B model's prefill does (fewer rows).
-    for dtype in DType::ALL {
-        check(&Case {
-            batch_a: None,
-            batch_b: None,
-            m: 16,
-            n: 256,
-            k: 4096,
-            trans_a: false,
-            trans_b: true,
-            dtype,
-            out_dtype: DType::F32,
-            seed: 7,
-        });
+fn bad_shapes_and_dtypes_are_errors_that_name_the_shapes(device: &Device) {
+    let a = Tensor::zeros(&[4, 5], DType::F32, device).unwrap();
+    let b = Tensor::zeros(&[6, 7], DType::F32, device).unwrap();
+    match matmul(&a, &b) {
+        Err(Error::Shape(m)) => assert!(m.contains("[4, 5]") && m.contains("[6, 7]"), "{m}"),
+        other => panic!("expected a shape error, got {other:?}"),
     }
-}
-
-#[test]
-fn zero_sized_dimensions_give_empty_or_zero_results() {
-    for device in devices() {
-        let a = Tensor::zeros(&[3, 0], DType::F32, &device).unwrap();
-        let b = Tensor::zeros(&[0, 5], DType::F32, &device).unwrap();
-        let c = matmul(&a, &b).unwrap();
-        assert_eq!(c.shape(), &[3, 5]);
-        assert_eq!(c.to_vec::<f32>().unwrap(), vec![0.0; 15], "{device}: k = 0 gives zeros");
-        let a = Tensor::zeros(&[0, 4], DType::BF16, &device).unwrap();
-        let b = Tensor::zeros(&[4, 6], DType::BF16, &device).unwrap();
-        let c = matmul(&a, &b).unwrap();
-        assert_eq!(c.shape(), &[0, 6]);
-        assert!(c.to_vec_f32().unwrap().is_empty());
-    }
-}
-
-#[test]
-fn bad_shapes_and_dtypes_are_errors_that_name_the_shapes() {
-    for device in devices() {
-        let a = Tensor::zeros(&[4, 5], DType::F32, &device).unwrap();
-        let b = Tensor::zeros(&[6, 7], DType::F32, &device).unwrap();
-        match matmul(&a, &b) {
-            Err(Error::Shape(m)) => assert!(m.contains("[4, 5]") && m.contains("[6, 7]"), "{m}"),
-            other => panic!("expected a shape error, got {other:?}"),
-        }
-        // The transpose that would make it fit is not the one asked for.
-        let w = Tensor::zeros(&[7, 5], DType::F32, &device).unwrap();
-        assert!(matches!(matmul(&a, &w), Err(Error::Shape(_))));
-        assert!(matmul_with(&a, &w, MatmulOptions::nt()).is_ok());
-        let a3 = Tensor::zeros(&[2, 4, 5], DType::F32, &device).unwrap();
-        let b3 = Tensor::zeros(&[3, 5, 4], DType::F32, &device).unwrap();
-        assert!(matches!(matmul(&a3, &b3), Err(Error::Shape(_))), "batch mismatch");
-        let v = Tensor::zeros(&[5], DType::F32, &device).unwrap();
-        assert!(matches!(matmul(&v, &a), Err(Error::Shape(_))), "rank 1");
-        let h = Tensor::zeros(&[5, 3], DType::F16, &device).unwrap();
-        assert!(matches!(matmul(&a, &h), Err(Error::DType(_))));
-    }
-    for device in gpu_devices() {
+    // The transpose that would make it fit is not the one asked for.
+    let w = Tensor::zeros(&[7, 5], DType::F32, device).unwrap();
+    assert!(matches!(matmul(&a, &w), Err(Error::Shape(_))));
+    assert!(matmul_with(&a, &w, MatmulOptions::nt()).is_ok());
+    let a3 = Tensor::zeros(&[2, 4, 5], DType::F32, device).unwrap();
+    let b3 = Tensor::zeros(&[3, 5, 4], DType::F32, device).unwrap();
+    assert!(matches!(matmul(&a3, &b3), Err(Error::Shape(_))), "batch mismatch");
+    let v = Tensor::zeros(&[5], DType::F32, device).unwrap();
+    assert!(matches!(matmul(&v, &a), Err(Error::Shape(_))), "rank 1");
+    let h = Tensor::zeros(&[5, 3], DType::F16, device).unwrap();
+    assert!(matches!(matmul(&a, &h), Err(Error::DType(_))));
+    if !device.is_cpu() {
         let a = Tensor::zeros(&[2, 2], DType::F32, &Device::Cpu).unwrap();
-        let b = Tensor::zeros(&[2, 2], DType::F32, &device).unwrap();
+        let b = Tensor::zeros(&[2, 2], DType::F32, device).unwrap();
         assert!(matches!(matmul(&a, &b), Err(Error::DeviceMismatch(_))));
     }
 }
 
-#[test]
-fn repeated_matmuls_reuse_pooled_buffers_and_stay_correct() {
+fn repeated_matmuls_reuse_pooled_buffers_and_stay_correct(device: &Device) {
     // The pool hands back freed buffers; results must not depend on what they held.
-    for device in devices() {
-        let a = Tensor::randn(&[33, 47], 0.0, 1.0, 1, DType::F32, &device).unwrap();
-        let b = Tensor::randn(&[47, 29], 0.0, 1.0, 2, DType::F32, &device).unwrap();
-        let first = matmul(&a, &b).unwrap().to_vec::<f32>().unwrap();
-        for _ in 0..5 {
-            let again = matmul(&a, &b).unwrap().to_vec::<f32>().unwrap();
-            assert_eq!(first, again, "{device}: same inputs, same kernel, same result");
-        }
+    let a = Tensor::randn(&[33, 47], 0.0, 1.0, 1, DType::F32, device).unwrap();
+    let b = Tensor::randn(&[47, 29], 0.0, 1.0, 2, DType::F32, device).unwrap();
+    let first = matmul(&a, &b).unwrap().to_vec::<f32>().unwrap();
+    for _ in 0..5 {
+        let again = matmul(&a, &b).unwrap().to_vec::<f32>().unwrap();
+        assert_eq!(first, again, "{device}: same inputs, same kernel, same result");
     }
 }
+
+device_tests!(
+    matmul_matches_reference,
+    matmul_at_model_sizes,
+    zero_sized_dimensions_give_empty_or_zero_results,
+    bad_shapes_and_dtypes_are_errors_that_name_the_shapes,
+    repeated_matmuls_reuse_pooled_buffers_and_stay_correct,
+);
