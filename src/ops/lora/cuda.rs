@@ -134,8 +134,7 @@ pub(crate) fn batched(
     let device = x.device();
     let tokens = x.shape()[0];
     let rmax = set.max_rank();
-    let table = RawBuffer::new(bytemuck::cast_slice(&set.table).to_vec(), &device)?;
-    let rows = RawBuffer::new(bytemuck::cast_slice(adapters).to_vec(), &device)?;
+    let (table, rows) = set.device_tables(adapters, &device)?;
     let v = shrink(x, &set.a, &table, &rows, set.inp, rmax)?;
     let out = Tensor::empty(y.shape(), DType::F32, &device)?;
     let (outn, rmax_i) = (to_i32("out", set.out)?, to_i32("rank", rmax)?);

@@ -414,6 +414,21 @@ impl AdapterSet {
     fn max_rank(&self) -> usize {
         self.ranks.iter().copied().max().unwrap_or(0)
     }
+
+    /// The adapter table and each row's adapter index, on `device` as the batched kernels
+    /// read them.
+    #[cfg(any(feature = "cuda", feature = "wgpu"))]
+    fn device_tables(
+        &self,
+        adapters: &[i32],
+        device: &crate::Device,
+    ) -> Result<(crate::tensor::RawBuffer, crate::tensor::RawBuffer)> {
+        use crate::tensor::RawBuffer;
+        Ok((
+            RawBuffer::new(bytemuck::cast_slice(&self.table).to_vec(), device)?,
+            RawBuffer::new(bytemuck::cast_slice(adapters).to_vec(), device)?,
+        ))
+    }
 }
 
 /// `y + s_a·(x·A_aᵀ)·B_aᵀ` for every row, with `a = adapters[row]` (−1: the row gets no

@@ -9,7 +9,6 @@ use crate::kernels::{kernel_params, wgsl, wgsl_struct};
 use crate::ops::matmul::MatmulProblem;
 use crate::ops::matmul::wgpu::{MatmulParams, groups};
 use crate::ops::quant::wgpu::{QuantParams, decode_binding};
-use crate::tensor::RawBuffer;
 use crate::{DType, Result, Tensor};
 use std::sync::Arc;
 
@@ -65,8 +64,7 @@ pub(crate) fn batched(
     let device = x.device();
     let tokens = x.shape()[0];
     let rmax = set.max_rank();
-    let table = RawBuffer::new(bytemuck::cast_slice(&set.table).to_vec(), &device)?;
-    let rows = RawBuffer::new(bytemuck::cast_slice(adapters).to_vec(), &device)?;
+    let (table, rows) = set.device_tables(adapters, &device)?;
     let v = Tensor::empty(&[tokens, rmax], DType::F32, &device)?;
     let out = Tensor::empty(y.shape(), DType::F32, &device)?;
     let mut params = LoraBatchedParams {
