@@ -158,7 +158,7 @@ extern "C" __global__ void __launch_bounds__(256) adamw_step(const OptimSlot* ta
         float mi = m[i];
         mi = w1 < 0.5f ? __fadd_rn(mi, __fmul_rn(w1, __fsub_rn(g, mi)))
                        : __fsub_rn(g, __fmul_rn(__fsub_rn(g, mi), __fsub_rn(1.f, w1)));
-        const float vi = __fadd_rn(__fmul_rn(v[i], p.beta2), __fmul_rn(w2, __fmul_rn(g, g)));
+        const float vi = __fadd_rn(__fmul_rn(v[i], p.beta2), __fmul_rn(__fmul_rn(w2, g), g));
         const float denom = __fadd_rn(__fdiv_rn(__fsqrt_rn(vi), p.bc2_sqrt), p.eps);
         theta = __fsub_rn(theta, __fmul_rn(p.step_size, __fdiv_rn(mi, denom)));
         master[i] = theta;

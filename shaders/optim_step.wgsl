@@ -44,7 +44,7 @@ fn update(theta_in: f32, m_in: f32, v_in: f32, g: f32) -> vec3<f32> {
     let c = params.adamw;
     let theta = theta_in * c.decay;
     let m = lerp(m_in, g, c.one_minus_beta1);
-    let v = v_in * c.beta2 + c.one_minus_beta2 * (g * g);
+    let v = v_in * c.beta2 + c.one_minus_beta2 * g * g;
     let denom = sqrt(v) / c.bc2_sqrt + c.eps;
     return vec3<f32>(theta - c.step_size * (m / denom), m, v);
 }

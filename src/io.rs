@@ -1,4 +1,18 @@
-//! Tensors in and out of safetensors files (Hugging Face's format).
+//! Tensors in and out of safetensors files (Hugging Face's format), on any device, through
+//! the `safetensors` crate.
+//!
+//! ```no_run
+//! use kiln::{DType, Device, Tensor, io};
+//! # fn main() -> kiln::Result<()> {
+//! let w = Tensor::randn(&[4, 8], 0.0, 1.0, 1, DType::BF16, &Device::best())?;
+//! let meta = [("step".to_string(), "10".to_string())].into_iter().collect();
+//! io::save("weights.safetensors", &[("layer.weight", &w)], &meta)?;
+//! let file = io::SafetensorsFile::open("weights.safetensors")?;
+//! let back = file.tensor("layer.weight", &Device::Cpu)?; // bf16, [4, 8]
+//! assert_eq!(file.metadata()?["step"], "10");
+//! # let _ = back;
+//! # Ok(()) }
+//! ```
 
 use crate::{DType, Device, Error, Result, Tensor};
 use safetensors::{Dtype, SafeTensors};
@@ -13,70 +27,98 @@ fn st_dtype(d: DType) -> Dtype {
     }
 }
 
-/// Writes `tensors` (copied to the host) and `metadata` to `path`, through a temporary
-/// file and a rename, so a crash never leaves half a file.
-pub(crate) fn save(path: &Path, tensors: &[(String, &Tensor)], metadata: HashMap<String, String>) -> Result<()> {
-    let bytes: Vec<(String, Vec<u8>, &Tensor)> =
-        tensors.iter().map(|(n, t)| Ok((n.clone(), t.to_bytes()?, *t))).collect::<Result<_>>()?;
+fn kiln_dtype(d: Dtype) -> Option<DType> {
+    match d {
+        Dtype::F32 => Some(DType::F32),
+        Dtype::F16 => Some(DType::F16),
+        Dtype::BF16 => Some(DType::BF16),
+        _ => None,
+    }
+}
+
+/// Writes `tensors` (copied to the host from whatever device they are on) and `metadata`
+/// to `path`, through a temporary file and a rename, so a crash never leaves half a file.
+/// `Err(InvalidArgument)` for two tensors of one name.
+pub fn save(path: impl AsRef<Path>, tensors: &[(&str, &Tensor)], metadata: &HashMap<String, String>) -> Result<()> {
+    let path = path.as_ref();
+    let mut names: Vec<&str> = tensors.iter().map(|(n, _)| *n).collect();
+    names.sort_unstable();
+    if let Some(pair) = names.windows(2).find(|w| w[0] == w[1]) {
+        return Err(Error::InvalidArgument(format!("two tensors named {:?} for {}", pair[0], path.display())));
+    }
+    let bytes: Vec<(&str, Vec<u8>, &Tensor)> =
+        tensors.iter().map(|(n, t)| Ok((*n, t.to_bytes()?, *t))).collect::<Result<_>>()?;
     let views = bytes
         .iter()
         .map(|(n, b, t)| {
             safetensors::tensor::TensorView::new(st_dtype(t.dtype()), t.shape().to_vec(), b)
-                .map(|v| (n.clone(), v))
+                .map(|v| (n.to_string(), v))
                 .map_err(|e| Error::Io(format!("tensor {n}: {e}")))
         })
         .collect::<Result<Vec<_>>>()?;
-    let data = safetensors::serialize(views, Some(metadata)).map_err(|e| Error::Io(format!("serializing: {e}")))?;
+    let data = safetensors::serialize(views, Some(metadata.clone()))
+        .map_err(|e| Error::Io(format!("serializing {}: {e}", path.display())))?;
     crate::fs::write_atomically(path, &data).map_err(|e| Error::Io(format!("writing {}: {e}", path.display())))
 }
 
-/// A parsed safetensors file.
-pub(crate) struct Loaded {
+/// Every tensor of a safetensors file, by name, on `device`.
+pub fn load(path: impl AsRef<Path>, device: &Device) -> Result<HashMap<String, Tensor>> {
+    let file = SafetensorsFile::open(path)?;
+    file.names()?.into_iter().map(|n| Ok((n.clone(), file.tensor(&n, device)?))).collect()
+}
+
+/// A safetensors file, read and checked once; its tensors are copied to a device on demand.
+pub struct SafetensorsFile {
     bytes: Vec<u8>,
 }
 
-impl Loaded {
-    pub(crate) fn open(path: &Path) -> Result<Loaded> {
+impl SafetensorsFile {
+    /// Reads `path`. `Err(Io)` naming the file when it cannot be read or is not a valid
+    /// safetensors file (a truncated one included).
+    pub fn open(path: impl AsRef<Path>) -> Result<SafetensorsFile> {
+        let path = path.as_ref();
         let bytes = std::fs::read(path).map_err(|e| Error::Io(format!("reading {}: {e}", path.display())))?;
         SafeTensors::deserialize(&bytes)
             .map_err(|e| Error::Io(format!("{} is not a valid safetensors file: {e}", path.display())))?;
-        Ok(Loaded { bytes })
+        Ok(SafetensorsFile { bytes })
     }
 
     fn parsed(&self) -> Result<SafeTensors<'_>> {
         SafeTensors::deserialize(&self.bytes).map_err(|e| Error::Io(format!("invalid safetensors file: {e}")))
     }
 
-    pub(crate) fn metadata(&self) -> Result<HashMap<String, String>> {
+    /// The file's `__metadata__` (empty when it has none).
+    pub fn metadata(&self) -> Result<HashMap<String, String>> {
         let (_, meta) = SafeTensors::read_metadata(&self.bytes)
             .map_err(|e| Error::Io(format!("invalid safetensors header: {e}")))?;
         Ok(meta.metadata().clone().unwrap_or_default().into_iter().collect())
     }
 
-    pub(crate) fn contains(&self, name: &str) -> Result<bool> {
+    /// Whether the file holds a tensor `name`.
+    pub fn contains(&self, name: &str) -> Result<bool> {
         Ok(self.parsed()?.names().contains(&name))
     }
 
-    /// Every tensor name in the file.
-    pub(crate) fn names(&self) -> Result<Vec<String>> {
-        Ok(self.parsed()?.names().into_iter().map(str::to_string).collect())
+    /// Every tensor name in the file, sorted.
+    pub fn names(&self) -> Result<Vec<String>> {
+        let mut names: Vec<String> = self.parsed()?.names().into_iter().map(str::to_string).collect();
+        names.sort();
+        Ok(names)
     }
 
-    /// Tensor `name` in whatever float dtype the file holds, on `device`.
-    pub(crate) fn tensor_any(&self, name: &str, device: &Device) -> Result<Tensor> {
+    /// Tensor `name` in the float dtype the file holds (f32, f16 or bf16), on `device`.
+    /// `Err(Io)` when there is no such tensor, `Err(DType)` for another dtype.
+    pub fn tensor(&self, name: &str, device: &Device) -> Result<Tensor> {
         let st = self.parsed()?;
         let view = st.tensor(name).map_err(|e| Error::Io(format!("tensor {name}: {e}")))?;
-        let dtype = match view.dtype() {
-            Dtype::F32 => DType::F32,
-            Dtype::F16 => DType::F16,
-            Dtype::BF16 => DType::BF16,
-            other => return Err(Error::DType(format!("tensor {name} is {other:?}; kiln reads f32, f16 and bf16"))),
-        };
-        self.tensor(name, dtype, None, device)
+        let dtype = kiln_dtype(view.dtype()).ok_or_else(|| {
+            Error::DType(format!("tensor {name} is {:?}; kiln reads f32, f16 and bf16", view.dtype()))
+        })?;
+        self.checked(name, dtype, None, device)
     }
 
-    /// Tensor `name`, which must have `dtype` and `shape` (when given), on `device`.
-    pub(crate) fn tensor(&self, name: &str, dtype: DType, shape: Option<&[usize]>, device: &Device) -> Result<Tensor> {
+    /// Tensor `name`, which must have `dtype` and, when given, `shape`; on `device`.
+    pub fn checked(&self, name: &str, dtype: DType, shape: Option<&[usize]>, device: &Device) -> Result<Tensor> {
         let st = self.parsed()?;
         let view = st.tensor(name).map_err(|e| Error::Io(format!("tensor {name}: {e}")))?;
         if view.dtype() != st_dtype(dtype) {
@@ -87,15 +129,8 @@ impl Loaded {
                 return Err(Error::Shape(format!("tensor {name} is {:?}, expected {shape:?}", view.shape())));
             }
         }
-        let data = view.data();
-        match dtype {
-            DType::F32 => Tensor::from_slice(&bytemuck::pod_collect_to_vec::<u8, f32>(data), view.shape(), device),
-            DType::F16 => {
-                Tensor::from_slice(&bytemuck::pod_collect_to_vec::<u8, half::f16>(data), view.shape(), device)
-            }
-            DType::BF16 => {
-                Tensor::from_slice(&bytemuck::pod_collect_to_vec::<u8, half::bf16>(data), view.shape(), device)
-            }
-        }
+        crate::tensor::with_dtype!(dtype, T => {
+            Tensor::from_slice(&bytemuck::pod_collect_to_vec::<u8, T>(view.data()), view.shape(), device)
+        })
     }
 }

@@ -44,7 +44,7 @@ mod device;
 mod dtype;
 mod error;
 mod fs;
-mod io;
+pub mod io;
 mod kernels;
 pub mod model;
 pub mod ops;

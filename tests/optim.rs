@@ -1,5 +1,6 @@
-//! The fused optimizer step: the CPU against PyTorch's AdamW worked by hand, every device
-//! against the CPU over 100 steps, clipping, skipping, the EWC term against finite
+//! The fused optimizer step: every device against torch.optim.AdamW's own trajectories
+//! (tests/fixtures/make_adamw.py), the CPU against PyTorch's AdamW worked by hand, every
+//! device against the CPU over 100 steps, clipping, skipping, the EWC term against finite
 //! differences, Fisher accumulation, and bad input.
 
 #[macro_use]
@@ -76,6 +77,187 @@ fn cpu_step_follows_pytorch_adamw_worked_by_hand() {
     assert!((read(&s[0].master) - 0.8714674).abs() < 2e-6, "θ2 = {}", read(&s[0].master));
 }
 
+/// One case of the torch fixture: hyperparameters and rows of 48 values per step.
+struct TorchCase {
+    name: String,
+    hyper: AdamWHyper,
+    first_step: u64,
+    steps: usize,
+    p0: Vec<f32>,
+    m0: Vec<f32>,
+    v0: Vec<f32>,
+    grads: Vec<f32>,
+    param: Vec<f32>,
+    exp_avg: Vec<f32>,
+    exp_avg_sq: Vec<f32>,
+}
+
+fn torch_cases() -> Vec<TorchCase> {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/adamw_torch.safetensors");
+    let file = kiln::io::SafetensorsFile::open(path).unwrap();
+    let meta: serde_json::Value = serde_json::from_str(&file.metadata().unwrap()["cases"]).unwrap();
+    let read =
+        |name: &str, part: &str| file.tensor(&format!("{name}.{part}"), &Device::Cpu).unwrap().to_vec::<f32>().unwrap();
+    let mut cases = Vec::new();
+    for (name, c) in meta.as_object().unwrap() {
+        let f = |k: &str| c[k].as_f64().unwrap();
+        let hyper = AdamWHyper {
+            lr: f("lr"),
+            beta1: c["betas"][0].as_f64().unwrap(),
+            beta2: c["betas"][1].as_f64().unwrap(),
+            eps: f("eps"),
+            weight_decay: f("weight_decay"),
+            ..AdamWHyper::default()
+        };
+        let p0 = read(name, "p0");
+        let n = p0.len();
+        let late = name.starts_with("late_");
+        cases.push(TorchCase {
+            name: name.clone(),
+            hyper,
+            first_step: c["first_step"].as_u64().unwrap_or(1),
+            steps: c["steps"].as_u64().unwrap() as usize,
+            m0: if late { read(name, "m0") } else { vec![0.0; n] },
+            v0: if late { read(name, "v0") } else { vec![0.0; n] },
+            grads: read(name, "grads"),
+            param: read(name, "param"),
+            exp_avg: read(name, "exp_avg"),
+            exp_avg_sq: read(name, "exp_avg_sq"),
+            p0,
+        });
+    }
+    cases
+}
+
+/// The f32 constants of step `t` as torch computes them (f64, rounded once), as f64.
+struct Constants {
+    w1: f64,
+    beta2: f64,
+    w2: f64,
+    decay: f64,
+    step_size: f64,
+    bc2_sqrt: f64,
+    eps: f64,
+}
+
+impl Constants {
+    fn new(h: &AdamWHyper, t: u64) -> Constants {
+        let r = |x: f64| x as f32 as f64;
+        Constants {
+            w1: r(1.0 - h.beta1),
+            beta2: r(h.beta2),
+            w2: r(1.0 - h.beta2),
+            decay: r(1.0 - h.lr * h.weight_decay),
+            step_size: r(h.lr / (1.0 - h.beta1.powf(t as f64))),
+            bc2_sqrt: r((1.0 - h.beta2.powf(t as f64)).sqrt()),
+            eps: r(h.eps),
+        }
+    }
+}
+
+/// Unit roundoff of f32, and half its smallest subnormal.
+const U: f64 = f32::EPSILON as f64 / 2.0;
+const TINY: f64 = 1e-45;
+
+/// How far two implementations that each round every operation of one element's step may
+/// be apart, given how far apart their inputs are (`dm`, `dv`, `dtheta`: 0 when both start
+/// from the same state). Each side rounds m' = m + w1·(g − m) (or β1·m + w1·g) at most 3
+/// times, with every intermediate within |m| + |g|; v' = β2·v + w2·g·g 4 times within
+/// β2·v + w2·g²; θ' = θ·decay − s·m'/(√v'/b + ε) 7 times (5 on the update's path). The
+/// input differences pass through m' (factor 1 − w1), v' (β2), the update's partial
+/// derivatives in m' and v', and θ·decay.
+fn step_bounds(
+    c: &Constants,
+    theta: f64,
+    m: f64,
+    v: f64,
+    g: f64,
+    (dm, dv, dtheta): (f64, f64, f64),
+) -> (f64, f64, f64) {
+    let m1 = m + c.w1 * (g - m);
+    let v1 = c.beta2 * v + c.w2 * g * g;
+    let tol_m = 2.0 * 3.0 * U * (m.abs() + g.abs()) + (1.0 - c.w1) * dm + TINY;
+    let tol_v = 2.0 * 4.0 * U * (c.beta2 * v + c.w2 * g * g) + c.beta2 * dv + TINY;
+    let denom = v1.sqrt() / c.bc2_sqrt + c.eps;
+    let update = c.step_size * m1 / denom;
+    let theta1 = theta * c.decay - update;
+    // ∂update/∂m' = s / denom; ∂update/∂v' = −s·m'/denom² · 1/(2·√v'·b).
+    let via_v =
+        if v1 > 0.0 { c.step_size * m1.abs() / (denom * denom) * tol_v / (2.0 * v1.sqrt() * c.bc2_sqrt) } else { 0.0 };
+    let tol_theta = 2.0 * U * ((theta * c.decay).abs() + theta1.abs() + 5.0 * update.abs())
+        + c.step_size * tol_m / denom
+        + via_v
+        + c.decay * dtheta
+        + TINY;
+    (tol_m, tol_v, tol_theta)
+}
+
+/// kiln's step against torch.optim.AdamW on torch's own inputs: from torch's state before
+/// each step, kiln's θ, m and v after it are within the roundings both make; over the whole
+/// run of 20 steps from the same start, within those roundings carried forward. Both of
+/// torch's paths (foreach=False and the fused CPU kernel), β2 = 0.999 and 0.95, weight
+/// decay, and one step at t = 10⁴.
+fn follows_torch_adamw(device: &Device) {
+    for case in torch_cases() {
+        let n = case.p0.len();
+        let row = |v: &[f32], t: usize| v[t * n..(t + 1) * n].to_vec();
+        let run = |theta: &[f32], m: &[f32], v: &[f32], t: usize| -> [Vec<f32>; 3] {
+            let t_ = |x: &[f32]| Tensor::from_slice(x, &[n], device).unwrap();
+            let mut s = [State { master: t_(theta), m: t_(m), v: t_(v), working: None, anchor: None, fisher: None }];
+            let report = step(&mut s, &[t_(&row(&case.grads, t))], &case.hyper, case.first_step + t as u64).unwrap();
+            assert!(!report.skipped);
+            [&s[0].master, &s[0].m, &s[0].v].map(|x| x.to_vec::<f32>().unwrap())
+        };
+        let check = |what: &str, got: &[f32], want: &[f32], tol: &[f64]| {
+            for i in 0..n {
+                let err = (got[i] as f64 - want[i] as f64).abs();
+                assert!(
+                    err <= tol[i],
+                    "{device} {} {what}[{i}]: kiln {} torch {} (|Δ| {err:e} > {:e})",
+                    case.name,
+                    got[i],
+                    want[i],
+                    tol[i]
+                );
+            }
+        };
+        // From torch's state before each step.
+        let (mut theta, mut m, mut v) = (case.p0.clone(), case.m0.clone(), case.v0.clone());
+        for t in 0..case.steps {
+            let c = Constants::new(&case.hyper, case.first_step + t as u64);
+            let [kt, km, kv] = run(&theta, &m, &v, t);
+            let g = row(&case.grads, t);
+            let bounds: Vec<(f64, f64, f64)> = (0..n)
+                .map(|i| step_bounds(&c, theta[i] as f64, m[i] as f64, v[i] as f64, g[i] as f64, (0.0, 0.0, 0.0)))
+                .collect();
+            let (want_t, want_m, want_v) = (row(&case.param, t), row(&case.exp_avg, t), row(&case.exp_avg_sq, t));
+            check(&format!("m after step {}", t + 1), &km, &want_m, &bounds.iter().map(|b| b.0).collect::<Vec<_>>());
+            check(&format!("v after step {}", t + 1), &kv, &want_v, &bounds.iter().map(|b| b.1).collect::<Vec<_>>());
+            check(&format!("θ after step {}", t + 1), &kt, &want_t, &bounds.iter().map(|b| b.2).collect::<Vec<_>>());
+            (theta, m, v) = (want_t, want_m, want_v);
+        }
+        if case.steps == 1 {
+            continue;
+        }
+        // The whole run from the same start, the bounds carried from step to step.
+        let (mut kt, mut km, mut kv) = (case.p0.clone(), case.m0.clone(), case.v0.clone());
+        let mut carried = vec![(0.0, 0.0, 0.0); n];
+        let (mut theta, mut m, mut v) = (case.p0.clone(), case.m0.clone(), case.v0.clone());
+        for t in 0..case.steps {
+            let c = Constants::new(&case.hyper, case.first_step + t as u64);
+            let g = row(&case.grads, t);
+            for i in 0..n {
+                carried[i] = step_bounds(&c, theta[i] as f64, m[i] as f64, v[i] as f64, g[i] as f64, carried[i]);
+            }
+            [kt, km, kv] = run(&kt, &km, &kv, t);
+            (theta, m, v) = (row(&case.param, t), row(&case.exp_avg, t), row(&case.exp_avg_sq, t));
+        }
+        check("m after the run", &km, &m, &carried.iter().map(|b| b.0).collect::<Vec<_>>());
+        check("v after the run", &kv, &v, &carried.iter().map(|b| b.1).collect::<Vec<_>>());
+        check("θ after the run", &kt, &theta, &carried.iter().map(|b| b.2).collect::<Vec<_>>());
+    }
+}
+
 /// Gradients for step `t`, the same on every device.
 fn grads(shapes: &[Vec<usize>], dtypes: &[DType], t: u64, device: &Device) -> Vec<Tensor> {
     shapes
@@ -123,7 +305,7 @@ fn every_device_follows_the_cpu_over_100_steps(device: &Device) {
             // Each step rounds θ, m and v a few times in f32 (u = 2⁻²⁴) and the norms differ
             // in summation order; over 100 steps the states may drift by 100·16·u relative
             // to their size, plus as much of one learning-rate-sized update.
-            let bound = |x: f32| steps as f32 * 16.0 * f32::EPSILON / 2.0 * (x.abs() + h.lr);
+            let bound = |x: f32| steps as f32 * 16.0 * f32::EPSILON / 2.0 * (x.abs() + h.lr as f32);
             for (name, x, y) in [("master", &a.master, &b.master), ("m", &a.m, &b.m), ("v", &a.v, &b.v)] {
                 let (x, y) = (x.to_vec::<f32>().unwrap(), y.to_vec::<f32>().unwrap());
                 for (i, (p, q)) in x.iter().zip(&y).enumerate() {
@@ -171,7 +353,7 @@ fn clipping_uses_the_global_norm_and_a_nonfinite_gradient_skips_the_step(device:
 fn the_ewc_term_is_the_gradient_of_its_penalty(device: &Device) {
     // With β1 = 0 the first moment after a step is the gradient the step used; with a zero
     // loss gradient that is the penalty's: ∂/∂θ [λ/2 Σ F (θ − θ*)²] = λ F (θ − θ*).
-    let lambda = 0.7f32;
+    let lambda = 0.7f64;
     for (penalty, with_fisher) in [(Penalty::Ewc { lambda }, true), (Penalty::L2Anchor { lambda }, false)] {
         let shape = [40];
         let mut s = [State::new(&shape, 3, None, true, device)];
@@ -186,7 +368,7 @@ fn the_ewc_term_is_the_gradient_of_its_penalty(device: &Device) {
             None => vec![1.0; 40],
         };
         let penalty_value = |th: &[f64]| -> f64 {
-            th.iter().zip(&anchor).zip(&fisher).map(|((t, a), f)| 0.5 * lambda as f64 * f * (t - a) * (t - a)).sum()
+            th.iter().zip(&anchor).zip(&fisher).map(|((t, a), f)| 0.5 * lambda * f * (t - a) * (t - a)).sum()
         };
         let h = AdamWHyper { beta1: 0.0, weight_decay: 0.0, penalty, ..AdamWHyper::default() };
         let zero = Tensor::zeros(&shape, DType::F32, device).unwrap();
@@ -379,6 +561,7 @@ fn stochastic_rounding_is_unbiased_seeded_and_the_same_on_every_device(device: &
 }
 
 device_tests!(
+    follows_torch_adamw,
     every_device_follows_the_cpu_over_100_steps,
     clipping_uses_the_global_norm_and_a_nonfinite_gradient_skips_the_step,
     the_ewc_term_is_the_gradient_of_its_penalty,

@@ -176,7 +176,8 @@ impl LoraAdapter {
             tensors.push((format!("{PREFIX}{module}.lora_B.weight"), &layer.b));
         }
         let meta = [("format".to_string(), "pt".to_string())].into_iter().collect();
-        crate::io::save(&dir.join(WEIGHTS_FILE), &tensors, meta)?;
+        let named: Vec<(&str, &Tensor)> = tensors.iter().map(|(n, t)| (n.as_str(), *t)).collect();
+        crate::io::save(dir.join(WEIGHTS_FILE), &named, &meta)?;
         crate::fs::write_atomically(&dir.join(CONFIG_FILE), self.config.to_json().as_bytes())
             .map_err(|e| Error::Io(format!("writing {}: {e}", dir.join(CONFIG_FILE).display())))
     }
@@ -189,15 +190,15 @@ impl LoraAdapter {
         let text = std::fs::read_to_string(dir.join(CONFIG_FILE))
             .map_err(|e| Error::Io(format!("reading {}: {e}", dir.join(CONFIG_FILE).display())))?;
         let config = LoraConfig::from_json(&text)?;
-        let file = crate::io::Loaded::open(&dir.join(WEIGHTS_FILE))?;
+        let file = crate::io::SafetensorsFile::open(dir.join(WEIGHTS_FILE))?;
         let mut halves: BTreeMap<String, (Option<Tensor>, Option<Tensor>)> = BTreeMap::new();
         for name in file.names()? {
             let module_of =
                 |suffix: &str| name.strip_suffix(suffix).map(|m| m.strip_prefix(PREFIX).unwrap_or(m).to_string());
             if let Some(module) = module_of(".lora_A.weight") {
-                halves.entry(module).or_default().0 = Some(file.tensor_any(&name, device)?);
+                halves.entry(module).or_default().0 = Some(file.tensor(&name, device)?);
             } else if let Some(module) = module_of(".lora_B.weight") {
-                halves.entry(module).or_default().1 = Some(file.tensor_any(&name, device)?);
+                halves.entry(module).or_default().1 = Some(file.tensor(&name, device)?);
             }
         }
         let mut layers = BTreeMap::new();

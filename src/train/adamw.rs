@@ -30,7 +30,9 @@ pub struct AdamW {
     params: Vec<ParamState>,
 }
 
-const FORMAT: &str = "kiln.adamw.v1";
+/// The state file's format: v2 keeps the f64 hyperparameters' bits; v1 (f32 bits) still loads.
+const FORMAT: &str = "kiln.adamw.v2";
+const FORMAT_V1: &str = "kiln.adamw.v1";
 
 impl AdamW {
     /// State for `params` (any float dtype): f32 master copies and zero moments on the
@@ -175,20 +177,30 @@ impl AdamW {
         ] {
             meta.insert(k.to_string(), v);
         }
-        crate::io::save(path.as_ref(), &tensors, meta)
+        let named: Vec<(&str, &Tensor)> = tensors.iter().map(|(n, t)| (n.as_str(), *t)).collect();
+        crate::io::save(path, &named, &meta)
     }
 
     /// Reads a state written by [`AdamW::save`] onto `device`. `Err` naming what is wrong for
     /// a missing, truncated or foreign file, or tensors whose shapes or dtypes do not fit.
     pub fn load(path: impl AsRef<Path>, device: &Device) -> Result<AdamW> {
-        let file = crate::io::Loaded::open(path.as_ref())?;
+        let file = crate::io::SafetensorsFile::open(path)?;
         let meta = file.metadata()?;
         let get = |k: &str| meta.get(k).ok_or_else(|| Error::Io(format!("optimizer state lacks {k:?}")));
-        if get("format")? != FORMAT {
-            return Err(Error::Io(format!("not a kiln AdamW state (format {:?})", get("format")?)));
-        }
-        let bits = |k: &str| -> Result<f32> {
-            get(k)?.parse::<u32>().map(f32::from_bits).map_err(|_| Error::Io(format!("bad value for {k}")))
+        let v1 = match get("format")?.as_str() {
+            FORMAT => false,
+            FORMAT_V1 => true,
+            other => return Err(Error::Io(format!("not a kiln AdamW state (format {other:?})"))),
+        };
+        // A hyperparameter's bits: f64 in v2, f32 (exactly widened) in v1.
+        let bits = |k: &str| -> Result<f64> {
+            let bad = || Error::Io(format!("bad value for {k}"));
+            let text = get(k)?;
+            if v1 {
+                text.parse::<u32>().map(|b| f32::from_bits(b) as f64).map_err(|_| bad())
+            } else {
+                text.parse::<u64>().map(f64::from_bits).map_err(|_| bad())
+            }
         };
         let lambda = bits("lambda")?;
         let penalty = match get("penalty")?.as_str() {
@@ -217,9 +229,9 @@ impl AdamW {
         let steps = get("step")?.parse::<u64>().map_err(|_| Error::Io("bad step count".into()))?;
         let mut params = Vec::new();
         for name in get("params")?.split('\n') {
-            let master = file.tensor(&format!("{name}.master"), DType::F32, None, device)?;
+            let master = file.checked(&format!("{name}.master"), DType::F32, None, device)?;
             let shape = master.shape().to_vec();
-            let load = |suffix: &str| file.tensor(&format!("{name}.{suffix}"), DType::F32, Some(&shape), device);
+            let load = |suffix: &str| file.checked(&format!("{name}.{suffix}"), DType::F32, Some(&shape), device);
             let optional = |suffix: &str| -> Result<Option<Tensor>> {
                 if file.contains(&format!("{name}.{suffix}"))? { load(suffix).map(Some) } else { Ok(None) }
             };

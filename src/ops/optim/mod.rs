@@ -5,13 +5,15 @@
 //! One step reads every parameter's gradient, master weight and moments once and writes the
 //! master weight, the moments and the working copy once. The update follows PyTorch's
 //! `torch.optim.AdamW` (decoupled weight decay, bias correction, `lerp` for the first
-//! moment) in f32:
+//! moment), with torch's arithmetic: the per-step constants (`1 − lr·wd`, `1 − β1`, `1 − β2`,
+//! `lr / (1 − β1ᵗ)`, `√(1 − β2ᵗ)`) computed in f64 from the f64 hyperparameters and rounded
+//! once to f32, the elementwise update in f32 in torch's order of operations:
 //!
 //! ```text
 //! g  = grad · clip + λ·F⊙(θ − θ*)   (EWC; λ·(θ − θ*) for L2-to-anchor)
 //! θ ← θ·(1 − lr·wd)
 //! m ← lerp(m, g, 1 − β1)
-//! v ← β2·v + (1 − β2)·g²
+//! v ← β2·v + (1 − β2)·g·g
 //! θ ← θ − (lr / (1 − β1ᵗ)) · m / (√v / √(1 − β2ᵗ) + ε)
 //! ```
 //!
@@ -40,24 +42,26 @@ pub enum Penalty {
     /// Elastic weight consolidation: adds λ·F⊙(θ − θ*) to the gradient (slots need an
     /// anchor θ* and a Fisher diagonal F).
     Ewc {
-        lambda: f32,
+        lambda: f64,
     },
     /// Adds λ·(θ − θ*) to the gradient (slots need an anchor).
     L2Anchor {
-        lambda: f32,
+        lambda: f64,
     },
 }
 
-/// Hyperparameters of one step; all are run-time values, so no kernel is rebuilt per step.
+/// Hyperparameters of one step, in f64 as PyTorch keeps them (Python floats): every
+/// per-step constant is computed from them in f64 and rounded once to the f32 the kernels
+/// take. All are run-time values, so no kernel is rebuilt per step.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct AdamWHyper {
-    pub lr: f32,
-    pub beta1: f32,
-    pub beta2: f32,
-    pub eps: f32,
-    pub weight_decay: f32,
+    pub lr: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
     /// Clip the global gradient norm to this value.
-    pub max_grad_norm: Option<f32>,
+    pub max_grad_norm: Option<f64>,
     pub penalty: Penalty,
     /// Round bf16 working copies stochastically with this seed (unbiased: E[round(θ)] = θ),
     /// instead of to nearest. The random bits depend on (seed, step, parameter, element).
@@ -110,8 +114,8 @@ impl AdamWHyper {
         }
     }
 
-    /// λ for the kernels: 0 without a penalty.
-    pub(crate) fn lambda(&self) -> f32 {
+    /// λ: 0 without a penalty.
+    pub(crate) fn lambda(&self) -> f64 {
         match self.penalty {
             Penalty::None => 0.0,
             Penalty::Ewc { lambda } | Penalty::L2Anchor { lambda } => lambda,
@@ -234,19 +238,24 @@ pub(crate) struct StepConstants {
 }
 
 impl StepConstants {
+    /// The constants of step `step`, as `torch.optim.AdamW` computes them: in f64 from the
+    /// hyperparameters as given (`1 − β₂` of 0.999 is 1e-3, not 1 − f32(0.999)), each
+    /// rounded once to f32.
     fn new(h: &AdamWHyper, step: u64) -> StepConstants {
-        let t = step.min(i32::MAX as u64) as i32;
+        let t = step as f64;
+        let bias_correction1 = 1.0 - h.beta1.powf(t);
+        let bias_correction2 = 1.0 - h.beta2.powf(t);
         let adamw = AdamWParams {
-            beta1: h.beta1,
-            beta2: h.beta2,
-            one_minus_beta1: 1.0 - h.beta1,
-            one_minus_beta2: 1.0 - h.beta2,
-            eps: h.eps,
-            decay: 1.0 - h.lr * h.weight_decay,
-            step_size: h.lr / (1.0 - h.beta1.powi(t)),
-            bc2_sqrt: (1.0 - h.beta2.powi(t)).sqrt(),
-            lambda: h.lambda(),
-            max_norm: h.max_grad_norm.unwrap_or(0.0),
+            beta1: h.beta1 as f32,
+            beta2: h.beta2 as f32,
+            one_minus_beta1: (1.0 - h.beta1) as f32,
+            one_minus_beta2: (1.0 - h.beta2) as f32,
+            eps: h.eps as f32,
+            decay: (1.0 - h.lr * h.weight_decay) as f32,
+            step_size: (h.lr / bias_correction1) as f32,
+            bc2_sqrt: bias_correction2.sqrt() as f32,
+            lambda: h.lambda() as f32,
+            max_norm: h.max_grad_norm.unwrap_or(0.0) as f32,
             use_fisher: matches!(h.penalty, Penalty::Ewc { .. }) as u32,
             pad0: 0,
         };
@@ -302,13 +311,15 @@ fn effective_grad(c: &StepConstants, grad: f32, clip: f32, theta: f32, anchor: O
 }
 
 /// One element of the update: returns (θ, m, v). The reference every kernel follows, in the
-/// same order of f32 operations.
+/// same order of f32 operations, which is torch's: `exp_avg.lerp_(g, 1 − β₁)`,
+/// `exp_avg_sq.mul_(β₂).addcmul_(g, g, value=1 − β₂)` (the value times g, then times g),
+/// `denom = √v / √bc₂ + ε`, `θ.addcdiv_(m, denom, value=−lr / bc₁)`.
 #[inline(always)]
 fn update(c: &StepConstants, theta: f32, m: f32, v: f32, g: f32) -> (f32, f32, f32) {
     let c = &c.adamw;
     let theta = theta * c.decay;
     let m = lerp(m, g, c.one_minus_beta1);
-    let v = v * c.beta2 + c.one_minus_beta2 * (g * g);
+    let v = v * c.beta2 + c.one_minus_beta2 * g * g;
     let denom = v.sqrt() / c.bc2_sqrt + c.eps;
     (theta - c.step_size * (m / denom), m, v)
 }
