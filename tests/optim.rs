@@ -442,6 +442,49 @@ mod driver {
         ]
     }
 
+    /// A model's AdamW state saved from PyTorch by the documented lines resumes here: one more
+    /// step with torch's next gradients lands where torch's did, within both sides'
+    /// roundings of that step.
+    fn resumes_from_torch_moments(device: &Device) {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/adamw_torch_moments");
+        let params = kiln::io::load(format!("{dir}/params.safetensors"), device).unwrap();
+        let next = kiln::io::SafetensorsFile::open(format!("{dir}/next.safetensors")).unwrap();
+        let meta = next.metadata().unwrap();
+        let f = |k: &str| meta[k].parse::<f64>().unwrap();
+        let hyper = AdamWHyper {
+            lr: f("lr"),
+            beta1: f("beta1"),
+            beta2: f("beta2"),
+            eps: f("eps"),
+            weight_decay: f("weight_decay"),
+            ..AdamWHyper::default()
+        };
+        let mut names: Vec<&String> = params.keys().collect();
+        names.sort();
+        let named: Vec<(&str, &Tensor)> = names.iter().map(|n| (n.as_str(), &params[*n])).collect();
+        let path = format!("{dir}/moments.safetensors");
+        let mut opt = AdamW::from_torch_moments(&named, &path, hyper).unwrap();
+        assert_eq!(opt.steps(), 3);
+        let grads: Vec<Tensor> = names.iter().map(|n| next.tensor(&format!("grad.{n}"), device).unwrap()).collect();
+        let before: Vec<[Vec<f32>; 3]> =
+            opt.params().iter().map(|p| [&p.master, &p.m, &p.v].map(|t| t.to_vec::<f32>().unwrap())).collect();
+        opt.step(&grads.iter().collect::<Vec<_>>(), &mut []).unwrap();
+        let c = Constants::new(&hyper, 4);
+        for (((name, p), [theta, m, v]), g) in names.iter().zip(opt.params()).zip(&before).zip(&grads) {
+            let got = p.master.to_vec::<f32>().unwrap();
+            let want = next.tensor(name, &Device::Cpu).unwrap().to_vec::<f32>().unwrap();
+            let g = g.to_vec::<f32>().unwrap();
+            for i in 0..got.len() {
+                let (.., tol) =
+                    step_bounds(&c, theta[i] as f64, m[i] as f64, v[i] as f64, g[i] as f64, (0.0, 0.0, 0.0));
+                let err = (got[i] as f64 - want[i] as f64).abs();
+                assert!(err <= tol, "{device} {name}[{i}]: kiln {} torch {} (|Δ| {err:e} > {tol:e})", got[i], want[i]);
+            }
+        }
+        let missing = [("nothing.weight", &params[names[0]])];
+        assert!(AdamW::from_torch_moments(&missing, &path, hyper).is_err(), "a name the file lacks is an error");
+    }
+
     fn run(opt: &mut AdamW, working: &mut [Tensor], from: u64, to: u64, device: &Device) {
         for t in from..to {
             let g: Vec<Tensor> = working
@@ -514,7 +557,7 @@ mod driver {
         assert!(matches!(opt.step(&[&named[0].1], &mut []), Err(Error::InvalidArgument(_))));
     }
 
-    device_tests!(a_resumed_run_equals_an_uninterrupted_one_bit_for_bit);
+    device_tests!(a_resumed_run_equals_an_uninterrupted_one_bit_for_bit, resumes_from_torch_moments);
 }
 
 /// On the CPU: unbiased and seeded; elsewhere: the CPU's rounding, bit for bit.

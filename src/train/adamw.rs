@@ -66,6 +66,80 @@ impl AdamW {
         Ok(AdamW { hyper, steps: 0, params: states })
     }
 
+    /// State resumed from moments another optimizer left: per parameter its current value,
+    /// and `moments[i]` = (exp_avg, exp_avg_sq) of parameter i (any float dtype, the
+    /// parameter's shape and device), after `steps` steps. The parameters' values become the
+    /// master weights. `Err` as [`AdamW::new`], or for moments that do not fit.
+    pub fn with_moments(
+        params: &[(&str, &Tensor)],
+        moments: &[(&Tensor, &Tensor)],
+        steps: u64,
+        hyper: AdamWHyper,
+    ) -> Result<AdamW> {
+        if moments.len() != params.len() {
+            return Err(Error::InvalidArgument(format!(
+                "{} parameters but {} pairs of moments",
+                params.len(),
+                moments.len()
+            )));
+        }
+        let mut opt = AdamW::new(params, hyper)?;
+        for (p, (m, v)) in opt.params.iter_mut().zip(moments) {
+            for (what, t) in [("exp_avg", m), ("exp_avg_sq", v)] {
+                if t.shape() != p.master.shape() || t.device() != p.master.device() {
+                    return Err(Error::Shape(format!(
+                        "{what} of {} is {:?} on {}, the parameter {:?} on {}",
+                        p.name,
+                        t.shape(),
+                        t.device(),
+                        p.master.shape(),
+                        p.master.device()
+                    )));
+                }
+            }
+            p.m = m.to_dtype(DType::F32)?.copy()?;
+            p.v = v.to_dtype(DType::F32)?.copy()?;
+        }
+        opt.steps = steps;
+        Ok(opt)
+    }
+
+    /// State resumed from PyTorch's `torch.optim.AdamW`, its moments saved to safetensors by
+    /// these lines (parameters in `model.parameters()` order, all trainable):
+    ///
+    /// ```python
+    /// from safetensors.torch import save_file
+    /// names = [n for n, p in model.named_parameters() if p.requires_grad]
+    /// state = optimizer.state_dict()["state"]
+    /// tensors = {}
+    /// for i, name in enumerate(names):
+    ///     tensors[f"{name}.exp_avg"] = state[i]["exp_avg"].float().contiguous()
+    ///     tensors[f"{name}.exp_avg_sq"] = state[i]["exp_avg_sq"].float().contiguous()
+    /// save_file(tensors, "moments.safetensors", metadata={"step": str(int(state[0]["step"]))})
+    /// ```
+    ///
+    /// `params` are the model's parameters by those names, with their current values; the
+    /// hyperparameters are torch's (`lr`, `betas`, `eps`, `weight_decay`), which the file
+    /// does not hold. `Err` naming what is missing or does not fit.
+    pub fn from_torch_moments(params: &[(&str, &Tensor)], path: impl AsRef<Path>, hyper: AdamWHyper) -> Result<AdamW> {
+        let file = crate::io::SafetensorsFile::open(path.as_ref())?;
+        let steps = file
+            .metadata()?
+            .get("step")
+            .ok_or_else(|| Error::Io(format!("{}: no \"step\" in the metadata", path.as_ref().display())))?
+            .parse::<u64>()
+            .map_err(|_| Error::Io(format!("{}: the step is not a count", path.as_ref().display())))?;
+        let device = params.first().map_or(Device::Cpu, |(_, p)| p.device());
+        let moments = params
+            .iter()
+            .map(|(name, _)| {
+                Ok((file.tensor(&format!("{name}.exp_avg"), &device)?, file.tensor(&format!("{name}.exp_avg_sq"), &device)?))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let pairs: Vec<(&Tensor, &Tensor)> = moments.iter().map(|(m, v)| (m, v)).collect();
+        AdamW::with_moments(params, &pairs, steps, hyper)
+    }
+
     /// Steps taken (skipped steps are not counted).
     pub fn steps(&self) -> u64 {
         self.steps
