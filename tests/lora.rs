@@ -2,9 +2,10 @@
 //! composition, backward against finite differences, the multi-adapter batch, and PEFT
 //! adapter files in and out.
 
+#[macro_use]
 mod common;
 
-use common::{BACKEND_ROUNDINGS, U32, assert_close, devices, gpu_devices};
+use common::{BACKEND_ROUNDINGS, U32, assert_close};
 use kiln::model::{LoraAdapter, LoraConfig, LoraLayer};
 use kiln::ops::lora::{merge, unmerge};
 use kiln::ops::{MatmulOptions, matmul_with};
@@ -17,60 +18,53 @@ fn temp_dir(name: &str) -> std::path::PathBuf {
     dir
 }
 
-#[test]
-fn merge_adds_the_scaled_delta_and_unmerge_takes_it_out() {
+fn merge_adds_the_scaled_delta_and_unmerge_takes_it_out(device: &Device) {
     let (out, inp, r, s) = (37, 64, 8, 2.0f32);
     for dtype in DType::ALL {
-        for device in devices() {
-            let w = Tensor::randn(&[out, inp], 0.0, 1.0, 1, dtype, &device).unwrap();
-            let a = Tensor::randn(&[r, inp], 0.0, 0.1, 2, dtype, &device).unwrap();
-            let b = Tensor::randn(&[out, r], 0.0, 0.1, 3, dtype, &device).unwrap();
-            let merged = merge(&w, &a, &b, s).unwrap();
-            assert_eq!((merged.shape(), merged.dtype()), (w.shape(), dtype));
-            let (wh, ah, bh) = (w.to_vec_f32().unwrap(), a.to_vec_f32().unwrap(), b.to_vec_f32().unwrap());
-            let mut want = vec![0f64; out * inp];
-            let mut atol = vec![0f64; out * inp];
-            for o in 0..out {
-                for i in 0..inp {
-                    let (mut d, mut mass) = (0f64, 0f64);
-                    for k in 0..r {
-                        d += bh[o * r + k] as f64 * ah[k * inp + i] as f64;
-                        mass += (bh[o * r + k] as f64 * ah[k * inp + i] as f64).abs();
-                    }
-                    want[o * inp + i] = wh[o * inp + i] as f64 + s as f64 * d;
-                    // f32 accumulation of r terms, the scaling and the addition.
-                    atol[o * inp + i] = (2.0 * r as f64 + 2.0) * U32 * (s as f64 * mass + wh[o * inp + i].abs() as f64);
+        let w = Tensor::randn(&[out, inp], 0.0, 1.0, 1, dtype, device).unwrap();
+        let a = Tensor::randn(&[r, inp], 0.0, 0.1, 2, dtype, device).unwrap();
+        let b = Tensor::randn(&[out, r], 0.0, 0.1, 3, dtype, device).unwrap();
+        let merged = merge(&w, &a, &b, s).unwrap();
+        assert_eq!((merged.shape(), merged.dtype()), (w.shape(), dtype));
+        let (wh, ah, bh) = (w.to_vec_f32().unwrap(), a.to_vec_f32().unwrap(), b.to_vec_f32().unwrap());
+        let mut want = vec![0f64; out * inp];
+        let mut atol = vec![0f64; out * inp];
+        for o in 0..out {
+            for i in 0..inp {
+                let (mut d, mut mass) = (0f64, 0f64);
+                for k in 0..r {
+                    d += bh[o * r + k] as f64 * ah[k * inp + i] as f64;
+                    mass += (bh[o * r + k] as f64 * ah[k * inp + i] as f64).abs();
                 }
+                want[o * inp + i] = wh[o * inp + i] as f64 + s as f64 * d;
+                // f32 accumulation of r terms, the scaling and the addition.
+                atol[o * inp + i] = (2.0 * r as f64 + 2.0) * U32 * (s as f64 * mass + wh[o * inp + i].abs() as f64);
             }
-            assert_close(&format!("{device} {dtype} merge"), &merged.to_vec_f32().unwrap(), &want, &atol, dtype, 1.0);
-            // Unmerging returns W up to one rounding of the merged weight and one of W.
-            let back = unmerge(&merged, &a, &b, s).unwrap().to_vec_f32().unwrap();
-            let wf: Vec<f64> = wh.iter().map(|&x| x as f64).collect();
-            let atol_back: Vec<f64> =
-                atol.iter().zip(&want).map(|(t, m)| 2.0 * t + 2.0 * dtype.unit_roundoff() * m.abs()).collect();
-            assert_close(&format!("{device} {dtype} unmerge"), &back, &wf, &atol_back, dtype, 1.0);
         }
+        assert_close(&format!("{device} {dtype} merge"), &merged.to_vec_f32().unwrap(), &want, &atol, dtype, 1.0);
+        // Unmerging returns W up to one rounding of the merged weight and one of W.
+        let back = unmerge(&merged, &a, &b, s).unwrap().to_vec_f32().unwrap();
+        let wf: Vec<f64> = wh.iter().map(|&x| x as f64).collect();
+        let atol_back: Vec<f64> =
+            atol.iter().zip(&want).map(|(t, m)| 2.0 * t + 2.0 * dtype.unit_roundoff() * m.abs()).collect();
+        assert_close(&format!("{device} {dtype} unmerge"), &back, &wf, &atol_back, dtype, 1.0);
     }
 }
 
-#[test]
-fn a_merged_weight_gives_the_unfused_lora_output() {
+fn a_merged_weight_gives_the_unfused_lora_output(device: &Device) {
     // x·(W + s·B·A)ᵀ = x·Wᵀ + s·(x·Aᵀ)·Bᵀ, in f32.
-    for device in devices() {
-        let x = Tensor::randn(&[5, 48], 0.0, 1.0, 4, DType::F32, &device).unwrap();
-        let w = Tensor::randn(&[24, 48], 0.0, 1.0, 5, DType::F32, &device).unwrap();
-        let a = Tensor::randn(&[4, 48], 0.0, 1.0, 6, DType::F32, &device).unwrap();
-        let b = Tensor::randn(&[24, 4], 0.0, 1.0, 7, DType::F32, &device).unwrap();
-        let s = 0.5;
-        let fused =
-            matmul_with(&x, &merge(&w, &a, &b, s).unwrap(), MatmulOptions::nt()).unwrap().to_vec::<f32>().unwrap();
-        let base = matmul_with(&x, &w, MatmulOptions::nt()).unwrap().to_vec::<f32>().unwrap();
-        let xa = matmul_with(&x, &a, MatmulOptions::nt()).unwrap();
-        let delta = matmul_with(&xa, &b, MatmulOptions::nt()).unwrap().to_vec::<f32>().unwrap();
-        for (i, (f, (bv, d))) in fused.iter().zip(base.iter().zip(&delta)).enumerate() {
-            let want = bv + s * d;
-            assert!((f - want).abs() <= 1e-4 * (1.0 + want.abs()), "{device} [{i}]: {f} vs {want}");
-        }
+    let x = Tensor::randn(&[5, 48], 0.0, 1.0, 4, DType::F32, device).unwrap();
+    let w = Tensor::randn(&[24, 48], 0.0, 1.0, 5, DType::F32, device).unwrap();
+    let a = Tensor::randn(&[4, 48], 0.0, 1.0, 6, DType::F32, device).unwrap();
+    let b = Tensor::randn(&[24, 4], 0.0, 1.0, 7, DType::F32, device).unwrap();
+    let s = 0.5;
+    let fused = matmul_with(&x, &merge(&w, &a, &b, s).unwrap(), MatmulOptions::nt()).unwrap().to_vec::<f32>().unwrap();
+    let base = matmul_with(&x, &w, MatmulOptions::nt()).unwrap().to_vec::<f32>().unwrap();
+    let xa = matmul_with(&x, &a, MatmulOptions::nt()).unwrap();
+    let delta = matmul_with(&xa, &b, MatmulOptions::nt()).unwrap().to_vec::<f32>().unwrap();
+    for (i, (f, (bv, d))) in fused.iter().zip(base.iter().zip(&delta)).enumerate() {
+        let want = bv + s * d;
+        assert!((f - want).abs() <= 1e-4 * (1.0 + want.abs()), "{device} [{i}]: {f} vs {want}");
     }
 }
 
@@ -90,41 +84,39 @@ fn adapter(device: &Device) -> LoraAdapter {
     LoraAdapter { config, layers }
 }
 
-#[test]
-fn peft_files_round_trip_bit_for_bit() {
-    for device in devices() {
-        let original = adapter(&device);
-        let dir = temp_dir(&format!("round-{device}"));
-        original.save_peft(&dir).unwrap();
-        let loaded = LoraAdapter::load_peft(&dir, &device).unwrap();
-        let fields = |c: &LoraConfig| {
-            (
-                c.r,
-                c.lora_alpha,
-                c.target_modules.clone(),
-                c.use_rslora,
-                c.lora_dropout,
-                c.rank_pattern.clone(),
-                c.alpha_pattern.clone(),
-            )
-        };
-        assert_eq!(fields(&loaded.config), fields(&original.config));
-        assert_eq!(loaded.layers.keys().collect::<Vec<_>>(), original.layers.keys().collect::<Vec<_>>());
-        for (k, l) in &original.layers {
-            assert_eq!(loaded.layers[k].a.to_bytes().unwrap(), l.a.to_bytes().unwrap(), "{device} {k}");
-            assert_eq!(loaded.layers[k].b.to_bytes().unwrap(), l.b.to_bytes().unwrap(), "{device} {k}");
-            assert_eq!(loaded.layers[k].a.device(), device);
-        }
-        assert_eq!(loaded.scale("model.layers.0.self_attn.q_proj"), 2.0);
-        assert_eq!(loaded.scale("model.layers.0.self_attn.v_proj"), 4.0, "alpha_pattern applies");
-        std::fs::remove_dir_all(&dir).ok();
+fn peft_files_round_trip_bit_for_bit(device: &Device) {
+    let original = adapter(device);
+    let dir = temp_dir(&format!("round-{device}"));
+    original.save_peft(&dir).unwrap();
+    let loaded = LoraAdapter::load_peft(&dir, device).unwrap();
+    let fields = |c: &LoraConfig| {
+        (
+            c.r,
+            c.lora_alpha,
+            c.target_modules.clone(),
+            c.use_rslora,
+            c.lora_dropout,
+            c.rank_pattern.clone(),
+            c.alpha_pattern.clone(),
+        )
+    };
+    assert_eq!(fields(&loaded.config), fields(&original.config));
+    assert_eq!(loaded.layers.keys().collect::<Vec<_>>(), original.layers.keys().collect::<Vec<_>>());
+    for (k, l) in &original.layers {
+        assert_eq!(loaded.layers[k].a.to_bytes().unwrap(), l.a.to_bytes().unwrap(), "{device} {k}");
+        assert_eq!(loaded.layers[k].b.to_bytes().unwrap(), l.b.to_bytes().unwrap(), "{device} {k}");
+        assert_eq!(loaded.layers[k].a.device(), *device);
     }
+    assert_eq!(loaded.scale("model.layers.0.self_attn.q_proj"), 2.0);
+    assert_eq!(loaded.scale("model.layers.0.self_attn.v_proj"), 4.0, "alpha_pattern applies");
+    std::fs::remove_dir_all(&dir).ok();
 }
 
-#[test]
-fn an_adapter_written_by_peft_loads() {
+/// Each backend's test writes its own copy of the files (the tests run in parallel); the
+/// CPU's also saves them back.
+fn an_adapter_written_by_peft_loads(device: &Device) {
     // The config and tensor names as PEFT writes them, built here by hand.
-    let dir = temp_dir("peft");
+    let dir = temp_dir(&format!("peft-{device}"));
     std::fs::write(
         dir.join("adapter_config.json"),
         r#"{"alpha_pattern": {}, "auto_mapping": null, "base_model_name_or_path": "meta-llama/Llama-3.2-1B",
@@ -149,55 +141,57 @@ fn an_adapter_written_by_peft_loads() {
         ),
     ];
     std::fs::write(dir.join("adapter_model.safetensors"), safetensors::serialize(views, None).unwrap()).unwrap();
-    for device in devices() {
-        let loaded = LoraAdapter::load_peft(&dir, &device).unwrap();
-        let layer = &loaded.layers["model.layers.3.self_attn.q_proj"];
-        assert_eq!(layer.a.to_vec::<f32>().unwrap(), a);
-        assert_eq!(layer.b.to_vec::<f32>().unwrap(), b);
-        assert_eq!(loaded.scale("model.layers.3.self_attn.q_proj"), 16.0, "rsLoRA: 32 / √4");
-        assert!(loaded.check_fits("model.layers.3.self_attn.q_proj", [5, 6]).is_ok());
-        match loaded.check_fits("model.layers.3.self_attn.q_proj", [5, 7]) {
-            Err(Error::Shape(m)) => assert!(m.contains("lora_A") && m.contains("[5, 7]"), "{m}"),
-            other => panic!("expected a shape error, got {other:?}"),
-        }
+    let loaded = LoraAdapter::load_peft(&dir, device).unwrap();
+    let layer = &loaded.layers["model.layers.3.self_attn.q_proj"];
+    assert_eq!(layer.a.to_vec::<f32>().unwrap(), a);
+    assert_eq!(layer.b.to_vec::<f32>().unwrap(), b);
+    assert_eq!(loaded.scale("model.layers.3.self_attn.q_proj"), 16.0, "rsLoRA: 32 / √4");
+    assert!(loaded.check_fits("model.layers.3.self_attn.q_proj", [5, 6]).is_ok());
+    match loaded.check_fits("model.layers.3.self_attn.q_proj", [5, 7]) {
+        Err(Error::Shape(m)) => assert!(m.contains("lora_A") && m.contains("[5, 7]"), "{m}"),
+        other => panic!("expected a shape error, got {other:?}"),
     }
-    // Save keeps the fields kiln does not read.
-    let loaded = LoraAdapter::load_peft(&dir, &Device::Cpu).unwrap();
-    let out = temp_dir("peft-out");
-    loaded.save_peft(&out).unwrap();
-    let text = std::fs::read_to_string(out.join("adapter_config.json")).unwrap();
-    assert!(text.contains("meta-llama/Llama-3.2-1B") && text.contains("use_dora"), "{text}");
+    if device.is_cpu() {
+        // Save keeps the fields kiln does not read.
+        let loaded = LoraAdapter::load_peft(&dir, &Device::Cpu).unwrap();
+        let out = temp_dir("peft-out");
+        loaded.save_peft(&out).unwrap();
+        let text = std::fs::read_to_string(out.join("adapter_config.json")).unwrap();
+        assert!(text.contains("meta-llama/Llama-3.2-1B") && text.contains("use_dora"), "{text}");
+        std::fs::remove_dir_all(&out).ok();
+    }
     std::fs::remove_dir_all(&dir).ok();
-    std::fs::remove_dir_all(&out).ok();
 }
 
-#[test]
-fn malformed_or_mismatching_adapters_are_errors() {
-    let dir = temp_dir("bad");
-    let good = adapter(&Device::Cpu);
-    good.save_peft(&dir).unwrap();
-    let config = std::fs::read_to_string(dir.join("adapter_config.json")).unwrap();
-    std::fs::write(dir.join("adapter_config.json"), "{ not json").unwrap();
-    assert!(matches!(LoraAdapter::load_peft(&dir, &Device::Cpu), Err(Error::Io(_))));
-    std::fs::write(dir.join("adapter_config.json"), config.replace("\"r\": 8", "\"r\": 4")).unwrap();
-    match LoraAdapter::load_peft(&dir, &Device::Cpu) {
-        Err(Error::Shape(m)) => assert!(m.contains("lora_A") && m.contains("rank 4"), "{m}"),
-        other => panic!("expected a rank error, got {other:?}"),
-    }
-    std::fs::write(dir.join("adapter_config.json"), &config).unwrap();
-    let weights = std::fs::read(dir.join("adapter_model.safetensors")).unwrap();
-    std::fs::write(dir.join("adapter_model.safetensors"), &weights[..weights.len() - 10]).unwrap();
-    assert!(matches!(LoraAdapter::load_peft(&dir, &Device::Cpu), Err(Error::Io(_))), "truncated weights");
-    std::fs::remove_dir_all(&dir).ok();
-    // merge checks shapes, dtypes and devices.
+/// On the CPU: malformed files, and merge's shape and dtype checks; elsewhere: merge with
+/// operands on two devices.
+fn malformed_or_mismatching_adapters_are_errors(device: &Device) {
     let w = Tensor::zeros(&[4, 6], DType::F32, &Device::Cpu).unwrap();
     let a = Tensor::zeros(&[2, 6], DType::F32, &Device::Cpu).unwrap();
-    let b = Tensor::zeros(&[4, 3], DType::F32, &Device::Cpu).unwrap();
-    assert!(matches!(merge(&w, &a, &b, 1.0), Err(Error::Shape(_))));
-    let b16 = Tensor::zeros(&[4, 2], DType::BF16, &Device::Cpu).unwrap();
-    assert!(matches!(merge(&w, &a, &b16, 1.0), Err(Error::DType(_))));
-    for device in gpu_devices() {
-        let b = Tensor::zeros(&[4, 2], DType::F32, &device).unwrap();
+    if device.is_cpu() {
+        let dir = temp_dir("bad");
+        let good = adapter(&Device::Cpu);
+        good.save_peft(&dir).unwrap();
+        let config = std::fs::read_to_string(dir.join("adapter_config.json")).unwrap();
+        std::fs::write(dir.join("adapter_config.json"), "{ not json").unwrap();
+        assert!(matches!(LoraAdapter::load_peft(&dir, &Device::Cpu), Err(Error::Io(_))));
+        std::fs::write(dir.join("adapter_config.json"), config.replace("\"r\": 8", "\"r\": 4")).unwrap();
+        match LoraAdapter::load_peft(&dir, &Device::Cpu) {
+            Err(Error::Shape(m)) => assert!(m.contains("lora_A") && m.contains("rank 4"), "{m}"),
+            other => panic!("expected a rank error, got {other:?}"),
+        }
+        std::fs::write(dir.join("adapter_config.json"), &config).unwrap();
+        let weights = std::fs::read(dir.join("adapter_model.safetensors")).unwrap();
+        std::fs::write(dir.join("adapter_model.safetensors"), &weights[..weights.len() - 10]).unwrap();
+        assert!(matches!(LoraAdapter::load_peft(&dir, &Device::Cpu), Err(Error::Io(_))), "truncated weights");
+        std::fs::remove_dir_all(&dir).ok();
+        // merge checks shapes, dtypes and devices.
+        let b = Tensor::zeros(&[4, 3], DType::F32, &Device::Cpu).unwrap();
+        assert!(matches!(merge(&w, &a, &b, 1.0), Err(Error::Shape(_))));
+        let b16 = Tensor::zeros(&[4, 2], DType::BF16, &Device::Cpu).unwrap();
+        assert!(matches!(merge(&w, &a, &b16, 1.0), Err(Error::DType(_))));
+    } else {
+        let b = Tensor::zeros(&[4, 2], DType::F32, device).unwrap();
         assert!(matches!(merge(&w, &a, &b, 1.0), Err(Error::DeviceMismatch(_))));
     }
 }
@@ -242,72 +236,66 @@ mod layer {
         }
     }
 
-    #[test]
-    fn forward_matches_f64_and_backward_matches_finite_differences() {
+    fn forward_matches_f64_and_backward_matches_finite_differences(device: &Device) {
         let (tokens, inp, out, r, s) = (3, 64, 5, 4, 1.5f32);
         for quantized in [false, true] {
-            for device in devices() {
-                let xt = Tensor::randn(&[tokens, inp], 0.0, 1.0, 1, DType::F32, &device).unwrap();
-                let wt = Tensor::randn(&[out, inp], 0.0, 0.5, 2, DType::F32, &device).unwrap();
-                let at = Tensor::randn(&[r, inp], 0.0, 0.3, 3, DType::F32, &device).unwrap();
-                let bt = Tensor::randn(&[out, r], 0.0, 0.3, 4, DType::F32, &device).unwrap();
-                let q = QTensor::quantize(&wt, QuantFormat::Q8_0).unwrap();
-                let base = if quantized { BaseWeight::Quantized(&q) } else { BaseWeight::Dense(&wt) };
-                let dense_w = if quantized { q.dequantize(DType::F32).unwrap() } else { wt.clone() };
-                let host = |t: &Tensor| t.to_vec::<f32>().unwrap().into_iter().map(|v| v as f64).collect::<Vec<f64>>();
-                let bias = Tensor::randn(&[out], 0.0, 1.0, 9, DType::F32, &device).unwrap();
-                let dropout = Some((0.25f32, 77u64));
-                let ones = Tensor::full(&[tokens, inp], 1.0, DType::F32, &device).unwrap();
-                let mask = kiln::ops::dropout(&ones, 0.25, 77).unwrap();
-                let linear = LoraLinear { base, bias: Some(&bias), a: &at, b: &bt, scale: s, dropout };
-                let layer = Layer {
-                    x: host(&xt),
-                    w: host(&dense_w),
-                    a: host(&at),
-                    b: host(&bt),
-                    bias: host(&bias),
-                    mask: host(&mask),
-                    tokens,
-                    inp,
-                    out,
-                    r,
-                    s: s as f64,
-                };
-                let fwd = lora_forward(&xt, &linear).unwrap();
-                let want = layer.forward(&layer.x, &layer.a, &layer.b);
-                for (i, (g, w)) in fwd.y.to_vec::<f32>().unwrap().iter().zip(&want).enumerate() {
+            let xt = Tensor::randn(&[tokens, inp], 0.0, 1.0, 1, DType::F32, device).unwrap();
+            let wt = Tensor::randn(&[out, inp], 0.0, 0.5, 2, DType::F32, device).unwrap();
+            let at = Tensor::randn(&[r, inp], 0.0, 0.3, 3, DType::F32, device).unwrap();
+            let bt = Tensor::randn(&[out, r], 0.0, 0.3, 4, DType::F32, device).unwrap();
+            let q = QTensor::quantize(&wt, QuantFormat::Q8_0).unwrap();
+            let base = if quantized { BaseWeight::Quantized(&q) } else { BaseWeight::Dense(&wt) };
+            let dense_w = if quantized { q.dequantize(DType::F32).unwrap() } else { wt.clone() };
+            let host = |t: &Tensor| t.to_vec::<f32>().unwrap().into_iter().map(|v| v as f64).collect::<Vec<f64>>();
+            let bias = Tensor::randn(&[out], 0.0, 1.0, 9, DType::F32, device).unwrap();
+            let dropout = Some((0.25f32, 77u64));
+            let ones = Tensor::full(&[tokens, inp], 1.0, DType::F32, device).unwrap();
+            let mask = kiln::ops::dropout(&ones, 0.25, 77).unwrap();
+            let linear = LoraLinear { base, bias: Some(&bias), a: &at, b: &bt, scale: s, dropout };
+            let layer = Layer {
+                x: host(&xt),
+                w: host(&dense_w),
+                a: host(&at),
+                b: host(&bt),
+                bias: host(&bias),
+                mask: host(&mask),
+                tokens,
+                inp,
+                out,
+                r,
+                s: s as f64,
+            };
+            let fwd = lora_forward(&xt, &linear).unwrap();
+            let want = layer.forward(&layer.x, &layer.a, &layer.b);
+            for (i, (g, w)) in fwd.y.to_vec::<f32>().unwrap().iter().zip(&want).enumerate() {
+                assert!((*g as f64 - w).abs() <= 1e-4 * (1.0 + w.abs()), "{device} q={quantized} y[{i}]: {g} vs {w}");
+            }
+            // L = Σ y ⊙ R, so dL/dy = R.
+            let rt = Tensor::randn(&[tokens, out], 0.0, 1.0, 5, DType::F32, device).unwrap();
+            let rr = host(&rt);
+            let grads = lora_backward(&rt, &xt, &fwd.xa, &linear).unwrap();
+            let loss = |x: &[f64], a: &[f64], b: &[f64]| -> f64 {
+                layer.forward(x, a, b).iter().zip(&rr).map(|(y, r)| y * r).sum()
+            };
+            let h = 1e-6;
+            let check = |name: &str, got: &Tensor, which: usize| {
+                let got = got.to_vec::<f32>().unwrap();
+                let params = [&layer.x, &layer.a, &layer.b];
+                for (i, g) in got.iter().enumerate() {
+                    let mut up: Vec<Vec<f64>> = params.iter().map(|p| p.to_vec()).collect();
+                    let mut down = up.clone();
+                    up[which][i] += h;
+                    down[which][i] -= h;
+                    let fd = (loss(&up[0], &up[1], &up[2]) - loss(&down[0], &down[1], &down[2])) / (2.0 * h);
                     assert!(
-                        (*g as f64 - w).abs() <= 1e-4 * (1.0 + w.abs()),
-                        "{device} q={quantized} y[{i}]: {g} vs {w}"
+                        (*g as f64 - fd).abs() <= 1e-3 * (1.0 + fd.abs()),
+                        "{device} q={quantized} {name}[{i}]: {g} vs {fd}"
                     );
                 }
-                // L = Σ y ⊙ R, so dL/dy = R.
-                let rt = Tensor::randn(&[tokens, out], 0.0, 1.0, 5, DType::F32, &device).unwrap();
-                let rr = host(&rt);
-                let grads = lora_backward(&rt, &xt, &fwd.xa, &linear).unwrap();
-                let loss = |x: &[f64], a: &[f64], b: &[f64]| -> f64 {
-                    layer.forward(x, a, b).iter().zip(&rr).map(|(y, r)| y * r).sum()
-                };
-                let h = 1e-6;
-                let check = |name: &str, got: &Tensor, which: usize| {
-                    let got = got.to_vec::<f32>().unwrap();
-                    let params = [&layer.x, &layer.a, &layer.b];
-                    for (i, g) in got.iter().enumerate() {
-                        let mut up: Vec<Vec<f64>> = params.iter().map(|p| p.to_vec()).collect();
-                        let mut down = up.clone();
-                        up[which][i] += h;
-                        down[which][i] -= h;
-                        let fd = (loss(&up[0], &up[1], &up[2]) - loss(&down[0], &down[1], &down[2])) / (2.0 * h);
-                        assert!(
-                            (*g as f64 - fd).abs() <= 1e-3 * (1.0 + fd.abs()),
-                            "{device} q={quantized} {name}[{i}]: {g} vs {fd}"
-                        );
-                    }
-                };
-                check("dx", &grads.dx, 0);
-                check("dA", &grads.da, 1);
-                check("dB", &grads.db, 2);
-            }
+            };
+            check("dx", &grads.dx, 0);
+            check("dA", &grads.da, 1);
+            check("dB", &grads.db, 2);
         }
     }
 
@@ -353,10 +341,10 @@ mod layer {
             })
     }
 
-    /// The fused forward on every device against the unfused composition in f64
+    /// The fused forward on the CPU against the unfused composition in f64
     /// (`x·Wᵀ + bias + s·(drop(x)·A'ᵀ)·Bᵀ`, A' = A rounded to x's dtype as the layer uses it),
-    /// and xa against `drop(x)·A'ᵀ`.
-    fn check_fused(c: &FusedCase) {
+    /// and xa against `drop(x)·A'ᵀ`; on any other device, y and xa against the CPU's.
+    fn check_fused(device: &Device, c: &FusedCase) {
         let inp = 64 * c.blocks;
         let s = 0.75f32;
         let cpu = Device::Cpu;
@@ -433,34 +421,32 @@ mod layer {
             (fwd.y.to_vec_f32().unwrap(), fwd.xa.to_vec::<f32>().unwrap())
         };
         let (y_cpu, xa_cpu) = run(&cpu);
-        assert_close(&format!("cpu y {c:?}"), &y_cpu, &y_want, &y_atol, c.dtype, 1.0);
-        assert_close(&format!("cpu xa {c:?}"), &xa_cpu, &xa_want, &xa_atol, DType::F32, 1.0);
+        if device.is_cpu() {
+            assert_close(&format!("cpu y {c:?}"), &y_cpu, &y_want, &y_atol, c.dtype, 1.0);
+            assert_close(&format!("cpu xa {c:?}"), &xa_cpu, &xa_want, &xa_atol, DType::F32, 1.0);
+            return;
+        }
         let y_ref: Vec<f64> = y_cpu.iter().map(|&v| v as f64).collect();
         let xa_ref: Vec<f64> = xa_cpu.iter().map(|&v| v as f64).collect();
-        for device in gpu_devices() {
-            // CUDA's tensor-core GEMM rounds each decoded weight to x's half type.
-            let weight_rounding = match device {
-                Device::Cuda(_) if c.dtype != DType::F32 && c.format.is_some() => c.dtype.unit_roundoff(),
-                _ => 0.0,
-            };
-            let y_atol2: Vec<f64> = y_atol.iter().zip(&base_mass).map(|(a, m)| 2.0 * a + weight_rounding * m).collect();
-            let xa_atol2: Vec<f64> = xa_atol.iter().map(|a| 2.0 * a).collect();
-            let (y, xa) = run(&device);
-            assert_close(&format!("{device} y {c:?}"), &y, &y_ref, &y_atol2, c.dtype, BACKEND_ROUNDINGS);
-            assert_close(&format!("{device} xa {c:?}"), &xa, &xa_ref, &xa_atol2, DType::F32, BACKEND_ROUNDINGS);
-        }
+        // CUDA's tensor-core GEMM rounds each decoded weight to x's half type.
+        let weight_rounding = match device {
+            Device::Cuda(_) if c.dtype != DType::F32 && c.format.is_some() => c.dtype.unit_roundoff(),
+            _ => 0.0,
+        };
+        let y_atol2: Vec<f64> = y_atol.iter().zip(&base_mass).map(|(a, m)| 2.0 * a + weight_rounding * m).collect();
+        let xa_atol2: Vec<f64> = xa_atol.iter().map(|a| 2.0 * a).collect();
+        let (y, xa) = run(device);
+        assert_close(&format!("{device} y {c:?}"), &y, &y_ref, &y_atol2, c.dtype, BACKEND_ROUNDINGS);
+        assert_close(&format!("{device} xa {c:?}"), &xa, &xa_ref, &xa_atol2, DType::F32, BACKEND_ROUNDINGS);
     }
 
-    proptest! {
-        #![proptest_config(ProptestConfig { cases: 24, failure_persistence: None, ..ProptestConfig::default() })]
-        #[test]
-        fn fused_forward_matches_the_unfused_composition(case in fused_cases()) {
-            check_fused(&case);
-        }
+    fn fused_forward_matches_the_unfused_composition(device: &Device) {
+        proptest!(common::cases(24), |(case in fused_cases())| {
+            check_fused(device, &case);
+        });
     }
 
-    #[test]
-    fn every_fused_path_is_covered() {
+    fn every_fused_path_is_covered(device: &Device) {
         // xa in the k-loop (ranks 1, 16 and 32, the edges of its tile), computed first
         // (rank 33, dropout), over dense and quantized W, through the GEMV and the GEMM.
         for (r, dropout) in [(1, false), (16, false), (32, false), (33, false), (8, true)] {
@@ -469,7 +455,7 @@ mod layer {
                     for dtype in [DType::F32, DType::BF16] {
                         let case =
                             FusedCase { tokens, out: 67, blocks: 2, r, dtype, format, bias: true, dropout, seed: 3 };
-                        check_fused(&case);
+                        check_fused(device, &case);
                     }
                 }
             }
@@ -488,55 +474,67 @@ mod layer {
             other => panic!("expected a shape error, got {other:?}"),
         }
     }
+
+    device_tests!(
+        forward_matches_f64_and_backward_matches_finite_differences,
+        fused_forward_matches_the_unfused_composition,
+        every_fused_path_is_covered,
+    );
 }
 
-#[test]
-fn a_mixed_adapter_batch_equals_each_row_with_its_own_adapter() {
+fn a_mixed_adapter_batch_equals_each_row_with_its_own_adapter(device: &Device) {
     use kiln::ops::lora::{AdapterSet, lora_batched};
     let (inp, out) = (40, 37);
     let ranks = [4usize, 8, 16];
     let rows = [0i32, -1, 2, 1, 2, 0, -1];
     let tokens = rows.len();
-    for device in devices() {
-        let adapters: Vec<(Tensor, Tensor, f32)> = ranks
-            .iter()
-            .enumerate()
-            .map(|(i, &r)| {
-                (
-                    Tensor::randn(&[r, inp], 0.0, 0.3, 20 + i as u64, DType::BF16, &device).unwrap(),
-                    Tensor::randn(&[out, r], 0.0, 0.3, 30 + i as u64, DType::BF16, &device).unwrap(),
-                    0.5 + i as f32,
-                )
-            })
-            .collect();
-        let refs: Vec<(&Tensor, &Tensor, f32)> = adapters.iter().map(|(a, b, s)| (a, b, *s)).collect();
-        let set = AdapterSet::new(&refs).unwrap();
-        let x = Tensor::randn(&[tokens, inp], 0.0, 1.0, 40, DType::F32, &device).unwrap();
-        let y = Tensor::randn(&[tokens, out], 0.0, 1.0, 41, DType::F32, &device).unwrap();
-        let got = lora_batched(&x, &y, &set, &rows).unwrap().to_vec::<f32>().unwrap();
-        let (xh, yh) = (x.to_vec::<f32>().unwrap(), y.to_vec::<f32>().unwrap());
-        for (t, &a) in rows.iter().enumerate() {
-            for o in 0..out {
-                let (mut want, mut mass) = (yh[t * out + o] as f64, yh[t * out + o].abs() as f64);
-                if a >= 0 {
-                    let (ah, bh, s) = (&adapters[a as usize].0, &adapters[a as usize].1, adapters[a as usize].2);
-                    let (ah, bh) = (ah.to_vec_f32().unwrap(), bh.to_vec_f32().unwrap());
-                    let r = ranks[a as usize];
-                    for j in 0..r {
-                        let v: f64 = (0..inp).map(|i| xh[t * inp + i] as f64 * ah[j * inp + i] as f64).sum();
-                        let vm: f64 = (0..inp).map(|i| (xh[t * inp + i] as f64 * ah[j * inp + i] as f64).abs()).sum();
-                        want += s as f64 * v * bh[o * r + j] as f64;
-                        mass += s as f64 * vm * (bh[o * r + j] as f64).abs();
-                    }
+    let adapters: Vec<(Tensor, Tensor, f32)> = ranks
+        .iter()
+        .enumerate()
+        .map(|(i, &r)| {
+            (
+                Tensor::randn(&[r, inp], 0.0, 0.3, 20 + i as u64, DType::BF16, device).unwrap(),
+                Tensor::randn(&[out, r], 0.0, 0.3, 30 + i as u64, DType::BF16, device).unwrap(),
+                0.5 + i as f32,
+            )
+        })
+        .collect();
+    let refs: Vec<(&Tensor, &Tensor, f32)> = adapters.iter().map(|(a, b, s)| (a, b, *s)).collect();
+    let set = AdapterSet::new(&refs).unwrap();
+    let x = Tensor::randn(&[tokens, inp], 0.0, 1.0, 40, DType::F32, device).unwrap();
+    let y = Tensor::randn(&[tokens, out], 0.0, 1.0, 41, DType::F32, device).unwrap();
+    let got = lora_batched(&x, &y, &set, &rows).unwrap().to_vec::<f32>().unwrap();
+    let (xh, yh) = (x.to_vec::<f32>().unwrap(), y.to_vec::<f32>().unwrap());
+    for (t, &a) in rows.iter().enumerate() {
+        for o in 0..out {
+            let (mut want, mut mass) = (yh[t * out + o] as f64, yh[t * out + o].abs() as f64);
+            if a >= 0 {
+                let (ah, bh, s) = (&adapters[a as usize].0, &adapters[a as usize].1, adapters[a as usize].2);
+                let (ah, bh) = (ah.to_vec_f32().unwrap(), bh.to_vec_f32().unwrap());
+                let r = ranks[a as usize];
+                for j in 0..r {
+                    let v: f64 = (0..inp).map(|i| xh[t * inp + i] as f64 * ah[j * inp + i] as f64).sum();
+                    let vm: f64 = (0..inp).map(|i| (xh[t * inp + i] as f64 * ah[j * inp + i] as f64).abs()).sum();
+                    want += s as f64 * v * bh[o * r + j] as f64;
+                    mass += s as f64 * vm * (bh[o * r + j] as f64).abs();
                 }
-                let g = got[t * out + o] as f64;
-                // f32 sums of in + r terms.
-                let tol = 2.0 * (inp + 16) as f64 * U32 * mass;
-                assert!((g - want).abs() <= tol, "{device} row {t} (adapter {a}) [{o}]: {g} vs {want}");
             }
+            let g = got[t * out + o] as f64;
+            // f32 sums of in + r terms.
+            let tol = 2.0 * (inp + 16) as f64 * U32 * mass;
+            assert!((g - want).abs() <= tol, "{device} row {t} (adapter {a}) [{o}]: {g} vs {want}");
         }
-        assert!(matches!(lora_batched(&x, &y, &set, &[0, 1, 3, 0, 0, 0, 0]), Err(Error::InvalidArgument(_))));
-        assert!(matches!(lora_batched(&x, &y, &set, &[-2, 1, 0, 0, 0, 0, 0]), Err(Error::InvalidArgument(_))));
-        assert!(matches!(lora_batched(&x, &y, &set, &[0, 1]), Err(Error::Shape(_))));
     }
+    assert!(matches!(lora_batched(&x, &y, &set, &[0, 1, 3, 0, 0, 0, 0]), Err(Error::InvalidArgument(_))));
+    assert!(matches!(lora_batched(&x, &y, &set, &[-2, 1, 0, 0, 0, 0, 0]), Err(Error::InvalidArgument(_))));
+    assert!(matches!(lora_batched(&x, &y, &set, &[0, 1]), Err(Error::Shape(_))));
 }
+
+device_tests!(
+    merge_adds_the_scaled_delta_and_unmerge_takes_it_out,
+    a_merged_weight_gives_the_unfused_lora_output,
+    peft_files_round_trip_bit_for_bit,
+    an_adapter_written_by_peft_loads,
+    malformed_or_mismatching_adapters_are_errors,
+    a_mixed_adapter_batch_equals_each_row_with_its_own_adapter,
+);

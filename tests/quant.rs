@@ -1,9 +1,10 @@
 //! Quantized weights: formats byte for byte against their definitions, round-trip error
 //! bounds, and every product path on every device against dequantise-then-f32-matmul.
 
+#[macro_use]
 mod common;
 
-use common::{BACKEND_ROUNDINGS, U32, assert_close, devices, gpu_devices};
+use common::{BACKEND_ROUNDINGS, U32, assert_close};
 use kiln::ops::quant::{GEMV_MAX_TOKENS, NF4_CODE, Nf4Absmax, dynamic_code};
 use kiln::ops::{QMatmulOptions, QTensor, QuantFormat, qmatmul, qmatmul_input_grad, qmatmul_with};
 use kiln::{DType, Device, Error, Tensor};
@@ -13,60 +14,52 @@ fn weights(values: &[f32], shape: &[usize]) -> Tensor {
     Tensor::from_slice(values, shape, &Device::Cpu).unwrap()
 }
 
-#[test]
-fn q8_0_blocks_match_ggml_byte_for_byte() {
+fn q8_0_blocks_match_ggml_byte_for_byte(device: &Device) {
     // q_j = 127 − 8j, x = q / 2: amax 63.5, so d = 63.5 / 127 = 0.5 (f16 0x3800) and q = 2x.
     let q: Vec<i8> = (0..32).map(|j| (127 - 8 * j) as i8).collect();
     let x: Vec<f32> = q.iter().map(|&v| v as f32 / 2.0).collect();
     let mut want = vec![0x00, 0x38];
     want.extend(q.iter().map(|&v| v as u8));
-    for device in devices() {
-        let w = QTensor::quantize(&weights(&x, &[1, 32]).to_device(&device).unwrap(), QuantFormat::Q8_0).unwrap();
-        assert_eq!(w.to_bytes().unwrap(), want, "{device}");
-        assert_eq!(w.dequantize(DType::F32).unwrap().to_vec::<f32>().unwrap(), x, "{device}: exact values round-trip");
-        let loaded = QTensor::from_ggml_blocks(QuantFormat::Q8_0, &want, &[1, 32], &device).unwrap();
-        assert_eq!(loaded.dequantize(DType::F32).unwrap().to_vec::<f32>().unwrap(), x, "{device}");
-    }
+    let w = QTensor::quantize(&weights(&x, &[1, 32]).to_device(device).unwrap(), QuantFormat::Q8_0).unwrap();
+    assert_eq!(w.to_bytes().unwrap(), want, "{device}");
+    assert_eq!(w.dequantize(DType::F32).unwrap().to_vec::<f32>().unwrap(), x, "{device}: exact values round-trip");
+    let loaded = QTensor::from_ggml_blocks(QuantFormat::Q8_0, &want, &[1, 32], device).unwrap();
+    assert_eq!(loaded.dequantize(DType::F32).unwrap().to_vec::<f32>().unwrap(), x, "{device}");
 }
 
-#[test]
-fn q4_0_blocks_match_ggml_byte_for_byte() {
+fn q4_0_blocks_match_ggml_byte_for_byte(device: &Device) {
     // x_j = (j mod 16) − 8: the largest magnitude is −8 (first at j = 0), so d = −8 / −8 = 1
     // (f16 0x3C00) and q_j = j mod 16; byte j = q_j | q_(j+16) << 4 = 0x00, 0x11, …, 0xFF.
     let x: Vec<f32> = (0..32).map(|j| (j % 16) as f32 - 8.0).collect();
     let mut want = vec![0x00, 0x3C];
     want.extend((0..16u8).map(|j| j | (j << 4)));
-    for device in devices() {
-        let w = QTensor::quantize(&weights(&x, &[1, 32]).to_device(&device).unwrap(), QuantFormat::Q4_0).unwrap();
-        assert_eq!(w.to_bytes().unwrap(), want, "{device}");
-        assert_eq!(w.dequantize(DType::F32).unwrap().to_vec::<f32>().unwrap(), x, "{device}");
+    let w = QTensor::quantize(&weights(&x, &[1, 32]).to_device(device).unwrap(), QuantFormat::Q4_0).unwrap();
+    assert_eq!(w.to_bytes().unwrap(), want, "{device}");
+    assert_eq!(w.dequantize(DType::F32).unwrap().to_vec::<f32>().unwrap(), x, "{device}");
+    if device.is_cpu() {
+        // ggml's nibble order, decoded by hand: low nibbles are weights 0..16, high ones 16..32.
+        let mut block = vec![0x00, 0x40]; // d = 2.0
+        block.extend((0..16).map(|_| 0x9Fu8)); // low 15 → (15 − 8)·2 = 14, high 9 → (9 − 8)·2 = 2
+        let w = QTensor::from_ggml_blocks(QuantFormat::Q4_0, &block, &[1, 32], &Device::Cpu).unwrap();
+        let v = w.dequantize(DType::F32).unwrap().to_vec::<f32>().unwrap();
+        assert!(v[..16].iter().all(|&x| x == 14.0) && v[16..].iter().all(|&x| x == 2.0), "{v:?}");
     }
-    // ggml's nibble order, decoded by hand: low nibbles are weights 0..16, high ones 16..32.
-    let mut block = vec![0x00, 0x40]; // d = 2.0
-    block.extend((0..16).map(|_| 0x9Fu8)); // low 15 → (15 − 8)·2 = 14, high 9 → (9 − 8)·2 = 2
-    let w = QTensor::from_ggml_blocks(QuantFormat::Q4_0, &block, &[1, 32], &Device::Cpu).unwrap();
-    let v = w.dequantize(DType::F32).unwrap().to_vec::<f32>().unwrap();
-    assert!(v[..16].iter().all(|&x| x == 14.0) && v[16..].iter().all(|&x| x == 2.0), "{v:?}");
 }
 
-#[test]
-fn nf4_matches_bitsandbytes_packing() {
+fn nf4_matches_bitsandbytes_packing(device: &Device) {
     // x_j = 2 · NF4[j mod 16]: absmax 2, codes j mod 16, first weight in the high nibble.
     let x: Vec<f32> = (0..64).map(|j| 2.0 * NF4_CODE[j % 16]).collect();
     let packed: Vec<u8> = (0..32).map(|i| ((((2 * i) % 16) << 4) | ((2 * i + 1) % 16)) as u8).collect();
     let mut want = packed.clone();
     want.extend(2.0f32.to_le_bytes());
-    for device in devices() {
-        let w = QTensor::quantize(&weights(&x, &[1, 64]).to_device(&device).unwrap(), QuantFormat::Nf4).unwrap();
-        assert_eq!(w.to_bytes().unwrap(), want, "{device}");
-        assert_eq!(w.dequantize(DType::F32).unwrap().to_vec::<f32>().unwrap(), x, "{device}");
-        let loaded = QTensor::from_nf4(&packed, Nf4Absmax::F32(&[2.0]), &[1, 64], &device).unwrap();
-        assert_eq!(loaded.dequantize(DType::F32).unwrap().to_vec::<f32>().unwrap(), x, "{device}");
-    }
+    let w = QTensor::quantize(&weights(&x, &[1, 64]).to_device(device).unwrap(), QuantFormat::Nf4).unwrap();
+    assert_eq!(w.to_bytes().unwrap(), want, "{device}");
+    assert_eq!(w.dequantize(DType::F32).unwrap().to_vec::<f32>().unwrap(), x, "{device}");
+    let loaded = QTensor::from_nf4(&packed, Nf4Absmax::F32(&[2.0]), &[1, 64], device).unwrap();
+    assert_eq!(loaded.dequantize(DType::F32).unwrap().to_vec::<f32>().unwrap(), x, "{device}");
 }
 
-#[test]
-fn nf4_double_quant_state_loads_as_bitsandbytes_defines_it() {
+fn nf4_double_quant_state_loads_as_bitsandbytes_defines_it(device: &Device) {
     let code = dynamic_code();
     assert!(code.windows(2).all(|p| p[0] <= p[1]), "sorted");
     assert_eq!((code[255], code.iter().filter(|&&c| c == 0.0).count()), (1.0, 1));
@@ -82,11 +75,9 @@ fn nf4_double_quant_state_loads_as_bitsandbytes_defines_it() {
             NF4_CODE[q as usize] * absmax[e / 64]
         })
         .collect();
-    for device in devices() {
-        let w = QTensor::from_nf4(&packed, state, &[2, 64], &device).unwrap();
-        assert_eq!(w.format(), QuantFormat::Nf4DoubleQuant);
-        assert_eq!(w.dequantize(DType::F32).unwrap().to_vec::<f32>().unwrap(), want, "{device}");
-    }
+    let w = QTensor::from_nf4(&packed, state, &[2, 64], device).unwrap();
+    assert_eq!(w.format(), QuantFormat::Nf4DoubleQuant);
+    assert_eq!(w.dequantize(DType::F32).unwrap().to_vec::<f32>().unwrap(), want, "{device}");
 }
 
 /// Largest round-trip error each format allows for a block whose largest magnitude is
@@ -139,55 +130,57 @@ fn bits_per_weight_are_what_each_format_promises() {
     assert!(dq <= 4.13 && dq > 4.127, "NF4 with double quantization: {dq} bits per weight");
 }
 
-#[test]
-fn bad_input_is_an_error_naming_the_problem() {
-    let nan = weights(&[f32::NAN; 32], &[1, 32]);
-    assert!(matches!(QTensor::quantize(&nan, QuantFormat::Q8_0), Err(Error::InvalidArgument(_))));
-    let inf = weights(&[f32::INFINITY; 64], &[1, 64]);
-    assert!(matches!(QTensor::quantize(&inf, QuantFormat::Nf4), Err(Error::InvalidArgument(_))));
-    let odd = Tensor::zeros(&[2, 48], DType::F32, &Device::Cpu).unwrap();
-    match QTensor::quantize(&odd, QuantFormat::Q4_0) {
-        Err(Error::Shape(m)) => assert!(m.contains("[2, 48]") && m.contains("32"), "{m}"),
-        other => panic!("expected a shape error, got {other:?}"),
-    }
-    assert!(matches!(QTensor::quantize(&odd.reshape(&[96]).unwrap(), QuantFormat::Q8_0), Err(Error::Shape(_))));
-    // Truncated, oversized and wrong-format buffers.
-    let blocks = vec![0u8; 34 * 4];
-    assert!(QTensor::from_ggml_blocks(QuantFormat::Q8_0, &blocks, &[2, 64], &Device::Cpu).is_ok());
-    for len in [34 * 4 - 1, 34 * 5] {
-        assert!(matches!(
-            QTensor::from_ggml_blocks(
-                QuantFormat::Q8_0,
-                &blocks.iter().copied().cycle().take(len).collect::<Vec<_>>(),
-                &[2, 64],
-                &Device::Cpu
-            ),
-            Err(Error::InvalidArgument(_))
-        ));
-    }
-    assert!(QTensor::from_ggml_blocks(QuantFormat::Nf4, &blocks, &[2, 64], &Device::Cpu).is_err());
-    assert!(matches!(
-        QTensor::from_nf4(&[0u8; 32], Nf4Absmax::F32(&[1.0, 2.0]), &[1, 64], &Device::Cpu),
-        Err(Error::InvalidArgument(_))
-    ));
-    assert!(matches!("q5_k".parse::<QuantFormat>(), Err(Error::InvalidArgument(_))));
-    assert_eq!("NF4DQ".parse::<QuantFormat>().unwrap(), QuantFormat::Nf4DoubleQuant);
-    // Products check the activations against the weight.
-    for device in devices() {
-        let w = QTensor::quantize(&Tensor::zeros(&[8, 64], DType::F32, &device).unwrap(), QuantFormat::Q8_0).unwrap();
-        let x = Tensor::zeros(&[3, 32], DType::F32, &device).unwrap();
-        match qmatmul(&x, &w) {
-            Err(Error::Shape(m)) => assert!(m.contains("[3, 32]") && m.contains("[8, 64]"), "{m}"),
+/// On the CPU: quantizing and loading bad weights, and parsing format names; on every
+/// device: products with mismatching shapes; elsewhere: a product with operands on two
+/// devices.
+fn bad_input_is_an_error_naming_the_problem(device: &Device) {
+    if device.is_cpu() {
+        let nan = weights(&[f32::NAN; 32], &[1, 32]);
+        assert!(matches!(QTensor::quantize(&nan, QuantFormat::Q8_0), Err(Error::InvalidArgument(_))));
+        let inf = weights(&[f32::INFINITY; 64], &[1, 64]);
+        assert!(matches!(QTensor::quantize(&inf, QuantFormat::Nf4), Err(Error::InvalidArgument(_))));
+        let odd = Tensor::zeros(&[2, 48], DType::F32, &Device::Cpu).unwrap();
+        match QTensor::quantize(&odd, QuantFormat::Q4_0) {
+            Err(Error::Shape(m)) => assert!(m.contains("[2, 48]") && m.contains("32"), "{m}"),
             other => panic!("expected a shape error, got {other:?}"),
         }
-        assert!(matches!(qmatmul_input_grad(&x, &w), Err(Error::Shape(_))));
-        let empty = Tensor::zeros(&[0, 64], DType::F32, &device).unwrap();
-        assert_eq!(qmatmul(&empty, &w).unwrap().shape(), &[0, 8]);
+        assert!(matches!(QTensor::quantize(&odd.reshape(&[96]).unwrap(), QuantFormat::Q8_0), Err(Error::Shape(_))));
+        // Truncated, oversized and wrong-format buffers.
+        let blocks = vec![0u8; 34 * 4];
+        assert!(QTensor::from_ggml_blocks(QuantFormat::Q8_0, &blocks, &[2, 64], &Device::Cpu).is_ok());
+        for len in [34 * 4 - 1, 34 * 5] {
+            assert!(matches!(
+                QTensor::from_ggml_blocks(
+                    QuantFormat::Q8_0,
+                    &blocks.iter().copied().cycle().take(len).collect::<Vec<_>>(),
+                    &[2, 64],
+                    &Device::Cpu
+                ),
+                Err(Error::InvalidArgument(_))
+            ));
+        }
+        assert!(QTensor::from_ggml_blocks(QuantFormat::Nf4, &blocks, &[2, 64], &Device::Cpu).is_err());
+        assert!(matches!(
+            QTensor::from_nf4(&[0u8; 32], Nf4Absmax::F32(&[1.0, 2.0]), &[1, 64], &Device::Cpu),
+            Err(Error::InvalidArgument(_))
+        ));
+        assert!(matches!("q5_k".parse::<QuantFormat>(), Err(Error::InvalidArgument(_))));
+        assert_eq!("NF4DQ".parse::<QuantFormat>().unwrap(), QuantFormat::Nf4DoubleQuant);
     }
-    for device in gpu_devices() {
+    // Products check the activations against the weight.
+    let w = QTensor::quantize(&Tensor::zeros(&[8, 64], DType::F32, device).unwrap(), QuantFormat::Q8_0).unwrap();
+    let x = Tensor::zeros(&[3, 32], DType::F32, device).unwrap();
+    match qmatmul(&x, &w) {
+        Err(Error::Shape(m)) => assert!(m.contains("[3, 32]") && m.contains("[8, 64]"), "{m}"),
+        other => panic!("expected a shape error, got {other:?}"),
+    }
+    assert!(matches!(qmatmul_input_grad(&x, &w), Err(Error::Shape(_))));
+    let empty = Tensor::zeros(&[0, 64], DType::F32, device).unwrap();
+    assert_eq!(qmatmul(&empty, &w).unwrap().shape(), &[0, 8]);
+    if !device.is_cpu() {
         let w =
             QTensor::quantize(&Tensor::zeros(&[8, 64], DType::F32, &Device::Cpu).unwrap(), QuantFormat::Q4_0).unwrap();
-        let x = Tensor::zeros(&[1, 64], DType::F32, &device).unwrap();
+        let x = Tensor::zeros(&[1, 64], DType::F32, device).unwrap();
         assert!(matches!(qmatmul(&x, &w), Err(Error::DeviceMismatch(_))));
     }
 }
@@ -224,9 +217,9 @@ fn cases() -> impl Strategy<Value = Case> {
         })
 }
 
-/// The test body: every device's product against the f64 product of the activations and
-/// the CPU-dequantized weight.
-fn check(case: &Case) {
+/// The test body: the CPU's product against the f64 product of the activations and the
+/// CPU-dequantized weight; any other device's against the CPU's.
+fn check(device: &Device, case: &Case) {
     let cols = case.blocks * case.format.block_size();
     let w = Tensor::randn(&[case.out, cols], 0.0, 0.1, case.seed, DType::F32, &Device::Cpu).unwrap();
     let q = QTensor::quantize(&w, case.format).unwrap();
@@ -255,52 +248,47 @@ fn check(case: &Case) {
     };
     let atol: Vec<f64> = mass.iter().map(|m| 2.0 * k as f64 * U32 * m).collect();
     let cpu = run(&Device::Cpu);
-    assert_close(&format!("cpu {case:?}"), &cpu, &exact, &atol, case.dtype, 1.0);
+    if device.is_cpu() {
+        assert_close(&format!("cpu {case:?}"), &cpu, &exact, &atol, case.dtype, 1.0);
+        return;
+    }
     let cpu_ref: Vec<f64> = cpu.iter().map(|&v| v as f64).collect();
-    for device in gpu_devices() {
-        // CUDA's tensor-core GEMM rounds each decoded weight to the activations' half type:
-        // one more rounding of every term. The other kernels decode to f32.
-        let weight_rounding = match device {
-            Device::Cuda(_) if case.dtype != DType::F32 => case.dtype.unit_roundoff(),
-            _ => 0.0,
-        };
-        let atol2: Vec<f64> = atol.iter().zip(&mass).map(|(a, m)| 2.0 * a + weight_rounding * m).collect();
-        assert_close(&format!("{device} {case:?}"), &run(&device), &cpu_ref, &atol2, case.dtype, BACKEND_ROUNDINGS);
-    }
+    // CUDA's tensor-core GEMM rounds each decoded weight to the activations' half type:
+    // one more rounding of every term. The other kernels decode to f32.
+    let weight_rounding = match device {
+        Device::Cuda(_) if case.dtype != DType::F32 => case.dtype.unit_roundoff(),
+        _ => 0.0,
+    };
+    let atol2: Vec<f64> = atol.iter().zip(&mass).map(|(a, m)| 2.0 * a + weight_rounding * m).collect();
+    assert_close(&format!("{device} {case:?}"), &run(device), &cpu_ref, &atol2, case.dtype, BACKEND_ROUNDINGS);
 }
 
-proptest! {
-    #![proptest_config(ProptestConfig { cases: 40, failure_persistence: None, ..ProptestConfig::default() })]
-    #[test]
-    fn products_match_dequantize_then_matmul_on_every_device(case in cases()) {
-        check(&case);
-    }
+fn products_match_dequantize_then_matmul_on_every_device(device: &Device) {
+    proptest!(common::cases(40), |(case in cases())| {
+        check(device, &case);
+    });
 }
 
-#[test]
-fn every_format_and_path_is_covered() {
+fn every_format_and_path_is_covered(device: &Device) {
     // Deterministic coverage on top of the random cases: each format through GEMV and GEMM
     // forward and the input gradient.
     for format in QuantFormat::ALL {
         for dtype in [DType::F32, DType::BF16] {
             for (tokens, input_grad) in [(1, false), (5, false), (40, false), (3, true), (33, true)] {
-                check(&Case { tokens, out: 72, blocks: 3, format, dtype, input_grad, seed: 9 });
+                check(device, &Case { tokens, out: 72, blocks: 3, format, dtype, input_grad, seed: 9 });
             }
         }
     }
 }
 
-#[test]
-fn dequantize_matches_the_cpu_bit_for_bit() {
+fn dequantize_matches_the_cpu_bit_for_bit(device: &Device) {
     let w = Tensor::randn(&[7, 192], 0.0, 1.0, 5, DType::F32, &Device::Cpu).unwrap();
     for format in QuantFormat::ALL {
         let q = QTensor::quantize(&w, format).unwrap();
         for dtype in DType::ALL {
             let want = q.dequantize(dtype).unwrap().to_bytes().unwrap();
-            for device in gpu_devices() {
-                let got = q.to_device(&device).unwrap().dequantize(dtype).unwrap();
-                assert_eq!(got.to_bytes().unwrap(), want, "{device} {format} -> {dtype}");
-            }
+            let got = q.to_device(device).unwrap().dequantize(dtype).unwrap();
+            assert_eq!(got.to_bytes().unwrap(), want, "{device} {format} -> {dtype}");
         }
     }
 }
@@ -318,8 +306,7 @@ fn rounded_to_int8(x: &[f32]) -> Vec<f64> {
         .collect()
 }
 
-#[test]
-fn int8_activations_round_where_documented_and_nowhere_else() {
+fn int8_activations_round_where_documented_and_nowhere_else(device: &Device) {
     let (out, cols) = (37, 192);
     let options = QMatmulOptions::default().int8_activations();
     for format in QuantFormat::ALL {
@@ -347,29 +334,27 @@ fn int8_activations_round_where_documented_and_nowhere_else() {
                 let atol = |mass: &[f64]| -> Vec<f64> { mass.iter().map(|m| 2.0 * cols as f64 * U32 * m).collect() };
                 let (exact, mass) = reference(&|i| xs[i] as f64);
                 let (rounded, mass_rounded) = reference(&|i| xr[i]);
-                for device in devices() {
-                    let y = qmatmul_with(&x.to_device(&device).unwrap(), &q.to_device(&device).unwrap(), options)
-                        .unwrap()
-                        .to_vec_f32()
-                        .unwrap();
-                    let what = format!("{device} {format} {dtype} tokens {tokens}");
-                    let rounds = device.is_cpu() && format.ggml_block_bytes().is_some() && tokens <= GEMV_MAX_TOKENS;
-                    if rounds {
-                        assert_close(&what, &y, &rounded, &atol(&mass_rounded), dtype, 1.0);
-                        // The rounding is real: the exact product is out of f32 reach.
-                        let off = y.iter().zip(&exact).filter(|(g, e)| (**g as f64 - **e).abs() > 1e-4).count();
-                        assert!(off > 0, "{what}: no output moved; were the activations rounded?");
-                    } else {
-                        let weight_rounding = match device {
-                            Device::Cuda(_) if dtype != DType::F32 => dtype.unit_roundoff(),
-                            _ => 0.0,
-                        };
-                        // As `check` allows a backend: twice the CPU's accumulation bound, and
-                        // CUDA's tensor-core GEMM rounding each decoded weight to x's half type.
-                        let atol: Vec<f64> =
-                            atol(&mass).iter().zip(&mass).map(|(a, m)| 2.0 * a + weight_rounding * m).collect();
-                        assert_close(&what, &y, &exact, &atol, dtype, BACKEND_ROUNDINGS);
-                    }
+                let y = qmatmul_with(&x.to_device(device).unwrap(), &q.to_device(device).unwrap(), options)
+                    .unwrap()
+                    .to_vec_f32()
+                    .unwrap();
+                let what = format!("{device} {format} {dtype} tokens {tokens}");
+                let rounds = device.is_cpu() && format.ggml_block_bytes().is_some() && tokens <= GEMV_MAX_TOKENS;
+                if rounds {
+                    assert_close(&what, &y, &rounded, &atol(&mass_rounded), dtype, 1.0);
+                    // The rounding is real: the exact product is out of f32 reach.
+                    let off = y.iter().zip(&exact).filter(|(g, e)| (**g as f64 - **e).abs() > 1e-4).count();
+                    assert!(off > 0, "{what}: no output moved; were the activations rounded?");
+                } else {
+                    let weight_rounding = match device {
+                        Device::Cuda(_) if dtype != DType::F32 => dtype.unit_roundoff(),
+                        _ => 0.0,
+                    };
+                    // As `check` allows a backend: twice the CPU's accumulation bound, and
+                    // CUDA's tensor-core GEMM rounding each decoded weight to x's half type.
+                    let atol: Vec<f64> =
+                        atol(&mass).iter().zip(&mass).map(|(a, m)| 2.0 * a + weight_rounding * m).collect();
+                    assert_close(&what, &y, &exact, &atol, dtype, BACKEND_ROUNDINGS);
                 }
             }
         }
@@ -393,3 +378,15 @@ fn int8_activations_keep_non_finite_values() {
         }
     }
 }
+
+device_tests!(
+    q8_0_blocks_match_ggml_byte_for_byte,
+    q4_0_blocks_match_ggml_byte_for_byte,
+    nf4_matches_bitsandbytes_packing,
+    nf4_double_quant_state_loads_as_bitsandbytes_defines_it,
+    bad_input_is_an_error_naming_the_problem,
+    products_match_dequantize_then_matmul_on_every_device,
+    every_format_and_path_is_covered,
+    dequantize_matches_the_cpu_bit_for_bit,
+    int8_activations_round_where_documented_and_nowhere_else,
+);
