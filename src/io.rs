@@ -106,6 +106,15 @@ impl SafetensorsFile {
         Ok(names)
     }
 
+    /// Tensor `name` as stored, whatever its dtype: the dtype's safetensors name (`"U8"`,
+    /// `"F32"`, ...), the shape and the little-endian bytes. For state kiln keeps in its own
+    /// layout, such as bitsandbytes' packed 4-bit codes.
+    pub fn raw(&self, name: &str) -> Result<(String, Vec<usize>, &[u8])> {
+        let st = self.parsed()?;
+        let view = st.tensor(name).map_err(|e| Error::Io(format!("tensor {name}: {e}")))?;
+        Ok((format!("{:?}", view.dtype()), view.shape().to_vec(), view.data()))
+    }
+
     /// Tensor `name` in the float dtype the file holds (f32, f16 or bf16), on `device`.
     /// `Err(Io)` when there is no such tensor, `Err(DType)` for another dtype.
     pub fn tensor(&self, name: &str, device: &Device) -> Result<Tensor> {
