@@ -5,7 +5,7 @@
 mod common;
 
 use common::{BACKEND_ROUNDINGS, U32, assert_close};
-use kiln::ops::quant::{GEMV_MAX_TOKENS, NF4_CODE, Nf4Absmax, dynamic_code};
+use kiln::ops::quant::{GEMV_MAX_TOKENS, NF4_CODE, Nf4Absmax, Nf4State, dynamic_code};
 use kiln::ops::{QMatmulOptions, QTensor, QuantFormat, qmatmul, qmatmul_input_grad, qmatmul_with};
 use kiln::{DType, Device, Error, Tensor};
 use proptest::prelude::*;
@@ -55,7 +55,8 @@ fn nf4_matches_bitsandbytes_packing(device: &Device) {
     let w = QTensor::quantize(&weights(&x, &[1, 64]).to_device(device).unwrap(), QuantFormat::Nf4).unwrap();
     assert_eq!(w.to_bytes().unwrap(), want, "{device}");
     assert_eq!(w.dequantize(DType::F32).unwrap().to_vec::<f32>().unwrap(), x, "{device}");
-    let loaded = QTensor::from_nf4(&packed, Nf4Absmax::F32(&[2.0]), &[1, 64], device).unwrap();
+    let state = Nf4State { packed, block_size: 64, absmax: Nf4Absmax::F32(vec![2.0]) };
+    let loaded = QTensor::from_nf4(&state, &[1, 64], device).unwrap();
     assert_eq!(loaded.dequantize(DType::F32).unwrap().to_vec::<f32>().unwrap(), x, "{device}");
 }
 
@@ -66,7 +67,13 @@ fn nf4_double_quant_state_loads_as_bitsandbytes_defines_it(device: &Device) {
     assert!((code[0] + 0.99296875).abs() < 1e-6, "smallest: −(0.9859375 + 1) / 2, got {}", code[0]);
     // Two blocks: absmax_0 = code[255]·0.5 + 1 = 1.5, absmax_1 = code[0]·0.5 + 1.
     let packed: Vec<u8> = (0..64).map(|i| (((i % 16) << 4) | (15 - i % 16)) as u8).collect();
-    let state = Nf4Absmax::DoubleQuant { quantized: &[255, 0], nested_absmax: &[0.5], nested_code: &code, offset: 1.0 };
+    let state = Nf4Absmax::DoubleQuant {
+        quantized: vec![255, 0],
+        nested_absmax: vec![0.5],
+        nested_code: code.to_vec(),
+        offset: 1.0,
+        nested_block_size: 256,
+    };
     let absmax = [1.5f32, code[0] * 0.5 + 1.0];
     let want: Vec<f32> = (0..128)
         .map(|e| {
@@ -75,7 +82,8 @@ fn nf4_double_quant_state_loads_as_bitsandbytes_defines_it(device: &Device) {
             NF4_CODE[q as usize] * absmax[e / 64]
         })
         .collect();
-    let w = QTensor::from_nf4(&packed, state, &[2, 64], device).unwrap();
+    let w = QTensor::from_nf4(&Nf4State { packed: packed.clone(), block_size: 64, absmax: state }, &[2, 64], device)
+        .unwrap();
     assert_eq!(w.format(), QuantFormat::Nf4DoubleQuant);
     assert_eq!(w.dequantize(DType::F32).unwrap().to_vec::<f32>().unwrap(), want, "{device}");
 }
@@ -161,7 +169,11 @@ fn bad_input_is_an_error_naming_the_problem(device: &Device) {
         }
         assert!(QTensor::from_ggml_blocks(QuantFormat::Nf4, &blocks, &[2, 64], &Device::Cpu).is_err());
         assert!(matches!(
-            QTensor::from_nf4(&[0u8; 32], Nf4Absmax::F32(&[1.0, 2.0]), &[1, 64], &Device::Cpu),
+            QTensor::from_nf4(
+                &Nf4State { packed: vec![0u8; 32], block_size: 64, absmax: Nf4Absmax::F32(vec![1.0, 2.0]) },
+                &[1, 64],
+                &Device::Cpu
+            ),
             Err(Error::InvalidArgument(_))
         ));
         assert!(matches!("q5_k".parse::<QuantFormat>(), Err(Error::InvalidArgument(_))));
@@ -379,7 +391,73 @@ fn int8_activations_keep_non_finite_values() {
     }
 }
 
+fn bnb_fixture() -> kiln::io::SafetensorsFile {
+    kiln::io::SafetensorsFile::open(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/bnb.safetensors")).unwrap()
+}
+
+#[test]
+fn dynamic_code_is_bitsandbytes_create_dynamic_map_bit_for_bit() {
+    let file = bnb_fixture();
+    let want = file.tensor("dynamic_code", &Device::Cpu).unwrap().to_vec::<f32>().unwrap();
+    let got = dynamic_code();
+    let differ: Vec<usize> = (0..256).filter(|&i| got[i].to_bits() != want[i].to_bits()).collect();
+    assert!(differ.is_empty(), "entries {differ:?} differ, first: kiln {} bnb {}", got[differ[0]], want[differ[0]]);
+}
+
+/// A weight bitsandbytes quantized (4-bit NF4, double quantization) loads from its state
+/// parts, dequantizes exactly as bnb's `dequantize_4bit` does, and hands the same parts back.
+fn a_bitsandbytes_nf4_state_loads_and_comes_back(device: &Device) {
+    let file = bnb_fixture();
+    let meta: serde_json::Value = serde_json::from_str(&file.metadata().unwrap()["nf4dq"]).unwrap();
+    let shape: Vec<usize> = meta["shape"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as usize).collect();
+    let floats = |name: &str| file.tensor(name, &Device::Cpu).unwrap().to_vec::<f32>().unwrap();
+    let bytes = |name: &str| file.raw(name).unwrap().2.to_vec();
+    let state = Nf4State {
+        packed: bytes("nf4dq.weight"),
+        block_size: meta["blocksize"].as_u64().unwrap() as usize,
+        absmax: Nf4Absmax::DoubleQuant {
+            quantized: bytes("nf4dq.absmax"),
+            nested_absmax: floats("nf4dq.nested_absmax"),
+            nested_code: floats("nf4dq.nested_code"),
+            offset: meta["offset"].as_f64().unwrap() as f32,
+            nested_block_size: meta["nested_blocksize"].as_u64().unwrap() as usize,
+        },
+    };
+    let w = QTensor::from_nf4(&state, &shape, device).unwrap();
+    let got = w.dequantize(DType::F32).unwrap().to_vec::<f32>().unwrap();
+    let want = floats("nf4dq.dequantized");
+    let differ = (0..got.len()).filter(|&i| got[i].to_bits() != want[i].to_bits()).count();
+    assert_eq!(differ, 0, "{device}: {differ} of {} weights differ from bitsandbytes' dequantize_4bit", got.len());
+    assert_eq!(w.nf4_state().unwrap(), state, "{device}: the state comes back as it went in");
+    // A weight kiln quantized hands back a state that loads to the same bytes.
+    let mine = QTensor::quantize(
+        &Tensor::from_slice(&floats("nf4dq.w"), &shape, device).unwrap(),
+        QuantFormat::Nf4DoubleQuant,
+    )
+    .unwrap();
+    let again = QTensor::from_nf4(&mine.nf4_state().unwrap(), &shape, device).unwrap();
+    assert_eq!(again.to_bytes().unwrap(), mine.to_bytes().unwrap(), "{device}");
+    // Block sizes kiln's kernels do not take are errors that name them.
+    let mut other = state.clone();
+    other.block_size = 128;
+    match QTensor::from_nf4(&other, &shape, device) {
+        Err(Error::Unsupported(m)) => assert!(m.contains("128"), "{m}"),
+        r => panic!("expected Unsupported naming the block size, got {r:?}"),
+    }
+    let mut other = state;
+    if let Nf4Absmax::DoubleQuant { nested_block_size, .. } = &mut other.absmax {
+        *nested_block_size = 512;
+    }
+    match QTensor::from_nf4(&other, &shape, device) {
+        Err(Error::Unsupported(m)) => assert!(m.contains("512"), "{m}"),
+        r => panic!("expected Unsupported naming the nested block size, got {r:?}"),
+    }
+    let q8 = QTensor::quantize(&Tensor::zeros(&[1, 32], DType::F32, device).unwrap(), QuantFormat::Q8_0).unwrap();
+    assert!(matches!(q8.nf4_state(), Err(Error::InvalidArgument(_))));
+}
+
 device_tests!(
+    a_bitsandbytes_nf4_state_loads_and_comes_back,
     q8_0_blocks_match_ggml_byte_for_byte,
     q4_0_blocks_match_ggml_byte_for_byte,
     nf4_matches_bitsandbytes_packing,

@@ -133,7 +133,10 @@ impl AdamW {
         let moments = params
             .iter()
             .map(|(name, _)| {
-                Ok((file.tensor(&format!("{name}.exp_avg"), &device)?, file.tensor(&format!("{name}.exp_avg_sq"), &device)?))
+                Ok((
+                    file.tensor(&format!("{name}.exp_avg"), &device)?,
+                    file.tensor(&format!("{name}.exp_avg_sq"), &device)?,
+                ))
             })
             .collect::<Result<Vec<_>>>()?;
         let pairs: Vec<(&Tensor, &Tensor)> = moments.iter().map(|(m, v)| (m, v)).collect();

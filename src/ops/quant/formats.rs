@@ -159,17 +159,18 @@ pub const NF4_CODE: [f32; 16] = [
     1.0,
 ];
 
-/// bitsandbytes' dynamic 8-bit code (`create_dynamic_map(signed=True)`): 127 positive and
-/// 127 negative values spread over 7 decades, 0 and 1, sorted.
+/// bitsandbytes' dynamic 8-bit code, `create_dynamic_map(signed=True)`, bit for bit as bnb
+/// builds it on x86-64 (torch's vectorized CPU builds): 127 positive and 127 negative values
+/// spread over 7 decades, 0 and 1, sorted. In f32: per decade 10ᵏ (k = −6..0), the means of
+/// neighbouring points of `torch.linspace(0.1, 1, 2ⁱ + 1)`, each times f32(±10ᵏ).
 pub fn dynamic_code() -> [f32; 256] {
-    let mut values: Vec<f64> = Vec::with_capacity(256);
-    for i in 0..7i32 {
-        let items = (1usize << i) + 1;
-        let scale = 10f64.powi(i - 6);
-        for j in 0..items - 1 {
-            let lo = 0.1 + 0.9 * j as f64 / (items - 1) as f64;
-            let hi = 0.1 + 0.9 * (j + 1) as f64 / (items - 1) as f64;
-            let mean = (lo + hi) / 2.0;
+    let mut values: Vec<f32> = Vec::with_capacity(256);
+    for i in 0..7 {
+        let points = torch_linspace_f32(0.1, 1.0, (1 << i) + 1);
+        // Python's `10 ** k` is pow(10, k) in f64; torch multiplies by it in f32.
+        let scale = 10f64.powf(i as f64 - 6.0) as f32;
+        for pair in points.windows(2) {
+            let mean = (pair[0] + pair[1]) / 2.0;
             values.push(scale * mean);
             values.push(-scale * mean);
         }
@@ -178,10 +179,19 @@ pub fn dynamic_code() -> [f32; 256] {
     values.push(1.0);
     values.sort_by(|a, b| a.total_cmp(b));
     let mut code = [0f32; 256];
-    for (c, v) in code.iter_mut().zip(values) {
-        *c = v as f32;
-    }
+    code.copy_from_slice(&values);
     code
+}
+
+/// `torch.linspace(start, end, n, dtype=torch.float32)` as torch's CPU kernel computes it in
+/// its AVX2 and AVX-512 builds (the ones x86-64 machines run): in f32, with
+/// `step = (end − start) / (n − 1)`, points before the middle `start + step·i` and the rest
+/// `end − step·(n − 1 − i)`, each one fused multiply-add (the compiler contracts them).
+fn torch_linspace_f32(start: f32, end: f32, n: usize) -> Vec<f32> {
+    let step = (end - start) / (n - 1) as f32;
+    (0..n)
+        .map(|i| if i < n / 2 { step.mul_add(i as f32, start) } else { (-step).mul_add((n - 1 - i) as f32, end) })
+        .collect()
 }
 
 /// Where the parts of an NF4 tensor sit in its buffer (byte offsets).
@@ -197,13 +207,39 @@ pub struct Nf4Layout {
     pub offset: f32,
 }
 
-/// The absmax state of an NF4 tensor, as bitsandbytes keeps it.
-#[derive(Debug, Clone, Copy)]
-pub enum Nf4Absmax<'a> {
-    /// One f32 per block of 64 weights.
-    F32(&'a [f32]),
-    /// QLoRA's double quantisation: `absmax = nested_code[quantized]·nested_absmax[block / 256] + offset`.
-    DoubleQuant { quantized: &'a [u8], nested_absmax: &'a [f32], nested_code: &'a [f32], offset: f32 },
+/// Weights per NF4 absmax block, the only block size kiln's kernels take (bnb's default).
+pub const NF4_BLOCK: usize = 64;
+/// Absmax values per block of double quantisation (bnb's `nested_blocksize`, QLoRA's 256).
+pub const NF4_NESTED_BLOCK: usize = 256;
+
+/// An NF4 weight's state as bitsandbytes keeps it (`Params4bit` and its `QuantState`):
+/// what [`QTensor::from_nf4`](super::QTensor::from_nf4) loads and
+/// [`QTensor::nf4_state`](super::QTensor::nf4_state) hands back, so a QLoRA checkpoint loads
+/// without re-quantising and a weight kiln quantized can be written as one.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Nf4State {
+    /// The 4-bit codes, two per byte, the first weight in the high nibble (bnb's `weight`).
+    pub packed: Vec<u8>,
+    /// Weights per absmax block (bnb's `blocksize`).
+    pub block_size: usize,
+    pub absmax: Nf4Absmax,
+}
+
+/// The absmax state of an NF4 weight.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Nf4Absmax {
+    /// One f32 per block (bnb's `absmax`).
+    F32(Vec<f32>),
+    /// QLoRA's double quantisation, `absmax = nested_code[quantized]·nested_absmax[block /
+    /// nested_block_size] + offset`: bnb's `absmax` (u8), `state2.absmax`, `state2.code`,
+    /// `offset` and `state2.blocksize`.
+    DoubleQuant {
+        quantized: Vec<u8>,
+        nested_absmax: Vec<f32>,
+        nested_code: Vec<f32>,
+        offset: f32,
+        nested_block_size: usize,
+    },
 }
 
 impl Nf4Layout {

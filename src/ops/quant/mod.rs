@@ -29,7 +29,10 @@ mod quantize;
 #[cfg(feature = "wgpu")]
 pub(crate) mod wgpu;
 
-pub use formats::{BlockQ4_0, BlockQ8_0, NF4_CODE, Nf4Absmax, Nf4Layout, QuantFormat, dynamic_code};
+pub use formats::{
+    BlockQ4_0, BlockQ8_0, NF4_BLOCK, NF4_CODE, NF4_NESTED_BLOCK, Nf4Absmax, Nf4Layout, Nf4State, QuantFormat,
+    dynamic_code,
+};
 
 use crate::ops::{Operands, operands};
 use crate::tensor::{CpuStorage, RawBuffer};
@@ -151,29 +154,38 @@ impl QTensor {
         Self::from_parts(format, rows, cols, Nf4Layout::ggml(), blocks.to_vec(), device)
     }
 
-    /// NF4 state as bitsandbytes keeps it: `packed` codes (two per byte, the first weight in
-    /// the high nibble) and the absmax state, loaded without re-quantising.
-    pub fn from_nf4(packed: &[u8], absmax: Nf4Absmax<'_>, shape: &[usize], device: &Device) -> Result<QTensor> {
-        let format = match absmax {
+    /// NF4 state as bitsandbytes keeps it (see [`Nf4State`]), loaded without re-quantising.
+    /// `Err` naming the part that does not fit the shape, a non-finite scale, or a block size
+    /// kiln's kernels do not take (they take [`NF4_BLOCK`] weights per absmax and
+    /// [`NF4_NESTED_BLOCK`] absmax values per nested scale, bnb's defaults).
+    pub fn from_nf4(state: &Nf4State, shape: &[usize], device: &Device) -> Result<QTensor> {
+        let format = match state.absmax {
             Nf4Absmax::F32(_) => QuantFormat::Nf4,
             Nf4Absmax::DoubleQuant { .. } => QuantFormat::Nf4DoubleQuant,
         };
-        let (rows, cols) = check_shape(format, shape)?;
-        let blocks = rows * cols / 64;
-        if packed.len() != rows * cols / 2 {
-            return Err(Error::InvalidArgument(format!(
-                "nf4 weight {shape:?} packs into {} bytes, got {}",
-                rows * cols / 2,
-                packed.len()
+        if state.block_size != NF4_BLOCK {
+            return Err(Error::Unsupported(format!(
+                "nf4 state with blocks of {} weights: kiln's kernels take blocks of {NF4_BLOCK} (bnb's blocksize=64)",
+                state.block_size
             )));
         }
-        let mut bytes = packed.to_vec();
+        let (rows, cols) = check_shape(format, shape)?;
+        let elements = rows * cols; // check_shape checked the product
+        let blocks = elements / NF4_BLOCK;
+        if state.packed.len() != elements / 2 {
+            return Err(Error::InvalidArgument(format!(
+                "nf4 weight {shape:?} packs into {} bytes, got {}",
+                elements / 2,
+                state.packed.len()
+            )));
+        }
+        let mut bytes = state.packed.clone();
         let absmax_offset = bytes.len();
-        let layout = match absmax {
+        let layout = match &state.absmax {
             Nf4Absmax::F32(absmax) => {
                 if absmax.len() != blocks {
                     return Err(Error::InvalidArgument(format!(
-                        "nf4 weight {shape:?} has {blocks} blocks of 64, got {} absmax values",
+                        "nf4 weight {shape:?} has {blocks} blocks of {NF4_BLOCK}, got {} absmax values",
                         absmax.len()
                     )));
                 }
@@ -183,8 +195,14 @@ impl QTensor {
                 bytes.extend(absmax.iter().flat_map(|v| v.to_le_bytes()));
                 Nf4Layout { absmax_offset, nested_offset: 0, code_offset: 0, offset: 0.0 }
             }
-            Nf4Absmax::DoubleQuant { quantized, nested_absmax, nested_code, offset } => {
-                let nested = blocks.div_ceil(256);
+            Nf4Absmax::DoubleQuant { quantized, nested_absmax, nested_code, offset, nested_block_size } => {
+                if *nested_block_size != NF4_NESTED_BLOCK {
+                    return Err(Error::Unsupported(format!(
+                        "nf4 double quantization in blocks of {nested_block_size} absmax values: kiln's kernels \
+                         take blocks of {NF4_NESTED_BLOCK} (bnb's nested blocksize=256)"
+                    )));
+                }
+                let nested = blocks.div_ceil(NF4_NESTED_BLOCK);
                 if quantized.len() != blocks || nested_absmax.len() != nested || nested_code.len() != 256 {
                     return Err(Error::InvalidArgument(format!(
                         "nf4 double-quant state for {shape:?} needs {blocks} quantized absmax, {nested} nested \
@@ -203,10 +221,35 @@ impl QTensor {
                 bytes.extend(nested_absmax.iter().flat_map(|v| v.to_le_bytes()));
                 let code_offset = bytes.len();
                 bytes.extend(nested_code.iter().flat_map(|v| v.to_le_bytes()));
-                Nf4Layout { absmax_offset, nested_offset, code_offset, offset }
+                Nf4Layout { absmax_offset, nested_offset, code_offset, offset: *offset }
             }
         };
         Self::from_parts(format, rows, cols, layout, bytes, device)
+    }
+
+    /// The state of an NF4 weight as bitsandbytes keeps it (copied to the host), for writing
+    /// it as a QLoRA checkpoint. `Err(InvalidArgument)` for a ggml format.
+    pub fn nf4_state(&self) -> Result<Nf4State> {
+        if !matches!(self.format, QuantFormat::Nf4 | QuantFormat::Nf4DoubleQuant) {
+            return Err(Error::InvalidArgument(format!("a {} weight has no NF4 state", self.format)));
+        }
+        let bytes = self.to_bytes()?;
+        let l = &self.layout;
+        let blocks = self.rows * self.cols / NF4_BLOCK;
+        let f32s = |at: usize, n: usize| -> Vec<f32> {
+            bytes[at..at + 4 * n].chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
+        };
+        let absmax = match self.format {
+            QuantFormat::Nf4 => Nf4Absmax::F32(f32s(l.absmax_offset, blocks)),
+            _ => Nf4Absmax::DoubleQuant {
+                quantized: bytes[l.absmax_offset..l.absmax_offset + blocks].to_vec(),
+                nested_absmax: f32s(l.nested_offset, blocks.div_ceil(NF4_NESTED_BLOCK)),
+                nested_code: f32s(l.code_offset, 256),
+                offset: l.offset,
+                nested_block_size: NF4_NESTED_BLOCK,
+            },
+        };
+        Ok(Nf4State { packed: bytes[..l.absmax_offset].to_vec(), block_size: NF4_BLOCK, absmax })
     }
 
     fn from_parts(
@@ -272,21 +315,23 @@ impl QTensor {
             }
             QuantFormat::Nf4 => {
                 let (packed, absmax) = quantize_nf4(&values);
-                Self::from_nf4(&packed, Nf4Absmax::F32(&absmax), &[rows, cols], &device)
+                let state = Nf4State { packed, block_size: NF4_BLOCK, absmax: Nf4Absmax::F32(absmax) };
+                Self::from_nf4(&state, &[rows, cols], &device)
             }
             QuantFormat::Nf4DoubleQuant => {
                 let (packed, absmax) = quantize_nf4(&values);
                 let offset = (absmax.iter().map(|&v| v as f64).sum::<f64>() / absmax.len().max(1) as f64) as f32;
                 let code = dynamic_code();
                 let centered: Vec<f32> = absmax.iter().map(|v| v - offset).collect();
-                let (quantized, nested) = quantize_blockwise_8bit(&centered, &code);
-                let state = Nf4Absmax::DoubleQuant {
-                    quantized: &quantized,
-                    nested_absmax: &nested,
-                    nested_code: &code,
+                let (quantized, nested_absmax) = quantize_blockwise_8bit(&centered, &code);
+                let absmax = Nf4Absmax::DoubleQuant {
+                    quantized,
+                    nested_absmax,
+                    nested_code: code.to_vec(),
                     offset,
+                    nested_block_size: NF4_NESTED_BLOCK,
                 };
-                Self::from_nf4(&packed, state, &[rows, cols], &device)
+                Self::from_nf4(&Nf4State { packed, block_size: NF4_BLOCK, absmax }, &[rows, cols], &device)
             }
         }
     }
