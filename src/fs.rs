@@ -1,16 +1,174 @@
-//! Files the crate writes.
+//! Files the crate writes, whole or not at all.
+//!
+//! A file, or a directory of files, is written under a temporary name unique to the call
+//! (process, thread, counter) beside its target, synced to the disk, and renamed over the
+//! target in one step; then the directory holding it is synced. A crash, a kill or a power
+//! cut leaves the previous version or the new one, never half of one or a mix of two, and a
+//! reader sees one or the other. Temporaries a killed writer left behind are removed by the
+//! next save to the same place.
 
-use std::path::Path;
+use std::ffi::OsString;
+use std::fs::{self, File};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
-/// Writes to a temporary name beside `path` and renames it into place, so a crash never
-/// leaves half a file where a good one was.
-pub(crate) fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
+/// What marks a temporary of the crate's: `.{target}.kiln-tmp.{pid}.{thread}.{n}`.
+const TEMP_TAG: &str = ".kiln-tmp.";
+
+/// A name beside `target` that no other call, thread or process uses.
+fn temp_beside(target: &Path) -> io::Result<PathBuf> {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let name = target.file_name().ok_or_else(|| io::Error::other(format!("{} has no file name", target.display())))?;
+    let thread = format!("{:?}", std::thread::current().id()).chars().filter(char::is_ascii_digit).collect::<String>();
+    let mut tmp = OsString::from(".");
+    tmp.push(name);
+    tmp.push(format!("{TEMP_TAG}{}.{thread}.{}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed)));
+    Ok(target.with_file_name(tmp))
+}
+
+/// The directory holding `target`, created if needed.
+fn parent_of(target: &Path) -> io::Result<PathBuf> {
+    let dir = match target.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    fs::create_dir_all(&dir)?;
+    Ok(dir)
+}
+
+/// Writes `bytes` to `path` atomically (see the module docs).
+pub(crate) fn write_file(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    let dir = parent_of(path)?;
+    remove_leftovers(&dir, path);
+    let tmp = temp_beside(path)?;
+    let written = (|| {
+        let mut file = File::create_new(&tmp)?;
+        file.write_all(bytes)?;
+        file.sync_all()?;
+        fs::rename(&tmp, path)
+    })();
+    if written.is_err() {
+        let _ = fs::remove_file(&tmp);
     }
-    let mut tmp_name = path.file_name().unwrap_or_default().to_os_string();
-    tmp_name.push(format!(".tmp{}", std::process::id()));
-    let tmp = path.with_file_name(tmp_name);
-    std::fs::write(&tmp, bytes)?;
-    std::fs::rename(&tmp, path)
+    written?;
+    sync_dir(&dir)
+}
+
+/// Writes the directory `path` holding exactly `files` (name, bytes) atomically as a whole:
+/// the previous version, if any, stays in place until the new one is complete on the disk,
+/// then the two are swapped in one step.
+pub(crate) fn write_dir(path: &Path, files: &[(&str, &[u8])]) -> io::Result<()> {
+    let dir = parent_of(path)?;
+    remove_leftovers(&dir, path);
+    let tmp = temp_beside(path)?;
+    let written = (|| {
+        fs::create_dir(&tmp)?;
+        for (name, bytes) in files {
+            let mut file = File::create_new(tmp.join(name))?;
+            file.write_all(bytes)?;
+            file.sync_all()?;
+        }
+        sync_dir(&tmp)?;
+        swap_in(&tmp, path)
+    })();
+    // `tmp` now holds the previous version (or the unfinished new one): drop it.
+    let _ = fs::remove_dir_all(&tmp);
+    written?;
+    sync_dir(&dir)
+}
+
+/// Puts the complete directory `new` at `target`, keeping whatever was there until then.
+fn swap_in(new: &Path, target: &Path) -> io::Result<()> {
+    match fs::symlink_metadata(target) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => match fs::rename(new, target) {
+            Ok(()) => return Ok(()),
+            // Another writer put a version there meanwhile: swap with it.
+            Err(_) if target.is_dir() => {}
+            Err(e) => return Err(e),
+        },
+        Err(e) => return Err(e),
+        Ok(m) if !m.is_dir() => {
+            return Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                format!("{} exists and is not a directory", target.display()),
+            ));
+        }
+        Ok(_) => {}
+    }
+    exchange(new, target)
+}
+
+/// Swaps two directories in one step (Linux's `renameat2(RENAME_EXCHANGE)`); where the file
+/// system or the system lacks it, moves the old one aside first, so a crash between the two
+/// renames leaves both versions on disk, never a mix.
+fn exchange(new: &Path, target: &Path) -> io::Result<()> {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::unix::ffi::OsStrExt;
+        let c = |p: &Path| std::ffi::CString::new(p.as_os_str().as_bytes()).map_err(io::Error::other);
+        let (a, b) = (c(new)?, c(target)?);
+        // SAFETY: two valid NUL-terminated paths, relative to the working directory.
+        let r =
+            unsafe { libc::renameat2(libc::AT_FDCWD, a.as_ptr(), libc::AT_FDCWD, b.as_ptr(), libc::RENAME_EXCHANGE) };
+        if r == 0 {
+            return Ok(());
+        }
+        let e = io::Error::last_os_error();
+        if !matches!(e.raw_os_error(), Some(libc::EINVAL) | Some(libc::ENOSYS)) {
+            return Err(e);
+        }
+    }
+    let old = temp_beside(target)?;
+    fs::rename(target, &old)?;
+    if let Err(e) = fs::rename(new, target) {
+        let _ = fs::rename(&old, target);
+        return Err(e);
+    }
+    // Hand the old version back under `new`, which the caller removes.
+    fs::rename(&old, new)
+}
+
+/// Flushes a directory's entries (a rename into it) to the disk.
+fn sync_dir(dir: &Path) -> io::Result<()> {
+    #[cfg(unix)]
+    File::open(dir)?.sync_all()?;
+    #[cfg(not(unix))]
+    let _ = dir;
+    Ok(())
+}
+
+/// Removes the temporaries that writers to `target` left behind when they were killed: those
+/// of processes no longer running (a live process's own, another thread's included, are in
+/// use).
+fn remove_leftovers(dir: &Path, target: &Path) {
+    let Some(name) = target.file_name() else { return };
+    let mut prefix = OsString::from(".");
+    prefix.push(name);
+    prefix.push(TEMP_TAG);
+    let prefix = prefix.to_string_lossy().into_owned();
+    let Ok(entries) = fs::read_dir(dir) else { return };
+    for entry in entries.flatten() {
+        let file_name = entry.file_name().to_string_lossy().into_owned();
+        let Some(rest) = file_name.strip_prefix(&prefix) else { continue };
+        let Some(pid) = rest.split('.').next().and_then(|p| p.parse::<u32>().ok()) else { continue };
+        if pid == std::process::id() || process_alive(pid) {
+            continue;
+        }
+        let path = entry.path();
+        let _ = if path.is_dir() { fs::remove_dir_all(&path) } else { fs::remove_file(&path) };
+    }
+}
+
+/// Whether process `pid` is running; unknown counts as running, so nothing in use is removed.
+fn process_alive(pid: u32) -> bool {
+    #[cfg(target_os = "linux")]
+    {
+        Path::new("/proc").join(pid.to_string()).exists()
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = pid;
+        true
+    }
 }

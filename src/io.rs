@@ -41,10 +41,21 @@ fn kiln_dtype(d: Dtype) -> Option<DType> {
 /// `Err(InvalidArgument)` for two tensors of one name.
 pub fn save(path: impl AsRef<Path>, tensors: &[(&str, &Tensor)], metadata: &HashMap<String, String>) -> Result<()> {
     let path = path.as_ref();
+    let data = to_bytes(tensors, metadata).map_err(|e| match e {
+        Error::Io(m) => Error::Io(format!("{}: {m}", path.display())),
+        other => other,
+    })?;
+    crate::fs::write_file(path, &data).map_err(|e| Error::Io(format!("writing {}: {e}", path.display())))
+}
+
+/// The bytes of a safetensors file holding `tensors` and `metadata`; the same tensors and
+/// metadata always give the same bytes (the header's keys sorted). `Err(InvalidArgument)`
+/// for two tensors of one name.
+pub fn to_bytes(tensors: &[(&str, &Tensor)], metadata: &HashMap<String, String>) -> Result<Vec<u8>> {
     let mut names: Vec<&str> = tensors.iter().map(|(n, _)| *n).collect();
     names.sort_unstable();
     if let Some(pair) = names.windows(2).find(|w| w[0] == w[1]) {
-        return Err(Error::InvalidArgument(format!("two tensors named {:?} for {}", pair[0], path.display())));
+        return Err(Error::InvalidArgument(format!("two tensors named {:?}", pair[0])));
     }
     let bytes: Vec<(&str, Vec<u8>, &Tensor)> =
         tensors.iter().map(|(n, t)| Ok((*n, t.to_bytes()?, *t))).collect::<Result<_>>()?;
@@ -56,9 +67,25 @@ pub fn save(path: impl AsRef<Path>, tensors: &[(&str, &Tensor)], metadata: &Hash
                 .map_err(|e| Error::Io(format!("tensor {n}: {e}")))
         })
         .collect::<Result<Vec<_>>>()?;
-    let data = safetensors::serialize(views, Some(metadata.clone()))
-        .map_err(|e| Error::Io(format!("serializing {}: {e}", path.display())))?;
-    crate::fs::write_atomically(path, &data).map_err(|e| Error::Io(format!("writing {}: {e}", path.display())))
+    let data =
+        safetensors::serialize(views, Some(metadata.clone())).map_err(|e| Error::Io(format!("serializing: {e}")))?;
+    canonical(data).map_err(|e| Error::Io(format!("serializing: {e}")))
+}
+
+/// The same file with its JSON header's keys sorted (the `safetensors` crate writes the
+/// metadata in hash order), so the same tensors and metadata always give the same bytes.
+fn canonical(data: Vec<u8>) -> std::result::Result<Vec<u8>, String> {
+    let len = data.get(..8).map(|b| u64::from_le_bytes(b.try_into().unwrap_or([0; 8]))).ok_or("no header")? as usize;
+    let header = data.get(8..8 + len).ok_or("truncated header")?;
+    let value: serde_json::Value = serde_json::from_slice(header).map_err(|e| e.to_string())?;
+    // serde_json's map is ordered by key; the format pads the header with spaces to 8 bytes.
+    let mut sorted = serde_json::to_vec(&value).map_err(|e| e.to_string())?;
+    sorted.resize(sorted.len().div_ceil(8) * 8, b' ');
+    let mut out = Vec::with_capacity(8 + sorted.len() + data.len() - 8 - len);
+    out.extend_from_slice(&(sorted.len() as u64).to_le_bytes());
+    out.extend_from_slice(&sorted);
+    out.extend_from_slice(&data[8 + len..]);
+    Ok(out)
 }
 
 /// Every tensor of a safetensors file, by name, on `device`.

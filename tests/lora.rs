@@ -158,6 +158,19 @@ fn an_adapter_written_by_peft_loads(device: &Device) {
         loaded.save_peft(&out).unwrap();
         let text = std::fs::read_to_string(out.join("adapter_config.json")).unwrap();
         assert!(text.contains("meta-llama/Llama-3.2-1B") && text.contains("use_dora"), "{text}");
+        // Numbers come back as PEFT wrote them: an integer alpha stays an integer, 0.05 stays 0.05.
+        let config: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(config["lora_alpha"], serde_json::json!(32), "{text}");
+        assert_eq!(config["lora_dropout"], serde_json::json!(0.05), "{text}");
+        assert_eq!(config["r"], serde_json::json!(4), "{text}");
+        // A second save of what the first wrote is byte for byte the same.
+        let again = LoraAdapter::load_peft(&out, &Device::Cpu).unwrap();
+        let out2 = temp_dir("peft-out2");
+        again.save_peft(&out2).unwrap();
+        for file in ["adapter_config.json", "adapter_model.safetensors"] {
+            assert_eq!(std::fs::read(out.join(file)).unwrap(), std::fs::read(out2.join(file)).unwrap(), "{file}");
+        }
+        std::fs::remove_dir_all(&out2).ok();
         std::fs::remove_dir_all(&out).ok();
     }
     std::fs::remove_dir_all(&dir).ok();

@@ -1,10 +1,14 @@
 //! LoRA adapters in PEFT's files: `adapter_config.json` and `adapter_model.safetensors`
 //! with tensors named `base_model.model.<module>.lora_A.weight` ([r, in]) and
 //! `….lora_B.weight` ([out, r]), so an adapter trained here loads in PEFT and one from PEFT
-//! loads here. Fields of the config kiln does not use are kept and written back.
+//! loads here. Fields of the config kiln does not use are kept and written back, and numbers
+//! are written back as they were read (an `lora_alpha` of 16 stays 16).
+//!
+//! The saver refuses what the loader would refuse, and the two are inverse: save, load and
+//! save again gives the same bytes. An adapter folder is replaced as a whole, in one step.
 
 use crate::{Device, Error, Result, Tensor};
-use serde_json::{Map, Value, json};
+use serde_json::{Map, Number, Value, json};
 use std::collections::BTreeMap;
 use std::path::Path;
 
@@ -24,6 +28,8 @@ pub struct LoraConfig {
     pub rank_pattern: BTreeMap<String, usize>,
     /// Per-module alpha overrides, as PEFT's `alpha_pattern`.
     pub alpha_pattern: BTreeMap<String, f32>,
+    /// The JSON numbers as read, written back while the values are unchanged.
+    numbers: BTreeMap<String, Number>,
     other: Map<String, Value>,
 }
 
@@ -37,6 +43,7 @@ impl LoraConfig {
             lora_dropout: 0.0,
             rank_pattern: BTreeMap::new(),
             alpha_pattern: BTreeMap::new(),
+            numbers: BTreeMap::new(),
             other: Map::new(),
         }
     }
@@ -57,76 +64,158 @@ impl LoraConfig {
         if self.use_rslora { alpha / r.sqrt() } else { alpha / r }
     }
 
+    /// `Err` naming the first value PEFT's files cannot hold or kiln cannot use: a rank of 0,
+    /// a non-finite alpha or scale, a dropout outside [0, 1).
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(Error::InvalidArgument(format!("LoRA config: {m}")));
+        if self.r == 0 {
+            return bad("r must be at least 1".into());
+        }
+        if !self.lora_alpha.is_finite() {
+            return bad(format!("lora_alpha {} is not finite", self.lora_alpha));
+        }
+        if !(0.0..1.0).contains(&self.lora_dropout) {
+            return bad(format!("lora_dropout {} is outside [0, 1)", self.lora_dropout));
+        }
+        if let Some((k, _)) = self.rank_pattern.iter().find(|(_, r)| **r == 0) {
+            return bad(format!("rank_pattern gives {k} a rank of 0"));
+        }
+        if let Some((k, a)) = self.alpha_pattern.iter().find(|(_, a)| !a.is_finite()) {
+            return bad(format!("alpha_pattern gives {k} the alpha {a}"));
+        }
+        Ok(())
+    }
+
     fn from_json(text: &str) -> Result<LoraConfig> {
         let bad = |m: String| Error::Io(format!("{CONFIG_FILE}: {m}"));
         let mut map: Map<String, Value> = serde_json::from_str(text).map_err(|e| bad(e.to_string()))?;
-        match map.remove("peft_type").as_ref().and_then(Value::as_str) {
-            Some("LORA") | None => {}
-            Some(other) => return Err(bad(format!("peft_type {other:?} is not LORA"))),
+        let mut numbers = BTreeMap::new();
+        match map.remove("peft_type") {
+            None => {}
+            Some(Value::String(t)) if t == "LORA" => {}
+            Some(other) => return Err(bad(format!("peft_type {other} is not \"LORA\""))),
         }
-        let r = map
-            .remove("r")
-            .and_then(|v| v.as_u64())
-            .filter(|&r| r > 0)
-            .ok_or_else(|| bad("`r` must be a positive integer".into()))?;
-        let lora_alpha = map
-            .remove("lora_alpha")
-            .and_then(|v| v.as_f64())
-            .ok_or_else(|| bad("`lora_alpha` must be a number".into()))?;
+        let r = match map.remove("r") {
+            Some(v) => positive_int(&v).ok_or_else(|| bad(format!("`r` must be a positive integer, got {v}")))?,
+            None => return Err(bad("`r` is missing".into())),
+        };
+        let lora_alpha = match map.remove("lora_alpha") {
+            Some(Value::Number(n)) => {
+                let a = f32_of(&n).ok_or_else(|| bad(format!("`lora_alpha` {n} is not a finite f32")))?;
+                numbers.insert("lora_alpha".to_string(), n);
+                a
+            }
+            Some(v) => return Err(bad(format!("`lora_alpha` must be a number, got {v}"))),
+            None => return Err(bad("`lora_alpha` is missing".into())),
+        };
         let target_modules = match map.remove("target_modules") {
             Some(Value::Array(items)) => items
                 .into_iter()
-                .map(|v| v.as_str().map(str::to_string).ok_or_else(|| bad("target_modules must be strings".into())))
+                .map(|v| match v {
+                    Value::String(s) => Ok(s),
+                    other => Err(bad(format!("target_modules holds {other}, not a string"))),
+                })
                 .collect::<Result<Vec<_>>>()?,
             Some(Value::String(s)) => vec![s],
             Some(Value::Null) | None => Vec::new(),
             Some(other) => return Err(bad(format!("target_modules is {other}"))),
         };
-        let use_rslora = map.remove("use_rslora").and_then(|v| v.as_bool()).unwrap_or(false);
-        let lora_dropout = map.remove("lora_dropout").and_then(|v| v.as_f64()).unwrap_or(0.0) as f32;
-        let numbers = |v: Option<Value>| -> Result<BTreeMap<String, f64>> {
+        let use_rslora = match map.remove("use_rslora") {
+            None | Some(Value::Null) => false,
+            Some(Value::Bool(b)) => b,
+            Some(other) => return Err(bad(format!("`use_rslora` must be true or false, got {other}"))),
+        };
+        let lora_dropout = match map.remove("lora_dropout") {
+            None | Some(Value::Null) => 0.0,
+            Some(Value::Number(n)) => {
+                let p = f32_of(&n).filter(|p| (0.0..1.0).contains(p));
+                let p = p.ok_or_else(|| bad(format!("`lora_dropout` {n} is outside [0, 1)")))?;
+                numbers.insert("lora_dropout".to_string(), n);
+                p
+            }
+            Some(other) => return Err(bad(format!("`lora_dropout` must be a number, got {other}"))),
+        };
+        let entries = |key: &str, v: Option<Value>| -> Result<Vec<(String, Number)>> {
             match v {
-                None | Some(Value::Null) => Ok(BTreeMap::new()),
+                None | Some(Value::Null) => Ok(Vec::new()),
                 Some(Value::Object(m)) => m
                     .into_iter()
-                    .map(|(k, v)| {
-                        v.as_f64()
-                            .map(|x| (k.clone(), x))
-                            .ok_or_else(|| bad(format!("pattern entry {k} is not a number")))
+                    .map(|(k, v)| match v {
+                        Value::Number(n) => Ok((k, n)),
+                        other => Err(bad(format!("{key} gives {k} {other}, not a number"))),
                     })
                     .collect(),
-                Some(other) => Err(bad(format!("a pattern must be an object, got {other}"))),
+                Some(other) => Err(bad(format!("{key} must be an object, got {other}"))),
             }
         };
-        let rank_pattern = numbers(map.remove("rank_pattern"))?.into_iter().map(|(k, v)| (k, v as usize)).collect();
-        let alpha_pattern = numbers(map.remove("alpha_pattern"))?.into_iter().map(|(k, v)| (k, v as f32)).collect();
+        let mut rank_pattern = BTreeMap::new();
+        for (k, n) in entries("rank_pattern", map.remove("rank_pattern"))? {
+            let r = positive_int(&Value::Number(n.clone()))
+                .ok_or_else(|| bad(format!("rank_pattern gives {k} the rank {n}, not a positive integer")))?;
+            rank_pattern.insert(k, r);
+        }
+        let mut alpha_pattern = BTreeMap::new();
+        for (k, n) in entries("alpha_pattern", map.remove("alpha_pattern"))? {
+            let a = f32_of(&n).ok_or_else(|| bad(format!("alpha_pattern gives {k} {n}, not a finite f32")))?;
+            numbers.insert(format!("alpha_pattern.{k}"), n);
+            alpha_pattern.insert(k, a);
+        }
         Ok(LoraConfig {
-            r: r as usize,
-            lora_alpha: lora_alpha as f32,
+            r,
+            lora_alpha,
             target_modules,
             use_rslora,
             lora_dropout,
             rank_pattern,
             alpha_pattern,
+            numbers,
             other: map,
         })
     }
 
-    fn to_json(&self) -> String {
+    /// The number `value` as JSON: as it was read under `key` when the value is unchanged,
+    /// else an integer when it is one, else f32's shortest decimal.
+    fn number(&self, key: &str, value: f32) -> Value {
+        if let Some(n) = self.numbers.get(key).filter(|n| f32_of(n) == Some(value)) {
+            return Value::Number(n.clone());
+        }
+        if value.fract() == 0.0 && value.abs() < (1u64 << 53) as f32 {
+            return json!(value as i64);
+        }
+        format!("{value}").parse::<f64>().ok().and_then(Number::from_f64).map_or(Value::Null, Value::Number)
+    }
+
+    fn to_json(&self) -> Result<String> {
+        self.validate()?;
         let mut map = self.other.clone();
         map.insert("peft_type".into(), json!("LORA"));
         map.insert("r".into(), json!(self.r));
-        map.insert("lora_alpha".into(), json!(self.lora_alpha));
+        map.insert("lora_alpha".into(), self.number("lora_alpha", self.lora_alpha));
         map.insert("target_modules".into(), json!(self.target_modules));
         map.insert("use_rslora".into(), json!(self.use_rslora));
-        map.insert("lora_dropout".into(), json!(self.lora_dropout));
+        map.insert("lora_dropout".into(), self.number("lora_dropout", self.lora_dropout));
         map.insert("rank_pattern".into(), json!(self.rank_pattern));
-        map.insert("alpha_pattern".into(), json!(self.alpha_pattern));
+        let alphas: Map<String, Value> = self
+            .alpha_pattern
+            .iter()
+            .map(|(k, a)| (k.clone(), self.number(&format!("alpha_pattern.{k}"), *a)))
+            .collect();
+        map.insert("alpha_pattern".into(), Value::Object(alphas));
         map.entry("bias").or_insert(json!("none"));
         map.entry("task_type").or_insert(json!("CAUSAL_LM"));
         map.entry("fan_in_fan_out").or_insert(json!(false));
-        serde_json::to_string_pretty(&Value::Object(map)).unwrap_or_default()
+        serde_json::to_string_pretty(&Value::Object(map)).map_err(|e| Error::Io(format!("{CONFIG_FILE}: {e}")))
     }
+}
+
+/// A JSON number that is a whole number from 1 up, as usize.
+fn positive_int(v: &Value) -> Option<usize> {
+    v.as_u64().filter(|&r| r > 0).and_then(|r| usize::try_from(r).ok())
+}
+
+/// A JSON number as f32, when it is finite there too.
+fn f32_of(n: &Number) -> Option<f32> {
+    n.as_f64().map(|v| v as f32).filter(|v| v.is_finite())
 }
 
 /// One adapted module: A [r, in] and B [out, r].
@@ -134,6 +223,21 @@ impl LoraConfig {
 pub struct LoraLayer {
     pub a: Tensor,
     pub b: Tensor,
+}
+
+impl LoraLayer {
+    /// `(r, in, out)`, or `Err(Shape)` naming the module unless A is [r, in] and B [out, r]
+    /// with r ≥ 1.
+    fn dims(&self, module: &str) -> Result<(usize, usize, usize)> {
+        match (self.a.shape(), self.b.shape()) {
+            (&[r, inp], &[out, br]) if r == br && r > 0 => Ok((r, inp, out)),
+            _ => Err(Error::Shape(format!(
+                "{PREFIX}{module}: lora_A {:?} and lora_B {:?} must be [r, in] and [out, r] with r ≥ 1",
+                self.a.shape(),
+                self.b.shape()
+            ))),
+        }
+    }
 }
 
 /// A LoRA adapter: its config and one A/B pair per adapted module, keyed by the module's
@@ -155,10 +259,10 @@ impl LoraAdapter {
     pub fn check_fits(&self, module: &str, weight_shape: [usize; 2]) -> Result<()> {
         let layer =
             self.layers.get(module).ok_or_else(|| Error::Shape(format!("the adapter has no layer {module}")))?;
-        let [out, inp] = weight_shape;
-        if layer.a.shape()[1] != inp || layer.b.shape()[0] != out {
+        let (_, inp, out) = layer.dims(module)?;
+        if [out, inp] != weight_shape {
             return Err(Error::Shape(format!(
-                "{PREFIX}{module}.lora_A.weight {:?} / lora_B.weight {:?} do not fit the model's weight [{out}, {inp}]",
+                "{PREFIX}{module}.lora_A.weight {:?} / lora_B.weight {:?} do not fit the model's weight {weight_shape:?}",
                 layer.a.shape(),
                 layer.b.shape()
             )));
@@ -166,66 +270,108 @@ impl LoraAdapter {
         Ok(())
     }
 
-    /// Writes `adapter_config.json` and `adapter_model.safetensors` into `dir` (created if
-    /// needed), each through a temporary file and a rename.
+    /// `Err` for what [`LoraAdapter::load_peft`] would refuse: no layer, a config it cannot
+    /// hold, a pair that is not [r, in] / [out, r] with r the config's rank for the module.
+    pub fn validate(&self) -> Result<()> {
+        self.config.validate()?;
+        if self.layers.is_empty() {
+            return Err(Error::InvalidArgument("a LoRA adapter needs at least one layer".into()));
+        }
+        for (module, layer) in &self.layers {
+            let (r, ..) = layer.dims(module)?;
+            if r != self.config.rank_for(module) {
+                return Err(Error::Shape(format!(
+                    "{PREFIX}{module}: lora_A {:?} and lora_B {:?} have rank {r}, but the config gives it rank {}",
+                    layer.a.shape(),
+                    layer.b.shape(),
+                    self.config.rank_for(module)
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes `adapter_config.json` and `adapter_model.safetensors` into the folder `dir`,
+    /// which is replaced as a whole in one step: a reader or a crash sees the previous
+    /// adapter or this one, never a mix. `Err` (and nothing written) for what
+    /// [`LoraAdapter::validate`] refuses.
     pub fn save_peft(&self, dir: impl AsRef<Path>) -> Result<()> {
         let dir = dir.as_ref();
-        let mut tensors: Vec<(String, &Tensor)> = Vec::new();
-        for (module, layer) in &self.layers {
-            tensors.push((format!("{PREFIX}{module}.lora_A.weight"), &layer.a));
-            tensors.push((format!("{PREFIX}{module}.lora_B.weight"), &layer.b));
-        }
+        self.validate()?;
+        let config = self.config.to_json()?;
+        let names: Vec<(String, &Tensor)> = self
+            .layers
+            .iter()
+            .flat_map(|(module, layer)| {
+                [
+                    (format!("{PREFIX}{module}.lora_A.weight"), &layer.a),
+                    (format!("{PREFIX}{module}.lora_B.weight"), &layer.b),
+                ]
+            })
+            .collect();
+        let named: Vec<(&str, &Tensor)> = names.iter().map(|(n, t)| (n.as_str(), *t)).collect();
         let meta = [("format".to_string(), "pt".to_string())].into_iter().collect();
-        let named: Vec<(&str, &Tensor)> = tensors.iter().map(|(n, t)| (n.as_str(), *t)).collect();
-        crate::io::save(dir.join(WEIGHTS_FILE), &named, &meta)?;
-        crate::fs::write_atomically(&dir.join(CONFIG_FILE), self.config.to_json().as_bytes())
-            .map_err(|e| Error::Io(format!("writing {}: {e}", dir.join(CONFIG_FILE).display())))
+        let weights = crate::io::to_bytes(&named, &meta)?;
+        crate::fs::write_dir(dir, &[(CONFIG_FILE, config.as_bytes()), (WEIGHTS_FILE, &weights)])
+            .map_err(|e| Error::Io(format!("writing {}: {e}", dir.display())))
     }
 
     /// Reads a PEFT LoRA adapter from `dir` onto `device`. `Err` naming the file or tensor
-    /// for a malformed config, a tensor without its pair, ranks that disagree with the
-    /// config, or shapes that are not [r, in] / [out, r].
+    /// for a malformed config, a tensor without its pair, two tensors for one half of a
+    /// module, ranks that disagree with the config, or shapes that are not [r, in] /
+    /// [out, r]. A folder being replaced while it is read is read again, so the two files
+    /// always come from one version.
     pub fn load_peft(dir: impl AsRef<Path>, device: &Device) -> Result<LoraAdapter> {
         let dir = dir.as_ref();
-        let text = std::fs::read_to_string(dir.join(CONFIG_FILE))
-            .map_err(|e| Error::Io(format!("reading {}: {e}", dir.join(CONFIG_FILE).display())))?;
+        let read_config = || {
+            std::fs::read(dir.join(CONFIG_FILE))
+                .map_err(|e| Error::Io(format!("reading {}: {e}", dir.join(CONFIG_FILE).display())))
+        };
+        let mut tries = 0;
+        let (text, file) = loop {
+            let before = read_config()?;
+            let file = crate::io::SafetensorsFile::open(dir.join(WEIGHTS_FILE));
+            let after = read_config();
+            match (file, after) {
+                (Ok(file), Ok(after)) if after == before => break (before, file),
+                (file, _) if tries >= 16 => {
+                    file?;
+                    return Err(Error::Io(format!("{} kept changing while it was read", dir.display())));
+                }
+                _ => tries += 1,
+            }
+        };
+        let text = String::from_utf8(text).map_err(|_| Error::Io(format!("{CONFIG_FILE} is not UTF-8")))?;
         let config = LoraConfig::from_json(&text)?;
-        let file = crate::io::SafetensorsFile::open(dir.join(WEIGHTS_FILE))?;
-        let mut halves: BTreeMap<String, (Option<Tensor>, Option<Tensor>)> = BTreeMap::new();
+        // Per module, its lora_A and lora_B with the names they came under.
+        type Half = Option<(String, Tensor)>;
+        let mut halves: BTreeMap<String, [Half; 2]> = BTreeMap::new();
         for name in file.names()? {
             let module_of =
                 |suffix: &str| name.strip_suffix(suffix).map(|m| m.strip_prefix(PREFIX).unwrap_or(m).to_string());
-            if let Some(module) = module_of(".lora_A.weight") {
-                halves.entry(module).or_default().0 = Some(file.tensor(&name, device)?);
-            } else if let Some(module) = module_of(".lora_B.weight") {
-                halves.entry(module).or_default().1 = Some(file.tensor(&name, device)?);
+            let (module, slot) = match (module_of(".lora_A.weight"), module_of(".lora_B.weight")) {
+                (Some(m), _) => (m, 0),
+                (_, Some(m)) => (m, 1),
+                _ => continue,
+            };
+            let half = &mut halves.entry(module.clone()).or_default()[slot];
+            if let Some((first, _)) = half {
+                return Err(Error::Io(format!("{first} and {name} both hold {module}'s lora_{}", ["A", "B"][slot])));
             }
+            *half = Some((name.clone(), file.tensor(&name, device)?));
         }
         let mut layers = BTreeMap::new();
         for (module, pair) in halves {
-            let (Some(a), Some(b)) = pair else {
+            let [Some((_, a)), Some((_, b))] = pair else {
                 return Err(Error::Io(format!("{PREFIX}{module}: lora_A and lora_B must both be present")));
             };
-            let (&[r, _], &[_, br]) = (a.shape(), b.shape()) else {
-                return Err(Error::Shape(format!(
-                    "{PREFIX}{module}: lora_A {:?} and lora_B {:?} must both be matrices",
-                    a.shape(),
-                    b.shape()
-                )));
-            };
-            if br != r || r != config.rank_for(&module) {
-                return Err(Error::Shape(format!(
-                    "{PREFIX}{module}: lora_A {:?} and lora_B {:?} disagree with each other or with rank {}",
-                    a.shape(),
-                    b.shape(),
-                    config.rank_for(&module)
-                )));
-            }
             layers.insert(module, LoraLayer { a, b });
         }
         if layers.is_empty() {
             return Err(Error::Io(format!("{} holds no LoRA tensors", dir.join(WEIGHTS_FILE).display())));
         }
-        Ok(LoraAdapter { config, layers })
+        let adapter = LoraAdapter { config, layers };
+        adapter.validate()?;
+        Ok(adapter)
     }
 }

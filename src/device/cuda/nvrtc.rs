@@ -192,7 +192,7 @@ pub(super) fn compile_cached(source: &KernelSource, target: &str) -> Result<Comp
     }
     let compiled = compile(source, target)?;
     if let Some(path) = &path {
-        let _ = crate::fs::write_atomically(path, &compiled.image);
+        let _ = crate::fs::write_file(path, &compiled.image);
     }
     Ok(compiled)
 }
