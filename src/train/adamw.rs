@@ -50,8 +50,9 @@ impl AdamW {
                     p.device()
                 )));
             }
-            if name.is_empty() || states.iter().any(|s: &ParamState| s.name == *name) {
-                return Err(Error::InvalidArgument(format!("parameter names must be unique and non-empty: {name:?}")));
+            check_name(name)?;
+            if states.iter().any(|s: &ParamState| s.name == *name) {
+                return Err(Error::InvalidArgument(format!("parameter names must be unique: {name:?} twice")));
             }
             states.push(ParamState {
                 name: name.to_string(),
@@ -180,7 +181,9 @@ impl AdamW {
                 fisher: if use_penalty && p.anchor.is_some() { p.fisher.as_ref() } else { None },
             })
             .collect();
-        let report = adamw_step(&mut slots, &self.hyper, self.steps + 1)?;
+        let step =
+            self.steps.checked_add(1).ok_or_else(|| Error::InvalidArgument("the step count is at its end".into()))?;
+        let report = adamw_step(&mut slots, &self.hyper, step)?;
         if !report.skipped {
             self.steps += 1;
         }
@@ -214,9 +217,36 @@ impl AdamW {
         Ok(())
     }
 
+    /// `Err` for a state that [`AdamW::step`] would refuse or [`AdamW::load`] could not read
+    /// back: hyperparameters out of range, names that are empty, repeated or hold a line
+    /// break, a step count at its end, an EWC anchor without its Fisher diagonal.
+    pub fn validate(&self) -> Result<()> {
+        self.hyper.validate()?;
+        if self.steps == u64::MAX {
+            return Err(Error::InvalidArgument("the step count is at its end".into()));
+        }
+        let mut names: Vec<&str> = Vec::with_capacity(self.params.len());
+        for p in &self.params {
+            check_name(&p.name)?;
+            if names.contains(&p.name.as_str()) {
+                return Err(Error::InvalidArgument(format!("parameter {:?} appears twice", p.name)));
+            }
+            names.push(&p.name);
+            if matches!(self.hyper.penalty, Penalty::Ewc { .. }) && p.anchor.is_some() && p.fisher.is_none() {
+                return Err(Error::InvalidArgument(format!("parameter {:?} has an EWC anchor but no Fisher", p.name)));
+            }
+        }
+        if names.is_empty() {
+            return Err(Error::InvalidArgument("AdamW needs at least one parameter".into()));
+        }
+        Ok(())
+    }
+
     /// Writes the whole state (hyperparameters, step count, per parameter master, moments,
-    /// anchor, Fisher) to a safetensors file, atomically.
+    /// anchor, Fisher) to a safetensors file, atomically. `Err` (nothing written) for what
+    /// [`AdamW::validate`] refuses. The same state always gives the same bytes.
     pub fn save(&self, path: impl AsRef<Path>) -> Result<()> {
+        self.validate()?;
         let mut tensors: Vec<(String, &Tensor)> = Vec::new();
         let mut meta = HashMap::new();
         for p in &self.params {
@@ -261,6 +291,7 @@ impl AdamW {
     /// Reads a state written by [`AdamW::save`] onto `device`. `Err` naming what is wrong for
     /// a missing, truncated or foreign file, or tensors whose shapes or dtypes do not fit.
     pub fn load(path: impl AsRef<Path>, device: &Device) -> Result<AdamW> {
+        let path = path.as_ref();
         let file = crate::io::SafetensorsFile::open(path)?;
         let meta = file.metadata()?;
         let get = |k: &str| meta.get(k).ok_or_else(|| Error::Io(format!("optimizer state lacks {k:?}")));
@@ -330,6 +361,17 @@ impl AdamW {
                 master,
             });
         }
-        Ok(AdamW { hyper, steps, params })
+        let opt = AdamW { hyper, steps, params };
+        opt.validate().map_err(|e| Error::Io(format!("{}: {e}", path.display())))?;
+        Ok(opt)
     }
+}
+
+/// `Err` unless `name` can name a parameter in a state file: not empty, no line break (the
+/// file lists the names one per line).
+fn check_name(name: &str) -> Result<()> {
+    if name.is_empty() || name.contains(['\n', '\r']) {
+        return Err(Error::InvalidArgument(format!("parameter name {name:?}: must be non-empty and on one line")));
+    }
+    Ok(())
 }
