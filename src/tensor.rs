@@ -54,6 +54,48 @@ storage_element!(f32, F32);
 storage_element!(f16, F16);
 storage_element!(bf16, BF16);
 
+/// `len` copies of `value` in a new host vector; `Err(OutOfMemory)` naming the size when
+/// the host cannot hold it, where `vec!` would abort the process. Every host buffer sized by
+/// the operands' shapes goes through here or [`try_collect`].
+pub(crate) fn try_vec<T: Clone>(len: usize, value: T) -> Result<Vec<T>> {
+    let mut v = Vec::new();
+    v.try_reserve_exact(len).map_err(|_| host_oom::<T>(len))?;
+    v.resize(len, value);
+    Ok(v)
+}
+
+/// `len` zeros in a new host vector, from zeroed memory (as `vec![0; len]`, whose large
+/// buffers cost no write pass), or `Err(OutOfMemory)` instead of an abort.
+pub(crate) fn try_zeros<T: bytemuck::Zeroable>(len: usize) -> Result<Vec<T>> {
+    let layout = std::alloc::Layout::array::<T>(len).map_err(|_| host_oom::<T>(len))?;
+    if layout.size() == 0 {
+        return Ok(std::iter::repeat_with(T::zeroed).take(len).collect());
+    }
+    // SAFETY: a non-zero size; all-zero bytes are a valid T (Zeroable); the vector takes the
+    // allocation with the layout it was made with.
+    unsafe {
+        let ptr = std::alloc::alloc_zeroed(layout) as *mut T;
+        if ptr.is_null() {
+            return Err(host_oom::<T>(len));
+        }
+        Ok(Vec::from_raw_parts(ptr, len, len))
+    }
+}
+
+/// The items of a parallel iterator of known length in a new host vector, allocated as
+/// [`try_vec`] does.
+pub(crate) fn try_collect<T: Send>(iter: impl IndexedParallelIterator<Item = T>) -> Result<Vec<T>> {
+    let mut v = Vec::new();
+    v.try_reserve_exact(iter.len()).map_err(|_| host_oom::<T>(iter.len()))?;
+    v.par_extend(iter);
+    Ok(v)
+}
+
+fn host_oom<T>(len: usize) -> Error {
+    let bytes = (len as u128) * std::mem::size_of::<T>() as u128;
+    Error::OutOfMemory(format!("host allocation of {len} elements ({bytes} bytes) failed"))
+}
+
 /// Host storage, typed.
 pub(crate) enum CpuStorage {
     F32(Vec<f32>),
@@ -93,29 +135,27 @@ impl CpuStorage {
     /// `len` elements with element `i` set to `f(i)` (rounded to `dtype`). A host allocation
     /// that fails is `Err(OutOfMemory)`, not an abort.
     pub(crate) fn filled(dtype: DType, len: usize, f: impl Fn(usize) -> f32 + Sync + Send) -> Result<CpuStorage> {
-        with_dtype!(dtype, T => {
-            let mut v: Vec<T> = Vec::new();
-            v.try_reserve_exact(len)
-                .map_err(|_| Error::OutOfMemory(format!("host allocation of {len} elements of {dtype} failed")))?;
-            v.par_extend((0..len).into_par_iter().map(|i| T::from_f32(f(i))));
-            Ok(T::into_storage(v))
-        })
+        with_dtype!(dtype, T => Ok(T::into_storage(try_collect((0..len).into_par_iter().map(|i| T::from_f32(f(i))))?)))
     }
 
-    pub(crate) fn from_f32(dtype: DType, data: &[f32]) -> CpuStorage {
-        with_dtype!(dtype, T => T::into_storage(data.par_iter().map(|&x| T::from_f32(x)).collect()))
+    pub(crate) fn from_f32(dtype: DType, data: &[f32]) -> Result<CpuStorage> {
+        with_dtype!(dtype, T => Ok(T::into_storage(try_collect(data.par_iter().map(|&x| T::from_f32(x)))?)))
     }
 
     /// Takes an f32 vector, rounding it when `dtype` is a half type.
-    pub(crate) fn from_f32_vec(dtype: DType, data: Vec<f32>) -> CpuStorage {
+    pub(crate) fn from_f32_vec(dtype: DType, data: Vec<f32>) -> Result<CpuStorage> {
         match dtype {
-            DType::F32 => CpuStorage::F32(data),
+            DType::F32 => Ok(CpuStorage::F32(data)),
             _ => Self::from_f32(dtype, &data),
         }
     }
 
-    fn from_bytes(dtype: DType, bytes: &[u8]) -> CpuStorage {
-        with_dtype!(dtype, T => T::into_storage(bytemuck::pod_collect_to_vec::<u8, T>(bytes)))
+    fn from_bytes(dtype: DType, bytes: &[u8]) -> Result<CpuStorage> {
+        with_dtype!(dtype, T => {
+            let mut v: Vec<T> = try_zeros(bytes.len() / std::mem::size_of::<T>())?;
+            bytemuck::cast_slice_mut::<T, u8>(&mut v).copy_from_slice(bytes);
+            Ok(T::into_storage(v))
+        })
     }
 
     fn as_bytes(&self) -> &[u8] {
@@ -126,8 +166,8 @@ impl CpuStorage {
         with_elems!(self, v => bytemuck::cast_slice_mut(v))
     }
 
-    pub(crate) fn to_f32_vec(&self) -> Vec<f32> {
-        with_elems!(self, v => v.par_iter().map(|x| x.to_f32()).collect())
+    pub(crate) fn to_f32_vec(&self) -> Result<Vec<f32>> {
+        with_elems!(self, v => try_collect(v.par_iter().map(|x| x.to_f32())))
     }
 }
 
@@ -221,7 +261,7 @@ impl Tensor {
         if n != data.len() {
             return Err(Error::Shape(format!("shape {shape:?} holds {n} elements but {} were given", data.len())));
         }
-        Self::from_host(CpuStorage::from_bytes(T::DTYPE, bytemuck::cast_slice(data)), shape, T::DTYPE, device)
+        Self::from_host(CpuStorage::from_bytes(T::DTYPE, bytemuck::cast_slice(data))?, shape, T::DTYPE, device)
     }
 
     /// A tensor of `dtype` from f32 values, each rounded to the nearest representable value.
@@ -230,7 +270,7 @@ impl Tensor {
         if n != data.len() {
             return Err(Error::Shape(format!("shape {shape:?} holds {n} elements but {} were given", data.len())));
         }
-        Self::from_host(CpuStorage::from_f32(dtype, data), shape, dtype, device)
+        Self::from_host(CpuStorage::from_f32(dtype, data)?, shape, dtype, device)
     }
 
     fn from_host(host: CpuStorage, shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor> {
@@ -412,8 +452,8 @@ impl Tensor {
     /// The elements converted to f32 (exact for every dtype).
     pub fn to_vec_f32(&self) -> Result<Vec<f32>> {
         match self.storage().as_cpu() {
-            Some(s) => Ok(s.to_f32_vec()),
-            None => Ok(CpuStorage::from_bytes(self.dtype, &self.to_bytes()?).to_f32_vec()),
+            Some(s) => s.to_f32_vec(),
+            None => CpuStorage::from_bytes(self.dtype, &self.to_bytes()?)?.to_f32_vec(),
         }
     }
 
@@ -423,8 +463,8 @@ impl Tensor {
             return Ok(self.clone());
         }
         let host = match self.storage().as_cpu() {
-            Some(s) => CpuStorage::from_bytes(self.dtype, s.as_bytes()),
-            None => CpuStorage::from_bytes(self.dtype, &self.to_bytes()?),
+            Some(s) => CpuStorage::from_bytes(self.dtype, s.as_bytes())?,
+            None => CpuStorage::from_bytes(self.dtype, &self.to_bytes()?)?,
         };
         Self::from_host(host, &self.shape, self.dtype, device)
     }
@@ -433,7 +473,7 @@ impl Tensor {
     pub fn copy(&self) -> Result<Tensor> {
         let bytes = self.size_in_bytes();
         let storage = match self.storage() {
-            Storage::Cpu(s) => Storage::Cpu(CpuStorage::from_bytes(self.dtype, &s.as_bytes()[..bytes])),
+            Storage::Cpu(s) => Storage::Cpu(CpuStorage::from_bytes(self.dtype, &s.as_bytes()[..bytes])?),
             #[cfg(feature = "cuda")]
             Storage::Cuda { dev, buf } => {
                 let mut dst = dev.alloc(bytes)?;

@@ -4,7 +4,7 @@
 
 use super::{AttentionOutput, MAX_HEAD_DIM};
 use crate::ops::{Operands, operands};
-use crate::tensor::{CpuStorage, StorageElement, with_elems};
+use crate::tensor::{CpuStorage, StorageElement, try_vec, try_zeros, with_elems};
 use crate::{Error, Result, Tensor};
 use rayon::prelude::*;
 
@@ -218,6 +218,10 @@ pub fn attention_decode(q: &Tensor, cache: &KvCache, options: &DecodeOptions) ->
     if !scale.is_finite() {
         return Err(Error::InvalidArgument(format!("attention scale {scale} is not finite")));
     }
+    if q.elem_count() == 0 {
+        let lse = Tensor::full(&[batch, heads, q_len], f32::NEG_INFINITY, crate::DType::F32, &q.device())?;
+        return Ok(AttentionOutput { o: Tensor::zeros(q.shape(), q.dtype(), &q.device())?, lse });
+    }
     let longest = cache.lens.iter().copied().max().unwrap_or(0);
     // The CPU has few threads to fill and pays per split for its partials: longer splits.
     let keys_per_split = if q.device().is_cpu() { 4 * DECODE_SPLIT } else { DECODE_SPLIT };
@@ -253,8 +257,8 @@ fn cpu_decode(
     let partials =
         with_elems!(ks, k => decode_splits(&qv, k, StorageElement::slice_of(vs).ok_or_else(differ)?, s, lens, q_lens));
     let (d, rows) = (s.dim, s.batch * s.heads * s.q_len);
-    let mut o = vec![0f32; rows * d];
-    let mut lse = vec![f32::NEG_INFINITY; rows];
+    let mut o = try_zeros::<f32>(rows * d)?;
+    let mut lse = try_vec(rows, f32::NEG_INFINITY)?;
     for (r, parts) in partials.chunks(s.split_count).enumerate() {
         let (b, h, i) = (r / (s.heads * s.q_len), (r / s.q_len) % s.heads, r % s.q_len);
         let (m, l, acc) = merge_partials(parts, d);

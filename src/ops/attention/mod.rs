@@ -20,7 +20,8 @@ pub(crate) mod wgpu;
 pub use decode::{DECODE_SPLIT, DecodeOptions, KvCache, attention_decode};
 
 use crate::ops::{Operands, operands};
-use crate::{Error, Result, Tensor};
+use crate::tensor::{try_vec, try_zeros};
+use crate::{DType, Error, Result, Tensor};
 use rayon::prelude::*;
 
 /// Largest head dimension the kernels take.
@@ -112,7 +113,7 @@ fn validate(q: &Tensor, k: &Tensor, v: &Tensor, options: &AttentionOptions) -> R
         )));
     }
     let lens: Vec<usize> = match &options.seq_lens {
-        None => vec![usize::MAX; batch],
+        None => try_vec(batch, usize::MAX)?,
         Some(l) if l.len() != batch => {
             return Err(Error::Shape(format!("{} sequence lengths for a batch of {batch}", l.len())));
         }
@@ -139,6 +140,11 @@ fn validate(q: &Tensor, k: &Tensor, v: &Tensor, options: &AttentionOptions) -> R
 /// q, k, v of different dtypes; `DeviceMismatch`.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, options: &AttentionOptions) -> Result<AttentionOutput> {
     let (s, lens) = validate(q, k, v, options)?;
+    if q.elem_count() == 0 || k.elem_count() == 0 {
+        // No query row, or no key to see: zeros and a logsumexp of −∞ (or nothing at all).
+        let lse = Tensor::full(&[s.batch, s.heads, s.q_len], f32::NEG_INFINITY, DType::F32, &q.device())?;
+        return Ok(AttentionOutput { o: Tensor::zeros(q.shape(), q.dtype(), &q.device())?, lse });
+    }
     match operands("attention", [q, k, v])? {
         Operands::Cpu(_) => cpu_forward(q, k, v, &s, &lens),
         #[cfg(feature = "cuda")]
@@ -180,8 +186,8 @@ fn cpu_forward(q: &Tensor, k: &Tensor, v: &Tensor, s: &AttnShape, lens: &[usize]
             }
         })
         .collect();
-    let mut o = vec![0f32; rows * d];
-    let mut lse = vec![0f32; rows];
+    let mut o = try_zeros::<f32>(rows * d)?;
+    let mut lse = try_zeros::<f32>(rows)?;
     for (r, (row, l)) in results.into_iter().enumerate() {
         let (b, h, i) = (r / (s.heads * s.q_len), (r / s.q_len) % s.heads, r % s.q_len);
         o[((b * s.q_len + i) * s.heads + h) * d..][..d].copy_from_slice(&row);
@@ -217,6 +223,12 @@ pub fn attention_backward(
 ) -> Result<AttentionGrads> {
     crate::ops::same_device("attention_backward", &[q, k, v, &forward.o, &forward.lse, d_o])?;
     let (s, lens) = validate(q, k, v, options)?;
+    if forward.lse.dtype() != DType::F32 {
+        return Err(Error::DType(format!(
+            "attention_backward: lse is {}; it must be the forward's f32 logsumexp",
+            forward.lse.dtype()
+        )));
+    }
     if d_o.shape() != q.shape() || forward.o.shape() != q.shape() || forward.lse.shape() != [s.batch, s.heads, s.q_len]
     {
         return Err(Error::Shape(format!(
@@ -231,8 +243,12 @@ pub fn attention_backward(
             s.q_len
         )));
     }
+    if q.elem_count() == 0 || k.elem_count() == 0 {
+        let zeros = |t: &Tensor| Tensor::zeros(t.shape(), DType::F32, &t.device());
+        return Ok(AttentionGrads { dq: zeros(q)?, dk: zeros(k)?, dv: zeros(v)? });
+    }
     // D = rowsum(dO ⊙ O), [batch, q_len, heads], with the elementwise kernels.
-    let f32_of = |t: &Tensor| t.to_dtype(crate::DType::F32);
+    let f32_of = |t: &Tensor| t.to_dtype(DType::F32);
     let d = crate::ops::sum_rows(&crate::ops::mul(&f32_of(d_o)?, &f32_of(&forward.o)?)?)?;
     let inputs = BackwardInputs { q, k, v, d_o, lse: &forward.lse, delta: &d };
     match operands("attention_backward", [q, &d])? {
@@ -270,7 +286,7 @@ fn cpu_backward(inputs: &BackwardInputs<'_>, s: &AttnShape, lens: &[usize]) -> R
         let dp = crate::ops::dot(&dov[qb..qb + d], &vv[kb..kb + d]);
         (p, p * (dp - dd[(b * s.q_len + i) * s.heads + h]))
     };
-    let mut dq = vec![0f32; qv.len()];
+    let mut dq = try_zeros::<f32>(qv.len())?;
     dq.par_chunks_mut(d).enumerate().for_each(|(row, out)| {
         let (b, i, h) = (row / (s.q_len * s.heads), (row / s.heads) % s.q_len, row % s.heads);
         for j in 0..s.visible(i, lens[b]) {
@@ -281,8 +297,8 @@ fn cpu_backward(inputs: &BackwardInputs<'_>, s: &AttnShape, lens: &[usize]) -> R
             }
         }
     });
-    let mut dk = vec![0f32; kv.len()];
-    let mut dv = vec![0f32; vv.len()];
+    let mut dk = try_zeros::<f32>(kv.len())?;
+    let mut dv = try_zeros::<f32>(vv.len())?;
     dk.par_chunks_mut(d).zip(dv.par_chunks_mut(d)).enumerate().for_each(|(row, (dk_row, dv_row))| {
         let (b, j, kh) = (row / (s.kv_len * s.kv_heads), (row / s.kv_heads) % s.kv_len, row % s.kv_heads);
         for h in kh * group..(kh + 1) * group {

@@ -11,7 +11,7 @@ pub(crate) mod wgpu;
 
 use crate::ops::hash::mix32;
 use crate::ops::{Operands, operands};
-use crate::tensor::{CpuStorage, StorageElement, with_dtype, with_elems};
+use crate::tensor::{CpuStorage, StorageElement, try_collect, with_dtype, with_elems};
 use crate::{DType, Element, Error, Result, Tensor};
 use rayon::prelude::*;
 
@@ -59,8 +59,8 @@ fn binary(op: BinaryOp, a: &Tensor, b: &Tensor) -> Result<Tensor> {
     }
     match operands {
         Operands::Cpu([x, y]) => {
-            let out = with_elems!(x, x => zip_map(x, y, op))
-                .ok_or_else(|| Error::DType(format!("{}: dtypes differ", op.name())))?;
+            let differ = || Error::DType(format!("{}: dtypes differ", op.name()));
+            let out = with_elems!(x, x => zip_map(x, StorageElement::slice_of(y).ok_or_else(differ)?, op)?);
             Ok(Tensor::from_cpu_storage(out, a.shape(), a.dtype()))
         }
         #[cfg(feature = "cuda")]
@@ -70,12 +70,11 @@ fn binary(op: BinaryOp, a: &Tensor, b: &Tensor) -> Result<Tensor> {
     }
 }
 
-/// `op` elementwise over x and y (which must hold x's dtype, else `None`).
-fn zip_map<T: StorageElement>(x: &[T], y: &CpuStorage, op: BinaryOp) -> Option<CpuStorage> {
-    let y = T::slice_of(y)?;
-    Some(T::into_storage(
-        x.par_iter().zip(y.par_iter()).map(|(&x, &y)| T::from_f32(op.apply(x.to_f32(), y.to_f32()))).collect(),
-    ))
+/// `op` elementwise over x and y.
+fn zip_map<T: StorageElement>(x: &[T], y: &[T], op: BinaryOp) -> Result<CpuStorage> {
+    let out =
+        try_collect(x.par_iter().zip(y.par_iter()).map(|(&x, &y)| T::from_f32(op.apply(x.to_f32(), y.to_f32()))))?;
+    Ok(T::into_storage(out))
 }
 
 /// `s · a`, elementwise, computed in f32. `Err(InvalidArgument)` when `s` is not finite.
@@ -85,7 +84,7 @@ pub fn scale(a: &Tensor, s: f32) -> Result<Tensor> {
     }
     match operands("scale", [a])? {
         Operands::Cpu([x]) => {
-            let out = with_elems!(x, x => map(x, |v| v * s));
+            let out = with_elems!(x, x => map(x, |v| v * s)?);
             Ok(Tensor::from_cpu_storage(out, a.shape(), a.dtype()))
         }
         #[cfg(feature = "cuda")]
@@ -95,8 +94,8 @@ pub fn scale(a: &Tensor, s: f32) -> Result<Tensor> {
     }
 }
 
-fn map<T: StorageElement>(x: &[T], f: impl Fn(f32) -> f32 + Sync) -> CpuStorage {
-    T::into_storage(x.par_iter().map(|&v| T::from_f32(f(v.to_f32()))).collect())
+fn map<T: StorageElement>(x: &[T], f: impl Fn(f32) -> f32 + Sync) -> Result<CpuStorage> {
+    Ok(T::into_storage(try_collect(x.par_iter().map(|&v| T::from_f32(f(v.to_f32()))))?))
 }
 
 /// Sum over the last dimension, accumulated in f32: `[.., n]` → `[..]` (a rank-1 input
@@ -106,9 +105,14 @@ pub fn sum_rows(a: &Tensor) -> Result<Tensor> {
         return Err(Error::Shape("sum_rows needs at least one dimension, got a scalar".into()));
     };
     let rows: usize = lead.iter().product();
-    match operands("sum_rows", [a])? {
+    let operands = operands("sum_rows", [a])?;
+    if cols == 0 || rows == 0 {
+        // Empty rows sum to 0; the output's size alone decides whether it can be had.
+        return Tensor::zeros(lead, a.dtype(), &a.device());
+    }
+    match operands {
         Operands::Cpu([x]) => {
-            let out = with_elems!(x, x => row_sums(x, rows, cols));
+            let out = with_elems!(x, x => row_sums(x, rows, cols)?);
             Ok(Tensor::from_cpu_storage(out, lead, a.dtype()))
         }
         #[cfg(feature = "cuda")]
@@ -118,13 +122,11 @@ pub fn sum_rows(a: &Tensor) -> Result<Tensor> {
     }
 }
 
-fn row_sums<T: StorageElement>(x: &[T], rows: usize, cols: usize) -> CpuStorage {
-    T::into_storage(
-        (0..rows)
-            .into_par_iter()
-            .map(|r| T::from_f32(x[r * cols..(r + 1) * cols].iter().map(|v| v.to_f32()).sum()))
-            .collect(),
-    )
+fn row_sums<T: StorageElement>(x: &[T], rows: usize, cols: usize) -> Result<CpuStorage> {
+    let sums = try_collect(
+        (0..rows).into_par_iter().map(|r| T::from_f32(x[r * cols..(r + 1) * cols].iter().map(|v| v.to_f32()).sum())),
+    )?;
+    Ok(T::into_storage(sums))
 }
 
 /// The elements converted to `dtype`, rounding to nearest even (f32 → f16 overflows to ±inf
@@ -137,7 +139,7 @@ pub fn cast(a: &Tensor, dtype: DType) -> Result<Tensor> {
         Operands::Cpu([x]) => {
             // Through f32, which holds every f16 and bf16 value exactly: one rounding.
             let out = with_elems!(x, x => with_dtype!(dtype, U => U::into_storage(
-                x.par_iter().map(|v| U::from_f32(v.to_f32())).collect()
+                try_collect(x.par_iter().map(|v| U::from_f32(v.to_f32())))?
             )));
             Ok(Tensor::from_cpu_storage(out, a.shape(), dtype))
         }
@@ -164,9 +166,9 @@ pub fn add_bias(x: &Tensor, bias: &Tensor) -> Result<Tensor> {
     }
     match operands {
         Operands::Cpu([xs, bs]) => {
-            let (xv, bv) = (xs.to_f32_vec(), bs.to_f32_vec());
-            let out: Vec<f32> = xv.par_iter().enumerate().map(|(i, v)| v + bv[i % cols]).collect();
-            Ok(Tensor::from_cpu_storage(CpuStorage::from_f32_vec(x.dtype(), out), x.shape(), x.dtype()))
+            let (xv, bv) = (xs.to_f32_vec()?, bs.to_f32_vec()?);
+            let out = try_collect(xv.par_iter().enumerate().map(|(i, v)| v + bv[i % cols]))?;
+            Ok(Tensor::from_cpu_storage(CpuStorage::from_f32_vec(x.dtype(), out)?, x.shape(), x.dtype()))
         }
         #[cfg(feature = "cuda")]
         Operands::Cuda(dev, [buf, b]) => cuda::add_bias(dev, x, buf, b, cols),
@@ -202,13 +204,11 @@ pub fn dropout(x: &Tensor, p: f32, seed: u64) -> Result<Tensor> {
     let scale = 1.0 / (1.0 - p);
     match operands("dropout", [x])? {
         Operands::Cpu([xs]) => {
-            let xv = xs.to_f32_vec();
-            let out: Vec<f32> = xv
-                .par_iter()
-                .enumerate()
-                .map(|(i, v)| if keeps(key, i, threshold) { v * scale } else { 0.0 })
-                .collect();
-            Ok(Tensor::from_cpu_storage(CpuStorage::from_f32_vec(x.dtype(), out), x.shape(), x.dtype()))
+            let xv = xs.to_f32_vec()?;
+            let out = try_collect(
+                xv.par_iter().enumerate().map(|(i, v)| if keeps(key, i, threshold) { v * scale } else { 0.0 }),
+            )?;
+            Ok(Tensor::from_cpu_storage(CpuStorage::from_f32_vec(x.dtype(), out)?, x.shape(), x.dtype()))
         }
         #[cfg(feature = "cuda")]
         Operands::Cuda(dev, [buf]) => cuda::dropout(dev, x, buf, key, threshold, scale),

@@ -151,6 +151,11 @@ fn check_layer(x: &Tensor, l: &LoraLinear<'_>) -> Result<()> {
     if x.device() != base.device() {
         return Err(Error::DeviceMismatch(format!("x on {}, W on {}", x.device(), base.device())));
     }
+    if let BaseWeight::Dense(w) = base {
+        if w.rank() != 2 {
+            return Err(Error::Shape(format!("lora layer: W {:?} must be [out, in]", w.shape())));
+        }
+    }
     crate::ops::same_device("lora", &[x, a, b])?;
     let [out, inp] = base.shape();
     let (&[r, a_in], &[b_out, b_r]) = (a.shape(), b.shape()) else {
@@ -207,14 +212,8 @@ pub fn lora_forward(x: &Tensor, layer: &LoraLinear<'_>) -> Result<LoraOutput> {
         }
     }
     let [out, _] = layer.base.shape();
-    let (tokens, r) = (x.shape()[0], layer.a.shape()[0]);
+    let tokens = x.shape()[0];
     let device = x.device();
-    if tokens == 0 || out == 0 {
-        return Ok(LoraOutput {
-            y: Tensor::empty(&[tokens, out], x.dtype(), &device)?,
-            xa: Tensor::zeros(&[tokens, r], DType::F32, &device)?,
-        });
-    }
     let fused = Fused {
         x,
         base: layer.base,
@@ -224,6 +223,10 @@ pub fn lora_forward(x: &Tensor, layer: &LoraLinear<'_>) -> Result<LoraOutput> {
         scale: layer.scale,
         dropout: layer.dropout,
     };
+    if tokens == 0 || out == 0 {
+        // No output to fuse into; x·Aᵀ still comes back for the backward pass.
+        return Ok(LoraOutput { y: Tensor::empty(&[tokens, out], x.dtype(), &device)?, xa: fused.shrink()? });
+    }
     let (y, xa) = match device.backend()? {
         Backend::Cpu => cpu_fused(&fused)?,
         #[cfg(feature = "cuda")]
@@ -455,7 +458,7 @@ pub fn lora_batched(x: &Tensor, y: &Tensor, set: &AdapterSet, adapters: &[i32]) 
             set.len()
         )));
     }
-    if tokens == 0 {
+    if tokens == 0 || set.out == 0 {
         return Ok(y.clone());
     }
     let xf = x.to_dtype(DType::F32)?;

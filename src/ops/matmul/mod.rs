@@ -14,7 +14,7 @@ pub(crate) mod cuda;
 pub(crate) mod wgpu;
 
 use crate::ops::{Operands, SharedMut, operands};
-use crate::tensor::{CpuStorage, StorageElement, with_elems};
+use crate::tensor::{CpuStorage, StorageElement, try_zeros, with_elems};
 use crate::{DType, Element, Error, Result, Tensor};
 use rayon::prelude::*;
 
@@ -131,8 +131,7 @@ pub fn matmul_with(a: &Tensor, b: &Tensor, options: MatmulOptions) -> Result<Ten
     }
     match operands {
         Operands::Cpu([sa, sb]) => {
-            let c = cpu_matmul(&problem, sa, sb).ok_or_else(|| Error::DType("matmul: dtypes differ".into()))?;
-            Ok(Tensor::from_cpu_storage(c, &out_shape, problem.out_dtype))
+            Ok(Tensor::from_cpu_storage(cpu_matmul(&problem, sa, sb)?, &out_shape, problem.out_dtype))
         }
         #[cfg(feature = "cuda")]
         Operands::Cuda(dev, [ba, bb]) => {
@@ -192,6 +191,10 @@ fn plan(a: &Tensor, b: &Tensor, o: MatmulOptions) -> Result<(MatmulProblem, Vec<
         Some(bs) => vec![bs, m, n],
         None => vec![m, n],
     };
+    // Every index the kernels form stays below the output's element count.
+    [problem.batch, m, n].iter().try_fold(1usize, |acc, &d| acc.checked_mul(d)).ok_or_else(|| {
+        Error::Shape(format!("matmul output {out_shape:?} has more elements than fit in usize: {}", describe()))
+    })?;
     Ok((problem, out_shape))
 }
 
@@ -209,25 +212,27 @@ const MC: usize = 72;
 /// Columns of C per task, so narrow and wide problems both split across threads.
 const NC: usize = 256;
 
-/// The CPU product; `None` when a and b differ in dtype (`plan` refuses that first).
-fn cpu_matmul(p: &MatmulProblem, a: &CpuStorage, b: &CpuStorage) -> Option<CpuStorage> {
-    let c = with_elems!(a, a => cpu_matmul_f32_out(p, a, StorageElement::slice_of(b)?));
-    Some(CpuStorage::from_f32_vec(p.out_dtype, c))
+/// The CPU product (`plan` checked that a and b share a dtype).
+fn cpu_matmul(p: &MatmulProblem, a: &CpuStorage, b: &CpuStorage) -> Result<CpuStorage> {
+    let differ = || Error::DType("matmul: the operands' dtypes differ".into());
+    let c = with_elems!(a, a => cpu_matmul_f32_out(p, a, StorageElement::slice_of(b).ok_or_else(differ)?)?);
+    CpuStorage::from_f32_vec(p.out_dtype, c)
 }
 
 /// The CPU matmul with its f32 accumulators as the result (row-major [batch, m, n]).
 /// Other families call it on panels they have decoded to f32.
-pub(crate) fn cpu_matmul_f32_out<T: Element>(p: &MatmulProblem, a: &[T], b: &[T]) -> Vec<f32> {
-    let mut c = vec![0f32; p.batch * p.m * p.n];
+pub(crate) fn cpu_matmul_f32_out<T: Element>(p: &MatmulProblem, a: &[T], b: &[T]) -> Result<Vec<f32>> {
+    let mut c = try_zeros::<f32>(p.batch * p.m * p.n)?;
     cpu_matmul_into(p, a, b, &mut c, false);
-    c
+    Ok(c)
 }
 
 /// `c = a·b`, or `c += a·b` when `accumulate` (the product is added to each tile of C in
-/// the micro-kernel's registers, so no second [m, n] buffer exists).
+/// the micro-kernel's registers, so no second [m, n] buffer exists). `c` holds
+/// `batch·m·n` values: the caller sizes it from the problem.
 pub(crate) fn cpu_matmul_into<T: Element>(p: &MatmulProblem, a: &[T], b: &[T], c: &mut [f32], accumulate: bool) {
     let (m, n) = (p.m, p.n);
-    assert_eq!(c.len(), p.batch * m * n, "the caller sizes C for the problem");
+    debug_assert_eq!(c.len(), p.batch * m * n);
     for (bi, c_batch) in c.chunks_mut(m * n).enumerate() {
         let a = &a[bi * p.batch_stride_a..];
         let b = &b[bi * p.batch_stride_b..];

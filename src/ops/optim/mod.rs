@@ -85,7 +85,10 @@ impl Default for AdamWHyper {
 }
 
 impl AdamWHyper {
-    fn validate(&self) -> Result<()> {
+    /// `Err(InvalidArgument)` naming the first value out of range: a learning rate, weight
+    /// decay or λ that is negative or not finite, a β outside [0, 1), an ε or clip norm that
+    /// is not finite and positive.
+    pub fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(Error::InvalidArgument(m));
         if !(self.lr.is_finite() && self.lr >= 0.0) {
             return bad(format!("learning rate must be finite and >= 0, got {}", self.lr));
@@ -514,7 +517,7 @@ pub fn fisher_accumulate(fisher: &mut Tensor, grad: &Tensor, count: u64) -> Resu
     fisher.storage_mut()?; // updated in place: own the storage first
     match fisher.device().backend()? {
         Backend::Cpu => {
-            let g = host(grad, "the gradient")?.to_f32_vec();
+            let g = host(grad, "the gradient")?.to_f32_vec()?;
             let f = f32s_mut(fisher, "the Fisher diagonal")?;
             f.par_iter_mut().zip(g.par_iter()).for_each(|(f, &g)| *f += (g * g - *f) * inv);
             Ok(())

@@ -15,6 +15,7 @@
 
 use super::formats::{BlockQ4_0, BlockQ8_0, GgmlBlock, decode_block, nf4_absmax};
 use super::{GEMV_MAX_TOKENS, NF4_CODE, QTensor, QuantFormat};
+use crate::tensor::try_zeros;
 use rayon::prelude::*;
 
 /// W rows per task: a row is a few microseconds of work, so threads get runs of rows.
@@ -72,7 +73,13 @@ impl Q8Rows {
 
 /// `y = x·Wᵀ` for `tokens` rows of `x` (`[tokens, cols]`, f32), `[tokens, rows]` out. With
 /// `int8_activations`, Q8_0 and Q4_0 weights take the product of x rounded to [`Q8Rows`].
-pub(crate) fn cpu_gemv(w: &QTensor, bytes: &[u8], x: &[f32], tokens: usize, int8_activations: bool) -> Vec<f32> {
+pub(crate) fn cpu_gemv(
+    w: &QTensor,
+    bytes: &[u8],
+    x: &[f32],
+    tokens: usize,
+    int8_activations: bool,
+) -> crate::Result<Vec<f32>> {
     let (rows, cols) = (w.rows, w.cols);
     let block_bytes = w.format.ggml_block_bytes();
     let rounded = (int8_activations && block_bytes.is_some()).then(|| Q8Rows::round(x));
@@ -83,7 +90,7 @@ pub(crate) fn cpu_gemv(w: &QTensor, bytes: &[u8], x: &[f32], tokens: usize, int8
     #[cfg(not(target_arch = "x86_64"))]
     let simd = false;
     // [rows, tokens]: each task writes its rows' results contiguously.
-    let mut by_row = vec![0f32; rows * tokens];
+    let mut by_row = try_zeros::<f32>(rows * tokens)?;
     by_row.par_chunks_mut(TASK_ROWS * tokens).enumerate().for_each(|(task, out)| {
         let first = task * TASK_ROWS;
         match (simd, block_bytes, &rounded) {
@@ -126,13 +133,13 @@ pub(crate) fn cpu_gemv(w: &QTensor, bytes: &[u8], x: &[f32], tokens: usize, int8
             }
         }
     });
-    let mut y = vec![0f32; tokens * rows];
+    let mut y = try_zeros::<f32>(tokens * rows)?;
     for (o, r) in by_row.chunks_exact(tokens).enumerate() {
         for (t, &v) in r.iter().enumerate() {
             y[t * rows + o] = v;
         }
     }
-    y
+    Ok(y)
 }
 
 /// Runs `step` over the task's rows `R` at a time (`out` is `[rows, T]`); a last partial step
@@ -423,7 +430,7 @@ mod tests {
                 let x = x.to_vec::<f32>().unwrap();
                 let xq = Q8Rows::round(&x);
                 for int8 in [false, true] {
-                    let simd = cpu_gemv(&q, &bytes, &x, tokens, int8);
+                    let simd = cpu_gemv(&q, &bytes, &x, tokens, int8).unwrap();
                     let mut row = vec![0f32; tokens];
                     for o in 0..rows {
                         if int8 {

@@ -35,7 +35,7 @@ pub use formats::{
 };
 
 use crate::ops::{Operands, operands};
-use crate::tensor::{CpuStorage, RawBuffer};
+use crate::tensor::{CpuStorage, RawBuffer, try_zeros};
 use crate::{DType, Device, Error, Result, Tensor};
 use formats::{GgmlBlock, decode_block, nf4_absmax};
 use quantize::{quantize_blockwise_8bit, quantize_nf4, quantize_q4_0, quantize_q8_0};
@@ -136,14 +136,17 @@ impl QTensor {
     }
 
     /// Q8_0 or Q4_0 blocks exactly as ggml (and GGUF files) store them, for an `[out, in]`
-    /// weight. `Err` when the format is not a ggml one, `in` is not a multiple of 32, or the
-    /// byte count is not blocks × block bytes.
+    /// weight. `Err` when the format is not a ggml one, `in` is not a multiple of 32, the
+    /// byte count is not blocks × block bytes, or a block's scale is not finite (the rule
+    /// [`QTensor::from_nf4`] follows too).
     pub fn from_ggml_blocks(format: QuantFormat, blocks: &[u8], shape: &[usize], device: &Device) -> Result<QTensor> {
         let Some(block_bytes) = format.ggml_block_bytes() else {
             return Err(Error::InvalidArgument(format!("{format} is not a ggml block format (q8_0, q4_0)")));
         };
         let (rows, cols) = check_shape(format, shape)?;
-        let want = rows * cols / 32 * block_bytes;
+        let want = (rows * cols / 32)
+            .checked_mul(block_bytes)
+            .ok_or_else(|| Error::Shape(format!("{format} weight {shape:?} takes more bytes than fit in usize")))?;
         if blocks.len() != want {
             return Err(Error::InvalidArgument(format!(
                 "{format} weight {shape:?} takes {} blocks = {want} bytes, got {} bytes",
@@ -276,13 +279,26 @@ impl QTensor {
             QuantFormat::Nf4 | QuantFormat::Nf4DoubleQuant => 1.0,
         };
         let blocks = rows * cols / format.block_size();
-        w.max_abs = (0..blocks)
-            .map(|b| match format {
-                QuantFormat::Q8_0 => BlockQ8_0::at(&bytes, b).scale(),
-                QuantFormat::Q4_0 => BlockQ4_0::at(&bytes, b).scale(),
-                _ => nf4_absmax(&w, &bytes, b),
-            })
-            .fold(0f32, |m, s| m.max(s.abs() * code_max));
+        let scale = |b: usize| match format {
+            QuantFormat::Q8_0 => BlockQ8_0::at(&bytes, b).scale(),
+            QuantFormat::Q4_0 => BlockQ4_0::at(&bytes, b).scale(),
+            _ => nf4_absmax(&w, &bytes, b),
+        };
+        // One rule for every format: a scale must be finite (ggml writes an infinite f16 for
+        // weights beyond 65504·code; such a block decodes to NaN).
+        if let Some(b) = (0..blocks).find(|&b| !scale(b).is_finite()) {
+            let per_row = cols / format.block_size();
+            return Err(Error::InvalidArgument(format!(
+                "{format} block {b} (row {}, columns {}..{}) has the scale {}: its weights lie beyond what the \
+                 format holds (|w| ≤ {} for {format})",
+                b / per_row.max(1),
+                b % per_row.max(1) * format.block_size(),
+                (b % per_row.max(1) + 1) * format.block_size(),
+                scale(b),
+                65504.0 * code_max,
+            )));
+        }
+        w.max_abs = (0..blocks).map(scale).fold(0f32, |m, s| m.max(s.abs() * code_max));
         w.device = *device;
         w.data = Arc::new(RawBuffer::new(bytes, device)?);
         Ok(w)
@@ -290,8 +306,10 @@ impl QTensor {
 
     /// Quantizes an `[out, in]` weight (any float dtype, any device) on the CPU, as ggml's
     /// reference quantizers and bitsandbytes define each format, and puts the result on the
-    /// weight's device. `Err` for NaN or infinite weights, a shape that is not `[out, in]`
-    /// or an `in` that is not a multiple of the block.
+    /// weight's device. `Err` for NaN or infinite weights, weights beyond what a ggml
+    /// format's f16 scale holds (|w| > 65504·127 for Q8_0, 65504·8 for Q4_0, where ggml would
+    /// write an infinite scale), a shape that is not `[out, in]` or an `in` that is not a
+    /// multiple of the block.
     pub fn quantize(w: &Tensor, format: QuantFormat) -> Result<QTensor> {
         let (rows, cols) = check_shape(format, w.shape())?;
         let values = w.to_vec_f32()?;
@@ -340,10 +358,10 @@ impl QTensor {
     pub fn dequantize(&self, dtype: DType) -> Result<Tensor> {
         match self.raw() {
             RawBuffer::Cpu(bytes) => {
-                let mut out = vec![0f32; self.rows * self.cols];
+                let mut out = try_zeros::<f32>(self.rows * self.cols)?;
                 let bs = self.format.block_size();
                 out.par_chunks_mut(bs).enumerate().for_each(|(b, dst)| decode_block(self, bytes, b, dst));
-                Ok(Tensor::from_cpu_storage(CpuStorage::from_f32_vec(dtype, out), &[self.rows, self.cols], dtype))
+                Ok(Tensor::from_cpu_storage(CpuStorage::from_f32_vec(dtype, out)?, &[self.rows, self.cols], dtype))
             }
             #[cfg(feature = "cuda")]
             RawBuffer::Cuda { dev, buf, .. } => cuda::dequantize(dev, self, buf, dtype),
@@ -447,21 +465,27 @@ fn product(x: &Tensor, w: &QTensor, direction: Direction, options: QMatmulOption
     let tokens: usize = lead.iter().product();
     let mut out_shape = lead.to_vec();
     out_shape.push(n);
+    tokens
+        .checked_mul(n)
+        .ok_or_else(|| Error::Shape(format!("output {out_shape:?} has more elements than fit in usize")))?;
     let p = QProblem { tokens, k, n, direction };
     if tokens == 0 || n == 0 {
         return Tensor::empty(&out_shape, x.dtype(), &x.device());
+    }
+    if k == 0 {
+        return Tensor::zeros(&out_shape, x.dtype(), &x.device());
     }
     let mismatch = || Error::DeviceMismatch("x and the weight are on different backends".into());
     match operands("quantized product", [x])? {
         Operands::Cpu([xs]) => {
             let bytes = w.raw().as_cpu().ok_or_else(mismatch)?;
-            let xf = xs.to_f32_vec();
+            let xf = xs.to_f32_vec()?;
             let y = if tokens <= GEMV_MAX_TOKENS && direction == Direction::Forward {
-                gemv::cpu_gemv(w, bytes, &xf, tokens, options.int8_activations)
+                gemv::cpu_gemv(w, bytes, &xf, tokens, options.int8_activations)?
             } else {
-                gemm::cpu_gemm(w, bytes, &xf, &p)
+                gemm::cpu_gemm(w, bytes, &xf, &p)?
             };
-            Ok(Tensor::from_cpu_storage(CpuStorage::from_f32_vec(x.dtype(), y), &out_shape, x.dtype()))
+            Ok(Tensor::from_cpu_storage(CpuStorage::from_f32_vec(x.dtype(), y)?, &out_shape, x.dtype()))
         }
         #[cfg(feature = "cuda")]
         Operands::Cuda(dev, [buf]) => {
