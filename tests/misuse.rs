@@ -1,0 +1,680 @@
+//! API misuse: every public op called as a hostile or careless user would call it (wrong
+//! ranks, shapes, dtypes and devices; zero dimensions; dimensions whose products overflow or
+//! whose outputs no memory holds; non-finite values) must answer `Err`, or the documented
+//! result, never panic or abort, and answer the same on every device as on the CPU.
+//!
+//! The walk for each backend runs in a child process (this test binary, re-run), so an abort
+//! (an allocation the process cannot survive) fails the test with the case it happened in;
+//! inside the child each case runs under `catch_unwind`, so one panic names its case and
+//! the walk goes on.
+
+mod common;
+
+use common::Backend;
+use kiln::ops::attention::{AttentionOptions, AttentionOutput, DecodeOptions, KvCache, attention_decode};
+use kiln::ops::lora::{AdapterSet, BaseWeight, LoraLinear, lora_backward, lora_batched, lora_forward, merge, unmerge};
+use kiln::ops::optim::{AdamWHyper, ParamSlot, adamw_step, fisher_accumulate};
+use kiln::ops::quant::{Nf4Absmax, Nf4State};
+use kiln::ops::{self, MatmulOptions, QTensor, QuantFormat};
+use kiln::train::AdamW;
+use kiln::{DType, Device, Error, Tensor};
+use std::panic::{AssertUnwindSafe, catch_unwind};
+
+type Run = Box<dyn Fn(&Device) -> kiln::Result<Vec<Tensor>>>;
+
+/// What a case must give on the CPU (every other device must then give the same).
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Expect {
+    /// An `Err` (any kind: the message is checked to be non-empty).
+    Refused,
+    /// An `Ok`, whose outputs are checked where the case computes them.
+    Accepted,
+    /// The documented result is either; it must only not panic and agree across devices.
+    Either,
+}
+
+struct Case {
+    name: String,
+    expect: Expect,
+    run: Run,
+}
+
+fn case(name: &str, expect: Expect, run: impl Fn(&Device) -> kiln::Result<Vec<Tensor>> + 'static) -> Case {
+    Case { name: name.to_string(), expect, run: Box::new(run) }
+}
+
+use Expect::{Accepted, Either, Refused};
+
+/// An empty dimension beside two whose product overflows usize on its own.
+const HUGE: usize = 1 << 40;
+/// Outputs of `WIDE × WIDE` elements (4 TiB of f32) that no memory holds.
+const WIDE: usize = 1 << 20;
+const NAN: f32 = f32::NAN;
+
+fn z(shape: &[usize], d: &Device) -> kiln::Result<Tensor> {
+    Tensor::zeros(shape, DType::F32, d)
+}
+
+fn zt(shape: &[usize], dtype: DType, d: &Device) -> kiln::Result<Tensor> {
+    Tensor::zeros(shape, dtype, d)
+}
+
+/// Small integers (exact in every dtype and every accumulation order).
+fn ints(shape: &[usize], d: &Device) -> kiln::Result<Tensor> {
+    let n: usize = shape.iter().product();
+    let v: Vec<f32> = (0..n).map(|i| ((i * 7) % 5) as f32 - 2.0).collect();
+    Tensor::from_f32(&v, shape, DType::F32, d)
+}
+
+fn full(shape: &[usize], value: f32, d: &Device) -> kiln::Result<Tensor> {
+    Tensor::full(shape, value, DType::F32, d)
+}
+
+fn dense<'a>(base: &'a Tensor, a: &'a Tensor, b: &'a Tensor) -> LoraLinear<'a> {
+    LoraLinear { base: BaseWeight::Dense(base), bias: None, a, b, scale: 1.0, dropout: None }
+}
+
+fn attn(q: &Tensor, k: &Tensor, v: &Tensor, o: &AttentionOptions) -> kiln::Result<Vec<Tensor>> {
+    let out = ops::attention::attention(q, k, v, o)?;
+    Ok(vec![out.o, out.lse])
+}
+
+fn opts(causal: bool, scale: Option<f32>, seq_lens: Option<Vec<usize>>) -> AttentionOptions {
+    AttentionOptions { causal, scale, seq_lens }
+}
+
+fn step_one(master: &mut Tensor, grad: &Tensor, h: &AdamWHyper, step: u64) -> kiln::Result<Vec<Tensor>> {
+    let d = master.device();
+    let (mut m, mut v) = (z(master.shape(), &d)?, z(master.shape(), &d)?);
+    let mut slots = [ParamSlot { master, m: &mut m, v: &mut v, grad, working: None, anchor: None, fisher: None }];
+    adamw_step(&mut slots, h, step)?;
+    Ok(vec![m, v])
+}
+
+fn cases() -> Vec<Case> {
+    let mut all = vec![
+        // Tensors.
+        case("from_slice: count ≠ shape", Refused, |d| Ok(vec![Tensor::from_slice(&[1f32, 2.0], &[3], d)?])),
+        case("from_f32: overflowing shape", Refused, |d| {
+            Ok(vec![Tensor::from_f32(&[], &[HUGE, HUGE, 2], DType::F32, d)?])
+        }),
+        case("zeros: overflowing shape", Refused, |d| Ok(vec![z(&[usize::MAX, 2], d)?])),
+        case("zeros: more than any memory", Refused, |d| Ok(vec![z(&[WIDE, WIDE], d)?])),
+        case("zeros: empty beside huge", Accepted, |d| Ok(vec![z(&[1 << 32, 0, 1 << 31], d)?])),
+        case("zeros: empty beside an overflowing product", Refused, |d| Ok(vec![z(&[HUGE, 0, HUGE], d)?])),
+        case("full: NaN", Accepted, |d| Ok(vec![full(&[3], NAN, d)?])),
+        case("rand: low > high", Either, |d| Ok(vec![Tensor::rand(&[4], 1.0, 0.0, 1, DType::F32, d)?])),
+        case("randn: NaN std", Either, |d| Ok(vec![Tensor::randn(&[4], 0.0, NAN, 1, DType::F32, d)?])),
+        case("reshape: wrong count", Refused, |d| Ok(vec![ints(&[2, 3], d)?.reshape(&[4, 2])?])),
+        case("reshape: overflowing", Refused, |d| Ok(vec![z(&[0], d)?.reshape(&[HUGE, HUGE, 0, 3])?])),
+        case("reshape: to empty beside huge", Accepted, |d| Ok(vec![z(&[0, 4], d)?.reshape(&[HUGE, 0])?])),
+        case("to_dtype: empty", Accepted, |d| Ok(vec![z(&[0, 3], d)?.to_dtype(DType::BF16)?])),
+        case("to_dtype: NaN and inf", Accepted, |d| {
+            Ok(vec![Tensor::from_f32(&[NAN, f32::INFINITY, 1e30, -7e4], &[4], DType::F32, d)?.to_dtype(DType::F16)?])
+        }),
+        case("to_vec: wrong element type", Refused, |d| {
+            z(&[2], d)?.to_vec::<half::bf16>()?;
+            Ok(vec![])
+        }),
+        // Elementwise.
+        case("add: shapes differ", Refused, |d| Ok(vec![ops::add(&z(&[2, 3], d)?, &z(&[3, 2], d)?)?])),
+        case("add: dtypes differ", Refused, |d| Ok(vec![ops::add(&z(&[2], d)?, &zt(&[2], DType::BF16, d)?)?])),
+        case("add: empty beside huge", Accepted, |d| Ok(vec![ops::add(&z(&[HUGE, 0], d)?, &z(&[HUGE, 0], d)?)?])),
+        case("mul: rank 0", Accepted, |d| Ok(vec![ops::mul(&ints(&[], d)?, &ints(&[], d)?)?])),
+        case("scale: NaN", Refused, |d| Ok(vec![ops::scale(&ints(&[3], d)?, NAN)?])),
+        case("sum_rows: rank 0", Refused, |d| Ok(vec![ops::sum_rows(&ints(&[], d)?)?])),
+        case("sum_rows: empty rows beside huge", Accepted, |d| Ok(vec![ops::sum_rows(&z(&[0, HUGE, 0], d)?)?])),
+        case("sum_rows: output bytes past usize", Refused, |d| {
+            Ok(vec![ops::sum_rows(&z(&[1 << 32, 1 << 31, 0], d)?)?])
+        }),
+        case("sum_rows: empty rows", Accepted, |d| Ok(vec![ops::sum_rows(&z(&[5, 0], d)?)?])),
+        case("sum_rows: output no memory holds", Refused, |d| Ok(vec![ops::sum_rows(&z(&[WIDE, WIDE, 0], d)?)?])),
+        case("cast: empty", Accepted, |d| Ok(vec![ops::cast(&z(&[0], d)?, DType::F16)?])),
+        case("add_bias: rank-2 bias", Refused, |d| Ok(vec![ops::add_bias(&z(&[2, 3], d)?, &z(&[1, 3], d)?)?])),
+        case("add_bias: wrong width", Refused, |d| Ok(vec![ops::add_bias(&z(&[2, 3], d)?, &z(&[2], d)?)?])),
+        case("add_bias: rank-0 x", Refused, |d| Ok(vec![ops::add_bias(&z(&[], d)?, &z(&[1], d)?)?])),
+        case("dropout: p = 1", Refused, |d| Ok(vec![ops::dropout(&ints(&[4], d)?, 1.0, 1)?])),
+        case("dropout: p NaN", Refused, |d| Ok(vec![ops::dropout(&ints(&[4], d)?, NAN, 1)?])),
+        case("dropout: p < 0", Refused, |d| Ok(vec![ops::dropout(&ints(&[4], d)?, -0.5, 1)?])),
+        case("dropout: empty", Accepted, |d| Ok(vec![ops::dropout(&z(&[0, 8], d)?, 0.5, 1)?])),
+        // Matmul.
+        case("matmul: rank 1", Refused, |d| Ok(vec![ops::matmul(&z(&[3], d)?, &z(&[3, 2], d)?)?])),
+        case("matmul: rank 4", Refused, |d| Ok(vec![ops::matmul(&z(&[1, 1, 2, 3], d)?, &z(&[1, 1, 3, 2], d)?)?])),
+        case("matmul: inner dims differ", Refused, |d| Ok(vec![ops::matmul(&z(&[2, 3], d)?, &z(&[4, 2], d)?)?])),
+        case("matmul: batches differ", Refused, |d| Ok(vec![ops::matmul(&z(&[2, 2, 3], d)?, &z(&[3, 3, 2], d)?)?])),
+        case("matmul: dtypes differ", Refused, |d| {
+            Ok(vec![ops::matmul(&z(&[2, 3], d)?, &zt(&[3, 2], DType::BF16, d)?)?])
+        }),
+        case("matmul: k = 0 gives zeros", Accepted, |d| Ok(vec![ops::matmul(&z(&[3, 0], d)?, &z(&[0, 5], d)?)?])),
+        case("matmul: m = 0", Accepted, |d| Ok(vec![ops::matmul(&z(&[0, 4], d)?, &ints(&[4, 5], d)?)?])),
+        case("matmul: batch 0 beside huge", Accepted, |d| {
+            Ok(vec![ops::matmul(&z(&[0, 1 << 32, 0], d)?, &z(&[0, 0, 1 << 31], d)?)?])
+        }),
+        case("matmul: empty output past usize", Refused, |d| {
+            Ok(vec![ops::matmul(&z(&[0, HUGE, 0], d)?, &z(&[0, 0, HUGE], d)?)?])
+        }),
+        case("matmul: output no memory holds", Refused, |d| {
+            Ok(vec![ops::matmul(&z(&[WIDE, 0], d)?, &z(&[0, WIDE], d)?)?])
+        }),
+        case("matmul: overflowing output", Refused, |d| Ok(vec![ops::matmul(&z(&[HUGE, 0], d)?, &z(&[0, HUGE], d)?)?])),
+        case("matmul_with: nt, k = 0", Accepted, |d| {
+            Ok(vec![ops::matmul_with(&z(&[2, 0], d)?, &z(&[3, 0], d)?, MatmulOptions::nt().out_dtype(DType::BF16))?])
+        }),
+        case("matmul_with: tn, inner differs", Refused, |d| {
+            Ok(vec![ops::matmul_with(&z(&[4, 2], d)?, &z(&[3, 5], d)?, MatmulOptions::tn())?])
+        }),
+        case("matmul: NaN propagates", Accepted, |d| {
+            Ok(vec![ops::matmul(&Tensor::from_f32(&[NAN, 1.0], &[1, 2], DType::F32, d)?, &ints(&[2, 2], d)?)?])
+        }),
+        // Quantized weights.
+        case("quantize: NaN weight", Refused, |d| {
+            let w = Tensor::from_f32(&[NAN; 32], &[1, 32], DType::F32, d)?;
+            QTensor::quantize(&w, QuantFormat::Q8_0)?;
+            Ok(vec![])
+        }),
+        case("quantize: Q8_0 scale past f16", Refused, |d| {
+            QTensor::quantize(&full(&[1, 32], 1e9, d)?, QuantFormat::Q8_0)?;
+            Ok(vec![])
+        }),
+        case("quantize: Q4_0 scale past f16", Refused, |d| {
+            QTensor::quantize(&full(&[1, 32], 1e7, d)?, QuantFormat::Q4_0)?;
+            Ok(vec![])
+        }),
+        case("quantize: unaligned in", Refused, |d| {
+            QTensor::quantize(&z(&[2, 33], d)?, QuantFormat::Q4_0)?;
+            Ok(vec![])
+        }),
+        case("quantize: rank 3", Refused, |d| {
+            QTensor::quantize(&z(&[1, 2, 64], d)?, QuantFormat::Nf4)?;
+            Ok(vec![])
+        }),
+        case("quantize: in = 0", Accepted, |d| {
+            Ok(vec![QTensor::quantize(&z(&[4, 0], d)?, QuantFormat::Q8_0)?.dequantize(DType::F32)?])
+        }),
+        case("from_ggml_blocks: overflowing shape", Refused, |d| {
+            QTensor::from_ggml_blocks(QuantFormat::Q8_0, &[0; 16], &[542_551_296_285_575_048, 32], d)?;
+            Ok(vec![])
+        }),
+        case("from_ggml_blocks: infinite scale", Refused, |d| {
+            let mut block = vec![0u8; 34];
+            block[..2].copy_from_slice(&0x7c00u16.to_le_bytes());
+            QTensor::from_ggml_blocks(QuantFormat::Q8_0, &block, &[1, 32], d)?;
+            Ok(vec![])
+        }),
+        case("from_ggml_blocks: an NF4 format", Refused, |d| {
+            QTensor::from_ggml_blocks(QuantFormat::Nf4, &[0; 32], &[1, 64], d)?;
+            Ok(vec![])
+        }),
+        case("from_nf4: NaN absmax", Refused, |d| {
+            let state = Nf4State { packed: vec![0; 32], block_size: 64, absmax: Nf4Absmax::F32(vec![NAN]) };
+            QTensor::from_nf4(&state, &[1, 64], d)?;
+            Ok(vec![])
+        }),
+        case("from_nf4: block size 128", Refused, |d| {
+            let state = Nf4State { packed: vec![0; 64], block_size: 128, absmax: Nf4Absmax::F32(vec![1.0]) };
+            QTensor::from_nf4(&state, &[1, 128], d)?;
+            Ok(vec![])
+        }),
+        case("qmatmul: in = 0, GEMM rows", Accepted, |d| {
+            let w = QTensor::quantize(&z(&[16, 0], d)?, QuantFormat::Q4_0)?;
+            Ok(vec![ops::qmatmul(&z(&[9, 0], d)?, &w)?])
+        }),
+        case("qmatmul: in = 0, GEMV rows", Accepted, |d| {
+            let w = QTensor::quantize(&z(&[16, 0], d)?, QuantFormat::Nf4)?;
+            Ok(vec![ops::qmatmul(&z(&[3, 0], d)?, &w)?])
+        }),
+        case("qmatmul: no tokens", Accepted, |d| {
+            let w = QTensor::quantize(&ints(&[4, 32], d)?, QuantFormat::Q8_0)?;
+            Ok(vec![ops::qmatmul(&z(&[0, 32], d)?, &w)?])
+        }),
+        case("qmatmul: in differs", Refused, |d| {
+            let w = QTensor::quantize(&ints(&[4, 32], d)?, QuantFormat::Q8_0)?;
+            Ok(vec![ops::qmatmul(&z(&[2, 64], d)?, &w)?])
+        }),
+        case("qmatmul: rank-0 x", Refused, |d| {
+            let w = QTensor::quantize(&ints(&[4, 32], d)?, QuantFormat::Q8_0)?;
+            Ok(vec![ops::qmatmul(&z(&[], d)?, &w)?])
+        }),
+        case("qmatmul: batched x", Accepted, |d| {
+            let w = QTensor::quantize(&ints(&[4, 32], d)?, QuantFormat::Q8_0)?;
+            Ok(vec![ops::qmatmul(&ints(&[2, 3, 32], d)?, &w)?])
+        }),
+        case("qmatmul: output no memory holds", Refused, |d| {
+            let w = QTensor::quantize(&z(&[WIDE, 0], d)?, QuantFormat::Q8_0)?;
+            Ok(vec![ops::qmatmul(&z(&[WIDE, 0], d)?, &w)?])
+        }),
+        case("qmatmul_input_grad: out differs", Refused, |d| {
+            let w = QTensor::quantize(&ints(&[4, 32], d)?, QuantFormat::Q4_0)?;
+            Ok(vec![ops::qmatmul_input_grad(&z(&[2, 5], d)?, &w)?])
+        }),
+        case("qmatmul_input_grad: out = 0 gives zeros", Accepted, |d| {
+            let w = QTensor::quantize(&z(&[0, 64], d)?, QuantFormat::Nf4DoubleQuant)?;
+            Ok(vec![ops::qmatmul_input_grad(&z(&[3, 0], d)?, &w)?])
+        }),
+        case("qmatmul_input_grad: output no memory holds", Refused, |d| {
+            let w = QTensor::quantize(&z(&[0, WIDE], d)?, QuantFormat::Q8_0)?;
+            Ok(vec![ops::qmatmul_input_grad(&z(&[WIDE, 0], d)?, &w)?])
+        }),
+        // LoRA.
+        case("lora_forward: rank-3 dense W", Refused, |d| {
+            let (w, a, b) = (z(&[1, 4, 6], d)?, z(&[2, 6], d)?, z(&[4, 2], d)?);
+            let out = lora_forward(&z(&[3, 6], d)?, &dense(&w, &a, &b))?;
+            Ok(vec![out.y, out.xa])
+        }),
+        case("lora_forward: rank-1 dense W", Refused, |d| {
+            let (w, a, b) = (z(&[6], d)?, z(&[2, 6], d)?, z(&[1, 2], d)?);
+            let out = lora_forward(&z(&[3, 6], d)?, &dense(&w, &a, &b))?;
+            Ok(vec![out.y, out.xa])
+        }),
+        case("lora_forward: A and B ranks differ", Refused, |d| {
+            let (w, a, b) = (z(&[4, 6], d)?, z(&[2, 6], d)?, z(&[4, 3], d)?);
+            let out = lora_forward(&z(&[3, 6], d)?, &dense(&w, &a, &b))?;
+            Ok(vec![out.y, out.xa])
+        }),
+        case("lora_forward: x's width differs", Refused, |d| {
+            let (w, a, b) = (z(&[4, 6], d)?, z(&[2, 6], d)?, z(&[4, 2], d)?);
+            let out = lora_forward(&z(&[3, 5], d)?, &dense(&w, &a, &b))?;
+            Ok(vec![out.y, out.xa])
+        }),
+        case("lora_forward: out = 0 still gives x·Aᵀ", Accepted, |d| {
+            let (w, a, b) = (z(&[0, 6], d)?, ints(&[2, 6], d)?, z(&[0, 2], d)?);
+            let out = lora_forward(&ints(&[3, 6], d)?, &dense(&w, &a, &b))?;
+            Ok(vec![out.y, out.xa])
+        }),
+        case("lora_forward: no tokens", Accepted, |d| {
+            let (w, a, b) = (ints(&[4, 6], d)?, ints(&[2, 6], d)?, ints(&[4, 2], d)?);
+            let out = lora_forward(&z(&[0, 6], d)?, &dense(&w, &a, &b))?;
+            Ok(vec![out.y, out.xa])
+        }),
+        case("lora_forward: dropout p = 2", Refused, |d| {
+            let (w, a, b) = (z(&[4, 6], d)?, z(&[2, 6], d)?, z(&[4, 2], d)?);
+            let layer = LoraLinear { dropout: Some((2.0, 1)), ..dense(&w, &a, &b) };
+            let out = lora_forward(&z(&[3, 6], d)?, &layer)?;
+            Ok(vec![out.y, out.xa])
+        }),
+        case("lora_forward: bias of the wrong width", Refused, |d| {
+            let (w, a, b, bias) = (z(&[4, 6], d)?, z(&[2, 6], d)?, z(&[4, 2], d)?, z(&[5], d)?);
+            let layer = LoraLinear { bias: Some(&bias), ..dense(&w, &a, &b) };
+            let out = lora_forward(&z(&[3, 6], d)?, &layer)?;
+            Ok(vec![out.y, out.xa])
+        }),
+        case("lora_forward: rank-1 A over a quantized W", Refused, |d| {
+            let w = QTensor::quantize(&ints(&[4, 32], d)?, QuantFormat::Q8_0)?;
+            let (a, b) = (z(&[32], d)?, z(&[4, 1], d)?);
+            let layer =
+                LoraLinear { base: BaseWeight::Quantized(&w), bias: None, a: &a, b: &b, scale: 1.0, dropout: None };
+            let out = lora_forward(&z(&[3, 32], d)?, &layer)?;
+            Ok(vec![out.y, out.xa])
+        }),
+        case("lora_backward: xa of the wrong shape", Refused, |d| {
+            let (w, a, b) = (z(&[4, 6], d)?, z(&[2, 6], d)?, z(&[4, 2], d)?);
+            let g = lora_backward(&z(&[3, 4], d)?, &z(&[3, 6], d)?, &z(&[3, 3], d)?, &dense(&w, &a, &b))?;
+            Ok(vec![g.dx, g.da, g.db])
+        }),
+        case("lora_backward: no tokens", Accepted, |d| {
+            let (w, a, b) = (ints(&[4, 6], d)?, ints(&[2, 6], d)?, ints(&[4, 2], d)?);
+            let g = lora_backward(&z(&[0, 4], d)?, &z(&[0, 6], d)?, &z(&[0, 2], d)?, &dense(&w, &a, &b))?;
+            Ok(vec![g.dx, g.da, g.db])
+        }),
+        case("AdapterSet: shapes differ between adapters", Refused, |d| {
+            let (a1, b1, a2, b2) = (z(&[2, 6], d)?, z(&[4, 2], d)?, z(&[2, 5], d)?, z(&[4, 2], d)?);
+            AdapterSet::new(&[(&a1, &b1, 1.0), (&a2, &b2, 1.0)])?;
+            Ok(vec![])
+        }),
+        case("AdapterSet: none", Either, |_| {
+            AdapterSet::new(&[])?;
+            Ok(vec![])
+        }),
+        case("lora_batched: index out of range", Refused, |d| {
+            let (a, b) = (ints(&[2, 6], d)?, ints(&[4, 2], d)?);
+            let set = AdapterSet::new(&[(&a, &b, 1.0)])?;
+            Ok(vec![lora_batched(&ints(&[2, 6], d)?, &z(&[2, 4], d)?, &set, &[0, 1])?])
+        }),
+        case("lora_batched: negative index", Refused, |d| {
+            let (a, b) = (ints(&[2, 6], d)?, ints(&[4, 2], d)?);
+            let set = AdapterSet::new(&[(&a, &b, 1.0)])?;
+            Ok(vec![lora_batched(&ints(&[2, 6], d)?, &z(&[2, 4], d)?, &set, &[0, -2])?])
+        }),
+        case("lora_batched: one index short", Refused, |d| {
+            let (a, b) = (ints(&[2, 6], d)?, ints(&[4, 2], d)?);
+            let set = AdapterSet::new(&[(&a, &b, 1.0)])?;
+            Ok(vec![lora_batched(&ints(&[2, 6], d)?, &z(&[2, 4], d)?, &set, &[0])?])
+        }),
+        case("lora_batched: out = 0", Accepted, |d| {
+            let (a, b) = (ints(&[2, 6], d)?, z(&[0, 2], d)?);
+            let set = AdapterSet::new(&[(&a, &b, 1.0)])?;
+            Ok(vec![lora_batched(&ints(&[2, 6], d)?, &z(&[2, 0], d)?, &set, &[0, -1])?])
+        }),
+        case("lora_batched: exact sums", Accepted, |d| {
+            let (a, b) = (ints(&[2, 6], d)?, ints(&[4, 2], d)?);
+            let set = AdapterSet::new(&[(&a, &b, 0.5)])?;
+            Ok(vec![lora_batched(&ints(&[3, 6], d)?, &ints(&[3, 4], d)?, &set, &[0, -1, 0])?])
+        }),
+        case("merge: B's rank differs", Refused, |d| {
+            Ok(vec![merge(&z(&[4, 6], d)?, &z(&[2, 6], d)?, &z(&[4, 3], d)?, 1.0)?])
+        }),
+        case("merge: rank-3 W", Refused, |d| {
+            Ok(vec![merge(&z(&[1, 4, 6], d)?, &z(&[2, 6], d)?, &z(&[4, 2], d)?, 1.0)?])
+        }),
+        case("unmerge: rank 0 adapter", Accepted, |d| {
+            Ok(vec![unmerge(&ints(&[4, 6], d)?, &z(&[0, 6], d)?, &z(&[4, 0], d)?, 1.0)?])
+        }),
+        // Attention.
+        case("attention: rank 3", Refused, |d| {
+            let q = z(&[1, 2, 8], d)?;
+            attn(&q, &q, &q, &opts(false, None, None))
+        }),
+        case("attention: heads not a multiple of kv_heads", Refused, |d| {
+            let (q, kv) = (z(&[1, 2, 3, 8], d)?, z(&[1, 2, 2, 8], d)?);
+            attn(&q, &kv, &kv, &opts(false, None, None))
+        }),
+        case("attention: head dims differ", Refused, |d| {
+            let (q, kv) = (z(&[1, 2, 2, 8], d)?, z(&[1, 2, 2, 4], d)?);
+            attn(&q, &kv, &kv, &opts(false, None, None))
+        }),
+        case("attention: dtypes differ", Refused, |d| {
+            let (q, kv) = (z(&[1, 2, 2, 8], d)?, zt(&[1, 2, 2, 8], DType::BF16, d)?);
+            attn(&q, &kv, &kv, &opts(false, None, None))
+        }),
+        case("attention: head dim past the maximum", Refused, |d| {
+            let q = z(&[1, 1, 1, 4096], d)?;
+            attn(&q, &q, &q, &opts(false, None, None))
+        }),
+        case("attention: seq_lens of the wrong length", Refused, |d| {
+            let q = z(&[2, 2, 1, 8], d)?;
+            attn(&q, &q, &q, &opts(false, None, Some(vec![1])))
+        }),
+        case("attention: seq_lens past the tensor", Refused, |d| {
+            let q = z(&[1, 2, 1, 8], d)?;
+            attn(&q, &q, &q, &opts(false, None, Some(vec![3])))
+        }),
+        case("attention: NaN scale", Either, |d| {
+            let q = ints(&[1, 2, 1, 8], d)?;
+            attn(&q, &q, &q, &opts(false, Some(NAN), None))
+        }),
+        case("attention: no queries", Accepted, |d| {
+            let (q, kv) = (z(&[1, 0, 2, 8], d)?, ints(&[1, 3, 2, 8], d)?);
+            attn(&q, &kv, &kv, &opts(false, None, None))
+        }),
+        case("attention: no batch beside huge", Accepted, |d| {
+            let q = z(&[0, HUGE, 2, 8], d)?;
+            attn(&q, &q, &q, &opts(true, None, None))
+        }),
+        case("attention: lse no memory holds", Refused, |d| {
+            let (q, kv) = (z(&[WIDE, WIDE, 1, 0], d)?, z(&[WIDE, 1, 1, 0], d)?);
+            attn(&q, &kv, &kv, &opts(false, None, None))
+        }),
+        case("attention: zero seq_lens give zeros", Accepted, |d| {
+            let q = ints(&[2, 3, 2, 8], d)?;
+            attn(&q, &q, &q, &opts(true, None, Some(vec![0, 0])))
+        }),
+        case("attention_backward: bf16 lse", Refused, |d| {
+            let q = full(&[1, 2, 1, 8], 0.5, d)?;
+            let fwd = ops::attention::attention(&q, &q, &q, &opts(true, None, None))?;
+            let bad = AttentionOutput { o: fwd.o.clone(), lse: fwd.lse.to_dtype(DType::BF16)? };
+            let g = ops::attention::attention_backward(&q, &q, &q, &bad, &fwd.o, &opts(true, None, None))?;
+            Ok(vec![g.dq, g.dk, g.dv])
+        }),
+        case("attention_backward: d_o of the wrong shape", Refused, |d| {
+            let q = full(&[1, 2, 1, 8], 0.5, d)?;
+            let fwd = ops::attention::attention(&q, &q, &q, &opts(true, None, None))?;
+            let g =
+                ops::attention::attention_backward(&q, &q, &q, &fwd, &z(&[1, 2, 1, 4], d)?, &opts(true, None, None))?;
+            Ok(vec![g.dq, g.dk, g.dv])
+        }),
+        case("attention_backward: no queries", Accepted, |d| {
+            let (q, kv) = (z(&[1, 0, 2, 8], d)?, ints(&[1, 3, 2, 8], d)?);
+            let fwd = ops::attention::attention(&q, &kv, &kv, &opts(false, None, None))?;
+            let g = ops::attention::attention_backward(&q, &kv, &kv, &fwd, &fwd.o, &opts(false, None, None))?;
+            Ok(vec![g.dq, g.dk, g.dv])
+        }),
+        case("KvCache: capacity no memory holds", Refused, |d| {
+            KvCache::new(WIDE, WIDE, 8, 128, DType::F32, d)?;
+            Ok(vec![])
+        }),
+        case("KvCache: overflowing size", Refused, |d| {
+            KvCache::new(HUGE, HUGE, 8, 128, DType::F32, d)?;
+            Ok(vec![])
+        }),
+        case("KvCache: append past the capacity", Refused, |d| {
+            let mut cache = KvCache::new(1, 2, 1, 8, DType::F32, d)?;
+            cache.append(&z(&[1, 3, 1, 8], d)?, &z(&[1, 3, 1, 8], d)?, None)?;
+            Ok(vec![cache.k().clone()])
+        }),
+        case("KvCache: counts past the rows given", Refused, |d| {
+            let mut cache = KvCache::new(1, 8, 1, 8, DType::F32, d)?;
+            cache.append(&z(&[1, 1, 1, 8], d)?, &z(&[1, 1, 1, 8], d)?, Some(&[2]))?;
+            Ok(vec![cache.k().clone()])
+        }),
+        case("KvCache: truncate a missing sequence", Refused, |d| {
+            let mut cache = KvCache::new(1, 2, 1, 8, DType::F32, d)?;
+            cache.truncate(3, 0)?;
+            Ok(vec![])
+        }),
+        case("KvCache: truncate past the length", Refused, |d| {
+            let mut cache = KvCache::new(1, 2, 1, 8, DType::F32, d)?;
+            cache.truncate(0, 1)?;
+            Ok(vec![])
+        }),
+        case("attention_decode: heads not a multiple", Refused, |d| {
+            let mut cache = KvCache::new(1, 4, 2, 8, DType::F32, d)?;
+            cache.append(&ints(&[1, 2, 2, 8], d)?, &ints(&[1, 2, 2, 8], d)?, None)?;
+            let out = attention_decode(&z(&[1, 1, 3, 8], d)?, &cache, &DecodeOptions::default())?;
+            Ok(vec![out.o, out.lse])
+        }),
+        case("attention_decode: more queries than cached rows", Refused, |d| {
+            let mut cache = KvCache::new(1, 4, 1, 8, DType::F32, d)?;
+            cache.append(&ints(&[1, 1, 1, 8], d)?, &ints(&[1, 1, 1, 8], d)?, None)?;
+            let out = attention_decode(&z(&[1, 2, 1, 8], d)?, &cache, &DecodeOptions::default())?;
+            Ok(vec![out.o, out.lse])
+        }),
+        case("attention_decode: no queries", Accepted, |d| {
+            let cache = KvCache::new(2, 4, 1, 8, DType::F32, d)?;
+            let out = attention_decode(&z(&[2, 0, 1, 8], d)?, &cache, &DecodeOptions::default())?;
+            Ok(vec![out.o, out.lse])
+        }),
+        // Optimizer.
+        case("adamw_step: NaN lr", Refused, |d| {
+            step_one(&mut z(&[4], d)?, &z(&[4], d)?, &AdamWHyper { lr: f64::NAN, ..Default::default() }, 1)
+        }),
+        case("adamw_step: beta2 = 1", Refused, |d| {
+            step_one(&mut z(&[4], d)?, &z(&[4], d)?, &AdamWHyper { beta2: 1.0, ..Default::default() }, 1)
+        }),
+        case("adamw_step: step 0", Refused, |d| step_one(&mut z(&[4], d)?, &z(&[4], d)?, &AdamWHyper::default(), 0)),
+        case("adamw_step: gradient shape differs", Refused, |d| {
+            step_one(&mut z(&[4], d)?, &z(&[5], d)?, &AdamWHyper::default(), 1)
+        }),
+        case("adamw_step: bf16 master", Refused, |d| {
+            step_one(&mut zt(&[4], DType::BF16, d)?, &z(&[4], d)?, &AdamWHyper::default(), 1)
+        }),
+        case("adamw_step: empty parameter", Accepted, |d| {
+            step_one(&mut z(&[0, 3], d)?, &z(&[0, 3], d)?, &AdamWHyper::default(), 1)
+        }),
+        case("adamw_step: no slots", Either, |_| {
+            adamw_step(&mut [], &AdamWHyper::default(), 1)?;
+            Ok(vec![])
+        }),
+        case("fisher_accumulate: count 0", Refused, |d| {
+            let mut f = z(&[4], d)?;
+            fisher_accumulate(&mut f, &z(&[4], d)?, 0)?;
+            Ok(vec![f])
+        }),
+        case("fisher_accumulate: shape differs", Refused, |d| {
+            let mut f = z(&[4], d)?;
+            fisher_accumulate(&mut f, &z(&[3], d)?, 1)?;
+            Ok(vec![f])
+        }),
+        case("AdamW::new: a name with a line break", Refused, |d| {
+            AdamW::new(&[("a\nb", &z(&[2], d)?)], AdamWHyper::default())?;
+            Ok(vec![])
+        }),
+        case("AdamW::new: an empty name", Refused, |d| {
+            AdamW::new(&[("", &z(&[2], d)?)], AdamWHyper::default())?;
+            Ok(vec![])
+        }),
+        case("AdamW::new: NaN eps", Refused, |d| {
+            AdamW::new(&[("w", &z(&[2], d)?)], AdamWHyper { eps: f64::NAN, ..Default::default() })?;
+            Ok(vec![])
+        }),
+        case("AdamW::step: gradients missing", Refused, |d| {
+            let mut opt = AdamW::new(&[("w", &z(&[2], d)?)], AdamWHyper::default())?;
+            opt.step(&[], &mut [])?;
+            Ok(vec![])
+        }),
+    ];
+    // Every dtype through the ops that take any float dtype, with empty and huge-beside-empty
+    // shapes.
+    for dtype in [DType::F32, DType::F16, DType::BF16] {
+        all.push(case(&format!("matmul {dtype:?}: k = 0 gives zeros"), Accepted, move |d| {
+            Ok(vec![ops::matmul(&zt(&[2, 0], dtype, d)?, &zt(&[0, 3], dtype, d)?)?])
+        }));
+        all.push(case(&format!("sum_rows {dtype:?}: empty rows beside huge"), Accepted, move |d| {
+            Ok(vec![ops::sum_rows(&zt(&[HUGE, 0, 0], dtype, d)?)?])
+        }));
+        all.push(case(&format!("add_bias {dtype:?}: no rows"), Accepted, move |d| {
+            Ok(vec![ops::add_bias(&zt(&[0, 4], dtype, d)?, &zt(&[4], dtype, d)?)?])
+        }));
+    }
+    all
+}
+
+/// What one case gave: the error's kind, or every output's shape, dtype and bits.
+#[derive(Debug, PartialEq)]
+enum Outcome {
+    Refused(String),
+    Accepted(Vec<(Vec<usize>, DType, Vec<u32>)>),
+}
+
+fn kind(e: &Error) -> String {
+    let text = format!("{e:?}");
+    text.split(['(', ' ', '{']).next().unwrap_or("").to_string()
+}
+
+fn outcome(result: kiln::Result<Vec<Tensor>>) -> Outcome {
+    match result {
+        Err(e) => {
+            assert!(!e.to_string().trim().is_empty(), "an error without a message: {e:?}");
+            println!("  refused: {e}");
+            Outcome::Refused(kind(&e))
+        }
+        Ok(tensors) => Outcome::Accepted(
+            tensors
+                .iter()
+                .map(|t| {
+                    let values = t.to_vec_f32().expect("an output copies to the host");
+                    let bits =
+                        values.iter().map(|v| if v.is_nan() { f32::NAN.to_bits() } else { v.to_bits() }).collect();
+                    (t.shape().to_vec(), t.dtype(), bits)
+                })
+                .collect(),
+        ),
+    }
+}
+
+/// The walk, in the child process: every case on the CPU (checked against its expectation)
+/// and on each device of `backend` (checked against the CPU). Panics listing every failure.
+fn walk(backend: Backend) {
+    let devices = common::backend_devices(backend);
+    let mut failures = Vec::new();
+    for case in cases() {
+        for device in &devices {
+            println!("CASE {device} {}", case.name);
+            let run = |d: &Device| catch_unwind(AssertUnwindSafe(|| outcome((case.run)(d))));
+            let on_cpu = match run(&Device::Cpu) {
+                Ok(o) => o,
+                Err(_) => {
+                    failures.push(format!("{}: panicked on the CPU", case.name));
+                    continue;
+                }
+            };
+            match (case.expect, &on_cpu) {
+                (Refused, Outcome::Accepted(_)) => failures.push(format!("{}: accepted, should be refused", case.name)),
+                (Accepted, Outcome::Refused(k)) => {
+                    failures.push(format!("{}: refused ({k}), should be accepted", case.name))
+                }
+                _ => {}
+            }
+            if device.is_cpu() {
+                continue;
+            }
+            match run(device) {
+                Ok(o) if o == on_cpu => {}
+                Ok(o) => failures.push(format!("{}: {device} gives {o:?}, the CPU {on_cpu:?}", case.name)),
+                Err(_) => failures.push(format!("{}: panicked on {device}", case.name)),
+            }
+        }
+    }
+    // Operands on two devices are refused.
+    for device in devices.iter().filter(|d| !d.is_cpu()) {
+        println!("CASE {device} mixed devices");
+        let mixed = catch_unwind(AssertUnwindSafe(|| {
+            let (here, cpu) = (z(&[2, 3], device).unwrap(), z(&[3, 2], &Device::Cpu).unwrap());
+            let w = QTensor::quantize(&z(&[4, 32], &Device::Cpu).unwrap(), QuantFormat::Q8_0).unwrap();
+            [
+                ops::matmul(&here, &cpu).err(),
+                ops::add(&here, &z(&[2, 3], &Device::Cpu).unwrap()).err(),
+                ops::qmatmul(&z(&[2, 32], device).unwrap(), &w).err(),
+                merge(
+                    &z(&[4, 6], device).unwrap(),
+                    &z(&[2, 6], &Device::Cpu).unwrap(),
+                    &z(&[4, 2], device).unwrap(),
+                    1.0,
+                )
+                .err(),
+            ]
+            .map(|e| e.map(|e| kind(&e)))
+        }));
+        match mixed {
+            Ok(kinds) if kinds.iter().all(|k| k.as_deref() == Some("DeviceMismatch")) => {}
+            other => failures.push(format!("mixed devices on {device}: {other:?}")),
+        }
+    }
+    assert!(failures.is_empty(), "{} failures:\n{}", failures.len(), failures.join("\n"));
+    println!("WALKED {} cases on {} device(s)", cases().len(), devices.len());
+}
+
+/// Runs the walk for `backend` in a child process and reports how it ended.
+fn walk_in_child(backend: Backend) {
+    let exe = std::env::current_exe().unwrap();
+    let output = std::process::Command::new(exe)
+        .args(["--exact", "walk_child", "--ignored", "--nocapture", "--test-threads=1"])
+        .env("KILN_MISUSE_BACKEND", format!("{backend:?}"))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    for line in stdout.lines().filter(|l| l.starts_with("SKIP") || l.starts_with("WALKED")) {
+        println!("{line}");
+    }
+    if !output.status.success() {
+        let last = stdout.lines().rev().find(|l| l.starts_with("CASE ")).unwrap_or("none");
+        panic!("the walk on {backend:?} failed ({}; last case begun: {last})\n{stdout}\n{stderr}", output.status);
+    }
+    assert!(stdout.contains("WALKED"), "the child did not walk:\n{stdout}\n{stderr}");
+}
+
+#[test]
+#[ignore = "the child half of the walks below; run by them"]
+fn walk_child() {
+    match std::env::var("KILN_MISUSE_BACKEND").as_deref() {
+        Ok("Cpu") => walk(Backend::Cpu),
+        Ok("Cuda") => walk(Backend::Cuda),
+        Ok("Wgpu") => walk(Backend::Wgpu),
+        other => panic!("KILN_MISUSE_BACKEND is {other:?}"),
+    }
+}
+
+#[test]
+fn every_public_op_refuses_misuse_cpu() {
+    walk_in_child(Backend::Cpu);
+}
+
+#[test]
+fn every_public_op_refuses_misuse_cuda() {
+    walk_in_child(Backend::Cuda);
+}
+
+#[test]
+fn every_public_op_refuses_misuse_wgpu() {
+    walk_in_child(Backend::Wgpu);
+}
