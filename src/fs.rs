@@ -78,6 +78,58 @@ pub(crate) fn write_dir(path: &Path, files: &[(&str, &[u8])]) -> io::Result<()> 
     sync_dir(&dir)
 }
 
+/// Reads the files `names` of the directory `path`, all from one version of it: the
+/// directory is opened once and each file is opened relative to it (`openat`), so a swap by
+/// [`write_dir`] in the middle cannot give one file of each version. A version removed
+/// while it is read (its writer replaced it) is read again from the new one.
+pub(crate) fn read_dir_files(path: &Path, names: &[&str]) -> io::Result<Vec<Vec<u8>>> {
+    let mut tries = 0;
+    loop {
+        match read_one_version(path, names) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound && tries < 16 && path.is_dir() => tries += 1,
+            other => return other,
+        }
+    }
+}
+
+#[cfg(target_os = "linux")]
+fn read_one_version(path: &Path, names: &[&str]) -> io::Result<Vec<Vec<u8>>> {
+    use std::io::Read;
+    use std::os::fd::{AsRawFd, FromRawFd};
+    use std::os::unix::fs::OpenOptionsExt;
+    let dir = fs::OpenOptions::new().read(true).custom_flags(libc::O_DIRECTORY).open(path)?;
+    names
+        .iter()
+        .map(|name| {
+            let c_name = std::ffi::CString::new(*name).map_err(io::Error::other)?;
+            // SAFETY: a valid directory descriptor and a NUL-terminated relative name.
+            let fd = unsafe { libc::openat(dir.as_raw_fd(), c_name.as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC) };
+            if fd < 0 {
+                let e = io::Error::last_os_error();
+                return Err(io::Error::new(e.kind(), format!("{}: {e}", path.join(name).display())));
+            }
+            // SAFETY: `fd` was just opened and is owned by nothing else.
+            let mut file = unsafe { File::from_raw_fd(fd) };
+            let mut bytes = Vec::new();
+            file.read_to_end(&mut bytes)?;
+            Ok(bytes)
+        })
+        .collect()
+}
+
+/// Without `openat`: read every file, then the first again; a change means a swap came in
+/// between, so read again.
+#[cfg(not(target_os = "linux"))]
+fn read_one_version(path: &Path, names: &[&str]) -> io::Result<Vec<Vec<u8>>> {
+    for _ in 0..16 {
+        let files = names.iter().map(|n| fs::read(path.join(n))).collect::<io::Result<Vec<_>>>()?;
+        if names.first().is_none_or(|n| fs::read(path.join(n)).ok().as_ref() == files.first()) {
+            return Ok(files);
+        }
+    }
+    Err(io::Error::other(format!("{} kept changing while it was read", path.display())))
+}
+
 /// Puts the complete directory `new` at `target`, keeping whatever was there until then.
 fn swap_in(new: &Path, target: &Path) -> io::Result<()> {
     match fs::symlink_metadata(target) {

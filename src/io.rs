@@ -105,6 +105,11 @@ impl SafetensorsFile {
     pub fn open(path: impl AsRef<Path>) -> Result<SafetensorsFile> {
         let path = path.as_ref();
         let bytes = std::fs::read(path).map_err(|e| Error::Io(format!("reading {}: {e}", path.display())))?;
+        Self::from_bytes(bytes, path)
+    }
+
+    /// The file `path` already read into `bytes`.
+    pub(crate) fn from_bytes(bytes: Vec<u8>, path: &Path) -> Result<SafetensorsFile> {
         SafeTensors::deserialize(&bytes)
             .map_err(|e| Error::Io(format!("{} is not a valid safetensors file: {e}", path.display())))?;
         Ok(SafetensorsFile { bytes })

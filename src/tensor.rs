@@ -240,11 +240,16 @@ impl fmt::Debug for Tensor {
     }
 }
 
+/// The elements of `shape`. A shape is valid when the product of its non-zero dimensions
+/// fits in usize (whatever their order), so every partial product of a valid shape does too;
+/// a zero dimension makes it empty.
 fn elem_count(shape: &[usize]) -> Result<usize> {
-    shape
+    let nonzero = shape
         .iter()
+        .filter(|&&d| d != 0)
         .try_fold(1usize, |acc, &d| acc.checked_mul(d))
-        .ok_or_else(|| Error::Shape(format!("shape {shape:?} has more elements than fit in usize")))
+        .ok_or_else(|| Error::Shape(format!("shape {shape:?} has more elements than fit in usize")))?;
+    Ok(if shape.contains(&0) { 0 } else { nonzero })
 }
 
 fn byte_count(shape: &[usize], dtype: DType) -> Result<usize> {

@@ -319,28 +319,15 @@ impl LoraAdapter {
     /// Reads a PEFT LoRA adapter from `dir` onto `device`. `Err` naming the file or tensor
     /// for a malformed config, a tensor without its pair, two tensors for one half of a
     /// module, ranks that disagree with the config, or shapes that are not [r, in] /
-    /// [out, r]. A folder being replaced while it is read is read again, so the two files
-    /// always come from one version.
+    /// [out, r]. Both files come from one version of the folder, even while a writer
+    /// replaces it.
     pub fn load_peft(dir: impl AsRef<Path>, device: &Device) -> Result<LoraAdapter> {
         let dir = dir.as_ref();
-        let read_config = || {
-            std::fs::read(dir.join(CONFIG_FILE))
-                .map_err(|e| Error::Io(format!("reading {}: {e}", dir.join(CONFIG_FILE).display())))
-        };
-        let mut tries = 0;
-        let (text, file) = loop {
-            let before = read_config()?;
-            let file = crate::io::SafetensorsFile::open(dir.join(WEIGHTS_FILE));
-            let after = read_config();
-            match (file, after) {
-                (Ok(file), Ok(after)) if after == before => break (before, file),
-                (file, _) if tries >= 16 => {
-                    file?;
-                    return Err(Error::Io(format!("{} kept changing while it was read", dir.display())));
-                }
-                _ => tries += 1,
-            }
-        };
+        let [text, weights]: [Vec<u8>; 2] = crate::fs::read_dir_files(dir, &[CONFIG_FILE, WEIGHTS_FILE])
+            .map_err(|e| Error::Io(format!("reading {}: {e}", dir.display())))?
+            .try_into()
+            .map_err(|_| Error::Io(format!("reading {}: a file is missing", dir.display())))?;
+        let file = crate::io::SafetensorsFile::from_bytes(weights, &dir.join(WEIGHTS_FILE))?;
         let text = String::from_utf8(text).map_err(|_| Error::Io(format!("{CONFIG_FILE} is not UTF-8")))?;
         let config = LoraConfig::from_json(&text)?;
         // Per module, its lora_A and lora_B with the names they came under.

@@ -36,8 +36,10 @@ const FORMAT_V1: &str = "kiln.adamw.v1";
 
 impl AdamW {
     /// State for `params` (any float dtype): f32 master copies and zero moments on the
-    /// parameters' device. `Err` for an empty list, duplicate names or mixed devices.
+    /// parameters' device. `Err` for an empty list, duplicate names, mixed devices or
+    /// hyperparameters [`AdamWHyper::validate`] refuses.
     pub fn new(params: &[(&str, &Tensor)], hyper: AdamWHyper) -> Result<AdamW> {
+        hyper.validate()?;
         let Some((_, first)) = params.first() else {
             return Err(Error::InvalidArgument("AdamW needs at least one parameter".into()));
         };

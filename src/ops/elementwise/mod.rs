@@ -151,10 +151,12 @@ pub fn cast(a: &Tensor, dtype: DType) -> Result<Tensor> {
 }
 
 /// `x + bias` with `bias` `[n]` added to every row of `x` `[.., n]`, computed in f32. Same
-/// dtype and device; `Err(Shape)` when `bias` is not `[n]`.
+/// dtype and device; `Err(Shape)` when `bias` is not `[n]` or x has no dimension.
 pub fn add_bias(x: &Tensor, bias: &Tensor) -> Result<Tensor> {
     let operands = operands("add_bias", [x, bias])?;
-    let cols = x.shape().last().copied().unwrap_or(1);
+    let Some(&cols) = x.shape().last() else {
+        return Err(Error::Shape("add_bias: x must be [.., n], got a rank-0 tensor".into()));
+    };
     if bias.shape() != [cols] {
         return Err(Error::Shape(format!("add_bias: bias {:?} must be [{cols}] for x {:?}", bias.shape(), x.shape())));
     }
