@@ -208,9 +208,15 @@ fn follows_torch_adamw(device: &Device) {
             assert!(!report.skipped);
             [&s[0].master, &s[0].m, &s[0].v].map(|x| x.to_vec::<f32>().unwrap())
         };
+        // The largest distance from torch seen, as a fraction of its bound.
+        let worst = std::cell::Cell::new(0f64);
+        let (same, compared) = (std::cell::Cell::new(0usize), std::cell::Cell::new(0usize));
         let check = |what: &str, got: &[f32], want: &[f32], tol: &[f64]| {
             for i in 0..n {
                 let err = (got[i] as f64 - want[i] as f64).abs();
+                worst.set(worst.get().max(err / tol[i]));
+                same.set(same.get() + (got[i].to_bits() == want[i].to_bits()) as usize);
+                compared.set(compared.get() + 1);
                 assert!(
                     err <= tol[i],
                     "{device} {} {what}[{i}]: kiln {} torch {} (|Δ| {err:e} > {:e})",
@@ -236,6 +242,14 @@ fn follows_torch_adamw(device: &Device) {
             check(&format!("θ after step {}", t + 1), &kt, &want_t, &bounds.iter().map(|b| b.2).collect::<Vec<_>>());
             (theta, m, v) = (want_t, want_m, want_v);
         }
+        println!(
+            "{device} {}: per step, {} of {} values equal torch's bit for bit, the largest |Δ| is {:.3} of its bound",
+            case.name,
+            same.get(),
+            compared.get(),
+            worst.get()
+        );
+        worst.set(0.0);
         if case.steps == 1 {
             continue;
         }
@@ -255,6 +269,12 @@ fn follows_torch_adamw(device: &Device) {
         check("m after the run", &km, &m, &carried.iter().map(|b| b.0).collect::<Vec<_>>());
         check("v after the run", &kv, &v, &carried.iter().map(|b| b.1).collect::<Vec<_>>());
         check("θ after the run", &kt, &theta, &carried.iter().map(|b| b.2).collect::<Vec<_>>());
+        println!(
+            "{device} {}: after {} steps, the largest |Δ| is {:.3} of its bound",
+            case.name,
+            case.steps,
+            worst.get()
+        );
     }
 }
 
