@@ -209,6 +209,57 @@ fn malformed_or_mismatching_adapters_are_errors(device: &Device) {
     }
 }
 
+/// save_peft refuses what load_peft would refuse, and a refused save leaves the adapter that
+/// was there as it was.
+#[test]
+fn a_refused_save_writes_nothing() {
+    let dir = temp_dir("refused");
+    let good = adapter(&Device::Cpu);
+    good.save_peft(&dir).unwrap();
+    let before = [
+        std::fs::read(dir.join("adapter_config.json")).unwrap(),
+        std::fs::read(dir.join("adapter_model.safetensors")).unwrap(),
+    ];
+    let module = "model.layers.0.self_attn.q_proj";
+    let broken: Vec<(&str, Box<dyn Fn(&mut LoraAdapter)>)> = vec![
+        ("alpha NaN", Box::new(|a| a.config.lora_alpha = f32::NAN)),
+        ("alpha infinite", Box::new(|a| a.config.lora_alpha = f32::INFINITY)),
+        ("r = 0", Box::new(|a| a.config.r = 0)),
+        ("dropout 1", Box::new(|a| a.config.lora_dropout = 1.0)),
+        ("a rank-pattern rank of 0", Box::new(|a| _ = a.config.rank_pattern.insert("q_proj".into(), 0))),
+        ("shapes that disagree with r", Box::new(|a| a.config.r = 4)),
+        ("no layers", Box::new(|a| a.layers.clear())),
+        (
+            "a rank-1 lora_A",
+            Box::new(move |a| {
+                a.layers.get_mut(module).unwrap().a = Tensor::zeros(&[32], DType::BF16, &Device::Cpu).unwrap()
+            }),
+        ),
+        (
+            "lora_B whose rank is not lora_A's",
+            Box::new(move |a| {
+                a.layers.get_mut(module).unwrap().b = Tensor::zeros(&[16, 7], DType::BF16, &Device::Cpu).unwrap()
+            }),
+        ),
+    ];
+    for (what, break_it) in broken {
+        let mut bad = good.clone();
+        break_it(&mut bad);
+        assert!(bad.save_peft(&dir).is_err(), "{what}: saved");
+        assert!(bad.validate().is_err(), "{what}: valid");
+        let after = [
+            std::fs::read(dir.join("adapter_config.json")).unwrap(),
+            std::fs::read(dir.join("adapter_model.safetensors")).unwrap(),
+        ];
+        assert!(after == before, "{what}: the saved adapter changed");
+    }
+    // check_fits on a user-built rank-1 lora_A is an Err, not an index past the shape.
+    let mut bad = good.clone();
+    bad.layers.get_mut(module).unwrap().a = Tensor::zeros(&[32], DType::BF16, &Device::Cpu).unwrap();
+    assert!(bad.check_fits(module, [16, 32]).is_err());
+    std::fs::remove_dir_all(&dir).ok();
+}
+
 mod layer {
     use super::*;
     use kiln::ops::lora::{BaseWeight, LoraLinear, lora_backward, lora_forward};

@@ -575,6 +575,21 @@ mod driver {
         assert!(matches!(AdamW::new(&dup, AdamWHyper::default()), Err(Error::InvalidArgument(_))));
         let mut opt = opt;
         assert!(matches!(opt.step(&[&named[0].1], &mut []), Err(Error::InvalidArgument(_))));
+        // A state step() would refuse is not saved, and what was saved stays as it was.
+        opt.save(&path).unwrap();
+        let saved = std::fs::read(&path).unwrap();
+        for bad in [
+            AdamWHyper { lr: f64::NAN, ..AdamWHyper::default() },
+            AdamWHyper { beta2: 1.0, ..AdamWHyper::default() },
+            AdamWHyper { eps: 0.0, ..AdamWHyper::default() },
+            AdamWHyper { max_grad_norm: Some(f64::INFINITY), ..AdamWHyper::default() },
+        ] {
+            let mut broken = opt.clone();
+            broken.hyper = bad;
+            assert!(matches!(broken.save(&path), Err(Error::InvalidArgument(_))), "{bad:?} saved");
+            assert_eq!(std::fs::read(&path).unwrap(), saved, "{bad:?}: the saved state changed");
+        }
+        std::fs::remove_file(&path).ok();
     }
 
     device_tests!(a_resumed_run_equals_an_uninterrupted_one_bit_for_bit, resumes_from_torch_moments);
