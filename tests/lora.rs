@@ -221,7 +221,8 @@ fn a_refused_save_writes_nothing() {
         std::fs::read(dir.join("adapter_model.safetensors")).unwrap(),
     ];
     let module = "model.layers.0.self_attn.q_proj";
-    let broken: Vec<(&str, Box<dyn Fn(&mut LoraAdapter)>)> = vec![
+    type Breakage = Box<dyn Fn(&mut LoraAdapter)>;
+    let broken: Vec<(&str, Breakage)> = vec![
         ("alpha NaN", Box::new(|a| a.config.lora_alpha = f32::NAN)),
         ("alpha infinite", Box::new(|a| a.config.lora_alpha = f32::INFINITY)),
         ("r = 0", Box::new(|a| a.config.r = 0)),
