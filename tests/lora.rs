@@ -209,6 +209,65 @@ fn malformed_or_mismatching_adapters_are_errors(device: &Device) {
     }
 }
 
+/// Config values of the wrong type or out of range, and two tensors for one module half,
+/// are refused by name, never defaulted, truncated or picked at random.
+#[test]
+fn hostile_configs_are_refused() {
+    let dir = temp_dir("hostile");
+    let good = adapter(&Device::Cpu);
+    good.save_peft(&dir).unwrap();
+    let config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("adapter_config.json")).unwrap()).unwrap();
+    let weights = std::fs::read(dir.join("adapter_model.safetensors")).unwrap();
+    for (key, value) in [
+        ("r", "0"),
+        ("r", "-1"),
+        ("r", "2.5"),
+        ("r", "\"8\""),
+        ("lora_alpha", "1e39"),
+        ("lora_alpha", "\"16\""),
+        ("lora_alpha", "null"),
+        ("use_rslora", "\"yes\""),
+        ("use_rslora", "1"),
+        ("lora_dropout", "\"0.1\""),
+        ("lora_dropout", "-0.1"),
+        ("lora_dropout", "1"),
+        ("peft_type", "\"LOHA\""),
+        ("peft_type", "3"),
+        ("target_modules", "3"),
+        ("target_modules", "[1]"),
+        ("rank_pattern", "{\"q_proj\": 0}"),
+        ("rank_pattern", "{\"q_proj\": -3}"),
+        ("rank_pattern", "{\"q_proj\": 1.9}"),
+        ("rank_pattern", "{\"q_proj\": \"8\"}"),
+        ("rank_pattern", "[8]"),
+        ("alpha_pattern", "{\"q_proj\": 1e39}"),
+        ("alpha_pattern", "{\"q_proj\": null}"),
+    ] {
+        let mut c = config.clone();
+        c[key] = serde_json::Value::String("@@".into());
+        let text = serde_json::to_string(&c).unwrap().replace("\"@@\"", value);
+        std::fs::write(dir.join("adapter_config.json"), &text).unwrap();
+        match LoraAdapter::load_peft(&dir, &Device::Cpu) {
+            Err(e) => assert!(e.to_string().contains(key), "{key}: {value}: the error does not name it: {e}"),
+            Ok(_) => panic!("{key}: {value} loaded"),
+        }
+    }
+    // Two tensors for one half of a module: one under PEFT's prefix, one without.
+    std::fs::write(dir.join("adapter_config.json"), serde_json::to_string(&config).unwrap()).unwrap();
+    let file = safetensors::SafeTensors::deserialize(&weights).unwrap();
+    let mut views: Vec<(String, safetensors::tensor::TensorView<'_>)> =
+        file.tensors().into_iter().map(|(n, v)| (n.to_string(), v)).collect();
+    let (name, view) = views.iter().find(|(n, _)| n.ends_with("q_proj.lora_A.weight")).unwrap().clone();
+    views.push((name.strip_prefix("base_model.model.").unwrap().to_string(), view));
+    std::fs::write(dir.join("adapter_model.safetensors"), safetensors::serialize(views, None).unwrap()).unwrap();
+    match LoraAdapter::load_peft(&dir, &Device::Cpu) {
+        Err(e) => assert!(e.to_string().contains("both hold"), "{e}"),
+        Ok(_) => panic!("two tensors for one half loaded"),
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}
+
 /// save_peft refuses what load_peft would refuse, and a refused save leaves the adapter that
 /// was there as it was.
 #[test]
