@@ -77,6 +77,12 @@ impl Element for f32 {
     fn from_f32(v: f32) -> Self {
         v
     }
+    fn slice_to_f32(src: &[Self], dst: &mut [f32]) {
+        dst.copy_from_slice(src);
+    }
+    fn slice_from_f32(src: &[f32], dst: &mut [Self]) {
+        dst.copy_from_slice(src);
+    }
 }
 
 impl Element for f16 {
