@@ -1,4 +1,5 @@
-//! Loader fuzzing, on stable Rust: every loader is fed mutations of valid inputs (bytes
+//! Loader fuzzing, on stable Rust: every loader (PEFT adapters, kiln's and torch's optimizer
+//! states, safetensors files, ggml blocks, NF4 state) is fed mutations of valid inputs (bytes
 //! flipped, inserted, cut and spliced; JSON values and safetensors headers rewritten with
 //! wrong types, ranks, offsets, names and numbers) and must answer `Ok` or `Err`, never
 //! panic. What loads must save, and `save → load → save` must give the same bytes.
@@ -628,6 +629,28 @@ fn round_trip_state(input: &Path, work: &Path) -> Outcome {
         opt.step(&g, &mut []).map_err(|e| format!("loaded, but refuses a step: {e}"))?;
     }
     Ok(Loaded::Accepted)
+}
+
+/// A torch optimizer's moments (the fixture written by the documented Python lines), mutated:
+/// what resumes must take a step, save, load and save to the same bytes.
+#[test]
+fn the_torch_moments_loader_survives_mutated_files() {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/adamw_torch_moments");
+    let params = kiln::io::load(format!("{dir}/params.safetensors"), &Device::Cpu).unwrap();
+    let mut names: Vec<&String> = params.keys().collect();
+    names.sort();
+    let named: Vec<(&str, &Tensor)> = names.iter().map(|n| (n.as_str(), &params[*n])).collect();
+    let seed = std::fs::read(format!("{dir}/moments.safetensors")).unwrap();
+    run("torch-moments", |rng, input| {
+        let file = mutate_safetensors(rng, &seed, &[]);
+        std::fs::write(input, &file).unwrap();
+        let Ok(opt) = AdamW::from_torch_moments(&named, input, AdamWHyper::default()) else {
+            return Ok(Loaded::Refused);
+        };
+        let saved = input.parent().unwrap().join("resumed");
+        opt.save(&saved).map_err(|e| format!("resumed, but does not save: {e}"))?;
+        round_trip_state(&saved, input.parent().unwrap())
+    });
 }
 
 // ---------------------------------------------------------------------------------------

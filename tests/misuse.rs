@@ -516,6 +516,35 @@ fn cases() -> Vec<Case> {
             AdamW::new(&[("w", &z(&[2], d)?)], AdamWHyper { eps: f64::NAN, ..Default::default() })?;
             Ok(vec![])
         }),
+        case("AdamW::with_moments: moments of another shape", Refused, |d| {
+            let (p, m) = (z(&[4], d)?, z(&[5], d)?);
+            AdamW::with_moments(&[("w", &p)], &[(&m, &m)], 3, AdamWHyper::default())?;
+            Ok(vec![])
+        }),
+        case("AdamW::with_moments: one pair short", Refused, |d| {
+            AdamW::with_moments(&[("w", &z(&[4], d)?)], &[], 3, AdamWHyper::default())?;
+            Ok(vec![])
+        }),
+        case("AdamW::with_moments: step count at its end", Refused, |d| {
+            let p = z(&[4], d)?;
+            AdamW::with_moments(&[("w", &p)], &[(&p, &p)], u64::MAX, AdamWHyper::default())?;
+            Ok(vec![])
+        }),
+        case("AdamW::with_moments: negative second moment", Refused, |d| {
+            let (p, v) = (z(&[4], d)?, full(&[4], -1.0, d)?);
+            AdamW::with_moments(&[("w", &p)], &[(&p, &v)], 3, AdamWHyper::default())?;
+            Ok(vec![])
+        }),
+        case("AdamW::with_moments: NaN second moment", Refused, |d| {
+            let (p, v) = (z(&[4], d)?, full(&[4], NAN, d)?);
+            AdamW::with_moments(&[("w", &p)], &[(&p, &v)], 3, AdamWHyper::default())?;
+            Ok(vec![])
+        }),
+        case("AdamW::with_moments: bf16 moments resume", Accepted, |d| {
+            let (p, m) = (ints(&[4], d)?, Tensor::full(&[4], 0.5, DType::BF16, d)?);
+            let opt = AdamW::with_moments(&[("w", &p)], &[(&m, &m)], 3, AdamWHyper::default())?;
+            Ok(vec![opt.params()[0].m.clone(), opt.params()[0].v.clone()])
+        }),
         case("AdamW::step: gradients missing", Refused, |d| {
             let mut opt = AdamW::new(&[("w", &z(&[2], d)?)], AdamWHyper::default())?;
             opt.step(&[], &mut [])?;

@@ -72,7 +72,8 @@ impl AdamW {
     /// State resumed from moments another optimizer left: per parameter its current value,
     /// and `moments[i]` = (exp_avg, exp_avg_sq) of parameter i (any float dtype, the
     /// parameter's shape and device), after `steps` steps. The parameters' values become the
-    /// master weights. `Err` as [`AdamW::new`], or for moments that do not fit.
+    /// master weights. `Err` as [`AdamW::new`], for moments that do not fit, a second moment
+    /// with a negative or NaN element, or a step count at its end.
     pub fn with_moments(
         params: &[(&str, &Tensor)],
         moments: &[(&Tensor, &Tensor)],
@@ -102,8 +103,10 @@ impl AdamW {
             }
             p.m = m.to_dtype(DType::F32)?.copy()?;
             p.v = v.to_dtype(DType::F32)?.copy()?;
+            check_second_moment(&p.name, &p.v)?;
         }
         opt.steps = steps;
+        opt.validate()?;
         Ok(opt)
     }
 
@@ -291,7 +294,8 @@ impl AdamW {
     }
 
     /// Reads a state written by [`AdamW::save`] onto `device`. `Err` naming what is wrong for
-    /// a missing, truncated or foreign file, or tensors whose shapes or dtypes do not fit.
+    /// a missing, truncated or foreign file, tensors whose shapes or dtypes do not fit, or a
+    /// second moment with a negative or NaN element.
     pub fn load(path: impl AsRef<Path>, device: &Device) -> Result<AdamW> {
         let path = path.as_ref();
         let file = crate::io::SafetensorsFile::open(path)?;
@@ -353,10 +357,12 @@ impl AdamW {
                 (Some(_), None) => return Err(Error::Io(format!("Fisher of {name} has no sample count"))),
                 (None, _) => 0,
             };
+            let v = load("exp_avg_sq")?;
+            check_second_moment(name, &v).map_err(|e| Error::Io(format!("{}: {e}", path.display())))?;
             params.push(ParamState {
                 name: name.to_string(),
                 m: load("exp_avg")?,
-                v: load("exp_avg_sq")?,
+                v,
                 anchor: optional("anchor")?,
                 fisher,
                 fisher_samples,
@@ -366,6 +372,16 @@ impl AdamW {
         let opt = AdamW { hyper, steps, params };
         opt.validate().map_err(|e| Error::Io(format!("{}: {e}", path.display())))?;
         Ok(opt)
+    }
+}
+
+/// `Err` unless every element of a second moment (a running mean of g²) is ≥ 0 or +∞: a
+/// negative or NaN one is a corrupted state, whose next step would write NaN weights.
+fn check_second_moment(name: &str, v: &Tensor) -> Result<()> {
+    let values = v.to_vec_f32()?;
+    match values.iter().position(|x| x.is_nan() || *x < 0.0) {
+        Some(i) => Err(Error::InvalidArgument(format!("exp_avg_sq of {name} holds {} at {i}", values[i]))),
+        None => Ok(()),
     }
 }
 
