@@ -24,6 +24,8 @@ fn st_dtype(d: DType) -> Dtype {
         DType::F32 => Dtype::F32,
         DType::F16 => Dtype::F16,
         DType::BF16 => Dtype::BF16,
+        DType::U32 => Dtype::U32,
+        DType::I32 => Dtype::I32,
     }
 }
 
@@ -32,6 +34,8 @@ fn kiln_dtype(d: Dtype) -> Option<DType> {
         Dtype::F32 => Some(DType::F32),
         Dtype::F16 => Some(DType::F16),
         Dtype::BF16 => Some(DType::BF16),
+        Dtype::U32 => Some(DType::U32),
+        Dtype::I32 => Some(DType::I32),
         _ => None,
     }
 }
@@ -147,13 +151,13 @@ impl SafetensorsFile {
         Ok((format!("{:?}", view.dtype()), view.shape().to_vec(), view.data()))
     }
 
-    /// Tensor `name` in the float dtype the file holds (f32, f16 or bf16), on `device`.
+    /// Tensor `name` in the dtype the file holds (f32, f16, bf16, u32 or i32), on `device`.
     /// `Err(Io)` when there is no such tensor, `Err(DType)` for another dtype.
     pub fn tensor(&self, name: &str, device: &Device) -> Result<Tensor> {
         let st = self.parsed()?;
         let view = st.tensor(name).map_err(|e| Error::Io(format!("tensor {name}: {e}")))?;
         let dtype = kiln_dtype(view.dtype()).ok_or_else(|| {
-            Error::DType(format!("tensor {name} is {:?}; kiln reads f32, f16 and bf16", view.dtype()))
+            Error::DType(format!("tensor {name} is {:?}; kiln reads f32, f16, bf16, u32 and i32", view.dtype()))
         })?;
         self.checked(name, dtype, None, device)
     }
@@ -170,8 +174,6 @@ impl SafetensorsFile {
                 return Err(Error::Shape(format!("tensor {name} is {:?}, expected {shape:?}", view.shape())));
             }
         }
-        crate::tensor::with_dtype!(dtype, T => {
-            Tensor::from_slice(&bytemuck::pod_collect_to_vec::<u8, T>(view.data()), view.shape(), device)
-        })
+        Tensor::from_le_bytes(view.data(), view.shape(), dtype, device)
     }
 }

@@ -52,7 +52,7 @@ mod tensor;
 pub mod train;
 
 pub use device::{Device, DeviceInfo, DeviceKind, set_poison_outputs};
-pub use dtype::{DType, Element};
+pub use dtype::{DType, Element, Scalar};
 pub use error::{Error, Result};
 pub use tensor::Tensor;
 

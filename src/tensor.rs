@@ -6,26 +6,50 @@ use crate::device::cuda::{CudaBuffer, CudaDevice};
 #[cfg(feature = "wgpu")]
 use crate::device::wgpu::{WgpuBuffer, WgpuDevice};
 use crate::device::{Backend, Device};
-use crate::dtype::{DType, Element};
+use crate::dtype::{DType, Element, Scalar};
 use crate::{Error, Result};
 use half::{bf16, f16};
 use rayon::prelude::*;
 use std::fmt;
 use std::sync::Arc;
 
-/// Runs `$body` with `$v` bound to the host storage's elements (`&[f32]`, `&[f16]` or
+/// Runs `$body` with `$v` bound to the host storage's float elements (`&[f32]`, `&[f16]` or
 /// `&[bf16]`, each a [`StorageElement`]): the split by dtype, written once. Also with a
-/// mutable storage and `$v` a mutable slice.
+/// mutable storage and `$v` a mutable slice. Integer storage makes the enclosing function
+/// return `Err(DType)`: the float ops check their operands' dtypes first, and this is the
+/// guard behind that check.
 macro_rules! with_elems {
     ($storage:expr, $v:ident => $body:expr) => {
         match $storage {
             $crate::tensor::CpuStorage::F32($v) => $body,
             $crate::tensor::CpuStorage::F16($v) => $body,
             $crate::tensor::CpuStorage::BF16($v) => $body,
+            $crate::tensor::CpuStorage::U32(_) | $crate::tensor::CpuStorage::I32(_) => {
+                return Err($crate::tensor::not_float("a float operation"));
+            }
         }
     };
 }
 pub(crate) use with_elems;
+
+/// Runs `$body` with `$v` bound to the host storage's elements of any dtype, floats and
+/// integers: for code that moves bytes.
+macro_rules! with_scalars {
+    ($storage:expr, $v:ident => $body:expr) => {
+        match $storage {
+            $crate::tensor::CpuStorage::F32($v) => $body,
+            $crate::tensor::CpuStorage::F16($v) => $body,
+            $crate::tensor::CpuStorage::BF16($v) => $body,
+            $crate::tensor::CpuStorage::U32($v) => $body,
+            $crate::tensor::CpuStorage::I32($v) => $body,
+        }
+    };
+}
+
+/// The error a float op gives for an integer operand.
+pub(crate) fn not_float(op: &str) -> Error {
+    Error::DType(format!("{op} needs f32, f16 or bf16 tensors, but an operand holds integers (u32 or i32)"))
+}
 
 /// An element type as host storage holds it.
 pub(crate) trait StorageElement: Element {
@@ -101,10 +125,13 @@ pub(crate) enum CpuStorage {
     F32(Vec<f32>),
     F16(Vec<f16>),
     BF16(Vec<bf16>),
+    U32(Vec<u32>),
+    I32(Vec<i32>),
 }
 
-/// Runs `$body` with the type `$t` standing for the element type of `$dtype`: the split by
-/// dtype of code that makes storage, written once.
+/// Runs `$body` with the type `$t` standing for the float element type of `$dtype`: the
+/// split by dtype of code that makes storage, written once. An integer dtype makes the
+/// enclosing function return `Err(DType)`, as [`with_elems`] does.
 macro_rules! with_dtype {
     ($dtype:expr, $t:ident => $body:expr) => {
         match $dtype {
@@ -120,16 +147,42 @@ macro_rules! with_dtype {
                 type $t = half::bf16;
                 $body
             }
+            $crate::DType::U32 | $crate::DType::I32 => {
+                return Err($crate::tensor::not_float("a float operation"));
+            }
         }
     };
 }
 pub(crate) use with_dtype;
 
 impl CpuStorage {
-    /// `len` elements, NaN when output poisoning is on and zero otherwise.
+    /// `len` elements, zero, or when output poisoning is on NaN (floats) or all bits set
+    /// (integers: `u32::MAX`, −1), so an element an op leaves unwritten shows.
     pub(crate) fn alloc(dtype: DType, len: usize) -> Result<CpuStorage> {
-        let v = if crate::device::poison_outputs() { f32::NAN } else { 0.0 };
-        Self::filled(dtype, len, |_| v)
+        let poison = crate::device::poison_outputs();
+        match dtype {
+            DType::U32 => Ok(CpuStorage::U32(try_vec(len, if poison { u32::MAX } else { 0 })?)),
+            DType::I32 => Ok(CpuStorage::I32(try_vec(len, if poison { -1 } else { 0 })?)),
+            _ => Self::filled(dtype, len, |_| if poison { f32::NAN } else { 0.0 }),
+        }
+    }
+
+    /// `len` copies of `value`: rounded for a float dtype; for an integer dtype, `value`
+    /// must be a whole number the type holds.
+    fn constant(dtype: DType, len: usize, value: f32) -> Result<CpuStorage> {
+        let whole = |lo: f64, hi: f64| {
+            let v = value as f64;
+            if v.fract() == 0.0 && (lo..=hi).contains(&v) {
+                Ok(v)
+            } else {
+                Err(Error::InvalidArgument(format!("{value} is not a value a {dtype} tensor holds")))
+            }
+        };
+        match dtype {
+            DType::U32 => Ok(CpuStorage::U32(try_vec(len, whole(0.0, u32::MAX as f64)? as u32)?)),
+            DType::I32 => Ok(CpuStorage::I32(try_vec(len, whole(i32::MIN as f64, i32::MAX as f64)? as i32)?)),
+            _ => Self::filled(dtype, len, |_| value),
+        }
     }
 
     /// `len` elements with element `i` set to `f(i)` (rounded to `dtype`). A host allocation
@@ -151,23 +204,48 @@ impl CpuStorage {
     }
 
     fn from_bytes(dtype: DType, bytes: &[u8]) -> Result<CpuStorage> {
-        with_dtype!(dtype, T => {
+        fn typed<T: Scalar>(bytes: &[u8]) -> Result<Vec<T>> {
             let mut v: Vec<T> = try_zeros(bytes.len() / std::mem::size_of::<T>())?;
             bytemuck::cast_slice_mut::<T, u8>(&mut v).copy_from_slice(bytes);
-            Ok(T::into_storage(v))
+            Ok(v)
+        }
+        Ok(match dtype {
+            DType::F32 => CpuStorage::F32(typed(bytes)?),
+            DType::F16 => CpuStorage::F16(typed(bytes)?),
+            DType::BF16 => CpuStorage::BF16(typed(bytes)?),
+            DType::U32 => CpuStorage::U32(typed(bytes)?),
+            DType::I32 => CpuStorage::I32(typed(bytes)?),
         })
     }
 
     fn as_bytes(&self) -> &[u8] {
-        with_elems!(self, v => bytemuck::cast_slice(v))
+        with_scalars!(self, v => bytemuck::cast_slice(v))
     }
 
     fn as_bytes_mut(&mut self) -> &mut [u8] {
-        with_elems!(self, v => bytemuck::cast_slice_mut(v))
+        with_scalars!(self, v => bytemuck::cast_slice_mut(v))
     }
 
     pub(crate) fn to_f32_vec(&self) -> Result<Vec<f32>> {
         with_elems!(self, v => try_collect(v.par_iter().map(|x| x.to_f32())))
+    }
+
+    /// The elements of integer storage, when it holds `u32`.
+    #[allow(dead_code)] // read by the integer-indexed ops
+    pub(crate) fn as_u32(&self) -> Option<&[u32]> {
+        match self {
+            CpuStorage::U32(v) => Some(v),
+            _ => None,
+        }
+    }
+
+    /// The elements of integer storage, when it holds `i32`.
+    #[allow(dead_code)] // read by the integer-indexed ops
+    pub(crate) fn as_i32(&self) -> Option<&[i32]> {
+        match self {
+            CpuStorage::I32(v) => Some(v),
+            _ => None,
+        }
     }
 }
 
@@ -259,9 +337,10 @@ fn byte_count(shape: &[usize], dtype: DType) -> Result<usize> {
 }
 
 impl Tensor {
-    /// A tensor holding `data` (row-major) with `shape`, on `device`.
+    /// A tensor holding `data` (row-major) with `shape`, on `device`: floats, or integers
+    /// (`u32` ids and positions, `i32` targets).
     /// `Err(Shape)` when the shape's element count is not `data.len()`.
-    pub fn from_slice<T: Element>(data: &[T], shape: &[usize], device: &Device) -> Result<Tensor> {
+    pub fn from_slice<T: Scalar>(data: &[T], shape: &[usize], device: &Device) -> Result<Tensor> {
         let n = elem_count(shape)?;
         if n != data.len() {
             return Err(Error::Shape(format!("shape {shape:?} holds {n} elements but {} were given", data.len())));
@@ -269,13 +348,27 @@ impl Tensor {
         Self::from_host(CpuStorage::from_bytes(T::DTYPE, bytemuck::cast_slice(data))?, shape, T::DTYPE, device)
     }
 
-    /// A tensor of `dtype` from f32 values, each rounded to the nearest representable value.
+    /// A tensor of float `dtype` from f32 values, each rounded to the nearest representable
+    /// value. `Err(DType)` for an integer dtype (use [`Tensor::from_slice`]).
     pub fn from_f32(data: &[f32], shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor> {
         let n = elem_count(shape)?;
         if n != data.len() {
             return Err(Error::Shape(format!("shape {shape:?} holds {n} elements but {} were given", data.len())));
         }
         Self::from_host(CpuStorage::from_f32(dtype, data)?, shape, dtype, device)
+    }
+
+    /// A tensor of `dtype` from its little-endian bytes; `Err(Shape)` unless their count is
+    /// what `shape` holds.
+    pub(crate) fn from_le_bytes(bytes: &[u8], shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor> {
+        let want = byte_count(shape, dtype)?;
+        if bytes.len() != want {
+            return Err(Error::Shape(format!(
+                "{} bytes given for a {dtype} tensor of shape {shape:?}, which takes {want}",
+                bytes.len()
+            )));
+        }
+        Self::from_host(CpuStorage::from_bytes(dtype, bytes)?, shape, dtype, device)
     }
 
     fn from_host(host: CpuStorage, shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor> {
@@ -312,20 +405,24 @@ impl Tensor {
         Ok(Tensor { storage: Arc::new(storage), shape: shape.to_vec(), dtype, device: *device })
     }
 
-    /// A tensor of zeros.
+    /// A tensor of zeros, of any dtype.
     pub fn zeros(shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor> {
         Self::full(shape, 0.0, dtype, device)
     }
 
-    /// A tensor with every element `value` (rounded to `dtype`).
+    /// A tensor with every element `value`: rounded to a float `dtype`; for an integer dtype
+    /// `value` must be a whole number in its range (`Err(InvalidArgument)` otherwise).
     pub fn full(shape: &[usize], value: f32, dtype: DType, device: &Device) -> Result<Tensor> {
         let n = elem_count(shape)?;
-        Self::materialize(shape, dtype, device, || CpuStorage::filled(dtype, n, |_| value))
+        Self::materialize(shape, dtype, device, || CpuStorage::constant(dtype, n, value))
     }
 
     /// Uniform values in `[low, high)` from `seed`. Element `i` depends only on `seed` and `i`,
-    /// so the same call gives the same values on every device.
+    /// so the same call gives the same values on every device. Float dtypes only.
     pub fn rand(shape: &[usize], low: f32, high: f32, seed: u64, dtype: DType, device: &Device) -> Result<Tensor> {
+        if !dtype.is_float() {
+            return Err(not_float("rand"));
+        }
         if !(low.is_finite() && high.is_finite() && low <= high) {
             return Err(Error::InvalidArgument(format!("rand range [{low}, {high}) is not a finite interval")));
         }
@@ -336,8 +433,11 @@ impl Tensor {
     }
 
     /// Normal values with `mean` and `std` from `seed` (Box-Muller over the same counter-based
-    /// generator as [`Tensor::rand`]): the same values on every device.
+    /// generator as [`Tensor::rand`]): the same values on every device. Float dtypes only.
     pub fn randn(shape: &[usize], mean: f32, std: f32, seed: u64, dtype: DType, device: &Device) -> Result<Tensor> {
+        if !dtype.is_float() {
+            return Err(not_float("randn"));
+        }
         if !(mean.is_finite() && std.is_finite() && std >= 0.0) {
             return Err(Error::InvalidArgument(format!("randn needs finite mean and std >= 0, got {mean}, {std}")));
         }
@@ -442,8 +542,8 @@ impl Tensor {
     }
 
     /// The elements as `T`, which must be the tensor's dtype (`Err(DType)` otherwise; use
-    /// [`Tensor::to_vec_f32`] to convert).
-    pub fn to_vec<T: Element>(&self) -> Result<Vec<T>> {
+    /// [`Tensor::to_vec_f32`] to convert floats).
+    pub fn to_vec<T: Scalar>(&self) -> Result<Vec<T>> {
         if T::DTYPE != self.dtype {
             return Err(Error::DType(format!(
                 "to_vec::<{}> on a {} tensor; use to_vec_f32 or to_dtype first",
@@ -454,8 +554,13 @@ impl Tensor {
         Ok(bytemuck::pod_collect_to_vec(&self.to_bytes()?))
     }
 
-    /// The elements converted to f32 (exact for every dtype).
+    /// The elements converted to f32 (exact for every float dtype). `Err(DType)` for an
+    /// integer tensor, which f32 cannot hold exactly past 2²⁴: read it with `to_vec::<u32>()`
+    /// or `to_vec::<i32>()`.
     pub fn to_vec_f32(&self) -> Result<Vec<f32>> {
+        if !self.dtype.is_float() {
+            return Err(not_float("to_vec_f32"));
+        }
         match self.storage().as_cpu() {
             Some(s) => s.to_f32_vec(),
             None => CpuStorage::from_bytes(self.dtype, &self.to_bytes()?)?.to_f32_vec(),

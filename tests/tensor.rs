@@ -113,7 +113,100 @@ fn copy_makes_an_equal_tensor_in_new_storage(device: &Device) {
     assert_eq!(c.to_bytes().unwrap(), t.to_bytes().unwrap(), "{device}");
 }
 
+/// Token ids (u32) and targets (i32, −100 ignored) keep every bit through uploads, copies
+/// between devices, reshapes and copies; fills take whole numbers in range.
+fn integer_tensors_round_trip_exactly(device: &Device) {
+    let ids: Vec<u32> = vec![0, 1, 49151, 1 << 24, (1 << 24) + 1, u32::MAX, 7];
+    let targets: Vec<i32> = vec![-100, 0, 5, i32::MIN, i32::MAX, 16_777_217, -1];
+    let t = Tensor::from_slice(&ids, &[7], device).unwrap();
+    assert_eq!((t.dtype(), t.device()), (DType::U32, *device));
+    assert_eq!(t.to_vec::<u32>().unwrap(), ids, "{device}");
+    let g = Tensor::from_slice(&targets, &[7, 1], device).unwrap();
+    assert_eq!(g.dtype(), DType::I32);
+    assert_eq!(g.reshape(&[7]).unwrap().to_vec::<i32>().unwrap(), targets, "{device}");
+    assert_eq!(g.copy().unwrap().to_vec::<i32>().unwrap(), targets, "{device}");
+    for dst in common::devices() {
+        let moved = t.to_device(&dst).unwrap();
+        assert_eq!(moved.to_vec::<u32>().unwrap(), ids, "{device} -> {dst}");
+        assert_eq!(g.to_device(&dst).unwrap().to_device(device).unwrap().to_vec::<i32>().unwrap(), targets);
+    }
+    assert_eq!(Tensor::zeros(&[5], DType::U32, device).unwrap().to_vec::<u32>().unwrap(), vec![0; 5]);
+    assert_eq!(Tensor::full(&[3], -100.0, DType::I32, device).unwrap().to_vec::<i32>().unwrap(), vec![-100; 3]);
+    // Reading as the wrong type, or as floats, is refused rather than reinterpreted.
+    assert!(matches!(t.to_vec::<i32>(), Err(Error::DType(_))));
+    assert!(matches!(t.to_vec::<f32>(), Err(Error::DType(_))));
+    assert!(matches!(t.to_vec_f32(), Err(Error::DType(_))));
+}
+
+/// Integer tensors go to safetensors as U32 / I32 and come back the same.
+#[test]
+fn integer_tensors_save_and_load_as_safetensors() {
+    let ids = Tensor::from_slice(&[3u32, 1, u32::MAX], &[3], &Device::Cpu).unwrap();
+    let targets = Tensor::from_slice(&[-100i32, 7], &[1, 2], &Device::Cpu).unwrap();
+    let bytes = kiln::io::to_bytes(&[("ids", &ids), ("targets", &targets)], &Default::default()).unwrap();
+    let header = String::from_utf8_lossy(&bytes[8..]).to_string();
+    assert!(header.contains(r#""dtype":"U32""#) && header.contains(r#""dtype":"I32""#), "{header}");
+    let dir = std::env::temp_dir().join(format!("kiln-int-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("ints.safetensors");
+    kiln::io::save(&path, &[("ids", &ids), ("targets", &targets)], &Default::default()).unwrap();
+    let file = kiln::io::SafetensorsFile::open(&path).unwrap();
+    assert_eq!(file.tensor("ids", &Device::Cpu).unwrap().to_vec::<u32>().unwrap(), vec![3, 1, u32::MAX]);
+    let t = file.tensor("targets", &Device::Cpu).unwrap();
+    assert_eq!((t.shape(), t.to_vec::<i32>().unwrap()), (&[1usize, 2][..], vec![-100, 7]));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+fn integer_fills_and_random_values_are_checked(device: &Device) {
+    for bad in [-1.0, 0.5, f32::NAN, f32::INFINITY, 5e9] {
+        assert!(matches!(Tensor::full(&[2], bad, DType::U32, device), Err(Error::InvalidArgument(_))), "{bad}");
+    }
+    assert!(matches!(Tensor::full(&[2], 3e9, DType::I32, device), Err(Error::InvalidArgument(_))));
+    for dtype in DType::INTEGERS {
+        assert!(matches!(Tensor::rand(&[2], 0.0, 1.0, 0, dtype, device), Err(Error::DType(_))), "{dtype}");
+        assert!(matches!(Tensor::randn(&[2], 0.0, 1.0, 0, dtype, device), Err(Error::DType(_))), "{dtype}");
+        assert!(matches!(Tensor::from_f32(&[1.0], &[1], dtype, device), Err(Error::DType(_))), "{dtype}");
+    }
+}
+
+/// Every float op refuses integer operands with `Err(DType)`, on every device, before any
+/// kernel reads their bits as floats.
+fn float_ops_refuse_integer_tensors(device: &Device) {
+    use kiln::ops;
+    let ids = Tensor::from_slice(&[1u32, 2, 3, 4], &[2, 2], device).unwrap();
+    let x = Tensor::randn(&[2, 2], 0.0, 1.0, 1, DType::F32, device).unwrap();
+    let dtype_err = |what: &str, r: kiln::Result<Tensor>| {
+        assert!(matches!(r, Err(Error::DType(_))), "{device} {what}: {r:?}");
+    };
+    dtype_err("add", ops::add(&ids, &x));
+    dtype_err("mul", ops::mul(&x, &ids));
+    dtype_err("scale", ops::scale(&ids, 2.0));
+    dtype_err("sum_rows", ops::sum_rows(&ids));
+    dtype_err("cast from u32", ops::cast(&ids, DType::F32));
+    dtype_err("cast to u32", ops::cast(&x, DType::U32));
+    dtype_err("add_bias", ops::add_bias(&x, &Tensor::from_slice(&[1u32, 2], &[2], device).unwrap()));
+    dtype_err("dropout", ops::dropout(&ids, 0.5, 1));
+    dtype_err("matmul", ops::matmul(&ids, &x));
+    dtype_err("matmul out u32", ops::matmul_with(&x, &x, ops::MatmulOptions::default().out_dtype(DType::U32)));
+    let qx = Tensor::randn(&[2, 32], 0.0, 1.0, 1, DType::F32, device).unwrap();
+    let q = ops::QTensor::quantize(&qx, ops::QuantFormat::Q8_0).unwrap();
+    assert!(matches!(
+        ops::QTensor::quantize(&Tensor::zeros(&[2, 32], DType::U32, device).unwrap(), ops::QuantFormat::Q8_0),
+        Err(Error::DType(_))
+    ));
+    dtype_err("dequantize to i32", q.dequantize(DType::I32));
+    dtype_err("qmatmul", ops::qmatmul(&Tensor::zeros(&[1, 32], DType::U32, device).unwrap(), &q));
+    dtype_err("qmatmul_input_grad", ops::qmatmul_input_grad(&Tensor::zeros(&[1, 2], DType::I32, device).unwrap(), &q));
+    dtype_err("lora merge", ops::lora::merge(&x, &ids, &x, 1.0));
+    let heads = Tensor::zeros(&[1, 2, 1, 4], DType::U32, device).unwrap();
+    let opts = ops::attention::AttentionOptions::default();
+    assert!(matches!(ops::attention::attention(&heads, &heads, &heads, &opts), Err(Error::DType(_))), "{device}");
+}
+
 device_tests!(
+    integer_tensors_round_trip_exactly,
+    integer_fills_and_random_values_are_checked,
+    float_ops_refuse_integer_tensors,
     from_slice_to_vec_round_trips_every_dtype,
     to_device_copies_exactly_between_all_devices,
     seeded_random_values_agree_on_every_device,

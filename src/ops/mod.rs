@@ -57,6 +57,14 @@ pub(crate) fn operands<'a, const N: usize>(op: &str, tensors: [&'a Tensor; N]) -
     .ok_or_else(mismatch)
 }
 
+/// `Err(DType)` naming `op` when one of `tensors` holds integers: the float ops' first check.
+pub(crate) fn floats(op: &str, tensors: &[&Tensor]) -> Result<()> {
+    match tensors.iter().all(|t| t.dtype().is_float()) {
+        true => Ok(()),
+        false => Err(crate::tensor::not_float(op)),
+    }
+}
+
 /// `Err(DeviceMismatch)` unless every tensor is on the same device.
 pub(crate) fn same_device(op: &str, tensors: &[&Tensor]) -> Result<()> {
     if let Some(first) = tensors.first() {

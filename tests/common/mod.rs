@@ -127,6 +127,7 @@ pub fn assert_close(what: &str, got: &[f32], want: &[f64], atol: &[f64], dtype: 
         DType::F32 => 2f64.powi(-149),
         DType::F16 => 2f64.powi(-24),
         DType::BF16 => 2f64.powi(-133),
+        DType::U32 | DType::I32 => 0.0,
     };
     let tol = |i: usize| atol[i] + roundings * (u * want[i].abs() + subnormal / 2.0);
     let mut worst: Option<(usize, f64)> = None;

@@ -4,12 +4,14 @@
 use crate::{DType, Error, Result};
 use cudarc::driver::LaunchConfig;
 
-/// The dtype code the kernels branch on (`kernels/common.cuh`: 0 f32, 1 f16, 2 bf16).
-pub(crate) fn dtype_code(dtype: DType) -> i32 {
+/// The dtype code the float kernels branch on (`kernels/common.cuh`: 0 f32, 1 f16, 2 bf16);
+/// `Err(DType)` for an integer dtype, which no float kernel reads.
+pub(crate) fn dtype_code(dtype: DType) -> Result<i32> {
     match dtype {
-        DType::F32 => 0,
-        DType::F16 => 1,
-        DType::BF16 => 2,
+        DType::F32 => Ok(0),
+        DType::F16 => Ok(1),
+        DType::BF16 => Ok(2),
+        DType::U32 | DType::I32 => Err(crate::tensor::not_float("a CUDA float kernel")),
     }
 }
 

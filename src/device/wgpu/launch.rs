@@ -6,7 +6,8 @@ use crate::{Error, Result};
 /// WGSL that binds input `name` at `binding` and defines `load_<name>(i: u32) -> f32`
 /// reading element `i` as f32: f32 directly; f16 natively (`array<f16>`, needs the device's
 /// SHADER_F16 and `enable f16;`) or packed two per u32; bf16 packed two per u32. Element 0
-/// of a packed word is its low half (little-endian, as the host stores it).
+/// of a packed word is its low half (little-endian, as the host stores it). Integer operands
+/// load as their f32 value; the float ops refuse integer tensors before they get here.
 pub(crate) fn wgsl_input(name: &str, binding: u32, dtype: crate::DType, native_f16: bool) -> String {
     use crate::DType;
     let decl = |ty: &str| format!("@group(0) @binding({binding}) var<storage, read> {name}: array<{ty}>;\n");
@@ -26,12 +27,15 @@ pub(crate) fn wgsl_input(name: &str, binding: u32, dtype: crate::DType, native_f
                      return bitcast<f32>(select(w << 16u, w & 0xffff0000u, (i & 1u) == 1u));\n}}\n"
                 )
         }
+        DType::U32 => decl("u32") + &format!("fn load_{name}(i: u32) -> f32 {{ return f32({name}[i]); }}\n"),
+        DType::I32 => decl("i32") + &format!("fn load_{name}(i: u32) -> f32 {{ return f32({name}[i]); }}\n"),
     }
 }
 
 /// WGSL that binds the output at `binding` as 32-bit words and defines `ELEMS` (elements
 /// per word) and `store_word(w: u32, v: vec2<f32>)`, rounding to the output dtype.
-/// bf16 rounds to nearest even in integer arithmetic; NaN stays NaN.
+/// bf16 rounds to nearest even in integer arithmetic; NaN stays NaN. Integer outputs store
+/// the value rounded toward zero (the float ops refuse integer tensors before they get here).
 pub(crate) fn wgsl_output_words(binding: u32, dtype: crate::DType) -> String {
     use crate::DType;
     let decl = |ty: &str| format!("@group(0) @binding({binding}) var<storage, read_write> out: array<{ty}>;\n");
@@ -47,6 +51,12 @@ pub(crate) fn wgsl_output_words(binding: u32, dtype: crate::DType) -> String {
                    if ((b & 0x7fffffffu) > 0x7f800000u) { return (b >> 16u) | 0x40u; }\n    \
                    return (b + 0x7fffu + ((b >> 16u) & 1u)) >> 16u;\n}\n\
                    fn store_word(w: u32, v: vec2<f32>) { out[w] = to_bf16(v.x) | (to_bf16(v.y) << 16u); }\n"
+        }
+        DType::U32 => {
+            decl("u32") + "const ELEMS: u32 = 1u;\nfn store_word(w: u32, v: vec2<f32>) { out[w] = u32(v.x); }\n"
+        }
+        DType::I32 => {
+            decl("i32") + "const ELEMS: u32 = 1u;\nfn store_word(w: u32, v: vec2<f32>) { out[w] = i32(v.x); }\n"
         }
     }
 }

@@ -263,7 +263,7 @@ pub(crate) fn decode(
         heads: params.heads,
         dim: params.dim,
         split_count: params.split_count,
-        out_kind: dtype_code(q.dtype()),
+        out_kind: dtype_code(q.dtype())?,
         pad0: 0,
     };
     let f = dev.function(&crate::kernels::cuda::ATTENTION_DECODE, "attention_decode_merge")?;

@@ -36,6 +36,9 @@ impl KvCache {
         dtype: crate::DType,
         device: &crate::Device,
     ) -> Result<KvCache> {
+        if !dtype.is_float() {
+            return Err(crate::tensor::not_float("KvCache::new"));
+        }
         if batch == 0 || capacity == 0 || kv_heads == 0 || head_dim == 0 || head_dim > MAX_HEAD_DIM {
             return Err(Error::Shape(format!(
                 "KV cache [batch {batch}, capacity {capacity}, kv_heads {kv_heads}, head_dim {head_dim}]: \
@@ -55,6 +58,7 @@ impl KvCache {
     /// when shapes, dtypes or devices do not fit or a sequence would pass the capacity (and
     /// on WebGPU, for f16/bf16 rows of an odd number of elements).
     pub fn append(&mut self, k_new: &Tensor, v_new: &Tensor, counts: Option<&[usize]>) -> Result<()> {
+        crate::ops::floats("KV cache append", &[k_new, v_new])?;
         crate::ops::same_device("KV cache append", &[&self.k, k_new, v_new])?;
         let [batch, capacity, kv_heads, dim] = self.shape();
         let n = k_new.shape().get(1).copied().unwrap_or(0);
@@ -184,6 +188,7 @@ pub(crate) fn decode_visible(i: usize, len: usize, q_valid: usize) -> usize {
 /// kv_heads), when `q_lens` has the wrong length or a sequence has fewer cached rows than
 /// query rows; `DType`; `DeviceMismatch`.
 pub fn attention_decode(q: &Tensor, cache: &KvCache, options: &DecodeOptions) -> Result<AttentionOutput> {
+    crate::ops::floats("attention_decode", &[q])?;
     crate::ops::same_device("attention_decode", &[q, &cache.k])?;
     let [batch, capacity, kv_heads, dim] = cache.shape();
     let &[qb, q_len, heads, qd] = q.shape() else {

@@ -139,6 +139,7 @@ fn validate(q: &Tensor, k: &Tensor, v: &Tensor, options: &AttentionOptions) -> R
 /// a sequence-length vector of the wrong length or with lengths past the tensor; `DType` for
 /// q, k, v of different dtypes; `DeviceMismatch`.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, options: &AttentionOptions) -> Result<AttentionOutput> {
+    crate::ops::floats("attention", &[q, k, v])?;
     let (s, lens) = validate(q, k, v, options)?;
     if q.elem_count() == 0 || k.elem_count() == 0 {
         // No query row, or no key to see: zeros and a logsumexp of −∞ (or nothing at all).
@@ -221,6 +222,7 @@ pub fn attention_backward(
     d_o: &Tensor,
     options: &AttentionOptions,
 ) -> Result<AttentionGrads> {
+    crate::ops::floats("attention_backward", &[q, k, v, &forward.o, d_o])?;
     crate::ops::same_device("attention_backward", &[q, k, v, &forward.o, &forward.lse, d_o])?;
     let (s, lens) = validate(q, k, v, options)?;
     if forward.lse.dtype() != DType::F32 {

@@ -41,11 +41,13 @@ impl BinaryOp {
 /// `a + b`, elementwise. Same shape, dtype and device; `Err(Shape | DType | DeviceMismatch)`
 /// otherwise.
 pub fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    crate::ops::floats("add", &[a, b])?;
     binary(BinaryOp::Add, a, b)
 }
 
 /// `a ⊙ b`, elementwise. Same contract as [`add`].
 pub fn mul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    crate::ops::floats("mul", &[a, b])?;
     binary(BinaryOp::Mul, a, b)
 }
 
@@ -79,6 +81,7 @@ fn zip_map<T: StorageElement>(x: &[T], y: &[T], op: BinaryOp) -> Result<CpuStora
 
 /// `s · a`, elementwise, computed in f32. `Err(InvalidArgument)` when `s` is not finite.
 pub fn scale(a: &Tensor, s: f32) -> Result<Tensor> {
+    crate::ops::floats("scale", &[a])?;
     if !s.is_finite() {
         return Err(Error::InvalidArgument(format!("scale: factor {s} is not finite")));
     }
@@ -101,6 +104,7 @@ fn map<T: StorageElement>(x: &[T], f: impl Fn(f32) -> f32 + Sync) -> Result<CpuS
 /// Sum over the last dimension, accumulated in f32: `[.., n]` → `[..]` (a rank-1 input
 /// gives shape `[]`, one element). An empty row sums to 0. `Err(Shape)` for a rank-0 input.
 pub fn sum_rows(a: &Tensor) -> Result<Tensor> {
+    crate::ops::floats("sum_rows", &[a])?;
     let Some((&cols, lead)) = a.shape().split_last() else {
         return Err(Error::Shape("sum_rows needs at least one dimension, got a scalar".into()));
     };
@@ -132,6 +136,10 @@ fn row_sums<T: StorageElement>(x: &[T], rows: usize, cols: usize) -> Result<CpuS
 /// The elements converted to `dtype`, rounding to nearest even (f32 → f16 overflows to ±inf
 /// as IEEE conversion does). Casting to the same dtype returns the tensor itself.
 pub fn cast(a: &Tensor, dtype: DType) -> Result<Tensor> {
+    crate::ops::floats("cast", &[a])?;
+    if !dtype.is_float() {
+        return Err(crate::tensor::not_float("cast"));
+    }
     if a.dtype() == dtype {
         return Ok(a.clone());
     }
@@ -153,6 +161,7 @@ pub fn cast(a: &Tensor, dtype: DType) -> Result<Tensor> {
 /// `x + bias` with `bias` `[n]` added to every row of `x` `[.., n]`, computed in f32. Same
 /// dtype and device; `Err(Shape)` when `bias` is not `[n]` or x has no dimension.
 pub fn add_bias(x: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    crate::ops::floats("add_bias", &[x, bias])?;
     let operands = operands("add_bias", [x, bias])?;
     let Some(&cols) = x.shape().last() else {
         return Err(Error::Shape("add_bias: x must be [.., n], got a rank-0 tensor".into()));
@@ -195,6 +204,7 @@ fn keeps(key: u32, i: usize, threshold: u32) -> bool {
 /// same call on a gradient is dropout's backward (the same mask, the same scale). `p` in
 /// [0, 1), else `Err(InvalidArgument)`; `p = 0` returns `x`.
 pub fn dropout(x: &Tensor, p: f32, seed: u64) -> Result<Tensor> {
+    crate::ops::floats("dropout", &[x])?;
     if !(0.0..1.0).contains(&p) {
         return Err(Error::InvalidArgument(format!("dropout probability must be in [0, 1), got {p}")));
     }

@@ -163,7 +163,7 @@ pub(crate) fn fused(dev: &Arc<CudaDevice>, f: &Fused<'_>) -> Result<(Tensor, Ten
         k: to_i32("in", inp)?,
         rank: to_i32("rank", r)?,
         scale: f.scale,
-        out_kind: dtype_code(x.dtype()),
+        out_kind: dtype_code(x.dtype())?,
     };
     // xa: computed first (written by `shrink`), or by the kernel (`xa_out`).
     let (xa, xa_in_kernel) = match kernel {

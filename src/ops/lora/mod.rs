@@ -45,12 +45,14 @@ fn check(w: &Tensor, a: &Tensor, b: &Tensor, s: f32) -> Result<()> {
 /// shapes that do not fit, A and B of different dtypes, tensors on different devices, or a
 /// non-finite scale.
 pub fn merge(w: &Tensor, a: &Tensor, b: &Tensor, s: f32) -> Result<Tensor> {
+    crate::ops::floats("merge", &[w, a, b])?;
     check(w, a, b, s)?;
     add_delta(w, a, b, s)
 }
 
 /// `W − s·B·A`: takes a merged adapter out again (exact up to W's rounding).
 pub fn unmerge(w: &Tensor, a: &Tensor, b: &Tensor, s: f32) -> Result<Tensor> {
+    crate::ops::floats("unmerge", &[w, a, b])?;
     check(w, a, b, s)?;
     add_delta(w, a, b, -s)
 }
@@ -148,6 +150,13 @@ pub struct LoraGrads {
 
 fn check_layer(x: &Tensor, l: &LoraLinear<'_>) -> Result<()> {
     let (base, a, b, s) = (&l.base, l.a, l.b, l.scale);
+    crate::ops::floats("lora layer", &[x, a, b])?;
+    if let Some(bias) = l.bias {
+        crate::ops::floats("lora layer", &[bias])?;
+    }
+    if let BaseWeight::Dense(w) = base {
+        crate::ops::floats("lora layer", &[w])?;
+    }
     if x.device() != base.device() {
         return Err(Error::DeviceMismatch(format!("x on {}, W on {}", x.device(), base.device())));
     }
@@ -304,6 +313,7 @@ fn cpu_fused(f: &Fused<'_>) -> Result<(Tensor, Tensor)> {
 /// `dB = s·dyᵀ·(x·Aᵀ)`, all f32. A quantized W goes through the quantized input gradient,
 /// never dequantized whole.
 pub fn lora_backward(dy: &Tensor, x: &Tensor, xa: &Tensor, layer: &LoraLinear<'_>) -> Result<LoraGrads> {
+    crate::ops::floats("lora_backward", &[dy, xa])?;
     check_layer(x, layer)?;
     let [out, _] = layer.base.shape();
     let r = layer.a.shape()[0];
@@ -357,6 +367,9 @@ impl AdapterSet {
     /// Packs `(A [r, in], B [out, r], scale)` triples (any float dtype, one device, one
     /// `[out, in]`) onto their device. `Err` naming the adapter whose shapes disagree.
     pub fn new(adapters: &[(&Tensor, &Tensor, f32)]) -> Result<AdapterSet> {
+        for (a, b, _) in adapters {
+            crate::ops::floats("AdapterSet::new", &[a, b])?;
+        }
         let Some((a0, b0, _)) = adapters.first() else {
             return Err(Error::InvalidArgument("an adapter set needs at least one adapter".into()));
         };
@@ -440,6 +453,7 @@ impl AdapterSet {
 /// shrink to `[tokens, max rank]` and an expand that adds to y.
 /// `Err` for an index out of range (naming the row), or shapes that do not fit.
 pub fn lora_batched(x: &Tensor, y: &Tensor, set: &AdapterSet, adapters: &[i32]) -> Result<Tensor> {
+    crate::ops::floats("lora_batched", &[x, y, &set.a, &set.b])?;
     crate::ops::same_device("lora_batched", &[x, y, &set.a])?;
     let tokens = x.shape().first().copied().unwrap_or(0);
     if x.shape() != [tokens, set.inp] || y.shape() != [tokens, set.out] || adapters.len() != tokens {

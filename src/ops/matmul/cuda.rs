@@ -37,7 +37,7 @@ impl MatmulParams {
             ldb: to_i32("ldb", p.ldb())?,
             trans_a: p.trans_a as i32,
             trans_b: p.trans_b as i32,
-            out_kind: dtype_code(p.out_dtype),
+            out_kind: dtype_code(p.out_dtype)?,
         })
     }
 }

@@ -120,6 +120,10 @@ pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
 /// names both shapes); `DType` when `a` and `b` differ; `DeviceMismatch`; `OutOfMemory`.
 /// Zero-sized dimensions are valid: an empty output, or zeros when `k` is 0.
 pub fn matmul_with(a: &Tensor, b: &Tensor, options: MatmulOptions) -> Result<Tensor> {
+    crate::ops::floats("matmul", &[a, b])?;
+    if !options.out_dtype.is_none_or(DType::is_float) {
+        return Err(crate::tensor::not_float("matmul's output"));
+    }
     let operands = operands("matmul", [a, b])?;
     let (problem, out_shape) = plan(a, b, options)?;
     let device = a.device();

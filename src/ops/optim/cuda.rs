@@ -63,8 +63,8 @@ pub(crate) fn step(dev: &Arc<CudaDevice>, slots: &mut [ParamSlot<'_>], c: &StepC
             fisher: opt(s.fisher)?,
             n: n as u64,
             first_chunk: chunks as u64,
-            grad_kind: dtype_code(s.grad.dtype()),
-            working_kind: working.map_or(0, |w| dtype_code(w.dtype())),
+            grad_kind: dtype_code(s.grad.dtype())?,
+            working_kind: working.map(|w| dtype_code(w.dtype())).transpose()?.unwrap_or(0),
             has_working: working.is_some() as i32,
             has_anchor: s.anchor.is_some() as i32,
             has_fisher: s.fisher.is_some() as i32,
@@ -128,7 +128,7 @@ pub(crate) fn fisher_accumulate(
     inv_count: f32,
 ) -> Result<()> {
     let n = fisher.elem_count() as u64;
-    let kind = dtype_code(grad.dtype());
+    let kind = dtype_code(grad.dtype())?;
     let f = dev.function(&crate::kernels::cuda::OPTIM, "fisher_accumulate")?;
     let mut launch = dev.stream.launch_builder(&f);
     launch.arg(fisher.cuda_buffer()?).arg(grad.cuda_buffer()?).arg(&kind).arg(&n).arg(&inv_count);

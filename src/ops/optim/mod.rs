@@ -182,6 +182,9 @@ fn validate(slots: &[ParamSlot<'_>], h: &AdamWHyper, step: u64) -> Result<crate:
             if must_be_f32 && t.dtype() != DType::F32 {
                 return Err(Error::DType(format!("parameter {i}: {name} must be f32, got {}", t.dtype())));
             }
+            if !t.dtype().is_float() {
+                return Err(Error::DType(format!("parameter {i}: {name} must be f32, f16 or bf16, got {}", t.dtype())));
+            }
             if t.device() != device {
                 return Err(Error::DeviceMismatch(format!(
                     "parameter {i}: {name} on {}, master on {device}",
@@ -503,6 +506,7 @@ fn update_chunk(c: &StepConstants, theta: &mut [f32], m: &mut [f32], v: &mut [f3
 /// mean of squared gradients after `count` samples (count ≥ 1, this one included).
 /// `fisher` is f32; `grad` any float dtype of the same shape on the same device.
 pub fn fisher_accumulate(fisher: &mut Tensor, grad: &Tensor, count: u64) -> Result<()> {
+    crate::ops::floats("fisher_accumulate", &[fisher, grad])?;
     if count == 0 {
         return Err(Error::InvalidArgument("the Fisher sample count starts at 1".into()));
     }

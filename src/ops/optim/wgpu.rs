@@ -244,6 +244,8 @@ fn step_source(descs: &[(DType, Option<DType>, bool, bool)], stochastic: bool) -
             Some(DType::BF16) => {
                 format!("if (2u * w < n) {{ working{j}[w] = to_bf16(th.x) | (to_bf16(th.y) << 16u); }}")
             }
+            // adamw_step refuses integer working copies before any shader is built.
+            Some(DType::U32 | DType::I32) => String::new(),
         };
         let _ = writeln!(
             src,

@@ -55,7 +55,7 @@ impl QuantProductParams {
             k: to_i32("k", p.k)?,
             cols: to_i32("in", w.cols)?,
             direction: (p.direction == Direction::InputGrad) as i32,
-            out_kind: dtype_code(out_dtype),
+            out_kind: dtype_code(out_dtype)?,
         })
     }
 }
@@ -114,7 +114,7 @@ impl QuantKernel {
 pub(crate) fn dequantize(dev: &Arc<CudaDevice>, w: &QTensor, buf: &CudaBuffer, dtype: DType) -> Result<Tensor> {
     let out = Tensor::empty(&[w.rows, w.cols], dtype, &w.device())?;
     let n = (w.rows * w.cols) as u64;
-    let kind = dtype_code(dtype);
+    let kind = dtype_code(dtype)?;
     let q = QuantParams::of(w);
     let f = dev.function(&crate::kernels::cuda::QUANT, "dequantize")?;
     let mut launch = dev.stream.launch_builder(&f);

@@ -311,6 +311,7 @@ impl QTensor {
     /// write an infinite scale), a shape that is not `[out, in]` or an `in` that is not a
     /// multiple of the block.
     pub fn quantize(w: &Tensor, format: QuantFormat) -> Result<QTensor> {
+        crate::ops::floats("quantize", &[w])?;
         let (rows, cols) = check_shape(format, w.shape())?;
         let values = w.to_vec_f32()?;
         if let Some(i) = values.iter().position(|v| !v.is_finite()) {
@@ -356,6 +357,9 @@ impl QTensor {
 
     /// The weight as a dense `[out, in]` tensor of `dtype` on the same device.
     pub fn dequantize(&self, dtype: DType) -> Result<Tensor> {
+        if !dtype.is_float() {
+            return Err(crate::tensor::not_float("dequantize"));
+        }
         match self.raw() {
             RawBuffer::Cpu(bytes) => {
                 let mut out = try_zeros::<f32>(self.rows * self.cols)?;
@@ -408,6 +412,7 @@ impl QMatmulOptions {
 
 /// [`qmatmul`] with options: the same contract, the same errors.
 pub fn qmatmul_with(x: &Tensor, w: &QTensor, options: QMatmulOptions) -> Result<Tensor> {
+    crate::ops::floats("qmatmul", &[x])?;
     product(x, w, Direction::Forward, options)
 }
 
@@ -416,6 +421,7 @@ pub fn qmatmul_with(x: &Tensor, w: &QTensor, options: QMatmulOptions) -> Result<
 ///
 /// Errors as [`qmatmul`].
 pub fn qmatmul_input_grad(dy: &Tensor, w: &QTensor) -> Result<Tensor> {
+    crate::ops::floats("qmatmul_input_grad", &[dy])?;
     product(dy, w, Direction::InputGrad, QMatmulOptions::default())
 }
 
