@@ -499,7 +499,7 @@ impl GgufFile {
         let file = std::fs::File::open(path).map_err(|e| Error::Io(format!("opening {}: {e}", path.display())))?;
         let len = file.metadata().map_err(|e| Error::Io(format!("reading {}: {e}", path.display())))?.len();
         if len == 0 {
-            return Err(named(Error::Io("the file is empty, not GGUF".into())));
+            return Err(named(Error::Io("the file is empty (0 bytes), not GGUF".into())));
         }
         // SAFETY: the map is only read, and `GgufFile`'s contract is that the file does not
         // change while it is open (see the type's docs).
@@ -553,11 +553,11 @@ impl GgufFile {
 
     fn typed<'a, T>(&'a self, key: &str, expected: &str, pick: impl Fn(&'a GgufValue) -> Option<T>) -> Result<T> {
         let value = self.metadata.get(key).ok_or_else(|| {
-            Error::InvalidArgument(format!("{}: no metadata key {key:?} (expected a {expected})", self.path.display()))
+            Error::InvalidArgument(format!("{}: no metadata key {key:?} (expected {expected})", self.path.display()))
         })?;
         pick(value).ok_or_else(|| {
             Error::InvalidArgument(format!(
-                "{}: metadata key {key:?} is a {}, expected a {expected}",
+                "{}: metadata key {key:?} is of type {}, expected {expected}",
                 self.path.display(),
                 value.type_name()
             ))
@@ -951,7 +951,7 @@ fn parse(bytes: &[u8]) -> Result<Parsed> {
     let magic: [u8; 4] = c.array(&|| "the magic \"GGUF\"".to_string())?;
     if &magic != b"GGUF" {
         return Err(corrupt(format!(
-            "not a GGUF file: it starts with {:?} ({}), not \"GGUF\"",
+            "not a GGUF file: it starts with {:?} ({}) at byte 0, not \"GGUF\"",
             String::from_utf8_lossy(&magic),
             magic.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(" ")
         )));
@@ -973,6 +973,7 @@ fn parse(bytes: &[u8]) -> Result<Parsed> {
     let n_kv = c.count(8 + 4 + 1, &|| "the metadata key count".to_string())?;
 
     let mut metadata = BTreeMap::new();
+    let mut alignment_at = 0;
     for i in 0..n_kv {
         let at = c.pos;
         let key = c.string(&|| format!("metadata key {i}"))?;
@@ -981,14 +982,21 @@ fn parse(bytes: &[u8]) -> Result<Parsed> {
         if metadata.contains_key(&key) {
             return Err(corrupt(format!("metadata key {key:?} at byte {at} appears a second time")));
         }
+        if key == ALIGNMENT_KEY {
+            alignment_at = at;
+        }
         metadata.insert(key, value);
     }
     let alignment = match metadata.get(ALIGNMENT_KEY) {
         None => GGUF_DEFAULT_ALIGNMENT,
         Some(GgufValue::U32(a)) if a.is_power_of_two() => *a as u64,
         Some(other) => {
+            let shown = match other {
+                GgufValue::String(_) | GgufValue::Array(_) => format!("a {}", other.type_name()),
+                scalar => format!("{scalar:?}"),
+            };
             return Err(corrupt(format!(
-                "{ALIGNMENT_KEY} is {other:?}; it must be a u32 power of two (32 when absent)"
+                "{ALIGNMENT_KEY} (at byte {alignment_at}) is {shown}; it must be a u32 power of two (32 when absent)"
             )));
         }
     };
@@ -1038,8 +1046,11 @@ fn parse(bytes: &[u8]) -> Result<Parsed> {
                 ggml_type.block_size()
             )));
         }
-        // Fewer bytes than elements × 8, so no overflow once the element count fits in i64.
-        let n_bytes = elements / ggml_type.block_size() * ggml_type.type_size();
+        let n_bytes = (elements / ggml_type.block_size()).checked_mul(ggml_type.type_size()).ok_or_else(|| {
+            corrupt(format!(
+                "tensor {name:?} ({ggml_type}, dims {dims:?}, info at byte {info_at}) takes more bytes than fit in a u64"
+            ))
+        })?;
         let offset_at = c.pos;
         let offset = c.u64(&|| format!("the data offset of tensor {name:?}"))?;
         if offset % alignment != 0 {
