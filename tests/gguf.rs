@@ -8,8 +8,8 @@
 mod common;
 
 use common::gguf::{
-    self as g, F16, F32, GgufBuilder, I32, Q4_0, Q4_K, Q8_0, T_ARRAY, T_BOOL, T_STRING, T_U8, T_U32, T_U64, array,
-    kv, kv_str, kv_u32, string, tensor,
+    self as g, F16, F32, GgufBuilder, I32, Q4_0, Q4_K, Q8_0, T_ARRAY, T_BOOL, T_STRING, T_U8, T_U32, T_U64, array, kv,
+    kv_str, kv_u32, string, tensor,
 };
 use kiln::io::{GgmlType, GgufArray, GgufFile, GgufTensor, GgufValue};
 use kiln::ops::QuantFormat;
@@ -219,7 +219,9 @@ fn dense_tensors_match_gguf_py(device: &Device) {
             assert_eq!((t.dtype(), t.device()), (dtype, *device), "{what}");
             assert_eq!(t.shape(), file.tensor_info(tname).unwrap().shape(), "{what}: shape");
             assert_same_values(&what, &t.to_vec_f32().unwrap(), &want_values(w));
-            let GgufTensor::Dense(again) = file.load(tname, device).unwrap() else { panic!("{what}: load is not dense") };
+            let GgufTensor::Dense(again) = file.load(tname, device).unwrap() else {
+                panic!("{what}: load is not dense")
+            };
             assert_eq!(again.to_bytes().unwrap(), t.to_bytes().unwrap(), "{what}: load");
             assert_names(&err(file.qtensor(tname, device), "a dense tensor as a QTensor"), &[tname, "dense"]);
         }
@@ -369,7 +371,9 @@ fn flipped_bits_never_panic() {
             read += 1;
             for info in file.tensor_infos() {
                 match file.load(info.name(), &cpu) {
-                    Ok(GgufTensor::Dense(t)) => assert_eq!(t.to_bytes().unwrap(), file.tensor_bytes(info.name()).unwrap()),
+                    Ok(GgufTensor::Dense(t)) => {
+                        assert_eq!(t.to_bytes().unwrap(), file.tensor_bytes(info.name()).unwrap())
+                    }
                     Ok(GgufTensor::Quantized(q)) => {
                         assert_eq!(q.to_bytes().unwrap(), file.tensor_bytes(info.name()).unwrap())
                     }
@@ -412,9 +416,11 @@ fn minimal_files_read() {
     assert!(file.metadata().is_empty() && file.tensor_infos().is_empty());
     assert_eq!(file.alignment(), 32);
     // Empty arrays, which gguf-py cannot write, keep their element type.
-    let b = GgufBuilder::new()
-        .kv(kv("empty.strings", T_ARRAY, &array(T_STRING, 0, &[])))
-        .kv(kv("empty.u64", T_ARRAY, &array(T_U64, 0, &[])));
+    let b = GgufBuilder::new().kv(kv("empty.strings", T_ARRAY, &array(T_STRING, 0, &[]))).kv(kv(
+        "empty.u64",
+        T_ARRAY,
+        &array(T_U64, 0, &[]),
+    ));
     let file = open_bytes("empty-arrays.gguf", &b.bytes()).unwrap();
     assert!(file.get_str_array("empty.strings").unwrap().is_empty());
     assert_eq!(file.get_array("empty.u64").unwrap(), &GgufArray::U64(vec![]));
@@ -540,9 +546,12 @@ fn bad_tensor_infos_are_refused_naming_tensor_and_byte() {
     let e = err(open_bytes("short-data.gguf", &bytes), "data past the end");
     assert_names(&e, &["\"w\"", "32 bytes", "past the end of the file", "byte"]);
 
-    let b = GgufBuilder::new()
-        .tensor(tensor("w", &[8], F32, f32_bytes(&[0.0; 8])))
-        .tensor(tensor("w", &[8], F32, f32_bytes(&[0.0; 8])));
+    let b = GgufBuilder::new().tensor(tensor("w", &[8], F32, f32_bytes(&[0.0; 8]))).tensor(tensor(
+        "w",
+        &[8],
+        F32,
+        f32_bytes(&[0.0; 8]),
+    ));
     refused("a name twice", &b, &["\"w\"", "twice", "tensor 0", "tensor 1", "byte"]);
     let b = GgufBuilder::new().tensor(tensor("huge", &[1 << 32, 1 << 32, 1 << 32], F32, vec![]));
     refused("dims whose product overflows", &b, &["\"huge\"", "more elements", "dimension 1", "byte"]);

@@ -842,9 +842,8 @@ impl<'a> Cursor<'a> {
         let at = self.pos;
         let len = self.count(1, &|| format!("the length of {}", what()))?;
         let bytes = self.take(len, what)?;
-        let text = std::str::from_utf8(bytes).map_err(|e| {
-            corrupt(format!("{} at byte {at} is not UTF-8 ({e} of its {len} bytes)", what()))
-        })?;
+        let text = std::str::from_utf8(bytes)
+            .map_err(|e| corrupt(format!("{} at byte {at} is not UTF-8 ({e} of its {len} bytes)", what())))?;
         let mut out = String::new();
         out.try_reserve_exact(len).map_err(|_| Error::OutOfMemory(format!("{}: {len} bytes", what())))?;
         out.push_str(text);
@@ -963,9 +962,7 @@ fn parse(bytes: &[u8]) -> Result<Parsed> {
         } else {
             String::new()
         };
-        return Err(Error::Unsupported(format!(
-            "GGUF version {version} at byte 4{hint}: kiln reads versions 2 and 3"
-        )));
+        return Err(Error::Unsupported(format!("GGUF version {version} at byte 4{hint}: kiln reads versions 2 and 3")));
     }
     // A tensor info takes at least a name length, a dimension count, one dimension, a type
     // and an offset; a key-value pair a key length, a type and one byte of value.
@@ -1077,7 +1074,9 @@ fn parse(bytes: &[u8]) -> Result<Parsed> {
     for t in &tensors {
         if t.offset != expected {
             let before = match previous {
-                Some(p) => format!("{} takes {} bytes, so the next tensor starts at {expected}", p.describe(), p.n_bytes),
+                Some(p) => {
+                    format!("{} takes {} bytes, so the next tensor starts at {expected}", p.describe(), p.n_bytes)
+                }
                 None => "the first tensor starts at 0".to_string(),
             };
             return Err(corrupt(format!(
