@@ -36,8 +36,7 @@ fn hex(s: &str) -> Vec<u8> {
     (0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap()).collect()
 }
 
-/// A file of `bytes` under the test's temporary directory, one per test thread and name (a
-/// file is rewritten only once the `GgufFile` mapping it before is gone).
+/// A file of `bytes` under the test's temporary directory, one per test thread and name.
 fn temp_file(name: &str, bytes: &[u8]) -> PathBuf {
     let thread = format!("{:?}", std::thread::current().id()).replace(|c: char| !c.is_ascii_alphanumeric(), "");
     let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("gguf-{}-{thread}", std::process::id()));
@@ -47,8 +46,13 @@ fn temp_file(name: &str, bytes: &[u8]) -> PathBuf {
     path
 }
 
+/// `bytes` opened as a GGUF file (the file is removed again; a mapping outlives it).
 fn open_bytes(name: &str, bytes: &[u8]) -> kiln::Result<GgufFile> {
-    GgufFile::open(temp_file(name, bytes))
+    let path = temp_file(name, bytes);
+    let file = GgufFile::open(&path);
+    let _ = std::fs::remove_file(&path);
+    let _ = std::fs::remove_dir(path.parent().unwrap());
+    file
 }
 
 /// The error of `result`, which must be one.
