@@ -66,6 +66,11 @@ fn ints(shape: &[usize], d: &Device) -> kiln::Result<Tensor> {
     Tensor::from_f32(&v, shape, DType::F32, d)
 }
 
+/// The GGUF fixture gguf-py wrote (tests/fixtures/make_gguf.py).
+fn gguf() -> kiln::Result<kiln::GgufFile> {
+    kiln::GgufFile::open(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/kiln.gguf"))
+}
+
 fn full(shape: &[usize], value: f32, d: &Device) -> kiln::Result<Tensor> {
     Tensor::full(shape, value, DType::F32, d)
 }
@@ -215,6 +220,15 @@ fn cases() -> Vec<Case> {
             QTensor::from_nf4(&state, &[1, 128], d)?;
             Ok(vec![])
         }),
+        // GGUF tensors onto each device.
+        case("gguf tensor: bf16", Accepted, |d| Ok(vec![gguf()?.tensor("dense.bf16", d)?])),
+        case("gguf qtensor: q8_0", Accepted, |d| Ok(vec![gguf()?.qtensor("quant.q8_0", d)?.dequantize(DType::F32)?])),
+        case("gguf tensor: a q4_0 weight", Refused, |d| Ok(vec![gguf()?.tensor("quant.q4_0", d)?])),
+        case("gguf qtensor: an f16 tensor", Refused, |d| {
+            Ok(vec![gguf()?.qtensor("dense.f16", d)?.dequantize(DType::F32)?])
+        }),
+        case("gguf qtensor: q4_1", Refused, |d| Ok(vec![gguf()?.qtensor("quant.q4_1", d)?.dequantize(DType::F32)?])),
+        case("gguf tensor: no such name", Refused, |d| Ok(vec![gguf()?.tensor("dense.nowhere", d)?])),
         case("qmatmul: in = 0, GEMM rows", Accepted, |d| {
             let w = QTensor::quantize(&z(&[16, 0], d)?, QuantFormat::Q4_0)?;
             Ok(vec![ops::qmatmul(&z(&[9, 0], d)?, &w)?])
