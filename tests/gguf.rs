@@ -8,8 +8,8 @@
 mod common;
 
 use common::gguf::{
-    self as g, F16, F32, GgufBuilder, I32, Q4_0, Q4_K, Q8_0, T_ARRAY, T_BOOL, T_STRING, T_U8, T_U32, T_U64, array, kv,
-    kv_str, kv_u32, string, tensor,
+    self as g, F16, F32, GgufBuilder, I8, I32, Q4_0, Q4_K, Q8_0, T_ARRAY, T_BOOL, T_STRING, T_U8, T_U32, T_U64, array,
+    kv, kv_str, kv_u32, string, tensor,
 };
 use kiln::io::{GgmlType, GgufArray, GgufFile, GgufTensor, GgufValue};
 use kiln::ops::QuantFormat;
@@ -579,13 +579,17 @@ fn bad_tensor_infos_are_refused_naming_tensor_and_byte() {
 fn tensors_kiln_does_not_read_are_refused_naming_type_and_tensor() {
     let b = GgufBuilder::new()
         .tensor(tensor("blk.0.ffn_down.weight", &[256, 2], Q4_K, vec![0; 2 * 144]))
-        .tensor(tensor("ids", &[4], I32, vec![0; 16]))
+        .tensor(tensor("ids", &[4], I32, [7i32, -100, 0, i32::MAX].iter().flat_map(|v| v.to_le_bytes()).collect()))
+        .tensor(tensor("bytes", &[4], I8, vec![0; 4]))
         .tensor(tensor("cube", &[32, 2, 2], Q8_0, q8_0_rows(4, HALF)))
         .tensor(tensor("row", &[64], Q4_0, vec![0; 36]))
         .tensor(tensor("inf", &[32, 2], Q8_0, [q8_0_rows(1, HALF), q8_0_rows(1, 0x7c00)].concat()));
     let file = open_bytes("unsupported.gguf", &b.bytes()).unwrap();
     let cpu = Device::Cpu;
-    for (name, ty) in [("blk.0.ffn_down.weight", "q4_K"), ("ids", "i32")] {
+    // i32 tensors load as kiln's I32.
+    let ids = file.tensor("ids", &cpu).unwrap();
+    assert_eq!((ids.shape(), ids.to_vec::<i32>().unwrap()), (&[4usize][..], vec![7, -100, 0, i32::MAX]));
+    for (name, ty) in [("blk.0.ffn_down.weight", "q4_K"), ("bytes", "i8")] {
         assert_eq!(file.tensor_info(name).unwrap().ggml_type().name(), ty);
         for e in [
             err(file.tensor(name, &cpu), name),
@@ -607,5 +611,5 @@ fn tensors_kiln_does_not_read_are_refused_naming_type_and_tensor() {
     assert_names(&e, &["\"inf\"", "block 1", "inf"]);
     let e = err(file.tensor("nowhere", &cpu), "a missing tensor");
     assert!(matches!(e, Error::InvalidArgument(_)), "{e}");
-    assert_names(&e, &["\"nowhere\"", "5 tensors"]);
+    assert_names(&e, &["\"nowhere\"", "6 tensors"]);
 }

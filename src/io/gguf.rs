@@ -161,6 +161,7 @@ fn holding(t: GgmlType) -> Option<Holding> {
         GgmlType::F32 => Some(Holding::Dense(DType::F32)),
         GgmlType::F16 => Some(Holding::Dense(DType::F16)),
         GgmlType::BF16 => Some(Holding::Dense(DType::BF16)),
+        GgmlType::I32 => Some(Holding::Dense(DType::I32)),
         GgmlType::Q8_0 => Some(Holding::Quantized(QuantFormat::Q8_0)),
         GgmlType::Q4_0 => Some(Holding::Quantized(QuantFormat::Q4_0)),
         // Q4_1: `GgmlType::Q4_1 => Some(Holding::Quantized(QuantFormat::Q4_1)),` once the
@@ -678,7 +679,7 @@ impl GgufFile {
     ///
     /// Errors: `InvalidArgument` when there is no such tensor; `Unsupported` naming the
     /// tensor and its type for a type kiln does not read (the K-quants, the i-quants, q4_1,
-    /// q5_0, integers, ...); as [`GgufFile::qtensor`] for a quantized tensor;
+    /// q5_0, i8, i16, ...); as [`GgufFile::qtensor`] for a quantized tensor;
     /// `OutOfMemory` from the device.
     pub fn load(&self, name: &str, device: &Device) -> Result<GgufTensor> {
         let info = self.tensor_info(name)?;
@@ -688,7 +689,7 @@ impl GgufFile {
         }
     }
 
-    /// Dense tensor `name` (f32, f16 or bf16) on `device`, in the file's dtype and the
+    /// Dense tensor `name` (f32, f16, bf16 or i32) on `device`, in the file's dtype and the
     /// row-major shape (the file's dims reversed).
     ///
     /// Errors as [`GgufFile::load`], and `DType` for a quantized tensor (load those with
@@ -726,14 +727,7 @@ impl GgufFile {
     fn dense(&self, info: &GgufTensorInfo, dtype: DType, device: &Device) -> Result<Tensor> {
         let bytes = self.bytes_of(info);
         let shape = info.shape();
-        crate::tensor::with_dtype!(dtype, T => {
-            // The data section is aligned to at least 32 bytes in every file ggml writes, so
-            // the elements are read in place; an odd alignment costs one copy.
-            match bytemuck::try_cast_slice::<u8, T>(bytes) {
-                Ok(values) => Tensor::from_slice(values, &shape, device),
-                Err(_) => Tensor::from_slice(&bytemuck::pod_collect_to_vec::<u8, T>(bytes), &shape, device),
-            }
-        })
+        Tensor::from_le_bytes(bytes, &shape, dtype, device)
     }
 
     fn quantized(&self, info: &GgufTensorInfo, format: QuantFormat, device: &Device) -> Result<QTensor> {

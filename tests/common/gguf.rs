@@ -10,6 +10,7 @@ pub const Q4_0: u32 = 2;
 pub const Q8_0: u32 = 8;
 pub const Q4_K: u32 = 12;
 pub const I32: u32 = 26;
+pub const I8: u32 = 24;
 
 /// GGUF value type numbers.
 pub const T_U8: u32 = 0;
