@@ -49,9 +49,9 @@ pub(crate) mod wgpu;
 use crate::ops::hash::mix32;
 use crate::ops::{Operands, operands};
 use crate::tensor::{CpuStorage, try_collect, with_elems};
-use crate::{DType, Device, Element, Error, Result, Tensor};
+use crate::{DType, Element, Error, Result, Tensor};
 use rayon::prelude::*;
-use std::sync::{Mutex, OnceLock};
+use std::sync::OnceLock;
 
 /// How [`sample`] picks a token from each row of logits.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -249,8 +249,8 @@ pub(crate) fn exp2_table() -> &'static [f32; 256] {
 
 /// The table as an f32 tensor on `device`, uploaded once per device.
 #[cfg(any(feature = "cuda", feature = "wgpu"))]
-pub(crate) fn exp2_table_on(device: &Device) -> Result<Tensor> {
-    static ON_DEVICE: Mutex<Vec<(Device, Tensor)>> = Mutex::new(Vec::new());
+pub(crate) fn exp2_table_on(device: &crate::Device) -> Result<Tensor> {
+    static ON_DEVICE: std::sync::Mutex<Vec<(crate::Device, Tensor)>> = std::sync::Mutex::new(Vec::new());
     let mut cached = ON_DEVICE.lock().unwrap_or_else(|p| p.into_inner());
     if let Some((_, t)) = cached.iter().find(|(d, _)| d == device) {
         return Ok(t.clone());
@@ -271,7 +271,7 @@ pub(crate) fn weight(x: f32, key: u32, max: f32, max_key: u32, scale24: f32, tab
         return 0.0; // −∞ and NaN, by their keys: no backend's float compares are trusted with them
     }
     let tf = (x - max) * scale24;
-    if !(tf > WEIGHT_FLOOR) {
+    if tf.is_nan() || tf <= WEIGHT_FLOOR {
         return 0.0;
     }
     let i = tf as i32;
@@ -320,7 +320,7 @@ fn descend(t: &[f32; 2 * LANES], r: f32, vocab: usize, w: impl Fn(usize) -> f32)
         let children = 2 * LANES - 4 * s;
         let (left, right) = (t[children + lane], t[children + lane + s]);
         let through_left = offset + left;
-        if !(r < through_left || right == 0.0) {
+        if r >= through_left && right != 0.0 {
             offset = through_left;
             lane += s;
         }
