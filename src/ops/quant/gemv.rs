@@ -213,16 +213,18 @@ fn ggml_step<const T: usize, const R: usize>(
     }
 }
 
-/// The 32 codes of a ggml 4-bit block (Q4_0, Q4_1) at `qs`, unsigned, one per byte in
-/// weight order: the low nibbles are weights 0..16, the high ones 16..32.
+/// The 32 codes of a ggml 4-bit block (Q4_0, Q4_1) at `qs`, unsigned, one per byte: weights
+/// 0..16 (the low nibbles) and weights 16..32 (the high ones). Two 128-bit halves: the
+/// exact kernel widens each, and joining them would cost it two shuffles per block.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 #[inline]
-unsafe fn nibbles(qs: *const u8) -> std::arch::x86_64::__m256i {
+unsafe fn nibbles(qs: *const u8) -> (std::arch::x86_64::__m128i, std::arch::x86_64::__m128i) {
     use std::arch::x86_64::*;
     // SAFETY: qs points at a block's 16 code bytes.
     let raw = unsafe { _mm_loadu_si128(qs.cast()) };
-    _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw), _mm256_set1_epi8(0x0F))
+    let mask = _mm_set1_epi8(0x0F);
+    (_mm_and_si128(raw, mask), _mm_and_si128(_mm_srli_epi16(raw, 4), mask))
 }
 
 /// An f16 of a ggml block (its scale at the start, Q4_1's minimum after it), in every lane.
@@ -271,11 +273,11 @@ unsafe fn ggml_rows_exact<const KIND: u8, const T: usize, const R: usize>(
                 let w = if KIND == KIND_Q8_0 {
                     std::array::from_fn(|i| widen(_mm_loadl_epi64(blk.add(2 + 8 * i).cast())))
                 } else {
-                    let mut codes = nibbles(blk.add(if KIND == KIND_Q4_1 { 4 } else { 2 }));
+                    let (mut lo, mut hi) = nibbles(blk.add(if KIND == KIND_Q4_1 { 4 } else { 2 }));
                     if KIND == KIND_Q4_0 {
-                        codes = _mm256_sub_epi8(codes, _mm256_set1_epi8(8));
+                        let eight = _mm_set1_epi8(8);
+                        (lo, hi) = (_mm_sub_epi8(lo, eight), _mm_sub_epi8(hi, eight));
                     }
-                    let (lo, hi) = (_mm256_castsi256_si128(codes), _mm256_extracti128_si256(codes, 1));
                     let q = [widen(lo), widen(_mm_srli_si128(lo, 8)), widen(hi), widen(_mm_srli_si128(hi, 8))];
                     if KIND == KIND_Q4_1 {
                         // w = q·d + m, and the dot's scale is then 1.
@@ -335,10 +337,11 @@ unsafe fn ggml_rows_int8<const KIND: u8, const T: usize, const R: usize>(
             for (row, acc) in rows.iter().zip(acc.iter_mut()) {
                 let blk = row.as_ptr().add(b * block_bytes);
                 let dw = broadcast_f16(blk);
-                let w = match KIND {
-                    KIND_Q8_0 => _mm256_loadu_si256(blk.add(2).cast()),
-                    KIND_Q4_0 => nibbles(blk.add(2)),
-                    _ => nibbles(blk.add(4)),
+                let w = if q8 {
+                    _mm256_loadu_si256(blk.add(2).cast())
+                } else {
+                    let (lo, hi) = nibbles(blk.add(if KIND == KIND_Q4_1 { 4 } else { 2 }));
+                    _mm256_set_m128i(hi, lo)
                 };
                 let m = if KIND == KIND_Q4_1 { broadcast_f16(blk.add(2)) } else { _mm256_setzero_ps() };
                 // 4-bit: codes 0..15, pair sums ≤ 2·15·127. Q8_0: |w| ≤ 128, pair sums ≤ 2·128·127.
