@@ -62,16 +62,21 @@ pub(crate) struct Q8Rows {
     pub q: Vec<i8>,
     /// `[tokens, cols / 32]`: each block's `d`.
     pub d: Vec<f32>,
-    /// `[tokens, cols / 32]`: each block's `Σq`, for weights whose codes are offset: Q4_0's
-    /// unsigned codes (`Σ (c − 8)·q = Σ c·q − 8·Σq`) and Q4_1's minimum
-    /// (`Σ (d_w·c + m)·d·q = d_w·d·Σ c·q + m·d·Σq`).
-    pub sums: Vec<i32>,
+    /// `[tokens, cols / 32]`: each block's `−8·Σq`, the correction of a product with Q4_0's
+    /// unsigned codes (`Σ (c − 8)·q = Σ c·q − 8·Σ q`).
+    pub q4_bias: Vec<i32>,
+    /// `[tokens, cols / 32]`: each block's `d·Σq` (ggml's `block_q8_1::s`, kept in f32), the
+    /// part of a product that Q4_1's minimum contributes (`Σ (d_w·c + m)·d·q = d_w·d·Σ c·q +
+    /// m·d·Σq`).
+    pub d_sum: Vec<f32>,
 }
 
 impl Q8Rows {
     pub fn round(x: &[f32]) -> Q8Rows {
         let blocks = x.len() / 32;
-        let (mut q, mut d, mut sums) = (vec![0i8; x.len()], Vec::with_capacity(blocks), Vec::with_capacity(blocks));
+        let mut q = vec![0i8; x.len()];
+        let (mut d, mut q4_bias, mut d_sum) =
+            (Vec::with_capacity(blocks), Vec::with_capacity(blocks), Vec::with_capacity(blocks));
         for (xb, qb) in x.chunks_exact(32).zip(q.chunks_exact_mut(32)) {
             let amax = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
             let scale = amax / 127.0;
@@ -81,10 +86,13 @@ impl Q8Rows {
             }
             // A NaN or infinite activation makes its block's products NaN, as in the exact
             // product, rather than vanishing into a zero code.
-            d.push(if xb.iter().all(|v| v.is_finite()) { scale } else { f32::NAN });
-            sums.push(qb.iter().map(|&v| v as i32).sum::<i32>());
+            let scale = if xb.iter().all(|v| v.is_finite()) { scale } else { f32::NAN };
+            let sum = qb.iter().map(|&v| v as i32).sum::<i32>();
+            d.push(scale);
+            q4_bias.push(-8 * sum);
+            d_sum.push(scale * sum as f32);
         }
-        Q8Rows { q, d, sums }
+        Q8Rows { q, d, q4_bias, d_sum }
     }
 }
 
@@ -326,9 +334,9 @@ unsafe fn ggml_rows_int8<const KIND: u8, const T: usize, const R: usize>(
     let block_bytes = block_bytes(KIND);
     let blocks = cols / 32;
     debug_assert!(rows.iter().all(|r| r.len() >= blocks * block_bytes) && xq.q.len() >= T * cols);
-    debug_assert!(xq.d.len() >= T * blocks && xq.sums.len() >= T * blocks);
+    debug_assert!(xq.d.len() >= T * blocks && xq.q4_bias.len() >= T * blocks && xq.d_sum.len() >= T * blocks);
     // SAFETY (whole body): as in ggml_rows_exact, with token t's block b at
-    // xq.q[t·cols + 32b..][..32], its scale and sum at [t·blocks + b].
+    // xq.q[t·cols + 32b..][..32], its scale, bias and d·Σq at [t·blocks + b].
     unsafe {
         let ones = _mm256_set1_epi16(1);
         let q8 = KIND == KIND_Q8_0;
@@ -350,16 +358,17 @@ unsafe fn ggml_rows_int8<const KIND: u8, const T: usize, const R: usize>(
                     let y = _mm256_loadu_si256(xq.q.as_ptr().add(t * cols + b * 32).cast());
                     let signed = if q8 { _mm256_sign_epi8(y, w) } else { y };
                     let mut dot = _mm256_madd_epi16(_mm256_maddubs_epi16(unsigned, signed), ones);
-                    let sum = *xq.sums.get_unchecked(t * blocks + b);
                     if KIND == KIND_Q4_0 {
-                        // The correction in one of the 8 lanes the horizontal sum adds up.
-                        dot = _mm256_add_epi32(dot, _mm256_setr_epi32(-8 * sum, 0, 0, 0, 0, 0, 0, 0));
+                        // The bias spread over the 8 lanes the horizontal sum adds up.
+                        let bias = *xq.q4_bias.get_unchecked(t * blocks + b);
+                        dot = _mm256_add_epi32(dot, _mm256_setr_epi32(bias, 0, 0, 0, 0, 0, 0, 0));
                     }
-                    let dx = *xq.d.get_unchecked(t * blocks + b);
-                    *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(dw, _mm256_set1_ps(dx)), *acc);
+                    let d = _mm256_mul_ps(dw, _mm256_set1_ps(*xq.d.get_unchecked(t * blocks + b)));
+                    *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), d, *acc);
                     if KIND == KIND_Q4_1 {
-                        let dsum = dx * sum as f32;
-                        *acc = _mm256_fmadd_ps(m, _mm256_setr_ps(dsum, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0), *acc);
+                        // m·d·Σq, in one of the 8 lanes the horizontal sum adds up.
+                        let d_sum = *xq.d_sum.get_unchecked(t * blocks + b);
+                        *acc = _mm256_fmadd_ps(m, _mm256_setr_ps(d_sum, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0), *acc);
                     }
                 }
             }
@@ -404,8 +413,7 @@ fn int8_row<B: GgmlBlock>(bytes: &[u8], o: usize, xq: &Q8Rows, cols: usize, out:
         for (t, a) in out.iter_mut().enumerate() {
             let yq = &xq.q[t * cols + 32 * b..][..32];
             let dot: i32 = yq.iter().enumerate().map(|(j, &q)| blk.code(j) * q as i32).sum();
-            let dx = xq.d[t * blocks + b];
-            *a += dot as f32 * (dw * dx) + m * (dx * xq.sums[t * blocks + b] as f32);
+            *a += dot as f32 * (dw * xq.d[t * blocks + b]) + m * xq.d_sum[t * blocks + b];
         }
     }
 }
