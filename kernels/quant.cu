@@ -1,9 +1,10 @@
 // Quantized weights: decoding, dequantize, and the products y = x·Wᵀ and dx = dy·W with W
 // an [out, in] quantized weight (formats in src/ops/quant/formats.rs). Every kernel takes
 // the weight's QuantParams; the products take QuantProductParams (quant.cuh). Every weight is
-// `code · scale` rounded once in f32, as the CPU decodes it (explicit _rn ops, no fusing);
-// the tensor-core GEMM then rounds it once more to the activations' half type (the
-// launcher keeps f16 off that path when |w| could exceed f16's range).
+// `code · scale` rounded once in f32 (Q4_1: `+ min`, rounded again), as the CPU decodes it
+// (explicit _rn ops, no fusing); the tensor-core GEMM then rounds it once more to the
+// activations' half type (the launcher keeps f16 off that path when |w| could exceed f16's
+// range).
 //
 // dequantize                        one element per thread, grid-stride; out_kind picks the
 //                                    output dtype

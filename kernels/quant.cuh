@@ -1,17 +1,19 @@
 // Quantized weights as the kernels read them (prepended after common.cuh and gemm.cuh, for
 // quant.cu and lora.cu): the decoders, the GEMV body, and the B-loaders through which the
 // GEMM engines read W. Formats in src/ops/quant/formats.rs. Every weight is `code · scale`
-// rounded once in f32, as the CPU decodes it (explicit _rn ops, no fusing).
+// rounded once in f32 (Q4_1: `+ min`, rounded again), as the CPU decodes it (explicit _rn
+// ops, no fusing).
 
-// Bytes of ggml's blocks (BlockQ8_0, BlockQ4_0 in src/ops/quant/formats.rs).
+// Bytes of ggml's blocks (BlockQ8_0, BlockQ4_0, BlockQ4_1 in src/ops/quant/formats.rs).
 #define BLOCK_Q8_0_BYTES 34
 #define BLOCK_Q4_0_BYTES 18
+#define BLOCK_Q4_1_BYTES 20
 
 // The weight's format and the place of its NF4 state, as every quant kernel takes it
 // (QuantParams in src/ops/quant/cuda.rs).
 struct QuantParams {
     u64 absmax_offset, nested_offset, code_offset;  // bytes into w
-    int format;    // 0 Q8_0, 1 Q4_0, 2 NF4, 3 NF4 with double quantisation
+    int format;    // 0 Q8_0, 1 Q4_0, 2 Q4_1, 3 NF4, 4 NF4 with double quantisation
     float offset;  // the mean double quantisation subtracted from absmax
 };
 
@@ -47,7 +49,7 @@ struct QDesc {
     u64 absmax_off, nested_off, code_off;
     float offset;
     const float* nf4;  // kNF4 in shared memory (nf4_shared)
-    __device__ __forceinline__ int block_size() const { return format >= 2 ? 64 : 32; }
+    __device__ __forceinline__ int block_size() const { return format >= 3 ? 64 : 32; }
 };
 
 // The QDesc of a kernel's QuantParams. Every thread of the block calls it, before any early
@@ -63,12 +65,32 @@ __device__ __forceinline__ float block_scale(const u8* w, const QDesc& q, u64 b)
     switch (q.format) {
         case 0: return f16_at(w, b * BLOCK_Q8_0_BYTES);
         case 1: return f16_at(w, b * BLOCK_Q4_0_BYTES);
-        case 2: return f32_at(w, q.absmax_off + 4 * b);
+        case 2: return f16_at(w, b * BLOCK_Q4_1_BYTES);
+        case 3: return f32_at(w, q.absmax_off + 4 * b);
         default: {
             const float code = f32_at(w, q.code_off + 4 * (u64)w[q.absmax_off + b]);
             return __fadd_rn(__fmul_rn(code, f32_at(w, q.nested_off + 4 * (b / 256))), q.offset);
         }
     }
+}
+
+// A ggml 4-bit block (Q4_0, Q4_1; byte i holds weight i in its low nibble and weight i + 16
+// in its high one) and how one of its codes becomes a weight: Q4_0 (q − 8)·d, Q4_1 q·d + m
+// rounded twice (product, then sum), as the CPU and gguf-py decode it.
+struct Q4Block {
+    const u8* qs;  // the 16 code bytes
+    float d, m;
+    bool has_min;
+    __device__ __forceinline__ float weight(u32 code) const {
+        return has_min ? __fadd_rn(__fmul_rn((float)code, d), m) : __fmul_rn((float)((int)code - 8), d);
+    }
+};
+
+// Block b of a Q4_0 or Q4_1 weight, whose scale is d.
+__device__ __forceinline__ Q4Block q4_block(const u8* w, const QDesc& q, u64 b, float d) {
+    const bool q41 = q.format == 2;
+    const u8* blk = w + b * (q41 ? BLOCK_Q4_1_BYTES : BLOCK_Q4_0_BYTES);
+    return Q4Block{blk + (q41 ? 4 : 2), d, q41 ? f16_at(blk, 2) : 0.f, q41};
 }
 
 // Decodes the 8 weights at flat indices e0..e0+8 (e0 a multiple of 8: never across blocks).
@@ -79,14 +101,14 @@ __device__ __forceinline__ void decode8(const u8* w, const QDesc& q, u64 e0, flo
         const u8* qs = w + b * BLOCK_Q8_0_BYTES + 2 + (e0 & 31);
 #pragma unroll
         for (int j = 0; j < 8; j++) out[j] = __fmul_rn((float)(signed char)qs[j], s);
-    } else if (q.format == 1) {
-        const u8* qs = w + b * BLOCK_Q4_0_BYTES + 2;
+    } else if (q.format <= 2) {
+        const Q4Block blk = q4_block(w, q, b, s);
         const int j0 = (int)(e0 & 31);
 #pragma unroll
         for (int j = 0; j < 8; j++) {
             const int jj = j0 + j;
-            const int byte = qs[jj & 15];
-            out[j] = __fmul_rn((float)((jj < 16 ? byte & 15 : byte >> 4) - 8), s);
+            const u32 byte = blk.qs[jj & 15];
+            out[j] = blk.weight(jj < 16 ? byte & 15 : byte >> 4);
         }
     } else {
         const u8* p = w + (e0 >> 1);
@@ -104,23 +126,24 @@ __device__ __forceinline__ void decode8(const u8* w, const QDesc& q, u64 e0, flo
 __device__ __forceinline__ void decode32(const u8* w, const QDesc& q, u64 e0, float out[32]) {
     const u64 b = e0 / q.block_size();
     const float s = block_scale(w, q, b);
-    if (q.format <= 1) {
-        const bool q8 = q.format == 0;
-        const u16* qs = (const u16*)(w + b * (q8 ? BLOCK_Q8_0_BYTES : BLOCK_Q4_0_BYTES) + 2);
+    if (q.format == 0) {
+        const u16* qs = (const u16*)(w + b * BLOCK_Q8_0_BYTES + 2);
 #pragma unroll
         for (int j = 0; j < 16; j++) {
-            if (!q8 && j >= 8) break;
             const u32 word = qs[j];
-            if (q8) {
-                out[2 * j] = __fmul_rn((float)(signed char)(word & 0xff), s);
-                out[2 * j + 1] = __fmul_rn((float)(signed char)(word >> 8), s);
-            } else {
-                // Q4_0: byte i holds weight i (low nibble) and weight i + 16 (high nibble).
-                out[2 * j] = __fmul_rn((float)((int)(word & 15) - 8), s);
-                out[2 * j + 1] = __fmul_rn((float)((int)((word >> 8) & 15) - 8), s);
-                out[2 * j + 16] = __fmul_rn((float)((int)((word >> 4) & 15) - 8), s);
-                out[2 * j + 17] = __fmul_rn((float)((int)(word >> 12) - 8), s);
-            }
+            out[2 * j] = __fmul_rn((float)(signed char)(word & 0xff), s);
+            out[2 * j + 1] = __fmul_rn((float)(signed char)(word >> 8), s);
+        }
+    } else if (q.format <= 2) {
+        const Q4Block blk = q4_block(w, q, b, s);
+        const u16* qs = (const u16*)blk.qs;
+#pragma unroll
+        for (int j = 0; j < 8; j++) {
+            const u32 word = qs[j];
+            out[2 * j] = blk.weight(word & 15);
+            out[2 * j + 1] = blk.weight((word >> 8) & 15);
+            out[2 * j + 16] = blk.weight((word >> 4) & 15);
+            out[2 * j + 17] = blk.weight(word >> 12);
         }
     } else {
         const uint4 v = *(const uint4*)(w + (e0 >> 1));

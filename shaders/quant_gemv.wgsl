@@ -3,8 +3,8 @@
 // once and used for all token rows.
 //
 // One workgroup of 64 invocations per output row o: invocation l takes blocks l, l + 64, …
-// of the row, decodes each with one scale lookup, and keeps one partial sum per token; a
-// tree reduction in workgroup memory finishes the row. Output is f32.
+// of the row, decodes each with one scale (and minimum) lookup, and keeps one partial sum
+// per token; a tree reduction in workgroup memory finishes the row. Output is f32.
 // The Rust side prepends `struct Params { gemv: QuantGemvParams, q: QuantParams }`, the `w`
 // binding (0) with quant_decode.wgsl, and `x` (binding 1) with `load_x(i) -> f32`.
 // Dispatch: 2-D, (groups_x, ceil(rows / groups_x)).
@@ -38,9 +38,10 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     let blocks = params.gemv.cols / bs;
     for (var b = li; b < blocks; b += 64u) {
         let scale = block_scale(row * blocks + b);
+        let minimum = block_min(row * blocks + b);
         let col0 = b * bs;
         for (var j = 0u; j < bs; j++) {
-            let wv = block_code(row * params.gemv.cols + col0 + j) * scale;
+            let wv = weight_of(block_code(row * params.gemv.cols + col0 + j), scale, minimum);
             for (var t = 0u; t < params.gemv.tokens; t++) {
                 acc[t] = fma(wv, load_x(t * params.gemv.cols + col0 + j), acc[t]);
             }

@@ -801,7 +801,7 @@ fn hostile_shape(rng: &mut Rng, rows: usize, cols: usize) -> Vec<usize> {
 fn ggml_blocks_load_or_are_refused() {
     let cpu = Device::Cpu;
     let w = Tensor::randn(&[4, 64], 0.0, 1.0, 5, DType::F32, &cpu).unwrap();
-    let seeds: Vec<(QuantFormat, Vec<u8>)> = [QuantFormat::Q8_0, QuantFormat::Q4_0]
+    let seeds: Vec<(QuantFormat, Vec<u8>)> = [QuantFormat::Q8_0, QuantFormat::Q4_0, QuantFormat::Q4_1]
         .into_iter()
         .map(|f| (f, QTensor::quantize(&w, f).unwrap().to_bytes().unwrap()))
         .collect();

@@ -440,7 +440,13 @@ mod layer {
     }
 
     fn fused_cases() -> impl Strategy<Value = FusedCase> {
-        let formats = vec![None, Some(QuantFormat::Q8_0), Some(QuantFormat::Q4_0), Some(QuantFormat::Nf4)];
+        let formats = vec![
+            None,
+            Some(QuantFormat::Q8_0),
+            Some(QuantFormat::Q4_0),
+            Some(QuantFormat::Q4_1),
+            Some(QuantFormat::Nf4),
+        ];
         (
             prop::sample::select(vec![1usize, 3, 8, 9, 70]),
             prop::sample::select(vec![1usize, 37, 130]),

@@ -185,8 +185,21 @@ fn cases() -> Vec<Case> {
             QTensor::quantize(&full(&[1, 32], 1e7, d)?, QuantFormat::Q4_0)?;
             Ok(vec![])
         }),
+        case("quantize: Q4_1 minimum past f16", Refused, |d| {
+            QTensor::quantize(&full(&[1, 32], -1e5, d)?, QuantFormat::Q4_1)?;
+            Ok(vec![])
+        }),
+        case("quantize: Q4_1 range past f16", Refused, |d| {
+            let v: Vec<f32> = (0..32).map(|j| if j % 2 == 0 { 0.0 } else { 2e6 }).collect();
+            QTensor::quantize(&Tensor::from_f32(&v, &[1, 32], DType::F32, d)?, QuantFormat::Q4_1)?;
+            Ok(vec![])
+        }),
         case("quantize: unaligned in", Refused, |d| {
             QTensor::quantize(&z(&[2, 33], d)?, QuantFormat::Q4_0)?;
+            Ok(vec![])
+        }),
+        case("quantize: unaligned in, Q4_1", Refused, |d| {
+            QTensor::quantize(&z(&[2, 33], d)?, QuantFormat::Q4_1)?;
             Ok(vec![])
         }),
         case("quantize: rank 3", Refused, |d| {
@@ -205,6 +218,27 @@ fn cases() -> Vec<Case> {
             block[..2].copy_from_slice(&0x7c00u16.to_le_bytes());
             QTensor::from_ggml_blocks(QuantFormat::Q8_0, &block, &[1, 32], d)?;
             Ok(vec![])
+        }),
+        case("from_ggml_blocks: infinite Q4_1 minimum", Refused, |d| {
+            let mut block = vec![0u8; 20];
+            block[2..4].copy_from_slice(&0x7c00u16.to_le_bytes());
+            QTensor::from_ggml_blocks(QuantFormat::Q4_1, &block, &[1, 32], d)?;
+            Ok(vec![])
+        }),
+        case("from_ggml_blocks: Q4_1 one byte short", Refused, |d| {
+            QTensor::from_ggml_blocks(QuantFormat::Q4_1, &[0; 39], &[1, 64], d)?;
+            Ok(vec![])
+        }),
+        case("qmatmul: Q4_1 GEMV, GEMM and input gradient", Accepted, |d| {
+            // d = 1, m = −8: integer weights, so every device's sums are exact.
+            let block: Vec<u8> =
+                [0x00, 0x3C, 0x00, 0xC8].into_iter().chain((0..16u8).map(|j| j | ((15 - j) << 4))).collect();
+            let w = QTensor::from_ggml_blocks(QuantFormat::Q4_1, &block.repeat(8), &[4, 64], d)?;
+            Ok(vec![
+                ops::qmatmul(&ints(&[3, 64], d)?, &w)?,
+                ops::qmatmul(&ints(&[9, 64], d)?, &w)?,
+                ops::qmatmul_input_grad(&ints(&[9, 4], d)?, &w)?,
+            ])
         }),
         case("from_ggml_blocks: an NF4 format", Refused, |d| {
             QTensor::from_ggml_blocks(QuantFormat::Nf4, &[0; 32], &[1, 64], d)?;
@@ -233,6 +267,10 @@ fn cases() -> Vec<Case> {
             let w = QTensor::quantize(&z(&[16, 0], d)?, QuantFormat::Q4_0)?;
             Ok(vec![ops::qmatmul(&z(&[9, 0], d)?, &w)?])
         }),
+        case("qmatmul: in = 0, GEMM rows, Q4_1", Accepted, |d| {
+            let w = QTensor::quantize(&z(&[16, 0], d)?, QuantFormat::Q4_1)?;
+            Ok(vec![ops::qmatmul(&z(&[9, 0], d)?, &w)?])
+        }),
         case("qmatmul: in = 0, GEMV rows", Accepted, |d| {
             let w = QTensor::quantize(&z(&[16, 0], d)?, QuantFormat::Nf4)?;
             Ok(vec![ops::qmatmul(&z(&[3, 0], d)?, &w)?])
@@ -259,6 +297,10 @@ fn cases() -> Vec<Case> {
         }),
         case("qmatmul_input_grad: out differs", Refused, |d| {
             let w = QTensor::quantize(&ints(&[4, 32], d)?, QuantFormat::Q4_0)?;
+            Ok(vec![ops::qmatmul_input_grad(&z(&[2, 5], d)?, &w)?])
+        }),
+        case("qmatmul_input_grad: out differs, Q4_1", Refused, |d| {
+            let w = QTensor::quantize(&ints(&[4, 32], d)?, QuantFormat::Q4_1)?;
             Ok(vec![ops::qmatmul_input_grad(&z(&[2, 5], d)?, &w)?])
         }),
         case("qmatmul_input_grad: out = 0 gives zeros", Accepted, |d| {

@@ -46,6 +46,61 @@ fn q4_0_blocks_match_ggml_byte_for_byte(device: &Device) {
     }
 }
 
+fn q4_1_fixture() -> kiln::io::SafetensorsFile {
+    kiln::io::SafetensorsFile::open(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/q4_1.safetensors")).unwrap()
+}
+
+/// The first block (of `block_bytes`) where two runs of blocks differ, with both versions.
+fn first_block_difference(got: &[u8], want: &[u8], block_bytes: usize) -> Option<(usize, Vec<u8>, Vec<u8>)> {
+    got.chunks(block_bytes)
+        .zip(want.chunks(block_bytes))
+        .position(|(g, w)| g != w)
+        .map(|b| (b, got[b * block_bytes..][..block_bytes].to_vec(), want[b * block_bytes..][..block_bytes].to_vec()))
+}
+
+/// Q4_1 against gguf-py (tests/fixtures/make_q4_1.py): kiln quantizes the fixture's weight to
+/// gguf-py's bytes, and gguf-py's blocks dequantize to gguf-py's values bit for bit.
+fn q4_1_blocks_match_gguf_py_byte_for_byte(device: &Device) {
+    let file = q4_1_fixture();
+    let w = file.tensor("q4_1.w", &Device::Cpu).unwrap();
+    let shape = w.shape().to_vec();
+    let (dtype, _, want_blocks) = file.raw("q4_1.blocks").unwrap();
+    assert_eq!(dtype, "U8");
+    let want = file.tensor("q4_1.dequantized", &Device::Cpu).unwrap().to_vec::<f32>().unwrap();
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+
+    let q = QTensor::quantize(&w.to_device(device).unwrap(), QuantFormat::Q4_1).unwrap();
+    assert_eq!(q.format(), QuantFormat::Q4_1);
+    let got = q.to_bytes().unwrap();
+    assert_eq!(got.len(), want_blocks.len(), "{device}");
+    if let Some((b, mine, theirs)) = first_block_difference(&got, want_blocks, 20) {
+        panic!("{device}: block {b} differs from gguf-py's: kiln {mine:?}, gguf-py {theirs:?}");
+    }
+    let loaded = QTensor::from_ggml_blocks(QuantFormat::Q4_1, want_blocks, &shape, device).unwrap();
+    for (what, t) in [("gguf-py's blocks", &loaded), ("kiln's blocks", &q)] {
+        let got = t.dequantize(DType::F32).unwrap().to_vec::<f32>().unwrap();
+        let differ: Vec<usize> = (0..got.len()).filter(|&i| got[i].to_bits() != want[i].to_bits()).collect();
+        assert!(
+            differ.is_empty(),
+            "{device}: {what} dequantize differently from gguf-py at {} places, first {}: {} vs {}",
+            differ.len(),
+            differ[0],
+            got[differ[0]],
+            want[differ[0]]
+        );
+        assert_eq!(bits(&got), bits(&want));
+    }
+    if device.is_cpu() {
+        // ggml's nibble order, decoded by hand: low nibbles are weights 0..16, high ones 16..32.
+        let mut block = vec![0x00, 0x40, 0x00, 0xC2]; // d = 2.0, m = −3.0
+        block.extend((0..16).map(|_| 0x9Fu8)); // low 15 → 15·2 − 3 = 27, high 9 → 9·2 − 3 = 15
+        let w = QTensor::from_ggml_blocks(QuantFormat::Q4_1, &block, &[1, 32], &Device::Cpu).unwrap();
+        let v = w.dequantize(DType::F32).unwrap().to_vec::<f32>().unwrap();
+        assert!(v[..16].iter().all(|&x| x == 27.0) && v[16..].iter().all(|&x| x == 15.0), "{v:?}");
+        assert_eq!(w.max_abs_bound(), 27.0);
+    }
+}
+
 fn nf4_matches_bitsandbytes_packing(device: &Device) {
     // x_j = 2 · NF4[j mod 16]: absmax 2, codes j mod 16, first weight in the high nibble.
     let x: Vec<f32> = (0..64).map(|j| 2.0 * NF4_CODE[j % 16]).collect();
@@ -90,11 +145,14 @@ fn nf4_double_quant_state_loads_as_bitsandbytes_defines_it(device: &Device) {
 
 /// Largest round-trip error each format allows for a block whose largest magnitude is
 /// `amax`: half a quantization step (a whole step where Q4_0 clamps its top value), plus the
-/// rounding of the stored scale.
+/// rounding of the stored scale (and minimum).
 fn round_trip_bound(format: QuantFormat, amax: f32) -> f32 {
     match format {
         QuantFormat::Q8_0 => amax / 127.0 * 0.5 + amax * 2f32.powi(-11),
         QuantFormat::Q4_0 => amax / 8.0 + amax * 2f32.powi(-11),
+        // A step is (max − min) / 15 ≤ 2·amax / 15; the f16 d is off by 2⁻¹¹ of itself (up
+        // to 15 times: 2·amax·2⁻¹¹), the f16 m by 2⁻¹¹·amax; 2⁻⁹ covers those and f32's part.
+        QuantFormat::Q4_1 => amax / 15.0 + amax * 2f32.powi(-9),
         // Half the widest gap of the NF4 code (between −1.0 and −0.6962).
         QuantFormat::Nf4 => amax * (1.0 - 0.696_192_8) / 2.0 * 1.0001,
         // Plus the 8-bit absmax error: half the widest step of the dynamic code near 1,
@@ -133,6 +191,7 @@ fn bits_per_weight_are_what_each_format_promises() {
     let bits = |f| QTensor::quantize(&w, f).unwrap().bits_per_weight();
     assert_eq!(bits(QuantFormat::Q8_0), 8.5);
     assert_eq!(bits(QuantFormat::Q4_0), 4.5);
+    assert_eq!(bits(QuantFormat::Q4_1), 5.0);
     assert_eq!(bits(QuantFormat::Nf4), 4.5);
     let dq = bits(QuantFormat::Nf4DoubleQuant);
     assert!(dq <= 4.13 && dq > 4.127, "NF4 with double quantization: {dq} bits per weight");
@@ -168,6 +227,21 @@ fn bad_input_is_an_error_naming_the_problem(device: &Device) {
             ));
         }
         assert!(QTensor::from_ggml_blocks(QuantFormat::Nf4, &blocks, &[2, 64], &Device::Cpu).is_err());
+        // Q4_1: 20 bytes a block, and a minimum past f16 refused as a scale is.
+        let mut q41 = vec![0u8; 20 * 2];
+        assert!(QTensor::from_ggml_blocks(QuantFormat::Q4_1, &q41, &[1, 64], &Device::Cpu).is_ok());
+        assert!(matches!(
+            QTensor::from_ggml_blocks(QuantFormat::Q4_1, &q41[..38], &[1, 64], &Device::Cpu),
+            Err(Error::InvalidArgument(_))
+        ));
+        q41[22..24].copy_from_slice(&0xfc00u16.to_le_bytes()); // block 1: m = −inf
+        match QTensor::from_ggml_blocks(QuantFormat::Q4_1, &q41, &[1, 64], &Device::Cpu) {
+            Err(Error::InvalidArgument(m)) => assert!(m.contains("block 1") && m.contains("minimum -inf"), "{m}"),
+            other => panic!("expected an error naming the minimum, got {other:?}"),
+        }
+        let low = weights(&[-7e4; 32], &[1, 32]);
+        assert!(matches!(QTensor::quantize(&low, QuantFormat::Q4_1), Err(Error::InvalidArgument(_))));
+        assert_eq!("Q4_1".parse::<QuantFormat>().unwrap(), QuantFormat::Q4_1);
         assert!(matches!(
             QTensor::from_nf4(
                 &Nf4State { packed: vec![0u8; 32], block_size: 64, absmax: Nf4Absmax::F32(vec![1.0, 2.0]) },
@@ -381,7 +455,7 @@ fn int8_activations_keep_non_finite_values() {
         let mut xs = vec![0.5f32; 2 * 64];
         xs[64 + 33] = bad;
         let x = Tensor::from_slice(&xs, &[2, 64], &Device::Cpu).unwrap();
-        for format in [QuantFormat::Q8_0, QuantFormat::Q4_0] {
+        for format in [QuantFormat::Q8_0, QuantFormat::Q4_0, QuantFormat::Q4_1] {
             let q = QTensor::quantize(&w, format).unwrap();
             let y = qmatmul_with(&x, &q, QMatmulOptions::default().int8_activations()).unwrap();
             let y = y.to_vec::<f32>().unwrap();
@@ -460,6 +534,7 @@ device_tests!(
     a_bitsandbytes_nf4_state_loads_and_comes_back,
     q8_0_blocks_match_ggml_byte_for_byte,
     q4_0_blocks_match_ggml_byte_for_byte,
+    q4_1_blocks_match_gguf_py_byte_for_byte,
     nf4_matches_bitsandbytes_packing,
     nf4_double_quant_state_loads_as_bitsandbytes_defines_it,
     bad_input_is_an_error_naming_the_problem,

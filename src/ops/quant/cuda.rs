@@ -166,9 +166,11 @@ mod tests {
     #[test]
     fn block_sizes_match_the_kernels() {
         use crate::ops::quant::formats::GgmlBlock;
-        for (name, bytes) in
-            [("BLOCK_Q8_0_BYTES", super::super::BlockQ8_0::BYTES), ("BLOCK_Q4_0_BYTES", super::super::BlockQ4_0::BYTES)]
-        {
+        for (name, bytes) in [
+            ("BLOCK_Q8_0_BYTES", super::super::BlockQ8_0::BYTES),
+            ("BLOCK_Q4_0_BYTES", super::super::BlockQ4_0::BYTES),
+            ("BLOCK_Q4_1_BYTES", super::super::BlockQ4_1::BYTES),
+        ] {
             let define = format!("#define {name} {bytes}");
             assert!(crate::kernels::cuda::QUANT.source.contains(&define), "kernels/quant.cuh lacks `{define}`");
         }

@@ -24,8 +24,18 @@ pub struct BlockQ4_0 {
     pub qs: [u8; 16],
 }
 
+/// ggml's Q4_1 block: 32 weights `w = d·q + m` with `q` in 0..15, nibbles packed as in
+/// [`BlockQ4_0`] (`block_q4_1`, 20 bytes).
+#[repr(C, packed)]
+#[derive(Debug, Clone, Copy, Pod, Zeroable)]
+pub struct BlockQ4_1 {
+    pub d: f16,
+    pub m: f16,
+    pub qs: [u8; 16],
+}
+
 /// A ggml block type: its size and how it decodes, so the code that walks a row of blocks
-/// is written once for both.
+/// is written once for all of them.
 pub(crate) trait GgmlBlock: Pod {
     /// Bytes of one block: `size_of::<Self>()`, as the kernels' pointer arithmetic uses it.
     const BYTES: usize = std::mem::size_of::<Self>();
@@ -33,8 +43,18 @@ pub(crate) trait GgmlBlock: Pod {
     /// The block's scale as f32.
     fn scale(&self) -> f32;
 
-    /// The block's 32 integer codes, centred (Q4_0's `q − 8`).
+    /// The block's minimum, added to every weight: Q4_1's `m`, zero for the formats
+    /// symmetric about zero.
+    fn min(&self) -> f32 {
+        0.0
+    }
+
+    /// The block's 32 integer codes, centred where the format centres them (Q4_0's `q − 8`):
+    /// weight `j` is `code(j)·scale + min`.
     fn code(&self, j: usize) -> i32;
+
+    /// The largest |w| the block decodes to (a bound for symmetric formats).
+    fn max_abs(&self) -> f32;
 
     /// Block `b` of a row-major run of blocks.
     fn at(bytes: &[u8], b: usize) -> &Self {
@@ -50,6 +70,21 @@ pub(crate) trait GgmlBlock: Pod {
     }
 }
 
+/// ggml's 4-bit packing (Q4_0, Q4_1): nibble `j` of the 32, unsigned.
+fn nibble(qs: &[u8; 16], j: usize) -> u8 {
+    let byte = qs[j % 16];
+    if j < 16 { byte & 15 } else { byte >> 4 }
+}
+
+/// The 32 weights of a ggml 4-bit block, both nibbles of a byte at once (a per-weight
+/// `j % 16` costs the GEMM a third).
+fn decode_nibbles(qs: &[u8; 16], out: &mut [f32], weight: impl Fn(u8) -> f32) {
+    for (j, &byte) in qs.iter().enumerate() {
+        out[j] = weight(byte & 15);
+        out[j + 16] = weight(byte >> 4);
+    }
+}
+
 impl GgmlBlock for BlockQ8_0 {
     fn scale(&self) -> f32 {
         { self.d }.to_f32()
@@ -57,6 +92,10 @@ impl GgmlBlock for BlockQ8_0 {
 
     fn code(&self, j: usize) -> i32 {
         self.qs[j] as i32
+    }
+
+    fn max_abs(&self) -> f32 {
+        self.scale().abs() * 128.0
     }
 }
 
@@ -66,17 +105,42 @@ impl GgmlBlock for BlockQ4_0 {
     }
 
     fn code(&self, j: usize) -> i32 {
-        let byte = self.qs[j % 16];
-        (if j < 16 { byte & 15 } else { byte >> 4 }) as i32 - 8
+        nibble(&self.qs, j) as i32 - 8
     }
 
-    /// Both nibbles of a byte at once (the generic loop's `j % 16` costs the GEMM a third).
+    fn max_abs(&self) -> f32 {
+        self.scale().abs() * 8.0
+    }
+
     fn decode(&self, out: &mut [f32]) {
         let d = self.scale();
-        for (j, &byte) in self.qs.iter().enumerate() {
-            out[j] = ((byte & 15) as i32 - 8) as f32 * d;
-            out[j + 16] = ((byte >> 4) as i32 - 8) as f32 * d;
-        }
+        decode_nibbles(&self.qs, out, |q| (q as i32 - 8) as f32 * d);
+    }
+}
+
+impl GgmlBlock for BlockQ4_1 {
+    fn scale(&self) -> f32 {
+        { self.d }.to_f32()
+    }
+
+    fn min(&self) -> f32 {
+        { self.m }.to_f32()
+    }
+
+    fn code(&self, j: usize) -> i32 {
+        nibble(&self.qs, j) as i32
+    }
+
+    /// Weights run monotonically from `m` (code 0) to `15·d + m`, each rounded as decoded.
+    fn max_abs(&self) -> f32 {
+        let (d, m) = (self.scale(), self.min());
+        m.abs().max((15.0 * d + m).abs())
+    }
+
+    /// `q·d + m` rounded twice (product, then sum), as gguf-py's `dequantize` computes it.
+    fn decode(&self, out: &mut [f32]) {
+        let (d, m) = (self.scale(), self.min());
+        decode_nibbles(&self.qs, out, |q| q as f32 * d + m);
     }
 }
 
@@ -85,6 +149,7 @@ impl GgmlBlock for BlockQ4_0 {
 pub enum QuantFormat {
     Q8_0,
     Q4_0,
+    Q4_1,
     Nf4,
     Nf4DoubleQuant,
 }
@@ -93,16 +158,18 @@ impl QuantFormat {
     /// Weights per block.
     pub fn block_size(self) -> usize {
         match self {
-            QuantFormat::Q8_0 | QuantFormat::Q4_0 => 32,
+            QuantFormat::Q8_0 | QuantFormat::Q4_0 | QuantFormat::Q4_1 => 32,
             QuantFormat::Nf4 | QuantFormat::Nf4DoubleQuant => 64,
         }
     }
 
-    /// Bytes of one ggml block (Q8_0: [`BlockQ8_0`], Q4_0: [`BlockQ4_0`]).
+    /// Bytes of one ggml block (Q8_0: [`BlockQ8_0`], Q4_0: [`BlockQ4_0`], Q4_1:
+    /// [`BlockQ4_1`]).
     pub fn ggml_block_bytes(self) -> Option<usize> {
         match self {
             QuantFormat::Q8_0 => Some(BlockQ8_0::BYTES),
             QuantFormat::Q4_0 => Some(BlockQ4_0::BYTES),
+            QuantFormat::Q4_1 => Some(BlockQ4_1::BYTES),
             _ => None,
         }
     }
@@ -111,22 +178,25 @@ impl QuantFormat {
         match self {
             QuantFormat::Q8_0 => "q8_0",
             QuantFormat::Q4_0 => "q4_0",
+            QuantFormat::Q4_1 => "q4_1",
             QuantFormat::Nf4 => "nf4",
             QuantFormat::Nf4DoubleQuant => "nf4dq",
         }
     }
 
-    pub const ALL: [QuantFormat; 4] =
-        [QuantFormat::Q8_0, QuantFormat::Q4_0, QuantFormat::Nf4, QuantFormat::Nf4DoubleQuant];
+    pub const ALL: [QuantFormat; 5] =
+        [QuantFormat::Q8_0, QuantFormat::Q4_0, QuantFormat::Q4_1, QuantFormat::Nf4, QuantFormat::Nf4DoubleQuant];
 
-    /// Kernel code of the format, shared with `kernels/quant.cu` and `shaders/quant.wgsl`.
+    /// Kernel code of the format, shared with `kernels/quant.cuh` and
+    /// `shaders/quant_decode.wgsl`: the ggml formats first, so `code < 3` tells them apart.
     #[cfg(any(feature = "cuda", feature = "wgpu"))]
     pub(crate) fn code(self) -> u32 {
         match self {
             QuantFormat::Q8_0 => 0,
             QuantFormat::Q4_0 => 1,
-            QuantFormat::Nf4 => 2,
-            QuantFormat::Nf4DoubleQuant => 3,
+            QuantFormat::Q4_1 => 2,
+            QuantFormat::Nf4 => 3,
+            QuantFormat::Nf4DoubleQuant => 4,
         }
     }
 }
@@ -134,10 +204,10 @@ impl QuantFormat {
 impl std::str::FromStr for QuantFormat {
     type Err = Error;
 
-    /// Parses `q8_0`, `q4_0`, `nf4`, `nf4dq` (case-insensitive).
+    /// Parses `q8_0`, `q4_0`, `q4_1`, `nf4`, `nf4dq` (case-insensitive).
     fn from_str(s: &str) -> Result<QuantFormat> {
         QuantFormat::ALL.into_iter().find(|f| f.name().eq_ignore_ascii_case(s)).ok_or_else(|| {
-            Error::InvalidArgument(format!("unknown quantized format {s:?}; known: q8_0, q4_0, nf4, nf4dq"))
+            Error::InvalidArgument(format!("unknown quantized format {s:?}; known: q8_0, q4_0, q4_1, nf4, nf4dq"))
         })
     }
 }
@@ -290,6 +360,7 @@ pub(crate) fn decode_blocks(w: &QTensor, bytes: &[u8], first: usize, out: &mut [
     match w.format {
         QuantFormat::Q8_0 => ggml::<BlockQ8_0>(bytes, first, out),
         QuantFormat::Q4_0 => ggml::<BlockQ4_0>(bytes, first, out),
+        QuantFormat::Q4_1 => ggml::<BlockQ4_1>(bytes, first, out),
         QuantFormat::Nf4 | QuantFormat::Nf4DoubleQuant => {
             for (i, o) in out.chunks_exact_mut(NF4_BLOCK).enumerate() {
                 decode_block(w, bytes, first + i, o);
@@ -303,6 +374,7 @@ pub(crate) fn decode_block(w: &QTensor, bytes: &[u8], b: usize, out: &mut [f32])
     match w.format {
         QuantFormat::Q8_0 => BlockQ8_0::at(bytes, b).decode(out),
         QuantFormat::Q4_0 => BlockQ4_0::at(bytes, b).decode(out),
+        QuantFormat::Q4_1 => BlockQ4_1::at(bytes, b).decode(out),
         QuantFormat::Nf4 | QuantFormat::Nf4DoubleQuant => {
             let scale = nf4_absmax(w, bytes, b);
             for (j, &byte) in bytes[32 * b..32 * b + 32].iter().enumerate() {

@@ -7,19 +7,35 @@
 //!
 //! Kernels (x86-64 with AVX2, FMA and F16C; decoded blocks and a plain dot otherwise):
 //! - exact: each block's integers are widened to f32 once and dotted with each token's f32
-//!   activations; the dot is scaled by the block's scale (llama.cpp's order Σ d·(q·x)).
-//! - 8-bit activations (when allowed, Q8_0 and Q4_0): each token row is first rounded to
+//!   activations; the dot is scaled by the block's scale (llama.cpp's order Σ d·(q·x)). Q4_1's
+//!   minimum does not factor out of the dot: its weights are decoded whole, `q·d + m`.
+//! - 8-bit activations (when allowed, the ggml formats): each token row is first rounded to
 //!   [`Q8Rows`]; a block's dot is then exact in integers (`maddubs`/`madd`) and scaled once by
-//!   `d_w·d_x`, as ggml's `vec_dot_q4_0_q8_0` and `vec_dot_q8_0_q8_0` compute it.
+//!   `d_w·d_x`, as ggml's `vec_dot_q4_0_q8_0` and `vec_dot_q8_0_q8_0` compute it; Q4_1 adds
+//!   `m·d_x·Σq`, as `vec_dot_q4_1_q8_1` does.
 //! - NF4: codes looked up with two 8-entry permutes, then as the exact kernel.
 
-use super::formats::{BlockQ4_0, BlockQ8_0, GgmlBlock, decode_block, nf4_absmax};
+use super::formats::{BlockQ4_0, BlockQ4_1, BlockQ8_0, GgmlBlock, decode_block, nf4_absmax};
 use super::{GEMV_MAX_TOKENS, NF4_CODE, QTensor, QuantFormat};
 use crate::tensor::try_zeros;
 use rayon::prelude::*;
 
 /// W rows per task: a row is a few microseconds of work, so threads get runs of rows.
 const TASK_ROWS: usize = 32;
+
+/// The ggml formats as the SIMD kernels' const parameter.
+const KIND_Q8_0: u8 = 0;
+const KIND_Q4_0: u8 = 1;
+const KIND_Q4_1: u8 = 2;
+
+fn ggml_kind(format: QuantFormat) -> Option<u8> {
+    match format {
+        QuantFormat::Q8_0 => Some(KIND_Q8_0),
+        QuantFormat::Q4_0 => Some(KIND_Q4_0),
+        QuantFormat::Q4_1 => Some(KIND_Q4_1),
+        QuantFormat::Nf4 | QuantFormat::Nf4DoubleQuant => None,
+    }
+}
 
 /// Binds the constant `$t` to `$tokens` (1 to [`GEMV_MAX_TOKENS`]) and evaluates `$body`, so
 /// kernels keep one accumulator per token row in registers.
@@ -49,12 +65,18 @@ pub(crate) struct Q8Rows {
     /// `[tokens, cols / 32]`: each block's `−8·Σq`, the correction of a product with Q4_0's
     /// unsigned codes (`Σ (c − 8)·q = Σ c·q − 8·Σ q`).
     pub q4_bias: Vec<i32>,
+    /// `[tokens, cols / 32]`: each block's `d·Σq` (ggml's `block_q8_1::s`, kept in f32), the
+    /// part of a product that Q4_1's minimum contributes (`Σ (d_w·c + m)·d·q = d_w·d·Σ c·q +
+    /// m·d·Σq`).
+    pub d_sum: Vec<f32>,
 }
 
 impl Q8Rows {
     pub fn round(x: &[f32]) -> Q8Rows {
         let blocks = x.len() / 32;
-        let (mut q, mut d, mut q4_bias) = (vec![0i8; x.len()], Vec::with_capacity(blocks), Vec::with_capacity(blocks));
+        let mut q = vec![0i8; x.len()];
+        let (mut d, mut q4_bias, mut d_sum) =
+            (Vec::with_capacity(blocks), Vec::with_capacity(blocks), Vec::with_capacity(blocks));
         for (xb, qb) in x.chunks_exact(32).zip(q.chunks_exact_mut(32)) {
             let amax = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
             let scale = amax / 127.0;
@@ -64,15 +86,18 @@ impl Q8Rows {
             }
             // A NaN or infinite activation makes its block's products NaN, as in the exact
             // product, rather than vanishing into a zero code.
-            d.push(if xb.iter().all(|v| v.is_finite()) { scale } else { f32::NAN });
-            q4_bias.push(-8 * qb.iter().map(|&v| v as i32).sum::<i32>());
+            let scale = if xb.iter().all(|v| v.is_finite()) { scale } else { f32::NAN };
+            let sum = qb.iter().map(|&v| v as i32).sum::<i32>();
+            d.push(scale);
+            q4_bias.push(-8 * sum);
+            d_sum.push(scale * sum as f32);
         }
-        Q8Rows { q, d, q4_bias }
+        Q8Rows { q, d, q4_bias, d_sum }
     }
 }
 
 /// `y = x·Wᵀ` for `tokens` rows of `x` (`[tokens, cols]`, f32), `[tokens, rows]` out. With
-/// `int8_activations`, Q8_0 and Q4_0 weights take the product of x rounded to [`Q8Rows`].
+/// `int8_activations`, ggml-format weights take the product of x rounded to [`Q8Rows`].
 pub(crate) fn cpu_gemv(
     w: &QTensor,
     bytes: &[u8],
@@ -81,8 +106,8 @@ pub(crate) fn cpu_gemv(
     int8_activations: bool,
 ) -> crate::Result<Vec<f32>> {
     let (rows, cols) = (w.rows, w.cols);
-    let block_bytes = w.format.ggml_block_bytes();
-    let rounded = (int8_activations && block_bytes.is_some()).then(|| Q8Rows::round(x));
+    let kind = ggml_kind(w.format);
+    let rounded = (int8_activations && kind.is_some()).then(|| Q8Rows::round(x));
     #[cfg(target_arch = "x86_64")]
     let simd = std::is_x86_feature_detected!("avx2")
         && std::is_x86_feature_detected!("fma")
@@ -93,15 +118,15 @@ pub(crate) fn cpu_gemv(
     let mut by_row = try_zeros::<f32>(rows * tokens)?;
     by_row.par_chunks_mut(TASK_ROWS * tokens).enumerate().for_each(|(task, out)| {
         let first = task * TASK_ROWS;
-        match (simd, block_bytes, &rounded) {
+        match (simd, kind, &rounded) {
             #[cfg(target_arch = "x86_64")]
-            (true, Some(bb), xq) => {
+            (true, Some(kind), xq) => {
+                let bb = block_bytes(kind);
                 let row = |o: usize| &bytes[o * (cols / 32) * bb..(o + 1) * (cols / 32) * bb];
-                let q4 = w.format == QuantFormat::Q4_0;
                 with_token_count!(tokens, T => if T <= 4 {
-                    by_steps::<T, 2>(first, out, |rs, acc| ggml_step(q4, rs.map(row), x, xq.as_ref(), cols, acc))
+                    by_steps::<T, 2>(first, out, |rs, acc| ggml_step(kind, rs.map(row), x, xq.as_ref(), cols, acc))
                 } else {
-                    by_steps::<T, 1>(first, out, |rs, acc| ggml_step(q4, rs.map(row), x, xq.as_ref(), cols, acc))
+                    by_steps::<T, 1>(first, out, |rs, acc| ggml_step(kind, rs.map(row), x, xq.as_ref(), cols, acc))
                 })
             }
             #[cfg(target_arch = "x86_64")]
@@ -162,36 +187,63 @@ fn by_steps<const T: usize, const R: usize>(
     }
 }
 
+/// Bytes of a block of the ggml format `kind`.
+#[cfg(target_arch = "x86_64")]
+const fn block_bytes(kind: u8) -> usize {
+    match kind {
+        KIND_Q8_0 => BlockQ8_0::BYTES,
+        KIND_Q4_0 => BlockQ4_0::BYTES,
+        _ => BlockQ4_1::BYTES,
+    }
+}
+
 /// One step of the ggml-format GEMV on `R` rows with AVX2: exact, or on 8-bit activations.
 #[cfg(target_arch = "x86_64")]
 fn ggml_step<const T: usize, const R: usize>(
-    q4: bool,
+    kind: u8,
     rows: [&[u8]; R],
     x: &[f32],
     rounded: Option<&Q8Rows>,
     cols: usize,
     acc: &mut [[f32; T]; R],
 ) {
-    // SAFETY: the caller checked AVX2, FMA and F16C; each row holds cols / 32 blocks, `x`
-    // (and `rounded`) T rows of cols values.
+    // SAFETY: the caller checked AVX2, FMA and F16C; each row holds cols / 32 blocks of
+    // `kind`, `x` (and `rounded`) T rows of cols values.
     unsafe {
-        match (q4, rounded) {
-            (true, None) => ggml_rows_exact::<true, T, R>(rows, x, cols, acc),
-            (false, None) => ggml_rows_exact::<false, T, R>(rows, x, cols, acc),
-            (true, Some(xq)) => ggml_rows_int8::<true, T, R>(rows, xq, cols, acc),
-            (false, Some(xq)) => ggml_rows_int8::<false, T, R>(rows, xq, cols, acc),
+        match (kind, rounded) {
+            (KIND_Q8_0, None) => ggml_rows_exact::<KIND_Q8_0, T, R>(rows, x, cols, acc),
+            (KIND_Q4_0, None) => ggml_rows_exact::<KIND_Q4_0, T, R>(rows, x, cols, acc),
+            (_, None) => ggml_rows_exact::<KIND_Q4_1, T, R>(rows, x, cols, acc),
+            (KIND_Q8_0, Some(xq)) => ggml_rows_int8::<KIND_Q8_0, T, R>(rows, xq, cols, acc),
+            (KIND_Q4_0, Some(xq)) => ggml_rows_int8::<KIND_Q4_0, T, R>(rows, xq, cols, acc),
+            (_, Some(xq)) => ggml_rows_int8::<KIND_Q4_1, T, R>(rows, xq, cols, acc),
         }
     }
 }
 
-/// The f16 scale at the start of a ggml block, in every lane. Broadcasting the half before
-/// widening writes the whole register: an insert into lane 0 would wait on whatever the
-/// register held before (often an accumulator), chaining every block to the last.
+/// The 32 codes of a ggml 4-bit block (Q4_0, Q4_1) at `qs`, unsigned, one per byte: weights
+/// 0..16 (the low nibbles) and weights 16..32 (the high ones). Two 128-bit halves: the
+/// exact kernel widens each, and joining them would cost it two shuffles per block.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn nibbles(qs: *const u8) -> (std::arch::x86_64::__m128i, std::arch::x86_64::__m128i) {
+    use std::arch::x86_64::*;
+    // SAFETY: qs points at a block's 16 code bytes.
+    let raw = unsafe { _mm_loadu_si128(qs.cast()) };
+    let mask = _mm_set1_epi8(0x0F);
+    (_mm_and_si128(raw, mask), _mm_and_si128(_mm_srli_epi16(raw, 4), mask))
+}
+
+/// An f16 of a ggml block (its scale at the start, Q4_1's minimum after it), in every lane.
+/// Broadcasting the half before widening writes the whole register: an insert into lane 0
+/// would wait on whatever the register held before (often an accumulator), chaining every
+/// block to the last.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,f16c")]
-unsafe fn block_scale(blk: *const u8) -> std::arch::x86_64::__m256 {
+unsafe fn broadcast_f16(blk: *const u8) -> std::arch::x86_64::__m256 {
     use std::arch::x86_64::*;
-    // SAFETY: blk points at a block's two scale bytes.
+    // SAFETY: blk points at two bytes of a block.
     unsafe { _mm256_cvtph_ps(_mm_set1_epi16(blk.cast::<i16>().read_unaligned())) }
 }
 
@@ -204,18 +256,18 @@ unsafe fn sum_lanes(v: std::arch::x86_64::__m256) -> f32 {
     lanes.iter().sum()
 }
 
-/// Exact Q8_0 / Q4_0 rows: each block's 32 integers widened to f32, dotted with each token's
-/// activations, the dot scaled by the block's f16 scale.
+/// Exact ggml-format rows: each block's 32 integers widened to f32, dotted with each token's
+/// activations, the dot scaled by the block's f16 scale (Q4_1: weights decoded whole).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn ggml_rows_exact<const Q4: bool, const T: usize, const R: usize>(
+unsafe fn ggml_rows_exact<const KIND: u8, const T: usize, const R: usize>(
     rows: [&[u8]; R],
     x: &[f32],
     cols: usize,
     out: &mut [[f32; T]; R],
 ) {
     use std::arch::x86_64::*;
-    let block_bytes = if Q4 { BlockQ4_0::BYTES } else { BlockQ8_0::BYTES };
+    let block_bytes = block_bytes(KIND);
     debug_assert!(rows.iter().all(|r| r.len() >= cols / 32 * block_bytes) && x.len() >= T * cols);
     // SAFETY (whole body): block b of a row spans row[b·block_bytes..][..block_bytes]; token
     // t's activations for it are x[t·cols + 32b..][..32].
@@ -225,17 +277,25 @@ unsafe fn ggml_rows_exact<const Q4: bool, const T: usize, const R: usize>(
         for b in 0..cols / 32 {
             for (row, acc) in rows.iter().zip(acc.iter_mut()) {
                 let blk = row.as_ptr().add(b * block_bytes);
-                let d = block_scale(blk);
-                let qs = blk.add(2);
-                let w = if Q4 {
-                    // Low nibbles are weights 0..16, high ones 16..32.
-                    let raw = _mm_loadu_si128(qs.cast());
-                    let (mask, eight) = (_mm_set1_epi8(0x0F), _mm_set1_epi8(8));
-                    let lo = _mm_sub_epi8(_mm_and_si128(raw, mask), eight);
-                    let hi = _mm_sub_epi8(_mm_and_si128(_mm_srli_epi16(raw, 4), mask), eight);
-                    [widen(lo), widen(_mm_srli_si128(lo, 8)), widen(hi), widen(_mm_srli_si128(hi, 8))]
+                let mut d = broadcast_f16(blk);
+                let w = if KIND == KIND_Q8_0 {
+                    std::array::from_fn(|i| widen(_mm_loadl_epi64(blk.add(2 + 8 * i).cast())))
                 } else {
-                    std::array::from_fn(|i| widen(_mm_loadl_epi64(qs.add(8 * i).cast())))
+                    let (mut lo, mut hi) = nibbles(blk.add(if KIND == KIND_Q4_1 { 4 } else { 2 }));
+                    if KIND == KIND_Q4_0 {
+                        let eight = _mm_set1_epi8(8);
+                        (lo, hi) = (_mm_sub_epi8(lo, eight), _mm_sub_epi8(hi, eight));
+                    }
+                    let q = [widen(lo), widen(_mm_srli_si128(lo, 8)), widen(hi), widen(_mm_srli_si128(hi, 8))];
+                    if KIND == KIND_Q4_1 {
+                        // w = q·d + m, and the dot's scale is then 1.
+                        let m = broadcast_f16(blk.add(2));
+                        let scale = d;
+                        d = _mm256_set1_ps(1.0);
+                        q.map(|v| _mm256_fmadd_ps(v, scale, m))
+                    } else {
+                        q
+                    }
                 };
                 for (t, acc) in acc.iter_mut().enumerate() {
                     let xp = x.as_ptr().add(t * cols + b * 32);
@@ -258,51 +318,58 @@ unsafe fn ggml_rows_exact<const Q4: bool, const T: usize, const R: usize>(
     }
 }
 
-/// Q8_0 / Q4_0 rows against 8-bit activations: a block's 32 products are summed exactly in
-/// integers, then scaled once by `d_w·d_x`. Q4_0's codes enter unsigned (0..15) with the
-/// block's `−8·Σq` added; Q8_0's take the sign of w onto x (`maddubs` wants one unsigned side).
+/// ggml-format rows against 8-bit activations: a block's 32 products are summed exactly in
+/// integers, then scaled once by `d_w·d_x`. 4-bit codes enter unsigned (0..15): Q4_0 adds
+/// the block's `−8·Σq` to the integer sum, Q4_1 adds `m·d_x·Σq` to the result; Q8_0's take
+/// the sign of w onto x (`maddubs` wants one unsigned side).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn ggml_rows_int8<const Q4: bool, const T: usize, const R: usize>(
+unsafe fn ggml_rows_int8<const KIND: u8, const T: usize, const R: usize>(
     rows: [&[u8]; R],
     xq: &Q8Rows,
     cols: usize,
     out: &mut [[f32; T]; R],
 ) {
     use std::arch::x86_64::*;
-    let block_bytes = if Q4 { BlockQ4_0::BYTES } else { BlockQ8_0::BYTES };
+    let block_bytes = block_bytes(KIND);
     let blocks = cols / 32;
     debug_assert!(rows.iter().all(|r| r.len() >= blocks * block_bytes) && xq.q.len() >= T * cols);
-    debug_assert!(xq.d.len() >= T * blocks && xq.q4_bias.len() >= T * blocks);
+    debug_assert!(xq.d.len() >= T * blocks && xq.q4_bias.len() >= T * blocks && xq.d_sum.len() >= T * blocks);
     // SAFETY (whole body): as in ggml_rows_exact, with token t's block b at
-    // xq.q[t·cols + 32b..][..32], its scale and bias at [t·blocks + b].
+    // xq.q[t·cols + 32b..][..32], its scale, bias and d·Σq at [t·blocks + b].
     unsafe {
         let ones = _mm256_set1_epi16(1);
-        let nibble = _mm256_set1_epi8(0x0F);
+        let q8 = KIND == KIND_Q8_0;
         let mut acc = [[_mm256_setzero_ps(); T]; R];
         for b in 0..blocks {
             for (row, acc) in rows.iter().zip(acc.iter_mut()) {
                 let blk = row.as_ptr().add(b * block_bytes);
-                let dw = block_scale(blk);
-                let w = if Q4 {
-                    let raw = _mm_loadu_si128(blk.add(2).cast());
-                    _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw), nibble)
-                } else {
+                let dw = broadcast_f16(blk);
+                let w = if q8 {
                     _mm256_loadu_si256(blk.add(2).cast())
+                } else {
+                    let (lo, hi) = nibbles(blk.add(if KIND == KIND_Q4_1 { 4 } else { 2 }));
+                    _mm256_set_m128i(hi, lo)
                 };
-                // Q4_0: codes 0..15, pair sums ≤ 2·15·127. Q8_0: |w| ≤ 128, pair sums ≤ 2·128·127.
-                let unsigned = if Q4 { w } else { _mm256_sign_epi8(w, w) };
+                let m = if KIND == KIND_Q4_1 { broadcast_f16(blk.add(2)) } else { _mm256_setzero_ps() };
+                // 4-bit: codes 0..15, pair sums ≤ 2·15·127. Q8_0: |w| ≤ 128, pair sums ≤ 2·128·127.
+                let unsigned = if q8 { _mm256_sign_epi8(w, w) } else { w };
                 for (t, acc) in acc.iter_mut().enumerate() {
                     let y = _mm256_loadu_si256(xq.q.as_ptr().add(t * cols + b * 32).cast());
-                    let signed = if Q4 { y } else { _mm256_sign_epi8(y, w) };
+                    let signed = if q8 { _mm256_sign_epi8(y, w) } else { y };
                     let mut dot = _mm256_madd_epi16(_mm256_maddubs_epi16(unsigned, signed), ones);
-                    if Q4 {
+                    if KIND == KIND_Q4_0 {
                         // The bias spread over the 8 lanes the horizontal sum adds up.
                         let bias = *xq.q4_bias.get_unchecked(t * blocks + b);
                         dot = _mm256_add_epi32(dot, _mm256_setr_epi32(bias, 0, 0, 0, 0, 0, 0, 0));
                     }
                     let d = _mm256_mul_ps(dw, _mm256_set1_ps(*xq.d.get_unchecked(t * blocks + b)));
                     *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), d, *acc);
+                    if KIND == KIND_Q4_1 {
+                        // m·d·Σq, in one of the 8 lanes the horizontal sum adds up.
+                        let d_sum = *xq.d_sum.get_unchecked(t * blocks + b);
+                        *acc = _mm256_fmadd_ps(m, _mm256_setr_ps(d_sum, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0), *acc);
+                    }
                 }
             }
         }
@@ -328,10 +395,11 @@ fn exact_row_scalar(w: &QTensor, bytes: &[u8], o: usize, x: &[f32], cols: usize,
     }
 }
 
-/// One Q8_0 / Q4_0 row against 8-bit activations, without SIMD: the same integer sums.
+/// One ggml-format row against 8-bit activations, without SIMD: the same integer sums.
 fn int8_row_scalar(w: &QTensor, bytes: &[u8], o: usize, xq: &Q8Rows, cols: usize, out: &mut [f32]) {
     match w.format {
         QuantFormat::Q4_0 => int8_row::<BlockQ4_0>(bytes, o, xq, cols, out),
+        QuantFormat::Q4_1 => int8_row::<BlockQ4_1>(bytes, o, xq, cols, out),
         _ => int8_row::<BlockQ8_0>(bytes, o, xq, cols, out),
     }
 }
@@ -341,11 +409,11 @@ fn int8_row<B: GgmlBlock>(bytes: &[u8], o: usize, xq: &Q8Rows, cols: usize, out:
     out.fill(0.0);
     for b in 0..blocks {
         let blk = B::at(bytes, o * blocks + b);
-        let dw = blk.scale();
+        let (dw, m) = (blk.scale(), blk.min());
         for (t, a) in out.iter_mut().enumerate() {
             let yq = &xq.q[t * cols + 32 * b..][..32];
             let dot: i32 = yq.iter().enumerate().map(|(j, &q)| blk.code(j) * q as i32).sum();
-            *a += dot as f32 * (dw * xq.d[t * blocks + b]);
+            *a += dot as f32 * (dw * xq.d[t * blocks + b]) + m * xq.d_sum[t * blocks + b];
         }
     }
 }
@@ -421,7 +489,7 @@ mod tests {
     fn scalar_rows_match_the_simd_kernels() {
         let (rows, cols) = (37, 160);
         let w = Tensor::randn(&[rows, cols], 0.0, 0.1, 7, DType::F32, &Device::Cpu).unwrap();
-        for format in [QuantFormat::Q8_0, QuantFormat::Q4_0] {
+        for format in [QuantFormat::Q8_0, QuantFormat::Q4_0, QuantFormat::Q4_1] {
             let q = QTensor::quantize(&w, format).unwrap();
             let bytes = q.to_bytes().unwrap();
             let dense = q.dequantize(DType::F32).unwrap().to_vec::<f32>().unwrap();

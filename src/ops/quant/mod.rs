@@ -5,6 +5,8 @@
 //! - `Q8_0`: ggml's block of 32: an f16 scale `d`, then 32 `i8`; `w = d·q` (34 bytes).
 //! - `Q4_0`: ggml's block of 32: an f16 scale `d`, then 16 bytes; byte `j` holds weight `j`
 //!   in its low nibble and weight `j + 16` in its high one; `w = d·(q − 8)` (18 bytes).
+//! - `Q4_1`: ggml's block of 32: an f16 scale `d`, an f16 minimum `m`, then 16 bytes of
+//!   nibbles packed as Q4_0's; `w = d·q + m` with `q` in 0..15 (20 bytes).
 //! - `Nf4`: bitsandbytes' NF4: blocks of 64 with an f32 `absmax`; two 4-bit codes per byte,
 //!   the first weight in the high nibble; `w = NF4[q]·absmax`.
 //! - `Nf4DoubleQuant`: NF4 whose absmax values, less their mean (`offset`), are quantised to
@@ -30,15 +32,15 @@ mod quantize;
 pub(crate) mod wgpu;
 
 pub use formats::{
-    BlockQ4_0, BlockQ8_0, NF4_BLOCK, NF4_CODE, NF4_NESTED_BLOCK, Nf4Absmax, Nf4Layout, Nf4State, QuantFormat,
-    dynamic_code,
+    BlockQ4_0, BlockQ4_1, BlockQ8_0, NF4_BLOCK, NF4_CODE, NF4_NESTED_BLOCK, Nf4Absmax, Nf4Layout, Nf4State,
+    QuantFormat, dynamic_code,
 };
 
 use crate::ops::{Operands, operands};
 use crate::tensor::{CpuStorage, RawBuffer, try_zeros};
 use crate::{DType, Device, Error, Result, Tensor};
 use formats::{GgmlBlock, decode_block, nf4_absmax};
-use quantize::{quantize_blockwise_8bit, quantize_nf4, quantize_q4_0, quantize_q8_0};
+use quantize::{quantize_blockwise_8bit, quantize_nf4, quantize_q4_0, quantize_q4_1, quantize_q8_0};
 use rayon::prelude::*;
 use std::fmt;
 use std::sync::Arc;
@@ -135,13 +137,13 @@ impl QTensor {
         Ok(QTensor { device: *device, data: Arc::new(RawBuffer::new(self.to_bytes()?, device)?), ..self.clone() })
     }
 
-    /// Q8_0 or Q4_0 blocks exactly as ggml (and GGUF files) store them, for an `[out, in]`
+    /// Q8_0, Q4_0 or Q4_1 blocks exactly as ggml (and GGUF files) store them, for an `[out, in]`
     /// weight. `Err` when the format is not a ggml one, `in` is not a multiple of 32, the
     /// byte count is not blocks × block bytes, or a block's scale is not finite (the rule
     /// [`QTensor::from_nf4`] follows too).
     pub fn from_ggml_blocks(format: QuantFormat, blocks: &[u8], shape: &[usize], device: &Device) -> Result<QTensor> {
         let Some(block_bytes) = format.ggml_block_bytes() else {
-            return Err(Error::InvalidArgument(format!("{format} is not a ggml block format (q8_0, q4_0)")));
+            return Err(Error::InvalidArgument(format!("{format} is not a ggml block format (q8_0, q4_0, q4_1)")));
         };
         let (rows, cols) = check_shape(format, shape)?;
         let want = (rows * cols / 32)
@@ -272,33 +274,44 @@ impl QTensor {
             max_abs: 0.0,
             data: Arc::new(RawBuffer::Cpu(Vec::new())),
         };
-        // Largest |code| of the format times each block's |scale|.
-        let code_max = match format {
-            QuantFormat::Q8_0 => 128.0,
-            QuantFormat::Q4_0 => 8.0,
-            QuantFormat::Nf4 | QuantFormat::Nf4DoubleQuant => 1.0,
-        };
+        /// A ggml block's scale, minimum and largest |w|.
+        fn ggml<B: GgmlBlock>(bytes: &[u8], b: usize) -> (f32, f32, f32) {
+            let block = B::at(bytes, b);
+            (block.scale(), block.min(), block.max_abs())
+        }
         let blocks = rows * cols / format.block_size();
-        let scale = |b: usize| match format {
-            QuantFormat::Q8_0 => BlockQ8_0::at(&bytes, b).scale(),
-            QuantFormat::Q4_0 => BlockQ4_0::at(&bytes, b).scale(),
-            _ => nf4_absmax(&w, &bytes, b),
+        let state = |b: usize| match format {
+            QuantFormat::Q8_0 => ggml::<BlockQ8_0>(&bytes, b),
+            QuantFormat::Q4_0 => ggml::<BlockQ4_0>(&bytes, b),
+            QuantFormat::Q4_1 => ggml::<BlockQ4_1>(&bytes, b),
+            QuantFormat::Nf4 | QuantFormat::Nf4DoubleQuant => {
+                let absmax = nf4_absmax(&w, &bytes, b);
+                (absmax, 0.0, absmax.abs())
+            }
         };
-        // One rule for every format: a scale must be finite (ggml writes an infinite f16 for
-        // weights beyond 65504·code; such a block decodes to NaN).
-        if let Some(b) = (0..blocks).find(|&b| !scale(b).is_finite()) {
+        // One rule for every format: a scale (and Q4_1's minimum) must be finite (ggml writes
+        // an infinite f16 for weights beyond 65504·code; such a block decodes to NaN).
+        if let Some(b) = (0..blocks).find(|&b| {
+            let (scale, min, _) = state(b);
+            !(scale.is_finite() && min.is_finite())
+        }) {
             let per_row = cols / format.block_size();
+            let (scale, min, _) = state(b);
+            let (min, holds) = match format {
+                QuantFormat::Q4_1 => (format!(" and the minimum {min}"), 65504.0),
+                QuantFormat::Q8_0 => (String::new(), 65504.0 * 128.0),
+                QuantFormat::Q4_0 => (String::new(), 65504.0 * 8.0),
+                QuantFormat::Nf4 | QuantFormat::Nf4DoubleQuant => (String::new(), 65504.0),
+            };
             return Err(Error::InvalidArgument(format!(
-                "{format} block {b} (row {}, columns {}..{}) has the scale {}: its weights lie beyond what the \
-                 format holds (|w| ≤ {} for {format})",
+                "{format} block {b} (row {}, columns {}..{}) has the scale {scale}{min}: its weights lie beyond \
+                 what the format holds (|w| ≤ {holds} for {format})",
                 b / per_row.max(1),
                 b % per_row.max(1) * format.block_size(),
                 (b % per_row.max(1) + 1) * format.block_size(),
-                scale(b),
-                65504.0 * code_max,
             )));
         }
-        w.max_abs = (0..blocks).map(scale).fold(0f32, |m, s| m.max(s.abs() * code_max));
+        w.max_abs = (0..blocks).map(|b| state(b).2).fold(0f32, f32::max);
         w.device = *device;
         w.data = Arc::new(RawBuffer::new(bytes, device)?);
         Ok(w)
@@ -307,9 +320,9 @@ impl QTensor {
     /// Quantizes an `[out, in]` weight (any float dtype, any device) on the CPU, as ggml's
     /// reference quantizers and bitsandbytes define each format, and puts the result on the
     /// weight's device. `Err` for NaN or infinite weights, weights beyond what a ggml
-    /// format's f16 scale holds (|w| > 65504·127 for Q8_0, 65504·8 for Q4_0, where ggml would
-    /// write an infinite scale), a shape that is not `[out, in]` or an `in` that is not a
-    /// multiple of the block.
+    /// format's f16 scale holds (|w| > 65504·127 for Q8_0, 65504·8 for Q4_0; for Q4_1 a block
+    /// minimum below −65504 or a block range past 15·65504; where ggml would write an infinite
+    /// scale), a shape that is not `[out, in]` or an `in` that is not a multiple of the block.
     pub fn quantize(w: &Tensor, format: QuantFormat) -> Result<QTensor> {
         crate::ops::floats("quantize", &[w])?;
         let (rows, cols) = check_shape(format, w.shape())?;
@@ -330,6 +343,10 @@ impl QTensor {
             }
             QuantFormat::Q4_0 => {
                 let blocks = quantize_q4_0(&values);
+                Self::from_parts(format, rows, cols, Nf4Layout::ggml(), bytemuck::cast_vec(blocks), &device)
+            }
+            QuantFormat::Q4_1 => {
+                let blocks = quantize_q4_1(&values);
                 Self::from_parts(format, rows, cols, Nf4Layout::ggml(), bytemuck::cast_vec(blocks), &device)
             }
             QuantFormat::Nf4 => {
@@ -396,8 +413,8 @@ pub struct QMatmulOptions {
     /// activation moves by at most `d / 2` (to within f32 rounding); the block's dot with the
     /// weight's integers is then exact and scaled once by `d_w·d`.
     ///
-    /// Taken today by the CPU GEMV (at most [`GEMV_MAX_TOKENS`] rows) over Q8_0 and Q4_0
-    /// weights, with or without SIMD. Every other path computes exactly as [`qmatmul`]: the
+    /// Taken today by the CPU GEMV (at most [`GEMV_MAX_TOKENS`] rows) over Q8_0, Q4_0 and
+    /// Q4_1 weights, with or without SIMD. Every other path computes exactly as [`qmatmul`]: the
     /// GPU GEMVs are bound by W's bytes, not by widening them, and the GEMMs reuse each
     /// decoded weight across many rows.
     pub int8_activations: bool,

@@ -1,6 +1,6 @@
 //! Quantizers (CPU), following ggml's reference code and bitsandbytes.
 
-use super::formats::{BlockQ4_0, BlockQ8_0, NF4_CODE};
+use super::formats::{BlockQ4_0, BlockQ4_1, BlockQ8_0, NF4_CODE};
 use half::f16;
 use rayon::prelude::*;
 
@@ -32,10 +32,41 @@ pub(super) fn quantize_q4_0(values: &[f32]) -> Vec<BlockQ4_0> {
             }
             let d = max / -8.0;
             let id = if d != 0.0 { 1.0 / d } else { 0.0 };
-            let q = |v: f32| ((v * id + 8.5) as i8).min(15) as u8;
-            BlockQ4_0 { d: f16::from_f32(d), qs: std::array::from_fn(|j| q(x[j]) | (q(x[j + 16]) << 4)) }
+            BlockQ4_0 { d: f16::from_f32(d), qs: pack_nibbles(x, |v| ((v * id + 8.5) as i8).min(15) as u8) }
         })
         .collect()
+}
+
+/// ggml `quantize_row_q4_1_ref` (and gguf-py's `Q4_1.quantize_blocks`): m = the block's
+/// minimum, d = (max − min) / 15, q = min(15, trunc((x − min)·(1/d) + 0.5)).
+pub(super) fn quantize_q4_1(values: &[f32]) -> Vec<BlockQ4_1> {
+    values
+        .par_chunks(32)
+        .map(|x| {
+            // ggml's comparisons: the first of equal values wins, so −0 and +0 stay as found.
+            let (mut min, mut max) = (f32::MAX, -f32::MAX);
+            for &v in x {
+                if v < min {
+                    min = v;
+                }
+                if v > max {
+                    max = v;
+                }
+            }
+            let d = (max - min) / 15.0;
+            let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+            BlockQ4_1 {
+                d: f16::from_f32(d),
+                m: f16::from_f32(min),
+                qs: pack_nibbles(x, |v| (((v - min) * id + 0.5) as i32).min(15) as u8),
+            }
+        })
+        .collect()
+}
+
+/// ggml's 4-bit packing of a block of 32: byte j = q(x[j]) | q(x[j + 16]) << 4.
+fn pack_nibbles(x: &[f32], q: impl Fn(f32) -> u8) -> [u8; 16] {
+    std::array::from_fn(|j| q(x[j]) | (q(x[j + 16]) << 4))
 }
 
 fn nearest(code: &[f32], v: f32) -> u8 {

@@ -169,9 +169,11 @@ mod tests {
     #[test]
     fn block_sizes_match_the_shader() {
         use crate::ops::quant::formats::GgmlBlock;
-        for (name, bytes) in
-            [("BLOCK_Q8_0_BYTES", super::super::BlockQ8_0::BYTES), ("BLOCK_Q4_0_BYTES", super::super::BlockQ4_0::BYTES)]
-        {
+        for (name, bytes) in [
+            ("BLOCK_Q8_0_BYTES", super::super::BlockQ8_0::BYTES),
+            ("BLOCK_Q4_0_BYTES", super::super::BlockQ4_0::BYTES),
+            ("BLOCK_Q4_1_BYTES", super::super::BlockQ4_1::BYTES),
+        ] {
             let decl = format!("const {name}: u32 = {bytes}u;");
             assert!(wgsl::QUANT_DECODE.contains(&decl), "shaders/quant_decode.wgsl lacks `{decl}`");
         }
