@@ -240,6 +240,7 @@ fn quantized_tensors_match_gguf_py(device: &Device) {
             let format = match w["type"].as_str().unwrap() {
                 "Q8_0" => QuantFormat::Q8_0,
                 "Q4_0" => QuantFormat::Q4_0,
+                "Q4_1" => QuantFormat::Q4_1,
                 _ => continue,
             };
             let what = format!("{name}: {tname} on {device}");
@@ -261,22 +262,7 @@ fn quantized_tensors_match_gguf_py(device: &Device) {
     }
 }
 
-// Q4_1: once the quant family has `QuantFormat::Q4_1`, this becomes a q4_1 arm of
-// `quantized_tensors_match_gguf_py` (the sidecar already holds gguf-py's bytes and values).
-fn q4_1_is_refused_until_kiln_has_it(device: &Device) {
-    let file = GgufFile::open(fixture("kiln.gguf")).unwrap();
-    assert_eq!(file.tensor_info("quant.q4_1").unwrap().ggml_type(), GgmlType::Q4_1);
-    for e in [
-        err(file.qtensor("quant.q4_1", device), "q4_1 as a QTensor"),
-        err(file.load("quant.q4_1", device).map(|_| ()), "q4_1 loaded"),
-        err(file.tensor("quant.q4_1", device), "q4_1 as dense"),
-    ] {
-        assert!(matches!(e, Error::Unsupported(_)), "{e}");
-        assert_names(&e, &["quant.q4_1", "q4_1"]);
-    }
-}
-
-device_tests!(dense_tensors_match_gguf_py, quantized_tensors_match_gguf_py, q4_1_is_refused_until_kiln_has_it);
+device_tests!(dense_tensors_match_gguf_py, quantized_tensors_match_gguf_py);
 
 // ---------------------------------------------------------------------------------------
 // Versions

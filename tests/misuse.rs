@@ -261,7 +261,7 @@ fn cases() -> Vec<Case> {
         case("gguf qtensor: an f16 tensor", Refused, |d| {
             Ok(vec![gguf()?.qtensor("dense.f16", d)?.dequantize(DType::F32)?])
         }),
-        case("gguf qtensor: q4_1", Refused, |d| Ok(vec![gguf()?.qtensor("quant.q4_1", d)?.dequantize(DType::F32)?])),
+        case("gguf qtensor: q4_1", Accepted, |d| Ok(vec![gguf()?.qtensor("quant.q4_1", d)?.dequantize(DType::F32)?])),
         case("gguf tensor: no such name", Refused, |d| Ok(vec![gguf()?.tensor("dense.nowhere", d)?])),
         case("qmatmul: in = 0, GEMM rows", Accepted, |d| {
             let w = QTensor::quantize(&z(&[16, 0], d)?, QuantFormat::Q4_0)?;

@@ -164,8 +164,7 @@ fn holding(t: GgmlType) -> Option<Holding> {
         GgmlType::I32 => Some(Holding::Dense(DType::I32)),
         GgmlType::Q8_0 => Some(Holding::Quantized(QuantFormat::Q8_0)),
         GgmlType::Q4_0 => Some(Holding::Quantized(QuantFormat::Q4_0)),
-        // Q4_1: `GgmlType::Q4_1 => Some(Holding::Quantized(QuantFormat::Q4_1)),` once the
-        // quant family has the format; until then a q4_1 tensor is refused as unsupported.
+        GgmlType::Q4_1 => Some(Holding::Quantized(QuantFormat::Q4_1)),
         _ => None,
     }
 }
@@ -678,7 +677,7 @@ impl GgufFile {
     /// kiln has as a [`QTensor`].
     ///
     /// Errors: `InvalidArgument` when there is no such tensor; `Unsupported` naming the
-    /// tensor and its type for a type kiln does not read (the K-quants, the i-quants, q4_1,
+    /// tensor and its type for a type kiln does not read (the K-quants, the i-quants,
     /// q5_0, i8, i16, ...); as [`GgufFile::qtensor`] for a quantized tensor;
     /// `OutOfMemory` from the device.
     pub fn load(&self, name: &str, device: &Device) -> Result<GgufTensor> {
