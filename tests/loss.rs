@@ -78,7 +78,8 @@ fn ce_tolerances(x: &[f64], t: &[i32], vocab: usize, lses: &[f64], factor: f64) 
             let onehot = if j as i32 == t[r] { 1.0 } else { 0.0 };
             // The statistics' error through softmax, and the f32 roundings of p − onehot
             // and of the product with the factor.
-            atol[r * vocab + j] = factor.abs() * (p * (row_err[r] + 8.0 * U32) + 2.0 * U32 * (p - onehot).abs()) + 1e-30;
+            atol[r * vocab + j] =
+                factor.abs() * (p * (row_err[r] + 8.0 * U32) + 2.0 * U32 * (p - onehot).abs()) + 1e-30;
         }
     }
     (loss_atol, atol)
@@ -132,7 +133,8 @@ fn all_ignored_gives_zero_loss_and_gradient(device: &Device) {
         assert!(out.dlogits.to_vec_f32().unwrap().iter().all(|&v| v == 0.0), "{device} {dtype}");
         let h = Tensor::randn(&[4, 8], 0.0, 1.0, 4, dtype, device).unwrap();
         let w = Tensor::randn(&[9, 8], 0.0, 1.0, 5, dtype, device).unwrap();
-        let fused = linear_cross_entropy(&h, Head::Dense(&w), &t, LinearCrossEntropyOptions::default().head_grad()).unwrap();
+        let fused =
+            linear_cross_entropy(&h, Head::Dense(&w), &t, LinearCrossEntropyOptions::default().head_grad()).unwrap();
         assert_eq!(fused.loss.to_vec_f32().unwrap(), [0.0]);
         assert!(fused.dh.to_vec_f32().unwrap().iter().all(|&v| v == 0.0));
         assert!(fused.dw.unwrap().to_vec_f32().unwrap().iter().all(|&v| v == 0.0));
@@ -151,7 +153,14 @@ fn matches_torch(device: &Device) {
     let out = cross_entropy(get("plain.logits"), get("plain.targets")).unwrap();
     let close = |what: &str, got: &Tensor, want: &Tensor, atol: f64| {
         let want = host(want);
-        assert_close(&format!("{device} {what}"), &got.to_vec_f32().unwrap(), &want, &vec![atol; want.len()], DType::F32, 4.0);
+        assert_close(
+            &format!("{device} {what}"),
+            &got.to_vec_f32().unwrap(),
+            &want,
+            &vec![atol; want.len()],
+            DType::F32,
+            4.0,
+        );
     };
     close("torch loss", &out.loss.reshape(&[1]).unwrap(), &get("plain.loss").reshape(&[1]).unwrap(), 2e-6);
     close("torch dlogits", &out.dlogits, get("plain.dlogits"), 1e-7);
@@ -215,7 +224,11 @@ fn head_reference(h: &[f64], w: &[f64], t: &[i32], n: usize, d: usize, vocab: us
     for i in 0..n {
         for j in 0..vocab {
             let p = (logits[i * vocab + j] - lses[i]).exp();
-            let e = if t[i] == IGNORE_INDEX { 0.0 } else { p / counted * (3.0 * logit_err[i] + (2.0 * vocab as f64 + 32.0) * U32) };
+            let e = if t[i] == IGNORE_INDEX {
+                0.0
+            } else {
+                p / counted * (3.0 * logit_err[i] + (2.0 * vocab as f64 + 32.0) * U32)
+            };
             g_err[i * vocab + j] = e + g_round * g[i * vocab + j].abs() + g_subnormal / 2.0;
         }
     }
@@ -303,10 +316,38 @@ fn fused_equals_unfused(device: &Device) {
         let what = format!("{device} chunk {chunk}");
         // Both within the f32 bounds of the f64 value, so within twice of each other.
         let twice = |v: &[f64]| v.iter().map(|a| 2.0 * a).collect::<Vec<f64>>();
-        assert_close(&format!("{what} fused vs unfused loss"), &fused.loss.to_vec_f32().unwrap(), &host(&unfused.loss), &[2.0 * r.loss_atol], DType::F32, 2.0);
-        assert_close(&format!("{what} fused vs unfused dh"), &fused.dh.to_vec_f32().unwrap(), &host(&dh), &twice(&r.dh_atol), DType::F32, 2.0);
-        assert_close(&format!("{what} fused vs unfused dw"), &fused.dw.unwrap().to_vec_f32().unwrap(), &host(&dw), &twice(&r.dw_atol), DType::F32, 2.0);
-        assert_close(&format!("{what} fused vs f64"), &fused.dh.to_vec_f32().unwrap(), &r.dh, &r.dh_atol, DType::F32, 1.0);
+        assert_close(
+            &format!("{what} fused vs unfused loss"),
+            &fused.loss.to_vec_f32().unwrap(),
+            &host(&unfused.loss),
+            &[2.0 * r.loss_atol],
+            DType::F32,
+            2.0,
+        );
+        assert_close(
+            &format!("{what} fused vs unfused dh"),
+            &fused.dh.to_vec_f32().unwrap(),
+            &host(&dh),
+            &twice(&r.dh_atol),
+            DType::F32,
+            2.0,
+        );
+        assert_close(
+            &format!("{what} fused vs unfused dw"),
+            &fused.dw.unwrap().to_vec_f32().unwrap(),
+            &host(&dw),
+            &twice(&r.dw_atol),
+            DType::F32,
+            2.0,
+        );
+        assert_close(
+            &format!("{what} fused vs f64"),
+            &fused.dh.to_vec_f32().unwrap(),
+            &r.dh,
+            &r.dh_atol,
+            DType::F32,
+            1.0,
+        );
     }
 }
 
@@ -333,14 +374,35 @@ fn quantized_head_matches_reference(device: &Device) {
             let r = head_reference(&host(&h), &wq, &t, n, d, vocab, DType::F32);
             let what = format!("{format} {dtype} n {n} d {d} vocab {vocab} chunk {chunk}");
             if device.is_cpu() {
-                assert_close(&format!("cpu loss {what}"), &cpu.loss.to_vec_f32().unwrap(), &[r.loss], &[r.loss_atol], DType::F32, 1.0);
+                assert_close(
+                    &format!("cpu loss {what}"),
+                    &cpu.loss.to_vec_f32().unwrap(),
+                    &[r.loss],
+                    &[r.loss_atol],
+                    DType::F32,
+                    1.0,
+                );
                 assert_close(&format!("cpu dh {what}"), &cpu.dh.to_vec_f32().unwrap(), &r.dh, &r.dh_atol, dtype, 1.0);
                 continue;
             }
             let (out, _, _) = make(device);
             let twice: Vec<f64> = r.dh_atol.iter().map(|a| 2.0 * a).collect();
-            assert_close(&format!("{device} loss {what}"), &out.loss.to_vec_f32().unwrap(), &host(&cpu.loss), &[2.0 * r.loss_atol], DType::F32, BACKEND_ROUNDINGS);
-            assert_close(&format!("{device} dh {what}"), &out.dh.to_vec_f32().unwrap(), &host(&cpu.dh), &twice, dtype, BACKEND_ROUNDINGS);
+            assert_close(
+                &format!("{device} loss {what}"),
+                &out.loss.to_vec_f32().unwrap(),
+                &host(&cpu.loss),
+                &[2.0 * r.loss_atol],
+                DType::F32,
+                BACKEND_ROUNDINGS,
+            );
+            assert_close(
+                &format!("{device} dh {what}"),
+                &out.dh.to_vec_f32().unwrap(),
+                &host(&cpu.dh),
+                &twice,
+                dtype,
+                BACKEND_ROUNDINGS,
+            );
         }
     }
 }
@@ -356,7 +418,9 @@ fn outputs_are_written_in_full(device: &Device) {
         assert!(out.loss.to_vec_f32().unwrap()[0].is_finite());
         let (h, w) = head(5, 3, 7, 3, dtype, device);
         let options = LinearCrossEntropyOptions::default().chunk_columns(4).head_grad();
-        let fused = linear_cross_entropy(&h, Head::Dense(&w), &targets_on(&[6, 0, IGNORE_INDEX, 3, 4], device), options).unwrap();
+        let fused =
+            linear_cross_entropy(&h, Head::Dense(&w), &targets_on(&[6, 0, IGNORE_INDEX, 3, 4], device), options)
+                .unwrap();
         assert!(fused.dh.to_vec_f32().unwrap().iter().all(|v| v.is_finite()), "{device} {dtype} dh");
         assert!(fused.dw.unwrap().to_vec_f32().unwrap().iter().all(|v| v.is_finite()), "{device} {dtype} dw");
     }
@@ -428,7 +492,8 @@ fn bad_inputs_are_refused(device: &Device) {
         assert!(matches!(cross_entropy(&logits, &cpu_t), Err(Error::DeviceMismatch(_))));
     }
     let (h, w) = head(3, 8, 5, 1, DType::F32, device);
-    let lce = |h: &Tensor, head: Head<'_>, t: &Tensor, o: LinearCrossEntropyOptions| linear_cross_entropy(h, head, t, o);
+    let lce =
+        |h: &Tensor, head: Head<'_>, t: &Tensor, o: LinearCrossEntropyOptions| linear_cross_entropy(h, head, t, o);
     let o = LinearCrossEntropyOptions::default();
     assert!(lce(&h, Head::Dense(&w), &targets_on(&[0, 9, 1], device), o).unwrap_err().to_string().contains("row 1"));
     assert!(matches!(lce(&h, Head::Dense(&w), &t, o.chunk_columns(0)), Err(Error::InvalidArgument(_))));

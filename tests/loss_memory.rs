@@ -41,7 +41,8 @@ fn peak_memory_is_one_chunk(device: &Device) {
         device.synchronize().unwrap();
         device.reset_peak_memory().unwrap();
         let before = device.memory_usage().unwrap();
-        let out = linear_cross_entropy(&h, head, &targets, LinearCrossEntropyOptions::default().chunk_columns(chunk)).unwrap();
+        let out = linear_cross_entropy(&h, head, &targets, LinearCrossEntropyOptions::default().chunk_columns(chunk))
+            .unwrap();
         let after = device.memory_usage().unwrap();
         let extra = after.peak_bytes - before.live_bytes;
         // One chunk of f32 logits and its f32 gradient, the chunk's rows of W, and a few

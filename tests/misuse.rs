@@ -12,8 +12,8 @@ mod common;
 
 use common::Backend;
 use kiln::ops::attention::{AttentionOptions, AttentionOutput, DecodeOptions, KvCache, attention_decode};
-use kiln::ops::loss::{Head, LinearCrossEntropyOptions};
 use kiln::ops::lora::{AdapterSet, BaseWeight, LoraLinear, lora_backward, lora_batched, lora_forward, merge, unmerge};
+use kiln::ops::loss::{Head, LinearCrossEntropyOptions};
 use kiln::ops::optim::{AdamWHyper, ParamSlot, adamw_step, fisher_accumulate};
 use kiln::ops::quant::{Nf4Absmax, Nf4State};
 use kiln::ops::{self, MatmulOptions, QTensor, QuantFormat};
@@ -237,9 +237,7 @@ fn cases() -> Vec<Case> {
         case("cross_entropy: target = vocab", Refused, |d| ce(&z(&[2, 5], d)?, &tgt(&[0, 5], d)?)),
         case("cross_entropy: target -1", Refused, |d| ce(&z(&[2, 5], d)?, &tgt(&[-1, 0], d)?)),
         case("cross_entropy: f32 targets", Refused, |d| ce(&z(&[2, 5], d)?, &z(&[2], d)?)),
-        case("cross_entropy: u32 targets", Refused, |d| {
-            ce(&z(&[2, 5], d)?, &Tensor::from_slice(&[0u32, 1], &[2], d)?)
-        }),
+        case("cross_entropy: u32 targets", Refused, |d| ce(&z(&[2, 5], d)?, &Tensor::from_slice(&[0u32, 1], &[2], d)?)),
         case("cross_entropy: targets longer than rows", Refused, |d| ce(&z(&[2, 5], d)?, &tgt(&[0, 1, 2], d)?)),
         case("cross_entropy: rank-3 logits", Refused, |d| ce(&z(&[1, 2, 5], d)?, &tgt(&[0], d)?)),
         case("cross_entropy: integer logits", Refused, |d| {
@@ -263,7 +261,9 @@ fn cases() -> Vec<Case> {
         case("linear_cross_entropy: d differs", Refused, |d| {
             lce(&z(&[2, 4], d)?, &z(&[5, 3], d)?, &tgt(&[0, 1], d)?, lce_opts())
         }),
-        case("linear_cross_entropy: rank-1 h", Refused, |d| lce(&z(&[4], d)?, &z(&[5, 4], d)?, &tgt(&[0], d)?, lce_opts())),
+        case("linear_cross_entropy: rank-1 h", Refused, |d| {
+            lce(&z(&[4], d)?, &z(&[5, 4], d)?, &tgt(&[0], d)?, lce_opts())
+        }),
         case("linear_cross_entropy: target past the vocabulary", Refused, |d| {
             lce(&z(&[2, 4], d)?, &z(&[5, 4], d)?, &tgt(&[0, 7], d)?, lce_opts())
         }),
@@ -278,7 +278,12 @@ fn cases() -> Vec<Case> {
         }),
         case("linear_cross_entropy: quantized head d differs", Refused, |d| {
             let w = QTensor::quantize(&ints(&[5, 32], d)?, QuantFormat::Q8_0)?;
-            let out = ops::linear_cross_entropy(&z(&[2, 64], d)?, Head::Quantized(&w), &tgt(&[0, 1], d)?, Default::default())?;
+            let out = ops::linear_cross_entropy(
+                &z(&[2, 64], d)?,
+                Head::Quantized(&w),
+                &tgt(&[0, 1], d)?,
+                Default::default(),
+            )?;
             Ok(vec![out.loss, out.dh])
         }),
         case("linear_cross_entropy: head_grad of a quantized head", Refused, |d| {

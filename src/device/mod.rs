@@ -97,6 +97,13 @@ pub struct MemoryUsage {
     pub peak_bytes: usize,
 }
 
+impl From<(usize, usize)> for MemoryUsage {
+    /// From a pool's `(live, peak)`.
+    fn from((live_bytes, peak_bytes): (usize, usize)) -> Self {
+        MemoryUsage { live_bytes, peak_bytes }
+    }
+}
+
 /// What a device is, as [`Device::info`] reports it.
 #[derive(Debug, Clone)]
 pub struct DeviceInfo {
@@ -207,27 +214,31 @@ impl Device {
     /// Live and peak bytes held through the device's buffer pool. `Err(Unsupported)` on the
     /// CPU, whose tensors come from the process heap.
     pub fn memory_usage(&self) -> Result<MemoryUsage> {
-        let (live_bytes, peak_bytes) = match self.backend()? {
-            Backend::Cpu => return Err(no_pool(self)),
+        match self.backend()? {
+            Backend::Cpu => Err(no_pool(self)),
             #[cfg(feature = "cuda")]
-            Backend::Cuda(dev) => dev.memory_usage(),
+            Backend::Cuda(dev) => Ok(MemoryUsage::from(dev.memory_usage())),
             #[cfg(feature = "wgpu")]
-            Backend::Wgpu(dev) => dev.memory_usage(),
-        };
-        Ok(MemoryUsage { live_bytes, peak_bytes })
+            Backend::Wgpu(dev) => Ok(MemoryUsage::from(dev.memory_usage())),
+        }
     }
 
     /// Starts a new peak for [`Device::memory_usage`] from the bytes on loan now.
     /// `Err(Unsupported)` on the CPU.
     pub fn reset_peak_memory(&self) -> Result<()> {
         match self.backend()? {
-            Backend::Cpu => return Err(no_pool(self)),
+            Backend::Cpu => Err(no_pool(self)),
             #[cfg(feature = "cuda")]
-            Backend::Cuda(dev) => dev.reset_peak_memory(),
+            Backend::Cuda(dev) => {
+                dev.reset_peak_memory();
+                Ok(())
+            }
             #[cfg(feature = "wgpu")]
-            Backend::Wgpu(dev) => dev.reset_peak_memory(),
+            Backend::Wgpu(dev) => {
+                dev.reset_peak_memory();
+                Ok(())
+            }
         }
-        Ok(())
     }
 
     /// Wait until all work queued on the device has finished. Timing code calls this.

@@ -27,7 +27,10 @@ struct PoolInner<B> {
 
 impl<B> Pool<B> {
     pub(crate) fn new(max_idle_bytes: usize) -> Arc<Self> {
-        Arc::new(Pool { inner: Mutex::new(PoolInner { free: HashMap::new(), idle_bytes: 0, live_bytes: 0, peak_bytes: 0 }), max_idle_bytes })
+        Arc::new(Pool {
+            inner: Mutex::new(PoolInner { free: HashMap::new(), idle_bytes: 0, live_bytes: 0, peak_bytes: 0 }),
+            max_idle_bytes,
+        })
     }
 
     /// The size a request of `bytes` is rounded to (never 0: backends refuse empty buffers).
