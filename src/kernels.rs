@@ -40,10 +40,11 @@ pub(crate) mod cuda {
     pub(crate) const ATTENTION_BWD: KernelSource = program!("attention_bwd": "common.cuh", "gemm.cuh", "attention.cuh");
     pub(crate) const ATTENTION_DECODE: KernelSource = program!("attention_decode": "common.cuh");
     pub(crate) const SAMPLING: KernelSource = program!("sampling": "common.cuh");
+    pub(crate) const LOSS: KernelSource = program!("loss": "common.cuh");
 
     /// Every CUDA program of the crate; the compile check builds each for each real arch.
     pub const ALL: &[KernelSource] =
-        &[MATMUL, ELEMENTWISE, QUANT, OPTIM, LORA, ATTENTION_FWD, ATTENTION_BWD, ATTENTION_DECODE, SAMPLING];
+        &[MATMUL, ELEMENTWISE, QUANT, OPTIM, LORA, ATTENTION_FWD, ATTENTION_BWD, ATTENTION_DECODE, SAMPLING, LOSS];
 }
 
 /// The WGSL shaders. Most are completed by their launcher, which prepends the bindings and
@@ -78,6 +79,9 @@ pub(crate) mod wgsl {
     pub(crate) const ATTENTION_DECODE_SPLIT: &str = shader!("attention_decode_split");
     pub(crate) const ATTENTION_DECODE_MERGE: &str = shader!("attention_decode_merge");
     pub(crate) const SAMPLING: &str = shader!("sampling");
+    pub(crate) const LOSS_LSE: &str = shader!("loss_lse");
+    pub(crate) const LOSS_GRAD: &str = shader!("loss_grad");
+    pub(crate) const LOSS_FINISH: &str = shader!("loss_finish");
 }
 
 /// A `#[repr(C)]` struct of kernel parameters. Its twin is declared field for field, in the

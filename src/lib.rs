@@ -51,7 +51,7 @@ pub mod ops;
 mod tensor;
 pub mod train;
 
-pub use device::{Device, DeviceInfo, DeviceKind, set_poison_outputs};
+pub use device::{Device, DeviceInfo, DeviceKind, MemoryUsage, set_poison_outputs};
 pub use dtype::{DType, Element, Scalar};
 pub use error::{Error, Result};
 pub use io::{GgufFile, GgufTensor, GgufValue};

@@ -240,7 +240,6 @@ impl CpuStorage {
     }
 
     /// The elements of integer storage, when it holds `i32`.
-    #[allow(dead_code)] // read by the integer-indexed ops
     pub(crate) fn as_i32(&self) -> Option<&[i32]> {
         match self {
             CpuStorage::I32(v) => Some(v),

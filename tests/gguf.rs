@@ -11,7 +11,7 @@ use common::gguf::{
     self as g, F16, F32, GgufBuilder, I8, I32, Q4_0, Q4_K, Q8_0, T_ARRAY, T_BOOL, T_STRING, T_U8, T_U32, T_U64, array,
     kv, kv_str, kv_u32, string, tensor,
 };
-use kiln::io::{GgmlType, GgufArray, GgufFile, GgufTensor, GgufValue};
+use kiln::io::{GgufArray, GgufFile, GgufTensor, GgufValue};
 use kiln::ops::QuantFormat;
 use kiln::{DType, Device, Error};
 use serde_json::{Value, json};

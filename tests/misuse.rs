@@ -13,6 +13,7 @@ mod common;
 use common::Backend;
 use kiln::ops::attention::{AttentionOptions, AttentionOutput, DecodeOptions, KvCache, attention_decode};
 use kiln::ops::lora::{AdapterSet, BaseWeight, LoraLinear, lora_backward, lora_batched, lora_forward, merge, unmerge};
+use kiln::ops::loss::{Head, LinearCrossEntropyOptions};
 use kiln::ops::optim::{AdamWHyper, ParamSlot, adamw_step, fisher_accumulate};
 use kiln::ops::quant::{Nf4Absmax, Nf4State};
 use kiln::ops::{self, MatmulOptions, QTensor, QuantFormat};
@@ -82,6 +83,24 @@ fn dense<'a>(base: &'a Tensor, a: &'a Tensor, b: &'a Tensor) -> LoraLinear<'a> {
 fn attn(q: &Tensor, k: &Tensor, v: &Tensor, o: &AttentionOptions) -> kiln::Result<Vec<Tensor>> {
     let out = ops::attention::attention(q, k, v, o)?;
     Ok(vec![out.o, out.lse])
+}
+
+fn tgt(t: &[i32], d: &Device) -> kiln::Result<Tensor> {
+    Tensor::from_slice(t, &[t.len()], d)
+}
+
+fn ce(logits: &Tensor, targets: &Tensor) -> kiln::Result<Vec<Tensor>> {
+    let out = ops::cross_entropy(logits, targets)?;
+    Ok(vec![out.loss, out.dlogits])
+}
+
+fn lce_opts() -> LinearCrossEntropyOptions {
+    LinearCrossEntropyOptions::default().head_grad()
+}
+
+fn lce(h: &Tensor, w: &Tensor, targets: &Tensor, o: LinearCrossEntropyOptions) -> kiln::Result<Vec<Tensor>> {
+    let out = ops::linear_cross_entropy(h, Head::Dense(w), targets, o)?;
+    Ok([out.loss, out.dh].into_iter().chain(out.dw).collect())
 }
 
 fn opts(causal: bool, scale: Option<f32>, seq_lens: Option<Vec<usize>>) -> AttentionOptions {
@@ -263,6 +282,64 @@ fn cases() -> Vec<Case> {
         }),
         case("gguf qtensor: q4_1", Accepted, |d| Ok(vec![gguf()?.qtensor("quant.q4_1", d)?.dequantize(DType::F32)?])),
         case("gguf tensor: no such name", Refused, |d| Ok(vec![gguf()?.tensor("dense.nowhere", d)?])),
+        case("cross_entropy: target = vocab", Refused, |d| ce(&z(&[2, 5], d)?, &tgt(&[0, 5], d)?)),
+        case("cross_entropy: target -1", Refused, |d| ce(&z(&[2, 5], d)?, &tgt(&[-1, 0], d)?)),
+        case("cross_entropy: f32 targets", Refused, |d| ce(&z(&[2, 5], d)?, &z(&[2], d)?)),
+        case("cross_entropy: u32 targets", Refused, |d| ce(&z(&[2, 5], d)?, &Tensor::from_slice(&[0u32, 1], &[2], d)?)),
+        case("cross_entropy: targets longer than rows", Refused, |d| ce(&z(&[2, 5], d)?, &tgt(&[0, 1, 2], d)?)),
+        case("cross_entropy: rank-3 logits", Refused, |d| ce(&z(&[1, 2, 5], d)?, &tgt(&[0], d)?)),
+        case("cross_entropy: integer logits", Refused, |d| {
+            ce(&Tensor::from_slice(&[0i32, 1], &[1, 2], d)?, &tgt(&[0], d)?)
+        }),
+        case("cross_entropy: NaN grad_scale", Refused, |d| {
+            let o = ops::loss::CrossEntropyOptions::default().grad_scale(NAN);
+            let out = ops::cross_entropy_with(&z(&[2, 5], d)?, &tgt(&[0, 1], d)?, o)?;
+            Ok(vec![out.loss, out.dlogits])
+        }),
+        case("cross_entropy: every target ignored", Accepted, |d| ce(&ints(&[3, 5], d)?, &tgt(&[-100; 3], d)?)),
+        case("cross_entropy: no rows", Accepted, |d| ce(&z(&[0, 5], d)?, &tgt(&[], d)?)),
+        case("cross_entropy: no classes, rows ignored", Accepted, |d| ce(&z(&[2, 0], d)?, &tgt(&[-100, -100], d)?)),
+        case("cross_entropy: no classes, a row counted", Refused, |d| ce(&z(&[2, 0], d)?, &tgt(&[0, -100], d)?)),
+        case("linear_cross_entropy: chunk of 0 columns", Refused, |d| {
+            lce(&z(&[2, 4], d)?, &z(&[5, 4], d)?, &tgt(&[0, 1], d)?, lce_opts().chunk_columns(0))
+        }),
+        case("linear_cross_entropy: head dtype differs", Refused, |d| {
+            lce(&z(&[2, 4], d)?, &zt(&[5, 4], DType::BF16, d)?, &tgt(&[0, 1], d)?, lce_opts())
+        }),
+        case("linear_cross_entropy: d differs", Refused, |d| {
+            lce(&z(&[2, 4], d)?, &z(&[5, 3], d)?, &tgt(&[0, 1], d)?, lce_opts())
+        }),
+        case("linear_cross_entropy: rank-1 h", Refused, |d| {
+            lce(&z(&[4], d)?, &z(&[5, 4], d)?, &tgt(&[0], d)?, lce_opts())
+        }),
+        case("linear_cross_entropy: target past the vocabulary", Refused, |d| {
+            lce(&z(&[2, 4], d)?, &z(&[5, 4], d)?, &tgt(&[0, 7], d)?, lce_opts())
+        }),
+        case("linear_cross_entropy: NaN grad_scale", Refused, |d| {
+            lce(&z(&[2, 4], d)?, &z(&[5, 4], d)?, &tgt(&[0, 1], d)?, lce_opts().grad_scale(NAN))
+        }),
+        case("linear_cross_entropy: every target ignored", Accepted, |d| {
+            lce(&ints(&[2, 4], d)?, &ints(&[5, 4], d)?, &tgt(&[-100, -100], d)?, lce_opts())
+        }),
+        case("linear_cross_entropy: d = 0", Accepted, |d| {
+            lce(&z(&[2, 0], d)?, &z(&[5, 0], d)?, &tgt(&[3, -100], d)?, lce_opts())
+        }),
+        case("linear_cross_entropy: quantized head d differs", Refused, |d| {
+            let w = QTensor::quantize(&ints(&[5, 32], d)?, QuantFormat::Q8_0)?;
+            let out = ops::linear_cross_entropy(
+                &z(&[2, 64], d)?,
+                Head::Quantized(&w),
+                &tgt(&[0, 1], d)?,
+                Default::default(),
+            )?;
+            Ok(vec![out.loss, out.dh])
+        }),
+        case("linear_cross_entropy: head_grad of a quantized head", Refused, |d| {
+            let w = QTensor::quantize(&ints(&[5, 32], d)?, QuantFormat::Q8_0)?;
+            let o = lce_opts().head_grad();
+            let out = ops::linear_cross_entropy(&z(&[2, 32], d)?, Head::Quantized(&w), &tgt(&[0, 1], d)?, o)?;
+            Ok(vec![out.loss, out.dh])
+        }),
         case("qmatmul: in = 0, GEMM rows", Accepted, |d| {
             let w = QTensor::quantize(&z(&[16, 0], d)?, QuantFormat::Q4_0)?;
             Ok(vec![ops::qmatmul(&z(&[9, 0], d)?, &w)?])

@@ -17,6 +17,11 @@ use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+/// The CPU keeps no buffer pool to count.
+fn no_pool(device: &Device) -> crate::Error {
+    crate::Error::Unsupported(format!("{device}: memory usage is counted by GPU buffer pools; the CPU has none"))
+}
+
 /// A device resolved to its backend: the CPU, or an opened GPU context. Matching on it needs
 /// no arm for a backend that is not built.
 pub(crate) enum Backend {
@@ -78,6 +83,25 @@ pub enum DeviceKind {
     OtherGpu,
     /// A software rasteriser such as Mesa's lavapipe: correct, but slower than the CPU backend.
     SoftwareAdapter,
+}
+
+/// Device memory held through a GPU's buffer pool, as [`Device::memory_usage`] reports it:
+/// the bytes of every buffer on loan to a tensor or a quantized weight (sizes as the pool
+/// rounds them), not the idle buffers the pool keeps for reuse.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemoryUsage {
+    /// Bytes on loan now.
+    pub live_bytes: usize,
+    /// The most bytes on loan at once since the device was opened or
+    /// [`Device::reset_peak_memory`] was last called.
+    pub peak_bytes: usize,
+}
+
+impl From<(usize, usize)> for MemoryUsage {
+    /// From a pool's `(live, peak)`.
+    fn from((live_bytes, peak_bytes): (usize, usize)) -> Self {
+        MemoryUsage { live_bytes, peak_bytes }
+    }
 }
 
 /// What a device is, as [`Device::info`] reports it.
@@ -185,6 +209,36 @@ impl Device {
     /// Whether this is a CPU device.
     pub fn is_cpu(&self) -> bool {
         matches!(self, Device::Cpu)
+    }
+
+    /// Live and peak bytes held through the device's buffer pool. `Err(Unsupported)` on the
+    /// CPU, whose tensors come from the process heap.
+    pub fn memory_usage(&self) -> Result<MemoryUsage> {
+        match self.backend()? {
+            Backend::Cpu => Err(no_pool(self)),
+            #[cfg(feature = "cuda")]
+            Backend::Cuda(dev) => Ok(MemoryUsage::from(dev.memory_usage())),
+            #[cfg(feature = "wgpu")]
+            Backend::Wgpu(dev) => Ok(MemoryUsage::from(dev.memory_usage())),
+        }
+    }
+
+    /// Starts a new peak for [`Device::memory_usage`] from the bytes on loan now.
+    /// `Err(Unsupported)` on the CPU.
+    pub fn reset_peak_memory(&self) -> Result<()> {
+        match self.backend()? {
+            Backend::Cpu => Err(no_pool(self)),
+            #[cfg(feature = "cuda")]
+            Backend::Cuda(dev) => {
+                dev.reset_peak_memory();
+                Ok(())
+            }
+            #[cfg(feature = "wgpu")]
+            Backend::Wgpu(dev) => {
+                dev.reset_peak_memory();
+                Ok(())
+            }
+        }
     }
 
     /// Wait until all work queued on the device has finished. Timing code calls this.

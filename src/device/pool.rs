@@ -20,11 +20,17 @@ pub(crate) struct Pool<B> {
 struct PoolInner<B> {
     free: HashMap<usize, Vec<B>>,
     idle_bytes: usize,
+    /// Bytes of the buffers on loan (bucket sizes), and the most since the last reset.
+    live_bytes: usize,
+    peak_bytes: usize,
 }
 
 impl<B> Pool<B> {
     pub(crate) fn new(max_idle_bytes: usize) -> Arc<Self> {
-        Arc::new(Pool { inner: Mutex::new(PoolInner { free: HashMap::new(), idle_bytes: 0 }), max_idle_bytes })
+        Arc::new(Pool {
+            inner: Mutex::new(PoolInner { free: HashMap::new(), idle_bytes: 0, live_bytes: 0, peak_bytes: 0 }),
+            max_idle_bytes,
+        })
     }
 
     /// The size a request of `bytes` is rounded to (never 0: backends refuse empty buffers).
@@ -42,10 +48,31 @@ impl<B> Pool<B> {
 
     fn put(&self, bucket: usize, buf: B) {
         let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        inner.live_bytes = inner.live_bytes.saturating_sub(bucket);
         if inner.idle_bytes + bucket <= self.max_idle_bytes {
             inner.idle_bytes += bucket;
             inner.free.entry(bucket).or_default().push(buf);
         }
+    }
+
+    /// Counts a buffer of `bucket` bytes as on loan.
+    fn lend(&self, bucket: usize) {
+        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        inner.live_bytes += bucket;
+        inner.peak_bytes = inner.peak_bytes.max(inner.live_bytes);
+    }
+
+    /// `(live, peak)`: bytes on loan now, and the most on loan at once since the last
+    /// [`Pool::reset_peak`] (idle buffers are not counted).
+    pub(crate) fn usage(&self) -> (usize, usize) {
+        let inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        (inner.live_bytes, inner.peak_bytes)
+    }
+
+    /// Starts a new peak from the bytes on loan now.
+    pub(crate) fn reset_peak(&self) {
+        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        inner.peak_bytes = inner.live_bytes;
     }
 
     /// Frees every idle buffer (after an allocation failed, before retrying it).
@@ -65,6 +92,7 @@ pub(crate) struct Pooled<B> {
 
 impl<B> Pooled<B> {
     pub(crate) fn new(buf: B, bucket: usize, pool: Arc<Pool<B>>) -> Self {
+        pool.lend(bucket);
         Pooled { buf: ManuallyDrop::new(buf), bucket, pool }
     }
 
@@ -114,5 +142,21 @@ mod tests {
         assert_eq!(kept, 2, "a 1024-byte idle cap keeps two of the four 512-byte buffers");
         pool.clear();
         assert!(pool.take(512).is_none());
+    }
+
+    #[test]
+    fn live_and_peak_bytes_follow_the_loans() {
+        let pool: Arc<Pool<Vec<u8>>> = Pool::new(1 << 20);
+        let a = Pooled::new(vec![0u8; 256], 256, pool.clone());
+        let b = Pooled::new(vec![0u8; 512], 512, pool.clone());
+        assert_eq!(pool.usage(), (768, 768));
+        drop(b);
+        assert_eq!(pool.usage(), (256, 768), "an idle buffer is not live; the peak stays");
+        pool.reset_peak();
+        assert_eq!(pool.usage(), (256, 256));
+        let again = Pooled::new(pool.take(512).unwrap(), 512, pool.clone());
+        assert_eq!(pool.usage(), (768, 768), "a buffer taken from the pool counts again");
+        drop((a, again));
+        assert_eq!(pool.usage(), (0, 768));
     }
 }

@@ -5,12 +5,14 @@ pub mod attention;
 pub mod elementwise;
 pub(crate) mod hash;
 pub mod lora;
+pub mod loss;
 pub mod matmul;
 pub mod optim;
 pub mod quant;
 pub mod sampling;
 
 pub use elementwise::{add, add_bias, cast, dropout, mul, scale, sum_rows};
+pub use loss::{cross_entropy, cross_entropy_with, linear_cross_entropy};
 pub use matmul::{MatmulOptions, matmul, matmul_with};
 pub use quant::{QMatmulOptions, QTensor, QuantFormat, qmatmul, qmatmul_input_grad, qmatmul_with};
 pub use sampling::{SamplingParams, argmax, sample};

@@ -142,6 +142,15 @@ impl CudaDevice {
         Ok(Pooled::new(slice, bucket, self.pool.clone()))
     }
 
+    /// The pool's `(live, peak)` bytes on loan.
+    pub(crate) fn memory_usage(&self) -> (usize, usize) {
+        self.pool.usage()
+    }
+
+    pub(crate) fn reset_peak_memory(&self) {
+        self.pool.reset_peak()
+    }
+
     /// Copies `bytes` to the start of `buf`, which holds at least that many.
     pub(crate) fn write(&self, buf: &mut CudaBuffer, bytes: &[u8]) -> Result<()> {
         if !bytes.is_empty() {

@@ -187,6 +187,15 @@ impl WgpuDevice {
         Ok(Pooled::new(buf, bucket, self.pool.clone()))
     }
 
+    /// The storage pool's `(live, peak)` bytes on loan (uniform buffers not counted).
+    pub(crate) fn memory_usage(&self) -> (usize, usize) {
+        self.pool.usage()
+    }
+
+    pub(crate) fn reset_peak_memory(&self) {
+        self.pool.reset_peak()
+    }
+
     /// Copies `bytes` to the start of `buf`, which holds at least that many (rounded up to
     /// whole words, as the pool sizes every buffer).
     pub(crate) fn write(&self, buf: &WgpuBuffer, bytes: &[u8]) -> Result<()> {

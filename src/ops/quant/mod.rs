@@ -28,6 +28,7 @@ mod formats;
 mod gemm;
 mod gemv;
 mod quantize;
+mod rows;
 #[cfg(feature = "wgpu")]
 pub(crate) mod wgpu;
 
