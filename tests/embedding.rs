@@ -275,7 +275,8 @@ fn real_model_sizes(device: &Device) {
     let dense = Tensor::randn(&[vocab, dim], 0.0, 0.05, 1, DType::BF16, &Device::Cpu).unwrap();
     let cpu = embedding(&dense, &ids_tensor(&ids, &shape, &Device::Cpu)).unwrap();
     let rows = bits(&dense);
-    let want: Vec<u8> = ids.iter().flat_map(|&id| rows[id as usize * dim * 2..(id as usize + 1) * dim * 2].to_vec()).collect();
+    let want: Vec<u8> =
+        ids.iter().flat_map(|&id| rows[id as usize * dim * 2..(id as usize + 1) * dim * 2].to_vec()).collect();
     assert!(bits(&cpu) == want);
     let idd = ids_tensor(&ids, &shape, device);
     assert!(bits(&embedding(&dense.to_device(device).unwrap(), &idd).unwrap()) == want, "{device}");
@@ -286,14 +287,16 @@ fn real_model_sizes(device: &Device) {
     assert!(bits(&got) == bits(&deq), "{device}: Q8_0 49152 × 576");
     let dy = Tensor::randn(&[2, 4, dim], 0.0, 1.0, 2, DType::BF16, device).unwrap();
     let grad = embedding_backward(&dy, &idd, vocab).unwrap();
-    let cpu_grad = embedding_backward(&dy.to_device(&Device::Cpu).unwrap(), &ids_tensor(&ids, &shape, &Device::Cpu), vocab)
-        .unwrap();
+    let cpu_grad =
+        embedding_backward(&dy.to_device(&Device::Cpu).unwrap(), &ids_tensor(&ids, &shape, &Device::Cpu), vocab)
+            .unwrap();
     assert!(bits(&grad) == bits(&cpu_grad), "{device}: backward 49152 × 576");
     let wide = Tensor::randn(&[7, 2048], 0.0, 1.0, 3, DType::F32, &Device::Cpu).unwrap();
     let ids = [6u32, 0, 6];
     let got = embedding(&wide.to_device(device).unwrap(), &ids_tensor(&ids, &[3], device)).unwrap();
     let rows = wide.to_vec::<f32>().unwrap();
-    let want: Vec<f32> = ids.iter().flat_map(|&id| rows[id as usize * 2048..(id as usize + 1) * 2048].to_vec()).collect();
+    let want: Vec<f32> =
+        ids.iter().flat_map(|&id| rows[id as usize * 2048..(id as usize + 1) * 2048].to_vec()).collect();
     assert_eq!(got.to_vec::<f32>().unwrap(), want, "{device}: rows of 2048");
 }
 
@@ -315,8 +318,11 @@ fn empty_and_scalar_ids(device: &Device) {
         let none = embedding_backward(&Tensor::zeros(&dy_shape, DType::F32, device).unwrap(), &ids, 0).unwrap();
         assert_eq!(none.shape(), [0, 3]);
     }
-    let narrow = embedding(&Tensor::zeros(&[4, 0], DType::F32, device).unwrap(), &Tensor::from_slice(&[3u32, 1], &[2], device).unwrap())
-        .unwrap();
+    let narrow = embedding(
+        &Tensor::zeros(&[4, 0], DType::F32, device).unwrap(),
+        &Tensor::from_slice(&[3u32, 1], &[2], device).unwrap(),
+    )
+    .unwrap();
     assert_eq!(narrow.shape(), [2, 0]);
     // Ids that never appear leave their rows zero, also in a poisoned output.
     let ids = Tensor::from_slice(&[1u32, 1], &[2], device).unwrap();
@@ -338,7 +344,8 @@ fn kind(r: kiln::Result<Tensor>) -> String {
 fn bad_inputs_are_refused(device: &Device) {
     let d = device;
     let table = Tensor::randn(&[5, 4], 0.0, 1.0, 1, DType::F32, d).unwrap();
-    let q = QTensor::quantize(&Tensor::randn(&[5, 32], 0.0, 1.0, 1, DType::F32, d).unwrap(), QuantFormat::Q8_0).unwrap();
+    let q =
+        QTensor::quantize(&Tensor::randn(&[5, 32], 0.0, 1.0, 1, DType::F32, d).unwrap(), QuantFormat::Q8_0).unwrap();
     let bad = Tensor::from_slice(&[1u32, 4, 0, 5, 2, 9], &[2, 3], d).unwrap();
     for result in [embedding(&table, &bad), qembedding(&q, &bad, DType::F32)] {
         match result {

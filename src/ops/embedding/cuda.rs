@@ -127,12 +127,7 @@ pub(crate) fn backward(
         shared_mem_bytes: 0,
     };
     let mut launch = dev.stream.launch_builder(&f);
-    launch
-        .arg(grad.get())
-        .arg(offsets.cuda_buffer()?)
-        .arg(positions.cuda_buffer()?)
-        .arg(out.cuda_buffer()?)
-        .arg(&p);
+    launch.arg(grad.get()).arg(offsets.cuda_buffer()?).arg(positions.cuda_buffer()?).arg(out.cuda_buffer()?).arg(&p);
     // SAFETY: dy holds tokens·dim elements of its dtype; offsets vocab + 1 non-decreasing
     // u32 ending at tokens; positions `tokens` u32, each below tokens; out vocab·dim f32.
     unsafe { launch.launch(cfg) }.map_err(|e| CudaDevice::launch_err(&name, e))?;
@@ -151,6 +146,9 @@ mod tests {
 
     #[test]
     fn words_divide_rows() {
-        assert_eq!([word_bytes(2304), word_bytes(1152), word_bytes(12), word_bytes(6), word_bytes(2)], [16, 16, 4, 2, 2]);
+        assert_eq!(
+            [word_bytes(2304), word_bytes(1152), word_bytes(12), word_bytes(6), word_bytes(2)],
+            [16, 16, 4, 2, 2]
+        );
     }
 }

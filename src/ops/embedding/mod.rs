@@ -175,8 +175,6 @@ pub fn embedding_backward(dy: &Tensor, ids: &Tensor, vocab: usize) -> Result<Ten
 pub(crate) struct Buckets {
     pub(crate) offsets: Vec<u32>,
     pub(crate) positions: Vec<u32>,
-    /// The largest group (the longest sum of the backward).
-    pub(crate) longest: usize,
 }
 
 impl Buckets {
@@ -196,7 +194,6 @@ impl Buckets {
         for &id in ids {
             offsets[id as usize + 1] += 1;
         }
-        let longest = offsets.iter().copied().max().unwrap_or(0) as usize;
         for v in 0..vocab {
             offsets[v + 1] += offsets[v];
         }
@@ -208,11 +205,17 @@ impl Buckets {
             positions[*slot as usize] = p as u32;
             *slot += 1;
         }
-        Ok(Buckets { offsets, positions, longest })
+        Ok(Buckets { offsets, positions })
     }
 
     fn positions_of(&self, v: usize) -> &[u32] {
         &self.positions[self.offsets[v] as usize..self.offsets[v + 1] as usize]
+    }
+
+    /// The size of the largest group (the longest sum of the backward).
+    #[cfg(any(test, feature = "wgpu"))]
+    pub(crate) fn longest(&self) -> usize {
+        self.offsets.windows(2).map(|w| (w[1] - w[0]) as usize).max().unwrap_or(0)
     }
 }
 
@@ -283,7 +286,7 @@ mod tests {
         let b = Buckets::of(&[2, 0, 2, 2, 1, 0], 4).unwrap();
         assert_eq!(b.offsets, [0, 2, 3, 6, 6]);
         assert_eq!(b.positions, [1, 5, 4, 0, 2, 3]);
-        assert_eq!(b.longest, 3);
+        assert_eq!(b.longest(), 3);
         assert!(b.positions_of(3).is_empty());
     }
 

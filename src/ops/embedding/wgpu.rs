@@ -151,7 +151,7 @@ pub(crate) fn backward(
     let offsets = Tensor::from_slice(&buckets.offsets, &[vocab + 1], &device)?;
     let positions = Tensor::from_slice(&buckets.positions, &[tokens], &device)?;
     let buffers = [grad.get(), offsets.wgpu_buffer()?, positions.wgpu_buffer()?, out.wgpu_buffer()?];
-    for pass in 0..buckets.longest.div_ceil(BACKWARD_PASS).max(1) {
+    for pass in 0..buckets.longest().div_ceil(BACKWARD_PASS).max(1) {
         emb.pass_start = (pass * BACKWARD_PASS) as u32;
         dev.dispatch(&pipeline, &buffers, &EmbeddingUniform { emb }, (gx, gy, 1))?;
     }
