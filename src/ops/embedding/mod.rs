@@ -26,7 +26,7 @@ pub(crate) mod wgpu;
 use crate::ops::quant::QTensor;
 use crate::ops::quant::formats::decode_blocks;
 use crate::ops::{Operands, operands};
-use crate::tensor::{CpuStorage, RawBuffer, StorageElement, try_zeros, with_elems};
+use crate::tensor::{CpuStorage, RawBuffer, StorageElement, try_zeros, with_dtype, with_elems};
 use crate::{DType, Error, Result, Tensor};
 use rayon::prelude::*;
 
@@ -90,12 +90,8 @@ pub fn qembedding(table: &QTensor, ids: &Tensor, dtype: DType) -> Result<Tensor>
     let mismatch = || Error::DeviceMismatch("qembedding: ids and the table are on different backends".into());
     match (operands("qembedding", [ids])?, table.raw()) {
         (Operands::Cpu(_), RawBuffer::Cpu(bytes)) => {
-            let mut out = try_zeros::<f32>(host_ids.len() * dim)?;
-            let blocks_per_row = dim / table.format().block_size();
-            out.par_chunks_mut(dim).zip(host_ids.par_iter()).for_each(|(row, &id)| {
-                decode_blocks(table, bytes, id as usize * blocks_per_row, row);
-            });
-            Ok(Tensor::from_cpu_storage(CpuStorage::from_f32_vec(dtype, out)?, &out_shape, dtype))
+            let out = with_dtype!(dtype, T => decode_rows::<T>(table, bytes, &host_ids, dim)?);
+            Ok(Tensor::from_cpu_storage(out, &out_shape, dtype))
         }
         #[cfg(feature = "cuda")]
         (Operands::Cuda(dev, [i]), RawBuffer::Cuda { buf, .. }) => {
@@ -273,6 +269,25 @@ fn gather_rows<T: StorageElement>(rows: &[T], ids: &[u32], dim: usize) -> Result
     out.par_chunks_mut(dim).zip(ids.par_iter()).for_each(|(dst, &id)| {
         let at = id as usize * dim;
         dst.copy_from_slice(&rows[at..at + dim]);
+    });
+    Ok(T::into_storage(out))
+}
+
+/// Row `ids[t]` of a quantized table for every t, decoded a run of blocks at a time into
+/// f32 on the stack and rounded once to `T`.
+fn decode_rows<T: StorageElement>(table: &QTensor, bytes: &[u8], ids: &[u32], dim: usize) -> Result<CpuStorage> {
+    /// Weights decoded at a time: a whole number of blocks of 32 and of 64.
+    const RUN: usize = 256;
+    let blocks_per_row = dim / table.format().block_size();
+    let mut out = try_zeros::<T>(ids.len() * dim)?;
+    out.par_chunks_mut(dim).zip(ids.par_iter()).for_each(|(row, &id)| {
+        let mut run = [0f32; RUN];
+        let first = id as usize * blocks_per_row;
+        for (k, dst) in row.chunks_mut(RUN).enumerate() {
+            let decoded = &mut run[..dst.len()];
+            decode_blocks(table, bytes, first + k * RUN / table.format().block_size(), decoded);
+            T::slice_from_f32(decoded, dst);
+        }
     });
     Ok(T::into_storage(out))
 }
