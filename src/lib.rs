@@ -54,6 +54,7 @@ pub mod train;
 pub use device::{Device, DeviceInfo, DeviceKind, set_poison_outputs};
 pub use dtype::{DType, Element, Scalar};
 pub use error::{Error, Result};
+pub use io::{GgufFile, GgufTensor, GgufValue};
 pub use tensor::Tensor;
 
 /// NVRTC access for tools: the embedded kernel sources and a compiler entry point, used by

@@ -1,8 +1,10 @@
 //! Loader fuzzing, on stable Rust: every loader (PEFT adapters, kiln's and torch's optimizer
-//! states, safetensors files, ggml blocks, NF4 state) is fed mutations of valid inputs (bytes
-//! flipped, inserted, cut and spliced; JSON values and safetensors headers rewritten with
-//! wrong types, ranks, offsets, names and numbers) and must answer `Ok` or `Err`, never
-//! panic. What loads must save, and `save → load → save` must give the same bytes.
+//! states, safetensors files, GGUF files, ggml blocks, NF4 state) is fed mutations of valid
+//! inputs (bytes flipped, inserted, cut and spliced; JSON values and safetensors headers
+//! rewritten with wrong types, ranks, offsets, names and numbers; GGUF counts, lengths, types,
+//! dims and offsets set to hostile values) and must answer `Ok` or `Err`, never panic. What
+//! loads must save, and `save → load → save` must give the same bytes (GGUF, which kiln only
+//! reads: every tensor that loads holds the file's bytes).
 //!
 //! Each loader runs `KILN_FUZZ_ITERS` inputs (2,000 by default) from seed `KILN_FUZZ_SEED`;
 //! the long run is
@@ -688,6 +690,92 @@ fn the_safetensors_loader_survives_mutated_files() {
         let named: Vec<(&str, &Tensor)> = again.iter().map(|(n, t)| (n.as_str(), t)).collect();
         if kiln::io::to_bytes(&named, &HashMap::new()).unwrap() != first {
             return Err("save → load → save changed the bytes".into());
+        }
+        Ok(Loaded::Accepted)
+    });
+}
+
+// ---------------------------------------------------------------------------------------
+// GGUF files (kiln::io::GgufFile).
+
+fn seed_gguf_files() -> Vec<Vec<u8>> {
+    use common::gguf::{GgufBuilder, I32, Q4_K, T_ARRAY, T_BOOL, T_STRING, array, kv, string, tensor};
+    let fixtures = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures");
+    let mut strings = string(b"a");
+    strings.extend(string(b"bc"));
+    let built = GgufBuilder::new()
+        .kv(kv("words", T_ARRAY, &array(T_STRING, 2, &strings)))
+        .kv(kv("flag", T_BOOL, &[1]))
+        .tensor(tensor("k", &[256, 1], Q4_K, vec![0; 144]))
+        .tensor(tensor("ids", &[3], I32, vec![7; 12]))
+        .bytes();
+    vec![
+        std::fs::read(format!("{fixtures}/kiln.gguf")).unwrap(),
+        std::fs::read(format!("{fixtures}/kiln_align64.gguf")).unwrap(),
+        built,
+    ]
+}
+
+/// A GGUF file with its structural fields (counts, lengths, types, dims, offsets) set to
+/// hostile or nearby values, its bytes mutated, or both.
+fn mutate_gguf(rng: &mut Rng, file: &[u8], fields: &[common::gguf::Field], others: &[&[u8]]) -> Vec<u8> {
+    let mut out = file.to_vec();
+    let what = rng.below(3);
+    if what != 1 {
+        for _ in 0..1 + rng.below(2) {
+            let field = *rng.pick(fields);
+            let mut old = [0u8; 8];
+            old[..field.width].copy_from_slice(&out[field.at..field.at + field.width]);
+            let old = u64::from_le_bytes(old);
+            let value = match rng.below(3) {
+                0 => *rng.pick(&common::gguf::breaking_values(field, file.len() as u64)),
+                1 => old.wrapping_add(*rng.pick(&[1u64, 2, 31, 32, 64, u64::MAX, u64::MAX - 31])),
+                _ => *rng.pick(&[0u64, 1, 2, 3, 8, 9, 30, 255, 1 << 31, u32::MAX as u64, 1 << 32, u64::MAX]),
+            };
+            out = common::gguf::with_field(&out, field, value);
+        }
+    }
+    if what != 0 {
+        mutate_bytes(rng, &mut out, others);
+    }
+    out
+}
+
+#[test]
+fn the_gguf_reader_survives_mutated_files() {
+    let seeds = seed_gguf_files();
+    let fields: Vec<Vec<common::gguf::Field>> = seeds.iter().map(|s| common::gguf::fields(s)).collect();
+    let others: Vec<&[u8]> = seeds.iter().map(Vec::as_slice).collect();
+    let cpu = Device::Cpu;
+    run("gguf", |rng, input| {
+        let i = rng.below(seeds.len());
+        let file = mutate_gguf(rng, &seeds[i], &fields[i], &others);
+        std::fs::write(input, &file).unwrap();
+        let Ok(gguf) = kiln::io::GgufFile::open(input) else { return Ok(Loaded::Refused) };
+        for key in gguf.metadata().keys() {
+            let _ = (gguf.get_str(key), gguf.get_u32(key), gguf.get_str_array(key), gguf.get_f32_array(key));
+        }
+        for info in gguf.tensor_infos() {
+            let name = info.name();
+            let bytes = gguf.tensor_bytes(name).map_err(|e| format!("tensor {name:?} listed, but: {e}"))?;
+            if bytes.len() as u64 != info.n_bytes() {
+                return Err(format!("tensor {name:?}: {} bytes, its info says {}", bytes.len(), info.n_bytes()));
+            }
+            match gguf.load(name, &cpu) {
+                Ok(kiln::io::GgufTensor::Dense(t)) => {
+                    if t.to_bytes().map_err(|e| e.to_string())? != bytes {
+                        return Err(format!("tensor {name:?} does not hold the file's bytes"));
+                    }
+                }
+                Ok(kiln::io::GgufTensor::Quantized(q)) => {
+                    if q.to_bytes().map_err(|e| e.to_string())? != bytes {
+                        return Err(format!("quantized tensor {name:?} does not hold the file's blocks"));
+                    }
+                    check_dequantizes(&q)?;
+                }
+                Err(e) if e.to_string().contains(&format!("{name:?}")) => {}
+                Err(e) => return Err(format!("tensor {name:?} refused without naming it: {e}")),
+            }
         }
         Ok(Loaded::Accepted)
     });

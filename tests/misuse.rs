@@ -71,6 +71,11 @@ fn ids(values: &[u32], shape: &[usize], d: &Device) -> kiln::Result<Tensor> {
     Tensor::from_slice(values, shape, d)
 }
 
+/// The GGUF fixture gguf-py wrote (tests/fixtures/make_gguf.py).
+fn gguf() -> kiln::Result<kiln::GgufFile> {
+    kiln::GgufFile::open(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/kiln.gguf"))
+}
+
 fn full(shape: &[usize], value: f32, d: &Device) -> kiln::Result<Tensor> {
     Tensor::full(shape, value, DType::F32, d)
 }
@@ -220,6 +225,15 @@ fn cases() -> Vec<Case> {
             QTensor::from_nf4(&state, &[1, 128], d)?;
             Ok(vec![])
         }),
+        // GGUF tensors onto each device.
+        case("gguf tensor: bf16", Accepted, |d| Ok(vec![gguf()?.tensor("dense.bf16", d)?])),
+        case("gguf qtensor: q8_0", Accepted, |d| Ok(vec![gguf()?.qtensor("quant.q8_0", d)?.dequantize(DType::F32)?])),
+        case("gguf tensor: a q4_0 weight", Refused, |d| Ok(vec![gguf()?.tensor("quant.q4_0", d)?])),
+        case("gguf qtensor: an f16 tensor", Refused, |d| {
+            Ok(vec![gguf()?.qtensor("dense.f16", d)?.dequantize(DType::F32)?])
+        }),
+        case("gguf qtensor: q4_1", Refused, |d| Ok(vec![gguf()?.qtensor("quant.q4_1", d)?.dequantize(DType::F32)?])),
+        case("gguf tensor: no such name", Refused, |d| Ok(vec![gguf()?.tensor("dense.nowhere", d)?])),
         case("qmatmul: in = 0, GEMM rows", Accepted, |d| {
             let w = QTensor::quantize(&z(&[16, 0], d)?, QuantFormat::Q4_0)?;
             Ok(vec![ops::qmatmul(&z(&[9, 0], d)?, &w)?])
@@ -606,6 +620,51 @@ fn cases() -> Vec<Case> {
             opt.step(&[], &mut [])?;
             Ok(vec![])
         }),
+        // Sampling.
+        case("argmax: rank 1", Refused, |d| Ok(vec![ops::argmax(&ints(&[5], d)?)?])),
+        case("argmax: rank 3", Refused, |d| Ok(vec![ops::argmax(&ints(&[1, 2, 5], d)?)?])),
+        case("argmax: integer logits", Refused, |d| Ok(vec![ops::argmax(&zt(&[2, 5], DType::U32, d)?)?])),
+        case("argmax: vocab 0", Refused, |d| Ok(vec![ops::argmax(&z(&[2, 0], d)?)?])),
+        case("argmax: no rows beside huge vocab", Accepted, |d| Ok(vec![ops::argmax(&z(&[0, HUGE], d)?)?])),
+        case("argmax: NaN rows", Accepted, |d| Ok(vec![ops::argmax(&full(&[3, 4], NAN, d)?)?])),
+        case("sample: negative temperature", Refused, |d| {
+            let p = ops::SamplingParams { temperature: -1.0, ..Default::default() };
+            Ok(vec![ops::sample(&ints(&[2, 5], d)?, &p, 0)?])
+        }),
+        case("sample: NaN temperature", Refused, |d| {
+            let p = ops::SamplingParams { temperature: NAN, ..Default::default() };
+            Ok(vec![ops::sample(&ints(&[2, 5], d)?, &p, 0)?])
+        }),
+        case("sample: infinite temperature", Refused, |d| {
+            let p = ops::SamplingParams { temperature: f32::INFINITY, ..Default::default() };
+            Ok(vec![ops::sample(&ints(&[2, 5], d)?, &p, 0)?])
+        }),
+        case("sample: top_p 0", Refused, |d| {
+            let p = ops::SamplingParams { top_p: 0.0, ..Default::default() };
+            Ok(vec![ops::sample(&ints(&[2, 5], d)?, &p, 0)?])
+        }),
+        case("sample: top_p past 1", Refused, |d| {
+            let p = ops::SamplingParams { top_p: 1.5, ..Default::default() };
+            Ok(vec![ops::sample(&ints(&[2, 5], d)?, &p, 0)?])
+        }),
+        case("sample: top_p NaN", Refused, |d| {
+            let p = ops::SamplingParams { top_p: NAN, ..Default::default() };
+            Ok(vec![ops::sample(&ints(&[2, 5], d)?, &p, 0)?])
+        }),
+        case("sample: rank 1", Refused, |d| Ok(vec![ops::sample(&ints(&[5], d)?, &Default::default(), 0)?])),
+        case("sample: integer logits", Refused, |d| {
+            Ok(vec![ops::sample(&zt(&[2, 5], DType::I32, d)?, &Default::default(), 0)?])
+        }),
+        case("sample: vocab 0", Refused, |d| Ok(vec![ops::sample(&z(&[3, 0], d)?, &Default::default(), 0)?])),
+        case("sample: top_k past the vocabulary", Accepted, |d| {
+            let p = ops::SamplingParams { top_k: usize::MAX, top_p: 0.5, ..Default::default() };
+            Ok(vec![ops::sample(&ints(&[3, 7], d)?, &p, u64::MAX)?])
+        }),
+        case("sample: NaN and infinite logits", Accepted, |d| {
+            let x = Tensor::from_f32(&[NAN, f32::INFINITY, f32::NEG_INFINITY, 1.0], &[2, 2], DType::F32, d)?;
+            let p = ops::SamplingParams { top_k: 1, top_p: 0.3, temperature: 1e-30, seed: 7 };
+            Ok(vec![ops::sample(&x, &p, 0)?])
+        }),
     ];
     // Every dtype through the ops that take any float dtype, with empty and huge-beside-empty
     // shapes.
@@ -646,6 +705,13 @@ fn outcome(result: kiln::Result<Vec<Tensor>>) -> Outcome {
             tensors
                 .iter()
                 .map(|t| {
+                    if t.dtype() == DType::U32 {
+                        return (
+                            t.shape().to_vec(),
+                            t.dtype(),
+                            t.to_vec::<u32>().expect("an output copies to the host"),
+                        );
+                    }
                     let values = t.to_vec_f32().expect("an output copies to the host");
                     let bits =
                         values.iter().map(|v| if v.is_nan() { f32::NAN.to_bits() } else { v.to_bits() }).collect();

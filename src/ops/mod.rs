@@ -9,11 +9,13 @@ pub mod lora;
 pub mod matmul;
 pub mod optim;
 pub mod quant;
+pub mod sampling;
 
 pub use elementwise::{add, add_bias, cast, dropout, mul, scale, sum_rows};
 pub use embedding::{embedding, embedding_backward, qembedding};
 pub use matmul::{MatmulOptions, matmul, matmul_with};
 pub use quant::{QMatmulOptions, QTensor, QuantFormat, qmatmul, qmatmul_input_grad, qmatmul_with};
+pub use sampling::{SamplingParams, argmax, sample};
 
 #[cfg(feature = "cuda")]
 use crate::device::cuda::{CudaBuffer, CudaDevice};

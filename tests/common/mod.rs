@@ -2,6 +2,8 @@
 //! test per backend, and the tolerance check.
 #![allow(dead_code, unused_macros)]
 
+pub mod gguf;
+
 use kiln::{DType, Device, DeviceKind};
 use std::sync::Once;
 

@@ -1,5 +1,5 @@
 //! Tensors in and out of safetensors files (Hugging Face's format), on any device, through
-//! the `safetensors` crate.
+//! the `safetensors` crate; GGUF files (ggml's format) read through [`GgufFile`].
 //!
 //! ```no_run
 //! use kiln::{DType, Device, Tensor, io};
@@ -13,6 +13,10 @@
 //! # let _ = back;
 //! # Ok(()) }
 //! ```
+
+pub mod gguf;
+
+pub use gguf::{GgmlType, GgufArray, GgufFile, GgufTensor, GgufTensorInfo, GgufValue, GgufValueType};
 
 use crate::{DType, Device, Error, Result, Tensor};
 use safetensors::{Dtype, SafeTensors};
