@@ -266,6 +266,35 @@ fn torch_and_gguf_agree(device: &Device) {
     }
 }
 
+/// Quantized tables as a GGUF file holds them (`tests/fixtures/kiln.gguf`, written by
+/// gguf-py): gathered rows equal gguf-py's `dequantize` of the same blocks
+/// (`gguf_expected.json`), for each quantized format kiln loads from GGUF.
+fn gguf_tables_gather_as_gguf_py_decodes_them(device: &Device) {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/");
+    let file = kiln::GgufFile::open(format!("{dir}kiln.gguf")).unwrap();
+    let expected: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(format!("{dir}gguf_expected.json")).unwrap()).unwrap();
+    let mut checked = 0;
+    for t in expected["files"]["kiln.gguf"]["tensors"].as_array().unwrap() {
+        let name = t["name"].as_str().unwrap();
+        if !name.starts_with("quant.") {
+            continue;
+        }
+        // A format this tree does not load from GGUF yet is the loader's to refuse.
+        let Ok(q) = file.qtensor(name, device) else { continue };
+        let [vocab, dim] = q.shape();
+        let values: Vec<f32> = t["values"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32).collect();
+        assert_eq!(values.len(), vocab * dim, "{name}");
+        let ids: Vec<u32> = (0..2 * vocab as u32).map(|i| (i * 7 + 1) % vocab as u32).rev().collect();
+        let got = qembedding(&q, &ids_tensor(&ids, &[ids.len()], device), DType::F32).unwrap();
+        let want: Vec<f32> =
+            ids.iter().flat_map(|&id| values[id as usize * dim..(id as usize + 1) * dim].to_vec()).collect();
+        assert_eq!(got.to_vec::<f32>().unwrap(), want, "{device}: {name} vs gguf-py");
+        checked += 1;
+    }
+    assert!(checked >= 2, "the fixture's Q8_0 and Q4_0 tables at least");
+}
+
 /// SmolLM2's sizes: a 49152 × 576 table (bf16 dense, and Q8_0 as its GGUF stores it), ids at
 /// both ends of the vocabulary; and rows of 2048.
 fn real_model_sizes(device: &Device) {
@@ -391,6 +420,7 @@ device_tests!(
     backward_matches_reference,
     backward_is_bit_identical_across_runs,
     torch_and_gguf_agree,
+    gguf_tables_gather_as_gguf_py_decodes_them,
     real_model_sizes,
     empty_and_scalar_ids,
     bad_inputs_are_refused,
