@@ -33,6 +33,7 @@ pub(crate) mod cuda {
 
     pub(crate) const MATMUL: KernelSource = program!("matmul": "common.cuh", "gemm.cuh");
     pub(crate) const ELEMENTWISE: KernelSource = program!("elementwise": "common.cuh");
+    pub(crate) const EMBEDDING: KernelSource = program!("embedding": "common.cuh", "gemm.cuh", "quant.cuh");
     pub(crate) const QUANT: KernelSource = program!("quant": "common.cuh", "gemm.cuh", "quant.cuh");
     pub(crate) const OPTIM: KernelSource = program!("optim": "common.cuh");
     pub(crate) const LORA: KernelSource = program!("lora": "common.cuh", "gemm.cuh", "quant.cuh");
@@ -43,8 +44,19 @@ pub(crate) mod cuda {
     pub(crate) const LOSS: KernelSource = program!("loss": "common.cuh");
 
     /// Every CUDA program of the crate; the compile check builds each for each real arch.
-    pub const ALL: &[KernelSource] =
-        &[MATMUL, ELEMENTWISE, QUANT, OPTIM, LORA, ATTENTION_FWD, ATTENTION_BWD, ATTENTION_DECODE, SAMPLING, LOSS];
+    pub const ALL: &[KernelSource] = &[
+        MATMUL,
+        ELEMENTWISE,
+        QUANT,
+        OPTIM,
+        LORA,
+        ATTENTION_FWD,
+        ATTENTION_BWD,
+        ATTENTION_DECODE,
+        SAMPLING,
+        LOSS,
+        EMBEDDING,
+    ];
 }
 
 /// The WGSL shaders. Most are completed by their launcher, which prepends the bindings and
@@ -60,6 +72,10 @@ pub(crate) mod wgsl {
     pub(crate) const MATMUL: &str = shader!("matmul");
     pub(crate) const ELEMENTWISE_MAP: &str = shader!("elementwise_map");
     pub(crate) const ELEMENTWISE_SUM_ROWS: &str = shader!("elementwise_sum_rows");
+    pub(crate) const EMBEDDING_COMMON: &str = shader!("embedding_common");
+    pub(crate) const EMBEDDING_GATHER: &str = shader!("embedding_gather");
+    pub(crate) const EMBEDDING_QGATHER: &str = shader!("embedding_qgather");
+    pub(crate) const EMBEDDING_BACKWARD: &str = shader!("embedding_backward");
     pub(crate) const QUANT_DECODE: &str = shader!("quant_decode");
     pub(crate) const QUANT_GEMV: &str = shader!("quant_gemv");
     pub(crate) const OPTIM_SLOTS: &str = shader!("optim_slots");

@@ -67,6 +67,11 @@ fn ints(shape: &[usize], d: &Device) -> kiln::Result<Tensor> {
     Tensor::from_f32(&v, shape, DType::F32, d)
 }
 
+/// A u32 ids tensor.
+fn ids(values: &[u32], shape: &[usize], d: &Device) -> kiln::Result<Tensor> {
+    Tensor::from_slice(values, shape, d)
+}
+
 /// The GGUF fixture gguf-py wrote (tests/fixtures/make_gguf.py).
 fn gguf() -> kiln::Result<kiln::GgufFile> {
     kiln::GgufFile::open(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/kiln.gguf"))
@@ -387,6 +392,57 @@ fn cases() -> Vec<Case> {
         case("qmatmul_input_grad: output no memory holds", Refused, |d| {
             let w = QTensor::quantize(&z(&[0, WIDE], d)?, QuantFormat::Q8_0)?;
             Ok(vec![ops::qmatmul_input_grad(&z(&[WIDE, 0], d)?, &w)?])
+        }),
+        // Embeddings.
+        case("embedding: id out of range", Refused, |d| {
+            Ok(vec![ops::embedding(&ints(&[3, 4], d)?, &ids(&[0, 3], &[2], d)?)?])
+        }),
+        case("embedding: i32 ids", Refused, |d| {
+            Ok(vec![ops::embedding(&ints(&[3, 4], d)?, &Tensor::from_slice(&[0i32, 1], &[2], d)?)?])
+        }),
+        case("embedding: float ids", Refused, |d| Ok(vec![ops::embedding(&ints(&[3, 4], d)?, &ints(&[2], d)?)?])),
+        case("embedding: rank-1 table", Refused, |d| Ok(vec![ops::embedding(&ints(&[12], d)?, &ids(&[0], &[1], d)?)?])),
+        case("embedding: rank-0 ids", Accepted, |d| Ok(vec![ops::embedding(&ints(&[3, 4], d)?, &ids(&[2], &[], d)?)?])),
+        case("embedding: no ids beside huge", Accepted, |d| {
+            Ok(vec![ops::embedding(&ints(&[3, 4], d)?, &zt(&[HUGE, 0], DType::U32, d)?)?])
+        }),
+        case("embedding: empty table, an id", Refused, |d| {
+            Ok(vec![ops::embedding(&z(&[0, 4], d)?, &ids(&[0], &[1], d)?)?])
+        }),
+        case("qembedding: id out of range", Refused, |d| {
+            let w = QTensor::quantize(&ints(&[4, 32], d)?, QuantFormat::Q8_0)?;
+            Ok(vec![ops::qembedding(&w, &ids(&[4], &[1], d)?, DType::F32)?])
+        }),
+        case("qembedding: u32 output", Refused, |d| {
+            let w = QTensor::quantize(&ints(&[4, 32], d)?, QuantFormat::Q4_0)?;
+            Ok(vec![ops::qembedding(&w, &ids(&[1], &[1], d)?, DType::U32)?])
+        }),
+        case("qembedding: every format, repeated ids", Accepted, |d| {
+            let x = ints(&[3, 64], d)?;
+            let ids = ids(&[2, 0, 2, 2], &[2, 2], d)?;
+            QuantFormat::ALL.iter().map(|&f| ops::qembedding(&QTensor::quantize(&x, f)?, &ids, DType::BF16)).collect()
+        }),
+        case("qembedding: in = 0", Accepted, |d| {
+            let w = QTensor::quantize(&z(&[4, 0], d)?, QuantFormat::Q8_0)?;
+            Ok(vec![ops::qembedding(&w, &ids(&[3, 1], &[2], d)?, DType::F16)?])
+        }),
+        case("embedding_backward: dy's shape differs", Refused, |d| {
+            Ok(vec![ops::embedding_backward(&z(&[3, 4], d)?, &ids(&[0, 1], &[2], d)?, 5)?])
+        }),
+        case("embedding_backward: id past vocab", Refused, |d| {
+            Ok(vec![ops::embedding_backward(&z(&[2, 4], d)?, &ids(&[0, 5], &[2], d)?, 5)?])
+        }),
+        case("embedding_backward: gradient bytes past usize", Refused, |d| {
+            Ok(vec![ops::embedding_backward(&z(&[1, 2], d)?, &ids(&[0], &[1], d)?, usize::MAX)?])
+        }),
+        case("embedding_backward: gradient no memory holds", Refused, |d| {
+            Ok(vec![ops::embedding_backward(&z(&[0, WIDE], d)?, &zt(&[0], DType::U32, d)?, WIDE)?])
+        }),
+        case("embedding_backward: no positions give zeros", Accepted, |d| {
+            Ok(vec![ops::embedding_backward(&z(&[0, 3], d)?, &zt(&[0], DType::U32, d)?, 4)?])
+        }),
+        case("embedding_backward: exact sums", Accepted, |d| {
+            Ok(vec![ops::embedding_backward(&ints(&[2, 2, 3], d)?, &ids(&[1, 3, 1, 1], &[2, 2], d)?, 4)?])
         }),
         // LoRA.
         case("lora_forward: rank-3 dense W", Refused, |d| {
@@ -828,6 +884,8 @@ fn walk(backend: Backend) {
                 ops::matmul(&here, &cpu).err(),
                 ops::add(&here, &z(&[2, 3], &Device::Cpu).unwrap()).err(),
                 ops::qmatmul(&z(&[2, 32], device).unwrap(), &w).err(),
+                ops::embedding(&here, &Tensor::from_slice(&[0u32], &[1], &Device::Cpu).unwrap()).err(),
+                ops::qembedding(&w, &Tensor::from_slice(&[0u32], &[1], device).unwrap(), DType::F32).err(),
                 merge(
                     &z(&[4, 6], device).unwrap(),
                     &z(&[2, 6], &Device::Cpu).unwrap(),

@@ -3,6 +3,7 @@
 
 pub mod attention;
 pub mod elementwise;
+pub mod embedding;
 pub(crate) mod hash;
 pub mod lora;
 pub mod loss;
@@ -12,6 +13,7 @@ pub mod quant;
 pub mod sampling;
 
 pub use elementwise::{add, add_bias, cast, dropout, mul, scale, sum_rows};
+pub use embedding::{embedding, embedding_backward, qembedding};
 pub use loss::{cross_entropy, cross_entropy_with, linear_cross_entropy};
 pub use matmul::{MatmulOptions, matmul, matmul_with};
 pub use quant::{QMatmulOptions, QTensor, QuantFormat, qmatmul, qmatmul_input_grad, qmatmul_with};

@@ -24,7 +24,7 @@
 
 #[cfg(feature = "cuda")]
 pub(crate) mod cuda;
-mod formats;
+pub(crate) mod formats;
 mod gemm;
 mod gemv;
 mod quantize;
