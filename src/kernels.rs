@@ -39,10 +39,11 @@ pub(crate) mod cuda {
     pub(crate) const ATTENTION_FWD: KernelSource = program!("attention_fwd": "common.cuh", "gemm.cuh", "attention.cuh");
     pub(crate) const ATTENTION_BWD: KernelSource = program!("attention_bwd": "common.cuh", "gemm.cuh", "attention.cuh");
     pub(crate) const ATTENTION_DECODE: KernelSource = program!("attention_decode": "common.cuh");
+    pub(crate) const ROPE: KernelSource = program!("rope": "common.cuh");
 
     /// Every CUDA program of the crate; the compile check builds each for each real arch.
     pub const ALL: &[KernelSource] =
-        &[MATMUL, ELEMENTWISE, QUANT, OPTIM, LORA, ATTENTION_FWD, ATTENTION_BWD, ATTENTION_DECODE];
+        &[MATMUL, ELEMENTWISE, QUANT, OPTIM, LORA, ATTENTION_FWD, ATTENTION_BWD, ATTENTION_DECODE, ROPE];
 }
 
 /// The WGSL shaders. Most are completed by their launcher, which prepends the bindings and
@@ -76,6 +77,7 @@ pub(crate) mod wgsl {
     pub(crate) const ATTENTION_BWD_DKV: &str = shader!("attention_bwd_dkv");
     pub(crate) const ATTENTION_DECODE_SPLIT: &str = shader!("attention_decode_split");
     pub(crate) const ATTENTION_DECODE_MERGE: &str = shader!("attention_decode_merge");
+    pub(crate) const ROPE: &str = shader!("rope");
 }
 
 /// A `#[repr(C)]` struct of kernel parameters. Its twin is declared field for field, in the

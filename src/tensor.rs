@@ -231,7 +231,6 @@ impl CpuStorage {
     }
 
     /// The elements of integer storage, when it holds `u32`.
-    #[allow(dead_code)] // read by the integer-indexed ops
     pub(crate) fn as_u32(&self) -> Option<&[u32]> {
         match self {
             CpuStorage::U32(v) => Some(v),

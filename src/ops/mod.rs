@@ -8,10 +8,12 @@ pub mod lora;
 pub mod matmul;
 pub mod optim;
 pub mod quant;
+pub mod rope;
 
 pub use elementwise::{add, add_bias, cast, dropout, mul, scale, sum_rows};
 pub use matmul::{MatmulOptions, matmul, matmul_with};
 pub use quant::{QMatmulOptions, QTensor, QuantFormat, qmatmul, qmatmul_input_grad, qmatmul_with};
+pub use rope::{RopeConfig, RopeLayout, RopeScaling, rope, rope_backward};
 
 #[cfg(feature = "cuda")]
 use crate::device::cuda::{CudaBuffer, CudaDevice};
