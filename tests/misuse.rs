@@ -144,7 +144,9 @@ fn cases() -> Vec<Case> {
         case("dropout: p < 0", Refused, |d| Ok(vec![ops::dropout(&ints(&[4], d)?, -0.5, 1)?])),
         case("dropout: empty", Accepted, |d| Ok(vec![ops::dropout(&z(&[0, 8], d)?, 0.5, 1)?])),
         // Rotary embeddings.
-        case("rope: odd head_dim", Refused, |d| Ok(vec![ops::rope(&z(&[1, 2, 1, 5], d)?, &pos(&[1, 2], d)?, &RopeConfig::default())?])),
+        case("rope: odd head_dim", Refused, |d| {
+            Ok(vec![ops::rope(&z(&[1, 2, 1, 5], d)?, &pos(&[1, 2], d)?, &RopeConfig::default())?])
+        }),
         case("rope: rotary_dim past head_dim", Refused, |d| {
             Ok(vec![ops::rope(&z(&[1, 2, 1, 4], d)?, &pos(&[1, 2], d)?, &RopeConfig::default().with_rotary_dim(6))?])
         }),
@@ -154,16 +156,24 @@ fn cases() -> Vec<Case> {
         case("rope: positions not [batch, seq]", Refused, |d| {
             Ok(vec![ops::rope(&z(&[1, 2, 1, 4], d)?, &pos(&[2, 1], d)?, &RopeConfig::default())?])
         }),
-        case("rope: f32 positions", Refused, |d| Ok(vec![ops::rope(&z(&[1, 2, 1, 4], d)?, &z(&[1, 2], d)?, &RopeConfig::default())?])),
+        case("rope: f32 positions", Refused, |d| {
+            Ok(vec![ops::rope(&z(&[1, 2, 1, 4], d)?, &z(&[1, 2], d)?, &RopeConfig::default())?])
+        }),
         case("rope: i32 positions", Refused, |d| {
             Ok(vec![ops::rope(&z(&[1, 2, 1, 4], d)?, &zt(&[1, 2], DType::I32, d)?, &RopeConfig::default())?])
         }),
         case("rope: u32 x", Refused, |d| {
             Ok(vec![ops::rope(&zt(&[1, 2, 1, 4], DType::U32, d)?, &pos(&[1, 2], d)?, &RopeConfig::default())?])
         }),
-        case("rope: rank-3 x", Refused, |d| Ok(vec![ops::rope(&z(&[2, 1, 4], d)?, &pos(&[1, 2], d)?, &RopeConfig::default())?])),
-        case("rope: NaN theta", Refused, |d| Ok(vec![ops::rope(&z(&[1, 2, 1, 4], d)?, &pos(&[1, 2], d)?, &RopeConfig::new(f64::NAN))?])),
-        case("rope: theta 0", Refused, |d| Ok(vec![ops::rope(&z(&[1, 2, 1, 4], d)?, &pos(&[1, 2], d)?, &RopeConfig::new(0.0))?])),
+        case("rope: rank-3 x", Refused, |d| {
+            Ok(vec![ops::rope(&z(&[2, 1, 4], d)?, &pos(&[1, 2], d)?, &RopeConfig::default())?])
+        }),
+        case("rope: NaN theta", Refused, |d| {
+            Ok(vec![ops::rope(&z(&[1, 2, 1, 4], d)?, &pos(&[1, 2], d)?, &RopeConfig::new(f64::NAN))?])
+        }),
+        case("rope: theta 0", Refused, |d| {
+            Ok(vec![ops::rope(&z(&[1, 2, 1, 4], d)?, &pos(&[1, 2], d)?, &RopeConfig::new(0.0))?])
+        }),
         case("rope: linear factor 0", Refused, |d| {
             let cfg = RopeConfig::default().with_scaling(RopeScaling::Linear { factor: 0.0 });
             Ok(vec![ops::rope(&z(&[1, 2, 1, 4], d)?, &pos(&[1, 2], d)?, &cfg)?])
@@ -178,8 +188,12 @@ fn cases() -> Vec<Case> {
             let cfg = RopeConfig::default().with_scaling(scaling);
             Ok(vec![ops::rope_backward(&z(&[1, 2, 1, 4], d)?, &pos(&[1, 2], d)?, &cfg)?])
         }),
-        case("rope: no tokens", Accepted, |d| Ok(vec![ops::rope(&z(&[0, 3, 2, 4], d)?, &pos(&[0, 3], d)?, &RopeConfig::default())?])),
-        case("rope: head_dim 0", Accepted, |d| Ok(vec![ops::rope(&z(&[1, 3, 2, 0], d)?, &pos(&[1, 3], d)?, &RopeConfig::default())?])),
+        case("rope: no tokens", Accepted, |d| {
+            Ok(vec![ops::rope(&z(&[0, 3, 2, 4], d)?, &pos(&[0, 3], d)?, &RopeConfig::default())?])
+        }),
+        case("rope: head_dim 0", Accepted, |d| {
+            Ok(vec![ops::rope(&z(&[1, 3, 2, 0], d)?, &pos(&[1, 3], d)?, &RopeConfig::default())?])
+        }),
         case("rope: empty beside huge", Accepted, |d| {
             Ok(vec![ops::rope(&z(&[HUGE, 0, 2, 4], d)?, &pos(&[HUGE, 0], d)?, &RopeConfig::default())?])
         }),
@@ -705,8 +719,12 @@ fn walk(backend: Backend) {
                     1.0,
                 )
                 .err(),
-                ops::rope(&z(&[1, 2, 1, 4], device).unwrap(), &pos(&[1, 2], &Device::Cpu).unwrap(), &RopeConfig::default())
-                    .err(),
+                ops::rope(
+                    &z(&[1, 2, 1, 4], device).unwrap(),
+                    &pos(&[1, 2], &Device::Cpu).unwrap(),
+                    &RopeConfig::default(),
+                )
+                .err(),
             ]
             .map(|e| e.map(|e| kind(&e)))
         }));

@@ -31,13 +31,7 @@ fn host(t: &Tensor) -> Vec<f64> {
 /// f32(position) · inv_freq (what transformers computes), rotated exactly. Returns the
 /// result and, per element, the absolute tolerance of f32 arithmetic: cos and sin within 2
 /// ulp of 1 and the rotation's roundings, relative to |a| + |b| of the element's pair.
-fn reference(
-    x: &[f64],
-    shape: &[usize],
-    pos: &[u32],
-    cfg: &RopeConfig,
-    backward: bool,
-) -> (Vec<f64>, Vec<f64>) {
+fn reference(x: &[f64], shape: &[usize], pos: &[u32], cfg: &RopeConfig, backward: bool) -> (Vec<f64>, Vec<f64>) {
     let (heads, head_dim) = (shape[2], shape[3]);
     let inv = cfg.inv_freq(head_dim).unwrap();
     let half = inv.len();
@@ -131,10 +125,11 @@ fn rope_matches_reference(device: &Device) {
         prop::sample::select(vec![1usize, 3, 9]),
         dims,
     );
-    let cases = (shapes, configs(), prop::sample::select(DType::ALL.to_vec()), any::<u64>(), any::<bool>(), 0.0f64..1.0)
-        .prop_flat_map(|(s, c, d, seed, partial, frac)| {
-            (Just((s, c, d, seed, partial, frac)), position_values(s.0 * s.1))
-        });
+    let cases =
+        (shapes, configs(), prop::sample::select(DType::ALL.to_vec()), any::<u64>(), any::<bool>(), 0.0f64..1.0)
+            .prop_flat_map(|(s, c, d, seed, partial, frac)| {
+                (Just((s, c, d, seed, partial, frac)), position_values(s.0 * s.1))
+            });
     proptest!(common::cases(32), |((((batch, seq, heads, head_dim), (theta, layout, scaling), dtype, seed, partial, frac), pos) in cases)| {
         // A partial rotary dimension: any even value in 2..=head_dim.
         let rot = if partial { 2 * (1 + ((head_dim / 2 - 1) as f64 * frac) as usize) } else { head_dim };
@@ -254,7 +249,8 @@ fn inv_freq_follows_the_formulas(device: &Device) {
                 let tol = want * U32 * (e * theta.ln() + 3.0);
                 assert!((f as f64 - want).abs() <= tol, "θ {theta} rot {rot} i {i}: {f} vs {want}");
             }
-            let linear = RopeConfig::new(theta).with_scaling(RopeScaling::Linear { factor: 8.0 }).inv_freq(rot).unwrap();
+            let linear =
+                RopeConfig::new(theta).with_scaling(RopeScaling::Linear { factor: 8.0 }).inv_freq(rot).unwrap();
             assert!(linear.iter().zip(&inv).all(|(l, f)| *l == f / 8.0), "linear 8 divides by 8 exactly");
         }
     }
@@ -343,7 +339,8 @@ fn backward_matches_finite_differences(device: &Device) {
             let y = host(&rope(&xt.unwrap(), &pos, &cfg).unwrap());
             y.iter().zip(&w).map(|(a, b)| a * b).sum()
         };
-        let dy = Tensor::from_f32(&w.iter().map(|v| *v as f32).collect::<Vec<_>>(), &shape, DType::F32, device).unwrap();
+        let dy =
+            Tensor::from_f32(&w.iter().map(|v| *v as f32).collect::<Vec<_>>(), &shape, DType::F32, device).unwrap();
         let dx = host(&rope_backward(&dy, &pos, &cfg).unwrap());
         let h = 0.25;
         for j in 0..x.len() {
@@ -352,7 +349,11 @@ fn backward_matches_finite_differences(device: &Device) {
             down[j] -= h;
             let fd = (loss(&up) - loss(&down)) / (2.0 * h);
             let scale: f64 = w.iter().map(|v| v.abs()).sum::<f64>() * (x[j].abs() + 1.0);
-            assert!((fd - dx[j]).abs() <= 1e-5 * scale, "{cfg:?} element {j}: finite difference {fd}, backward {}", dx[j]);
+            assert!(
+                (fd - dx[j]).abs() <= 1e-5 * scale,
+                "{cfg:?} element {j}: finite difference {fd}, backward {}",
+                dx[j]
+            );
         }
     }
 }
@@ -385,7 +386,12 @@ fn rope_errors_are_clear(device: &Device) {
         invalid(ok.with_scaling(RopeScaling::Linear { factor }), "linear scaling factor");
     }
     let l3 = |factor, low_freq_factor, high_freq_factor, original_max_position_embeddings| {
-        ok.with_scaling(RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings })
+        ok.with_scaling(RopeScaling::Llama3 {
+            factor,
+            low_freq_factor,
+            high_freq_factor,
+            original_max_position_embeddings,
+        })
     };
     invalid(l3(0.0, 1.0, 4.0, 8192), "llama3 factor");
     invalid(l3(8.0, 0.0, 4.0, 8192), "low_freq_factor");

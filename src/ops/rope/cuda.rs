@@ -51,7 +51,8 @@ pub(crate) fn rope(
     s: &RopeShape,
 ) -> Result<Tensor> {
     let fits = |what: &str, v: usize| {
-        u32::try_from(v).map_err(|_| Error::Unsupported(format!("rope: {what} = {v} exceeds the kernel's 32-bit sizes")))
+        u32::try_from(v)
+            .map_err(|_| Error::Unsupported(format!("rope: {what} = {v} exceeds the kernel's 32-bit sizes")))
     };
     let n = vector_width(s, x.dtype().size_in_bytes());
     let params = RopeParams {
@@ -71,8 +72,11 @@ pub(crate) fn rope(
     // Enough threads for one vector each of a token's widest pass, in warps, up to 256.
     let per_token = (s.heads * s.head_dim / n / 2).max(1);
     let threads = per_token.next_multiple_of(32).clamp(32, 256) as u32;
-    let cfg =
-        LaunchConfig { grid_dim: (grid_x("rope tokens", s.tokens)?, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 };
+    let cfg = LaunchConfig {
+        grid_dim: (grid_x("rope tokens", s.tokens)?, 1, 1),
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: 0,
+    };
     let f = dev.function(&crate::kernels::cuda::ROPE, &name)?;
     let mut launch = dev.stream.launch_builder(&f);
     launch.arg(xb.get()).arg(positions.get()).arg(inv.cuda_slice()?).arg(out.cuda_buffer()?).arg(&params);

@@ -119,9 +119,7 @@ impl RopeConfig {
             Some(r) if r == 0 || !r.is_multiple_of(2) => {
                 Err(Error::Shape(format!("rope: rotary_dim {r} must be even and > 0")))
             }
-            Some(r) if r > head_dim => {
-                Err(Error::Shape(format!("rope: rotary_dim {r} exceeds head_dim {head_dim}")))
-            }
+            Some(r) if r > head_dim => Err(Error::Shape(format!("rope: rotary_dim {r} exceeds head_dim {head_dim}"))),
             Some(r) => Ok(r),
         }
     }
