@@ -188,7 +188,8 @@ impl RopeConfig {
                 for f in inv.iter_mut() {
                     let wavelen = (1.0f32 / *f) * two_pi;
                     let mut scaled = if wavelen > low_wavelen { *f / factor32 } else { *f };
-                    if !(wavelen < high_wavelen) && !(wavelen > low_wavelen) {
+                    // transformers' `~(wavelen < high) * ~(wavelen > low)`; wavelen is never NaN.
+                    if (high_wavelen..=low_wavelen).contains(&wavelen) {
                         let smooth = ((1.0f32 / wavelen) * old32 - low32) / span;
                         scaled = (1.0 - smooth) * scaled / factor32 + smooth * scaled;
                     }
@@ -316,7 +317,7 @@ fn rotate_tokens<T: StorageElement>(
     let x = T::slice_of(x).ok_or_else(|| Error::DType("rope: x and the output differ in dtype".into()))?;
     let row = s.heads * s.head_dim;
     let half = s.rot / 2;
-    out.par_chunks_mut(row).zip(x.par_chunks(row)).zip(positions.par_iter()).for_each_init(
+    out.par_chunks_mut(row).zip(x.par_chunks(row)).zip(positions[..s.tokens].par_iter()).for_each_init(
         || Vec::with_capacity(half),
         |table, ((out, x), &position)| {
             // Rust's u32 → f32 rounds to nearest even, as torch's `.float()`.
