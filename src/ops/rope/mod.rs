@@ -306,7 +306,9 @@ fn rename(e: Error, op: &str) -> Error {
     }
 }
 
-/// The CPU kernel: per token, the cos/sin table of its angles, then every head's pairs.
+/// The CPU kernel: per token, the cos/sin table of its angles, its row widened to f32,
+/// every head's pairs rotated (plain slices, so the loops vectorise), and the row rounded
+/// back once.
 fn rotate_tokens<T: StorageElement>(
     x: &CpuStorage,
     positions: &[u32],
@@ -317,28 +319,55 @@ fn rotate_tokens<T: StorageElement>(
     let x = T::slice_of(x).ok_or_else(|| Error::DType("rope: x and the output differ in dtype".into()))?;
     let row = s.heads * s.head_dim;
     let half = s.rot / 2;
+    /// Per-thread scratch: cos, sign · sin, the token's row in f32, its result.
+    #[derive(Default)]
+    struct Scratch {
+        cos: Vec<f32>,
+        sin: Vec<f32>,
+        x: Vec<f32>,
+        out: Vec<f32>,
+    }
     out.par_chunks_mut(row).zip(x.par_chunks(row)).zip(positions[..s.tokens].par_iter()).for_each_init(
-        || Vec::with_capacity(half),
-        |table, ((out, x), &position)| {
+        Scratch::default,
+        |w, ((out, x), &position)| {
             // Rust's u32 → f32 rounds to nearest even, as torch's `.float()`.
             let p = position as f32;
-            table.clear();
-            table.extend(inv_freq.iter().map(|&f| {
+            w.cos.clear();
+            w.sin.clear();
+            for &f in inv_freq {
                 let (sin, cos) = (p * f).sin_cos();
-                (cos, s.sign * sin)
-            }));
-            for (o, x) in out.chunks_exact_mut(s.head_dim).zip(x.chunks_exact(s.head_dim)) {
-                for (i, &(cos, sin)) in table.iter().enumerate() {
-                    let (ia, ib) = match s.layout {
-                        RopeLayout::HalfSplit => (i, i + half),
-                        RopeLayout::Interleaved => (2 * i, 2 * i + 1),
-                    };
-                    let (a, b) = (x[ia].to_f32(), x[ib].to_f32());
-                    o[ia] = T::from_f32(a * cos - b * sin);
-                    o[ib] = T::from_f32(b * cos + a * sin);
-                }
-                o[s.rot..].copy_from_slice(&x[s.rot..]);
+                w.cos.push(cos);
+                w.sin.push(s.sign * sin);
             }
+            w.x.resize(row, 0.0);
+            w.out.resize(row, 0.0);
+            T::slice_to_f32(x, &mut w.x);
+            let (cos, sin) = (&w.cos[..], &w.sin[..]);
+            for (o, x) in w.out.chunks_exact_mut(s.head_dim).zip(w.x.chunks_exact(s.head_dim)) {
+                let (o, pass_out) = o.split_at_mut(s.rot);
+                let (x, pass_in) = x.split_at(s.rot);
+                match s.layout {
+                    RopeLayout::HalfSplit => {
+                        let (oa, ob) = o.split_at_mut(half);
+                        let (xa, xb) = x.split_at(half);
+                        for i in 0..half {
+                            let (a, b, c, s) = (xa[i], xb[i], cos[i], sin[i]);
+                            oa[i] = a * c - b * s;
+                            ob[i] = b * c + a * s;
+                        }
+                    }
+                    RopeLayout::Interleaved => {
+                        for ((o, x), (&c, &s)) in o.chunks_exact_mut(2).zip(x.chunks_exact(2)).zip(cos.iter().zip(sin))
+                        {
+                            o[0] = x[0] * c - x[1] * s;
+                            o[1] = x[1] * c + x[0] * s;
+                        }
+                    }
+                }
+                pass_out.copy_from_slice(pass_in);
+            }
+            // Rounded once; pass-through values come back unchanged (f32 holds every f16 and bf16).
+            T::slice_from_f32(&w.out, out);
         },
     );
     Ok(())
