@@ -4,7 +4,8 @@
 //     the angles fl(f32(pos[token]) · inv_freq[i]) (sincosf: full range reduction, no fast
 //     math), sines multiplied by `sign` (+1 forward, −1 backward); the features past 2·half
 //     are copied. HalfSplit pairs i with i + half, Interleaved pairs 2i with 2i + 1.
-//     Computed in f32, rounded once on store.
+//     Computed in f32, rounded once on store. The frequencies come by value in `freqs`
+//     (rotary_dim ≤ 2·ROPE_PARAM_FREQS, so no upload precedes the launch) or from `inv_freq`.
 //     Launch: one block per token (grid x = tokens), blockDim.x a multiple of 32 up to 256.
 //     The block fills a cos/sin table of up to TABLE frequencies in shared memory, rotates
 //     every head's pairs of those frequencies, and repeats for the next TABLE (one round for
@@ -16,6 +17,13 @@
 // bytes). Element offsets are 64-bit.
 
 #define ROPE_TABLE 1024
+// Inverse frequencies passed by value, in the launch, up to this many (rotary_dim ≤ 512);
+// past it they are read from `inv_freq` (null otherwise), a buffer uploaded per call.
+#define ROPE_PARAM_FREQS 256
+
+struct RopeFreqs {
+    float f[ROPE_PARAM_FREQS];
+};
 
 struct RopeParams {
     u32 tokens;
@@ -43,7 +51,7 @@ struct __align__(sizeof(S) * N) Pack {
 template <class T, int N>
 __device__ void rope_impl(const typename T::storage* __restrict__ x, const u32* __restrict__ pos,
                           const float* __restrict__ inv_freq, typename T::storage* __restrict__ out,
-                          RopeParams p) {
+                          const RopeParams& p, const RopeFreqs& freqs) {
     typedef typename T::storage S;
     typedef Pack<S, N> P;
     __shared__ float2 table[ROPE_TABLE];  // (cos, sign · sin)
@@ -59,7 +67,8 @@ __device__ void rope_impl(const typename T::storage* __restrict__ x, const u32* 
         __syncthreads();  // the previous round's table is consumed
         for (u32 i = threadIdx.x; i < count; i += blockDim.x) {
             float s, c;
-            sincosf(__fmul_rn(position, inv_freq[first + i]), &s, &c);
+            const float f = inv_freq ? inv_freq[first + i] : freqs.f[first + i];
+            sincosf(__fmul_rn(position, f), &s, &c);
             table[i] = make_float2(c, p.sign * s);
         }
         __syncthreads();
@@ -109,8 +118,8 @@ __device__ void rope_impl(const typename T::storage* __restrict__ x, const u32* 
 #define KILN_ROPE(T, NAME, N)                                                                     \
     extern "C" __global__ void __launch_bounds__(256)                                             \
         rope_##NAME##_v##N(const T::storage* x, const u32* pos, const float* inv_freq,            \
-                           T::storage* out, RopeParams p) {                                       \
-        rope_impl<T, N>(x, pos, inv_freq, out, p);                                                \
+                           T::storage* out, RopeParams p, RopeFreqs freqs) {                      \
+        rope_impl<T, N>(x, pos, inv_freq, out, p, freqs);                                         \
     }
 
 KILN_ROPE(F32, f32, 1)

@@ -155,7 +155,17 @@ fn rope_matches_reference_at_model_shapes(device: &Device) {
         (&[1, 3, 4, 128], llama.with_rotary_dim(32), 7),
         (&[3, 1, 32, 128], llama, 99_990),
     ];
-    for (shape, cfg, start) in cases {
+    // Heads past the kernels' tables and by-value frequencies: CUDA carries 256 frequencies
+    // in the launch and tables 1024 at a time, WGSL tables 512 and computes the rest per
+    // element.
+    let long = RopeConfig::new(10000.0);
+    let long_cases: [(&[usize], RopeConfig, u32); 4] = [
+        (&[1, 3, 2, 600], long, 5),
+        (&[1, 3, 2, 2100], long, 50_000),
+        (&[2, 2, 1, 2100], long.interleaved().with_rotary_dim(2060), 1),
+        (&[1, 2, 3, 1030], long.with_rotary_dim(1026), 99_000),
+    ];
+    for (shape, cfg, start) in cases.into_iter().chain(long_cases) {
         let tokens = shape[0] * shape[1];
         let pos: Vec<u32> = (0..tokens as u32).map(|t| start + 3 * t).collect();
         for dtype in DType::ALL {

@@ -24,6 +24,20 @@ kernel_params! {
     }
 }
 
+/// Inverse frequencies the launch carries by value (`ROPE_PARAM_FREQS` in `kernels/rope.cu`);
+/// more are uploaded.
+const PARAM_FREQS: usize = 256;
+
+/// `struct RopeFreqs` in `kernels/rope.cu`: the frequencies, by value.
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct RopeFreqs {
+    f: [f32; PARAM_FREQS],
+}
+
+// SAFETY: a `#[repr(C)]` `Pod` struct goes to the kernel by value, byte for byte.
+unsafe impl cudarc::driver::DeviceRepr for RopeFreqs {}
+
 /// Elements per vector access: the largest of 8, 4, 2, 1 (at most 16 bytes) dividing
 /// head_dim and the pair offset (HalfSplit: rot/2; Interleaved: rot, and at least 2 so a
 /// vector holds whole pairs).
@@ -66,7 +80,15 @@ pub(crate) fn rope(
     };
     // Vectors per head × heads must index in 32 bits too.
     fits("heads × head_dim", s.heads * s.head_dim)?;
-    let inv = RawBuffer::new(bytemuck::cast_slice(inv_freq).to_vec(), &x.device())?;
+    // Up to PARAM_FREQS frequencies ride in the launch; more go through a buffer.
+    let mut freqs = RopeFreqs { f: [0.0; PARAM_FREQS] };
+    let uploaded = match inv_freq.len() <= PARAM_FREQS {
+        true => {
+            freqs.f[..inv_freq.len()].copy_from_slice(inv_freq);
+            None
+        }
+        false => Some(RawBuffer::new(bytemuck::cast_slice(inv_freq).to_vec(), &x.device())?),
+    };
     let out = Tensor::empty(x.shape(), x.dtype(), &x.device())?;
     let name = format!("rope_{}_v{n}", x.dtype());
     // Enough threads for one vector each of a token's widest pass, in warps, up to 256.
@@ -79,10 +101,17 @@ pub(crate) fn rope(
     };
     let f = dev.function(&crate::kernels::cuda::ROPE, &name)?;
     let mut launch = dev.stream.launch_builder(&f);
-    launch.arg(xb.get()).arg(positions.get()).arg(inv.cuda_slice()?).arg(out.cuda_buffer()?).arg(&params);
+    let null = 0u64;
+    launch.arg(xb.get()).arg(positions.get());
+    match &uploaded {
+        Some(buf) => launch.arg(buf.cuda_slice()?),
+        None => launch.arg(&null),
+    };
+    launch.arg(out.cuda_buffer()?).arg(&params).arg(&freqs);
     // SAFETY: x and out hold tokens · heads · head_dim elements of the dtype the name says,
-    // positions one u32 per token, inv_freq rot/2 floats; the vector width divides every
-    // offset the kernel accesses (vector_width), and buffers start 256-byte aligned.
+    // positions one u32 per token, and the rot/2 frequencies are in `freqs` or (past
+    // PARAM_FREQS) the uploaded buffer; the vector width divides every offset the kernel
+    // accesses (vector_width), and buffers start 256-byte aligned.
     unsafe { launch.launch(cfg) }.map_err(|e| CudaDevice::launch_err(&name, e))?;
     Ok(out)
 }
@@ -95,6 +124,15 @@ mod tests {
     #[test]
     fn parameters_mirror_the_kernels() {
         assert_mirrored::<RopeParams>(crate::kernels::cuda::ROPE.source, Lang::Cuda);
+    }
+
+    #[test]
+    fn the_frequencies_by_value_match_the_kernel() {
+        let define = format!("#define ROPE_PARAM_FREQS {PARAM_FREQS}\n");
+        assert!(crate::kernels::cuda::ROPE.source.contains(&define), "kernels/rope.cu must say {define}");
+        let declared =
+            crate::kernels::mirror::declared_fields(crate::kernels::cuda::ROPE.source, "RopeFreqs", Lang::Cuda);
+        assert_eq!(declared, Some(vec![("f[ROPE_PARAM_FREQS]".to_string(), "float".to_string())]));
     }
 
     #[test]
