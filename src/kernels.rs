@@ -42,6 +42,7 @@ pub(crate) mod cuda {
     pub(crate) const ATTENTION_DECODE: KernelSource = program!("attention_decode": "common.cuh");
     pub(crate) const SAMPLING: KernelSource = program!("sampling": "common.cuh");
     pub(crate) const LOSS: KernelSource = program!("loss": "common.cuh");
+    pub(crate) const ROPE: KernelSource = program!("rope": "common.cuh");
 
     /// Every CUDA program of the crate; the compile check builds each for each real arch.
     pub const ALL: &[KernelSource] = &[
@@ -56,6 +57,7 @@ pub(crate) mod cuda {
         SAMPLING,
         LOSS,
         EMBEDDING,
+        ROPE,
     ];
 }
 
@@ -98,6 +100,7 @@ pub(crate) mod wgsl {
     pub(crate) const LOSS_LSE: &str = shader!("loss_lse");
     pub(crate) const LOSS_GRAD: &str = shader!("loss_grad");
     pub(crate) const LOSS_FINISH: &str = shader!("loss_finish");
+    pub(crate) const ROPE: &str = shader!("rope");
 }
 
 /// A `#[repr(C)]` struct of kernel parameters. Its twin is declared field for field, in the

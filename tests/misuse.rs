@@ -16,6 +16,7 @@ use kiln::ops::lora::{AdapterSet, BaseWeight, LoraLinear, lora_backward, lora_ba
 use kiln::ops::loss::{Head, LinearCrossEntropyOptions};
 use kiln::ops::optim::{AdamWHyper, ParamSlot, adamw_step, fisher_accumulate};
 use kiln::ops::quant::{Nf4Absmax, Nf4State};
+use kiln::ops::rope::{RopeConfig, RopeScaling};
 use kiln::ops::{self, MatmulOptions, QTensor, QuantFormat};
 use kiln::train::AdamW;
 use kiln::{DType, Device, Error, Tensor};
@@ -75,6 +76,11 @@ fn ids(values: &[u32], shape: &[usize], d: &Device) -> kiln::Result<Tensor> {
 /// The GGUF fixture gguf-py wrote (tests/fixtures/make_gguf.py).
 fn gguf() -> kiln::Result<kiln::GgufFile> {
     kiln::GgufFile::open(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/kiln.gguf"))
+}
+
+/// Positions, all 0, of `shape`.
+fn pos(shape: &[usize], d: &Device) -> kiln::Result<Tensor> {
+    Tensor::zeros(shape, DType::U32, d)
 }
 
 fn full(shape: &[usize], value: f32, d: &Device) -> kiln::Result<Tensor> {
@@ -166,6 +172,69 @@ fn cases() -> Vec<Case> {
         case("dropout: p NaN", Refused, |d| Ok(vec![ops::dropout(&ints(&[4], d)?, NAN, 1)?])),
         case("dropout: p < 0", Refused, |d| Ok(vec![ops::dropout(&ints(&[4], d)?, -0.5, 1)?])),
         case("dropout: empty", Accepted, |d| Ok(vec![ops::dropout(&z(&[0, 8], d)?, 0.5, 1)?])),
+        // Rotary embeddings.
+        case("rope: odd head_dim", Refused, |d| {
+            Ok(vec![ops::rope(&z(&[1, 2, 1, 5], d)?, &pos(&[1, 2], d)?, &RopeConfig::default())?])
+        }),
+        case("rope: rotary_dim past head_dim", Refused, |d| {
+            Ok(vec![ops::rope(&z(&[1, 2, 1, 4], d)?, &pos(&[1, 2], d)?, &RopeConfig::default().with_rotary_dim(6))?])
+        }),
+        case("rope: odd rotary_dim", Refused, |d| {
+            Ok(vec![ops::rope(&z(&[1, 2, 1, 4], d)?, &pos(&[1, 2], d)?, &RopeConfig::default().with_rotary_dim(3))?])
+        }),
+        case("rope: positions not [batch, seq]", Refused, |d| {
+            Ok(vec![ops::rope(&z(&[1, 2, 1, 4], d)?, &pos(&[2, 1], d)?, &RopeConfig::default())?])
+        }),
+        case("rope: f32 positions", Refused, |d| {
+            Ok(vec![ops::rope(&z(&[1, 2, 1, 4], d)?, &z(&[1, 2], d)?, &RopeConfig::default())?])
+        }),
+        case("rope: i32 positions", Refused, |d| {
+            Ok(vec![ops::rope(&z(&[1, 2, 1, 4], d)?, &zt(&[1, 2], DType::I32, d)?, &RopeConfig::default())?])
+        }),
+        case("rope: u32 x", Refused, |d| {
+            Ok(vec![ops::rope(&zt(&[1, 2, 1, 4], DType::U32, d)?, &pos(&[1, 2], d)?, &RopeConfig::default())?])
+        }),
+        case("rope: rank-3 x", Refused, |d| {
+            Ok(vec![ops::rope(&z(&[2, 1, 4], d)?, &pos(&[1, 2], d)?, &RopeConfig::default())?])
+        }),
+        case("rope: NaN theta", Refused, |d| {
+            Ok(vec![ops::rope(&z(&[1, 2, 1, 4], d)?, &pos(&[1, 2], d)?, &RopeConfig::new(f64::NAN))?])
+        }),
+        case("rope: theta 0", Refused, |d| {
+            Ok(vec![ops::rope(&z(&[1, 2, 1, 4], d)?, &pos(&[1, 2], d)?, &RopeConfig::new(0.0))?])
+        }),
+        case("rope: linear factor 0", Refused, |d| {
+            let cfg = RopeConfig::default().with_scaling(RopeScaling::Linear { factor: 0.0 });
+            Ok(vec![ops::rope(&z(&[1, 2, 1, 4], d)?, &pos(&[1, 2], d)?, &cfg)?])
+        }),
+        case("rope_backward: llama3 high_freq_factor = low_freq_factor", Refused, |d| {
+            let scaling = RopeScaling::Llama3 {
+                factor: 8.0,
+                low_freq_factor: 2.0,
+                high_freq_factor: 2.0,
+                original_max_position_embeddings: 8192,
+            };
+            let cfg = RopeConfig::default().with_scaling(scaling);
+            Ok(vec![ops::rope_backward(&z(&[1, 2, 1, 4], d)?, &pos(&[1, 2], d)?, &cfg)?])
+        }),
+        case("rope: no tokens", Accepted, |d| {
+            Ok(vec![ops::rope(&z(&[0, 3, 2, 4], d)?, &pos(&[0, 3], d)?, &RopeConfig::default())?])
+        }),
+        case("rope: head_dim 0", Accepted, |d| {
+            Ok(vec![ops::rope(&z(&[1, 3, 2, 0], d)?, &pos(&[1, 3], d)?, &RopeConfig::default())?])
+        }),
+        case("rope: empty beside huge", Accepted, |d| {
+            Ok(vec![ops::rope(&z(&[HUGE, 0, 2, 4], d)?, &pos(&[HUGE, 0], d)?, &RopeConfig::default())?])
+        }),
+        // Position 0 rotates by nothing: x comes back bit for bit on every device.
+        case("rope: position 0, partial interleaved", Accepted, |d| {
+            let cfg = RopeConfig::default().interleaved().with_rotary_dim(2);
+            Ok(vec![ops::rope(&ints(&[2, 3, 3, 6], d)?, &pos(&[2, 3], d)?, &cfg)?])
+        }),
+        case("rope_backward: NaN x propagates", Accepted, |d| {
+            let x = Tensor::from_f32(&[NAN, 1.0, 2.0, 3.0], &[1, 1, 1, 4], DType::F32, d)?;
+            Ok(vec![ops::rope_backward(&x, &pos(&[1, 1], d)?, &RopeConfig::default())?])
+        }),
         // Matmul.
         case("matmul: rank 1", Refused, |d| Ok(vec![ops::matmul(&z(&[3], d)?, &z(&[3, 2], d)?)?])),
         case("matmul: rank 4", Refused, |d| Ok(vec![ops::matmul(&z(&[1, 1, 2, 3], d)?, &z(&[1, 1, 3, 2], d)?)?])),
@@ -891,6 +960,12 @@ fn walk(backend: Backend) {
                     &z(&[2, 6], &Device::Cpu).unwrap(),
                     &z(&[4, 2], device).unwrap(),
                     1.0,
+                )
+                .err(),
+                ops::rope(
+                    &z(&[1, 2, 1, 4], device).unwrap(),
+                    &pos(&[1, 2], &Device::Cpu).unwrap(),
+                    &RopeConfig::default(),
                 )
                 .err(),
             ]

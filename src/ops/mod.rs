@@ -10,6 +10,7 @@ pub mod loss;
 pub mod matmul;
 pub mod optim;
 pub mod quant;
+pub mod rope;
 pub mod sampling;
 
 pub use elementwise::{add, add_bias, cast, dropout, mul, scale, sum_rows};
@@ -17,6 +18,7 @@ pub use embedding::{embedding, embedding_backward, qembedding};
 pub use loss::{cross_entropy, cross_entropy_with, linear_cross_entropy};
 pub use matmul::{MatmulOptions, matmul, matmul_with};
 pub use quant::{QMatmulOptions, QTensor, QuantFormat, qmatmul, qmatmul_input_grad, qmatmul_with};
+pub use rope::{RopeConfig, RopeLayout, RopeScaling, rope, rope_backward};
 pub use sampling::{SamplingParams, argmax, sample};
 
 #[cfg(feature = "cuda")]
