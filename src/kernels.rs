@@ -39,10 +39,22 @@ pub(crate) mod cuda {
     pub(crate) const ATTENTION_FWD: KernelSource = program!("attention_fwd": "common.cuh", "gemm.cuh", "attention.cuh");
     pub(crate) const ATTENTION_BWD: KernelSource = program!("attention_bwd": "common.cuh", "gemm.cuh", "attention.cuh");
     pub(crate) const ATTENTION_DECODE: KernelSource = program!("attention_decode": "common.cuh");
+    pub(crate) const NORM: KernelSource = program!("norm": "common.cuh");
+    pub(crate) const ACTIVATION: KernelSource = program!("activation": "common.cuh");
 
     /// Every CUDA program of the crate; the compile check builds each for each real arch.
-    pub const ALL: &[KernelSource] =
-        &[MATMUL, ELEMENTWISE, QUANT, OPTIM, LORA, ATTENTION_FWD, ATTENTION_BWD, ATTENTION_DECODE];
+    pub const ALL: &[KernelSource] = &[
+        MATMUL,
+        ELEMENTWISE,
+        QUANT,
+        OPTIM,
+        LORA,
+        ATTENTION_FWD,
+        ATTENTION_BWD,
+        ATTENTION_DECODE,
+        NORM,
+        ACTIVATION,
+    ];
 }
 
 /// The WGSL shaders. Most are completed by their launcher, which prepends the bindings and
@@ -76,6 +88,11 @@ pub(crate) mod wgsl {
     pub(crate) const ATTENTION_BWD_DKV: &str = shader!("attention_bwd_dkv");
     pub(crate) const ATTENTION_DECODE_SPLIT: &str = shader!("attention_decode_split");
     pub(crate) const ATTENTION_DECODE_MERGE: &str = shader!("attention_decode_merge");
+    pub(crate) const NORM_FORWARD: &str = shader!("norm_forward");
+    pub(crate) const NORM_BACKWARD_DX: &str = shader!("norm_backward_dx");
+    pub(crate) const NORM_DW_PARTIAL: &str = shader!("norm_dw_partial");
+    pub(crate) const NORM_DW_REDUCE: &str = shader!("norm_dw_reduce");
+    pub(crate) const ACTIVATION_MAP: &str = shader!("activation_map");
 }
 
 /// A `#[repr(C)]` struct of kernel parameters. Its twin is declared field for field, in the

@@ -1,16 +1,20 @@
 //! Ops, one folder per family: `mod.rs` holds the public function with its contract and the
 //! CPU implementation; `cuda.rs` and `wgpu.rs` hold the launchers of the GPU kernels.
 
+pub mod activation;
 pub mod attention;
 pub mod elementwise;
 pub(crate) mod hash;
 pub mod lora;
 pub mod matmul;
+pub mod norm;
 pub mod optim;
 pub mod quant;
 
+pub use activation::{gelu, gelu_backward, swiglu, swiglu_backward};
 pub use elementwise::{add, add_bias, cast, dropout, mul, scale, sum_rows};
 pub use matmul::{MatmulOptions, matmul, matmul_with};
+pub use norm::{add_rms_norm, rms_norm, rms_norm_backward};
 pub use quant::{QMatmulOptions, QTensor, QuantFormat, qmatmul, qmatmul_input_grad, qmatmul_with};
 
 #[cfg(feature = "cuda")]
