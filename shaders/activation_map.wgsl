@@ -36,18 +36,22 @@ fn kiln_exp(v: f32) -> f32 {
     return p * pow2i(h) * pow2i(k - h);
 }
 
-fn sigmoid(v: f32) -> f32 {
-    return 1.0 / (1.0 + kiln_exp(-v));
+// (sigmoid(v), 1 − sigmoid(v)) from e = e^−|v|, which never overflows.
+fn sigmoid_pair(v: f32) -> vec2<f32> {
+    let e = kiln_exp(-abs(v));
+    let r = 1.0 / (1.0 + e);
+    let er = e * r;
+    return select(vec2<f32>(er, r), vec2<f32>(r, er), v >= 0.0);
 }
 
 fn swiglu(g: f32, u: f32) -> f32 {
-    return (g / (1.0 + kiln_exp(-g))) * u;
+    return (g * sigmoid_pair(g).x) * u;
 }
 
 // (dg, du).
 fn swiglu_backward(dy: f32, g: f32, u: f32) -> vec2<f32> {
-    let s = sigmoid(g);
-    return vec2<f32>((dy * u) * (s * (1.0 + g * (1.0 - s))), dy * (g * s));
+    let s = sigmoid_pair(g);
+    return vec2<f32>((dy * u) * (s.x * (1.0 + g * s.y)), dy * (g * s.x));
 }
 
 const GELU_BETA: f32 = 0.7978846;
@@ -58,12 +62,12 @@ fn gelu_z2(x: f32) -> f32 {
 }
 
 fn gelu(x: f32) -> f32 {
-    return x / (1.0 + kiln_exp(-gelu_z2(x)));
+    return x * sigmoid_pair(gelu_z2(x)).x;
 }
 
 fn gelu_backward(dy: f32, x: f32) -> f32 {
-    let s = sigmoid(gelu_z2(x));
-    return dy * (s + ((2.0 * x) * (s * (1.0 - s))) * (GELU_BETA * (1.0 + (3.0 * GELU_KAPPA) * (x * x))));
+    let s = sigmoid_pair(gelu_z2(x));
+    return dy * (s.x + ((2.0 * x) * (s.x * s.y)) * (GELU_BETA * (1.0 + (3.0 * GELU_KAPPA) * (x * x))));
 }
 
 @compute @workgroup_size(256)

@@ -6,8 +6,11 @@
 //! each element is computed in f32 and rounded once to the dtype. The formulas, the same
 //! on every backend (`kernels/activation.cu`, `shaders/activation_map.wgsl`):
 //!
-//! - `sigmoid(v) = 1 / (1 + exp(−v))`, `silu(v) = v / (1 + exp(−v))` (as torch's silu).
-//! - swiglu: `y = silu(g) · u`; backward with `s = sigmoid(g)`: `du = dy · (g · s)`,
+//! - `s = sigmoid(v)` and `1 − s` as `1/(1 + e)` and `e/(1 + e)` with `e = exp(−|v|)`, the
+//!   pair swapped for v < 0: e never overflows, so both keep their relative accuracy in
+//!   the tails (where torch's `x / (1 + exp(−x))` rounds to 0 once exp overflows) and
+//!   `1 − s` never cancels.
+//! - swiglu: `y = (g · s) · u` with `s = sigmoid(g)`; backward: `du = dy · (g · s)`,
 //!   `dg = (dy · u) · (s · (1 + g · (1 − s)))` (torch's silu_backward times u).
 //! - gelu: with `z = √(2/π) · (x + 0.044715 · x³)`, torch's `½ · x · (1 + tanh(z))` is
 //!   computed as the equal `x · sigmoid(2z)`, which keeps its relative accuracy where
@@ -15,9 +18,12 @@
 //!   `dx = dy · (s + 2x · s(1 − s) · √(2/π) · (1 + 3 · 0.044715 · x²))`, torch's
 //!   `½(1 + tanh z) + ½x(1 − tanh² z) · z'` rewritten the same way.
 //!
-//! Large inputs saturate as the limits do (silu and gelu of −∞ are −0, of +∞ are +∞; the
-//! backward of either at ±∞ has s(1 − s) = 0), except gelu_backward where x² overflows f32
-//! (|x| > 1.8e19): 0 · ∞ there gives NaN, as torch gives. NaN propagates.
+//! Finite inputs saturate as the limits do, x³ overflowing included: far below zero the
+//! outputs and gradients are 0, far above y = x (swiglu: x · u) and the slopes 1
+//! (gelu_backward excepted where x² overflows, |x| > 1.8e19: 0 · ∞ gives NaN there).
+//! Infinite inputs give NaN where the formulas meet ∞/∞ or 0 · ∞ (silu and gelu of −∞,
+//! the backwards at ±∞), as torch's formulas do. NaN propagates on the CPU and CUDA (WGSL
+//! lets an implementation assume no NaN).
 //!
 //! The CPU code works in chunks converted to f32, with a polynomial exp ([`exp`]) written
 //! branch-free so the loops vectorise.
@@ -176,21 +182,27 @@ pub(crate) fn exp(x: f32) -> f32 {
     p * pow2(h) * pow2(k.wrapping_sub(h))
 }
 
+/// (sigmoid(v), 1 − sigmoid(v)) = (1/(1 + e^−v), e^−v/(1 + e^−v)), from e = e^−|v|, which
+/// never overflows: each within a few ulp over the whole range, the tails that round to
+/// f32's subnormals included, and 1 − sigmoid without cancellation. The branch is a select.
 #[inline(always)]
-pub(crate) fn sigmoid(v: f32) -> f32 {
-    1.0 / (1.0 + exp(-v))
+pub(crate) fn sigmoid_pair(v: f32) -> (f32, f32) {
+    let e = exp(-v.abs());
+    let r = 1.0 / (1.0 + e);
+    let er = e * r;
+    if v >= 0.0 { (r, er) } else { (er, r) }
 }
 
 #[inline(always)]
 pub(crate) fn swiglu_f32(g: f32, u: f32) -> f32 {
-    (g / (1.0 + exp(-g))) * u
+    (g * sigmoid_pair(g).0) * u
 }
 
 /// (dg, du).
 #[inline(always)]
 pub(crate) fn swiglu_backward_f32(dy: f32, g: f32, u: f32) -> (f32, f32) {
-    let s = sigmoid(g);
-    ((dy * u) * (s * (1.0 + g * (1.0 - s))), dy * (g * s))
+    let (s, one_minus_s) = sigmoid_pair(g);
+    ((dy * u) * (s * (1.0 + g * one_minus_s)), dy * (g * s))
 }
 
 #[inline(always)]
@@ -200,13 +212,13 @@ fn gelu_z2(x: f32) -> f32 {
 
 #[inline(always)]
 pub(crate) fn gelu_f32(x: f32) -> f32 {
-    x / (1.0 + exp(-gelu_z2(x)))
+    x * sigmoid_pair(gelu_z2(x)).0
 }
 
 #[inline(always)]
 pub(crate) fn gelu_backward_f32(dy: f32, x: f32) -> f32 {
-    let s = sigmoid(gelu_z2(x));
-    dy * (s + ((2.0 * x) * (s * (1.0 - s))) * (GELU_BETA * (1.0 + (3.0 * GELU_KAPPA) * (x * x))))
+    let (s, one_minus_s) = sigmoid_pair(gelu_z2(x));
+    dy * (s + ((2.0 * x) * (s * one_minus_s)) * (GELU_BETA * (1.0 + (3.0 * GELU_KAPPA) * (x * x))))
 }
 
 /// Elements per CPU task and per f32 scratch run.
