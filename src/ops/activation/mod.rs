@@ -34,8 +34,8 @@ pub(crate) mod cuda;
 pub(crate) mod wgpu;
 
 use crate::ops::norm::float_dtype;
-use crate::ops::{Operands, SharedMut, operands};
-use crate::tensor::{StorageElement, try_vec, with_elems};
+use crate::ops::{Operands, SharedMut, Unfilled, operands, write_at};
+use crate::tensor::{StorageElement, with_elems};
 use crate::{Error, Result, Tensor};
 use rayon::prelude::*;
 
@@ -228,11 +228,12 @@ const CHUNK: usize = 4096;
 /// loop without branches (it vectorises), the results rounded back.
 fn cpu_pointwise<T: StorageElement, const I: usize, const O: usize>(act: Act, inputs: [&[T]; I]) -> Result<[Vec<T>; O]> {
     let n = inputs[0].len();
-    let mut outs: Vec<Vec<T>> = (0..O).map(|_| try_vec(n, T::from_f32(0.0))).collect::<Result<_>>()?;
-    let ptrs: Vec<SharedMut<T>> = outs.iter_mut().map(|o| SharedMut(o.as_mut_ptr())).collect();
+    let mut outs: Vec<Unfilled<T>> = (0..O).map(|_| Unfilled::new(n)).collect::<Result<_>>()?;
+    let ptrs: Vec<SharedMut<T>> = outs.iter_mut().map(|o| o.ptr()).collect();
+    let zero = T::from_f32(0.0);
     (0..n.div_ceil(CHUNK)).into_par_iter().for_each_init(
-        || (vec![[0f32; CHUNK]; I], vec![[0f32; CHUNK]; O]),
-        |(ins, res), c| {
+        || (vec![[0f32; CHUNK]; I], vec![[0f32; CHUNK]; O], vec![zero; CHUNK]),
+        |(ins, res, out), c| {
             let span = c * CHUNK..((c + 1) * CHUNK).min(n);
             let len = span.len();
             for k in 0..I {
@@ -264,13 +265,15 @@ fn cpu_pointwise<T: StorageElement, const I: usize, const O: usize>(act: Act, in
                     }
                 }
             }
-            for (k, ptr) in ptrs.iter().enumerate() {
+            for (k, &ptr) in ptrs.iter().enumerate() {
+                T::slice_from_f32(&res[k][..len], &mut out[..len]);
                 // SAFETY: chunk c's span of each output is written by this task alone.
-                let out = unsafe { std::slice::from_raw_parts_mut(ptr.ptr().add(span.start), len) };
-                T::slice_from_f32(&res[k][..len], out);
+                unsafe { write_at(ptr, span.start, &out[..len]) };
             }
         },
     );
+    // SAFETY: the chunks cover 0..n and each wrote its span of every output.
+    let outs: Vec<Vec<T>> = outs.into_iter().map(|o| unsafe { o.filled() }).collect();
     outs.try_into().map_err(|_| Error::InvalidArgument("activation: output count".into()))
 }
 

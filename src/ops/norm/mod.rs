@@ -22,7 +22,7 @@ pub(crate) mod cuda;
 #[cfg(feature = "wgpu")]
 pub(crate) mod wgpu;
 
-use crate::ops::{Operands, SharedMut, operands};
+use crate::ops::{Operands, Unfilled, operands, write_at};
 use crate::tensor::{CpuStorage, StorageElement, try_collect, try_vec, with_elems};
 use crate::{DType, Error, Result, Tensor};
 use rayon::prelude::*;
@@ -310,17 +310,17 @@ fn cpu_forward<T: StorageElement>(
     d: usize,
     eps: f32,
 ) -> Result<ForwardOut> {
-    let zero = T::from_f32(0.0);
-    let mut y = try_vec(rows * d, zero)?;
+    let mut y = Unfilled::<T>::new(rows * d)?;
     let mut h = match residual {
-        Some(_) => Some(try_vec(rows * d, zero)?),
+        Some(_) => Some(Unfilled::<T>::new(rows * d)?),
         None => None,
     };
     let mut rstd = try_vec(rows, 0f32)?;
-    let h_ptr = h.as_mut().map(|h| SharedMut(h.as_mut_ptr()));
-    y.par_chunks_mut(d).zip(rstd.par_iter_mut()).enumerate().for_each_init(
-        || (vec![0f32; d], vec![0f32; d]),
-        |(row, other), (r, (y_row, rstd_r))| {
+    let (y_ptr, h_ptr) = (y.ptr(), h.as_mut().map(|h| h.ptr()));
+    let zero = T::from_f32(0.0);
+    rstd.par_iter_mut().enumerate().for_each_init(
+        || (vec![0f32; d], vec![0f32; d], vec![zero; d]),
+        |(row, other, out), (r, rstd_r)| {
             let span = r * d..(r + 1) * d;
             T::slice_to_f32(&x[span.clone()], row);
             if let (Some(res), Some(h_ptr)) = (residual, h_ptr) {
@@ -328,20 +328,24 @@ fn cpu_forward<T: StorageElement>(
                 for (a, b) in row.iter_mut().zip(other.iter()) {
                     *a += *b;
                 }
+                T::slice_from_f32(row, out);
                 // SAFETY: row r's span of h is written by this task alone.
-                let h_row = unsafe { std::slice::from_raw_parts_mut(h_ptr.ptr().add(r * d), d) };
-                T::slice_from_f32(row, h_row);
+                unsafe { write_at(h_ptr, r * d, out) };
                 // The norm is of h as stored.
-                T::slice_to_f32(h_row, row);
+                T::slice_to_f32(out, row);
             }
             let s = rstd_of(sum_squares(row), d, eps);
             *rstd_r = s;
             for (v, &wj) in row.iter_mut().zip(w) {
                 *v = (*v * s) * wj;
             }
-            T::slice_from_f32(row, y_row);
+            T::slice_from_f32(row, out);
+            // SAFETY: row r's span of y is written by this task alone.
+            unsafe { write_at(y_ptr, r * d, out) };
         },
     );
+    // SAFETY: every row of y (and h) was written above.
+    let (y, h) = unsafe { (y.filled(), h.map(|h| h.filled())) };
     Ok((T::into_storage(y), h.map(T::into_storage), rstd))
 }
 
@@ -355,11 +359,12 @@ fn cpu_backward<T: StorageElement>(
     d: usize,
 ) -> Result<(CpuStorage, Vec<f32>)> {
     let (groups, per_group) = dw_groups(rows);
-    let mut dx = try_vec(rows * d, T::from_f32(0.0))?;
-    let dx_ptr = SharedMut(dx.as_mut_ptr());
+    let mut dx = Unfilled::<T>::new(rows * d)?;
+    let dx_ptr = dx.ptr();
     let partials: Vec<Result<Vec<f32>>> = try_collect((0..groups).into_par_iter().map(|g| {
         let mut acc = try_vec(d, 0f32)?;
         let (mut dyr, mut xr, mut out) = (try_vec(d, 0f32)?, try_vec(d, 0f32)?, try_vec(d, 0f32)?);
+        let mut out_t = try_vec(d, T::from_f32(0.0))?;
         for r in g * per_group..((g + 1) * per_group).min(rows) {
             let span = r * d..(r + 1) * d;
             T::slice_to_f32(&dy[span.clone()], &mut dyr);
@@ -387,9 +392,9 @@ fn cpu_backward<T: StorageElement>(
                 out[j] = s * (dyr[j] * w[j] - xh * c);
                 acc[j] += dyr[j] * xh;
             }
+            T::slice_from_f32(&out, &mut out_t);
             // SAFETY: row r's span of dx is written by this group alone.
-            let dx_row = unsafe { std::slice::from_raw_parts_mut(dx_ptr.ptr().add(r * d), d) };
-            T::slice_from_f32(&out, dx_row);
+            unsafe { write_at(dx_ptr, r * d, &out_t) };
         }
         Ok(acc)
     }))?;
@@ -402,5 +407,6 @@ fn cpu_backward<T: StorageElement>(
             }
         }
     });
-    Ok((T::into_storage(dx), dw))
+    // SAFETY: every row of dx was written by its group above.
+    Ok((T::into_storage(unsafe { dx.filled() }), dw))
 }
