@@ -43,18 +43,8 @@ pub(crate) mod cuda {
     pub(crate) const ACTIVATION: KernelSource = program!("activation": "common.cuh");
 
     /// Every CUDA program of the crate; the compile check builds each for each real arch.
-    pub const ALL: &[KernelSource] = &[
-        MATMUL,
-        ELEMENTWISE,
-        QUANT,
-        OPTIM,
-        LORA,
-        ATTENTION_FWD,
-        ATTENTION_BWD,
-        ATTENTION_DECODE,
-        NORM,
-        ACTIVATION,
-    ];
+    pub const ALL: &[KernelSource] =
+        &[MATMUL, ELEMENTWISE, QUANT, OPTIM, LORA, ATTENTION_FWD, ATTENTION_BWD, ATTENTION_DECODE, NORM, ACTIVATION];
 }
 
 /// The WGSL shaders. Most are completed by their launcher, which prepends the bindings and

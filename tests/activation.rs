@@ -110,7 +110,14 @@ fn check(device: &Device, what: &str, got: &Tensor, cpu: &Tensor, want: &[(f64, 
     }
     assert_eq!((got.shape(), got.dtype()), (cpu.shape(), cpu.dtype()), "{device} {what}");
     let twice: Vec<f64> = atol.iter().map(|t| 2.0 * t).collect();
-    assert_close(&format!("{device} {what}"), &got.to_vec_f32().unwrap(), &host(cpu), &twice, cpu.dtype(), BACKEND_ROUNDINGS);
+    assert_close(
+        &format!("{device} {what}"),
+        &got.to_vec_f32().unwrap(),
+        &host(cpu),
+        &twice,
+        cpu.dtype(),
+        BACKEND_ROUNDINGS,
+    );
 }
 
 fn swiglu_matches_reference(device: &Device) {
@@ -176,7 +183,8 @@ fn large_inputs_saturate(device: &Device) {
 #[test]
 fn backward_matches_finite_differences_cpu() {
     let n = 64;
-    let (g, u, dy) = (input(&[n], 3.0, 1, DType::F32), input(&[n], 1.0, 2, DType::F32), input(&[n], 1.0, 3, DType::F32));
+    let (g, u, dy) =
+        (input(&[n], 3.0, 1, DType::F32), input(&[n], 1.0, 2, DType::F32), input(&[n], 1.0, 3, DType::F32));
     let (dg, du) = swiglu_backward(&dy, &g, &u).unwrap();
     let dx = gelu_backward(&dy, &g).unwrap();
     let (gv, uv, dyv) = (host(&g), host(&u), host(&dy));
@@ -203,8 +211,9 @@ fn backward_matches_finite_differences_cpu() {
 /// ½|x| times the error of tanh (2u, and 6u·|z| through z, shrunk by 1 − tanh²).
 #[test]
 fn cpu_matches_torch() {
-    let file = kiln::io::SafetensorsFile::open(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/norm_act.safetensors"))
-        .unwrap();
+    let file =
+        kiln::io::SafetensorsFile::open(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/norm_act.safetensors"))
+            .unwrap();
     let read = |name: &str| file.tensor(name, &Device::Cpu).unwrap();
     let (x, dy) = (read("gelu.x"), read("gelu.dy"));
     let (xv, dyv) = (host(&x), host(&dy));
@@ -213,8 +222,10 @@ fn cpu_matches_torch() {
         U32 * (2.0 + 6.0 * z.abs() * (1.0 - z.tanh().powi(2)))
     };
     let want_y: Vec<f64> = host(&read("gelu.y"));
-    let atol_y: Vec<f64> =
-        xv.iter().map(|&x| 2.0 * gelu_ref(x).1 + 0.5 * x.abs() * (tanh_err(x) + U32) + 2.0 * U32 * gelu_ref(x).0.abs()).collect();
+    let atol_y: Vec<f64> = xv
+        .iter()
+        .map(|&x| 2.0 * gelu_ref(x).1 + 0.5 * x.abs() * (tanh_err(x) + U32) + 2.0 * U32 * gelu_ref(x).0.abs())
+        .collect();
     assert_close("gelu against torch", &gelu(&x).unwrap().to_vec_f32().unwrap(), &want_y, &atol_y, DType::F32, 2.0);
     let want_dx = host(&read("gelu.dx"));
     let atol_dx: Vec<f64> = xv
@@ -237,7 +248,14 @@ fn cpu_matches_torch() {
         let want = host(&read(&format!("swiglu.{name}")));
         // torch's silu and its backward are the same formulas: the same bound on each side.
         let atol: Vec<f64> = refs.iter().map(|r| 2.0 * r[k].1).collect();
-        assert_close(&format!("swiglu {name} against torch"), &got.to_vec_f32().unwrap(), &want, &atol, DType::F32, 2.0);
+        assert_close(
+            &format!("swiglu {name} against torch"),
+            &got.to_vec_f32().unwrap(),
+            &want,
+            &atol,
+            DType::F32,
+            2.0,
+        );
     }
 }
 

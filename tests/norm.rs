@@ -147,7 +147,9 @@ fn reference_backward(dy: &[f64], x: &[f64], w: &[f64], rstd: &[f64], d: usize) 
             dx.push(s * (g[j] - xh[j] * c));
             // g and x̂ (1u each), their products summed over d in any order (d·u) and the
             // mean (1u); x̂·c, the difference and the product by rstd (3u).
-            atol_dx.push(U32 * s * (3.0 * g[j].abs() + 5.0 * (xh[j] * c).abs() + xh[j].abs() * (d as f64 + 4.0) * mean_abs));
+            atol_dx.push(
+                U32 * s * (3.0 * g[j].abs() + 5.0 * (xh[j] * c).abs() + xh[j].abs() * (d as f64 + 4.0) * mean_abs),
+            );
             dw[j] += dyr[j] * xh[j];
             dw_abs[j] += (dyr[j] * xh[j]).abs();
         }
@@ -193,8 +195,16 @@ fn backward_dw_is_deterministic(device: &Device) {
             let first = rms_norm_backward(&dy, &x, &w, &rstd).unwrap();
             for _ in 0..3 {
                 let again = rms_norm_backward(&dy, &x, &w, &rstd).unwrap();
-                assert_eq!(again.dw.to_bytes().unwrap(), first.dw.to_bytes().unwrap(), "{device} [{rows}, {d}] {xt}/{wt} dw");
-                assert_eq!(again.dx.to_bytes().unwrap(), first.dx.to_bytes().unwrap(), "{device} [{rows}, {d}] {xt}/{wt} dx");
+                assert_eq!(
+                    again.dw.to_bytes().unwrap(),
+                    first.dw.to_bytes().unwrap(),
+                    "{device} [{rows}, {d}] {xt}/{wt} dw"
+                );
+                assert_eq!(
+                    again.dx.to_bytes().unwrap(),
+                    first.dx.to_bytes().unwrap(),
+                    "{device} [{rows}, {d}] {xt}/{wt} dx"
+                );
             }
         }
     }
@@ -227,7 +237,9 @@ fn backward_matches_finite_differences_cpu() {
             let row = i / d;
             let g = r[i] * w[i % d];
             let c = (0..d).map(|j| r[row * d + j] * w[j] * x[row * d + j] * s[row]).sum::<f64>() / d as f64;
-            let tol = bounds.atol_dx[i] + s_rel * s[row] * (g.abs() + 3.0 * (x[i] * s[row] * c).abs()) + 1e-8 * (1.0 + fd.abs());
+            let tol = bounds.atol_dx[i]
+                + s_rel * s[row] * (g.abs() + 3.0 * (x[i] * s[row] * c).abs())
+                + 1e-8 * (1.0 + fd.abs());
             assert!((dx[i] as f64 - fd).abs() <= tol, "[{rows}, {d}] dx[{i}]: {} vs {fd} (tol {tol})", dx[i]);
         }
         let dw = grads.dw.to_vec_f32().unwrap();
@@ -247,8 +259,9 @@ fn backward_matches_finite_differences_cpu() {
 /// the CPU: both sides' f32 bounds.
 #[test]
 fn cpu_matches_torch() {
-    let file = kiln::io::SafetensorsFile::open(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/norm_act.safetensors"))
-        .unwrap();
+    let file =
+        kiln::io::SafetensorsFile::open(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/norm_act.safetensors"))
+            .unwrap();
     let read = |name: &str| file.tensor(name, &Device::Cpu).unwrap();
     let (x, w, dy) = (read("rms_norm.x"), read("rms_norm.w"), read("rms_norm.dy"));
     let d = *x.shape().last().unwrap();
@@ -269,7 +282,14 @@ fn cpu_matches_torch() {
                 atol.iter().zip(&values).map(|(t, v)| 2.0 * t + 6.0 * U32 * (d as f64 / 2.0 + 3.0) * v.abs()).collect()
             }
         };
-        assert_close(&format!("rms_norm {name} against torch"), &got.to_vec_f32().unwrap(), &want, &atol, DType::F32, 2.0);
+        assert_close(
+            &format!("rms_norm {name} against torch"),
+            &got.to_vec_f32().unwrap(),
+            &want,
+            &atol,
+            DType::F32,
+            2.0,
+        );
     }
 }
 

@@ -3,6 +3,7 @@
 
 pub mod activation;
 pub mod attention;
+pub(crate) mod convert;
 pub mod elementwise;
 pub(crate) mod hash;
 pub mod lora;
@@ -103,7 +104,10 @@ impl<T: Copy> Unfilled<T> {
     pub(crate) fn new(len: usize) -> Result<Unfilled<T>> {
         let mut v = Vec::new();
         v.try_reserve_exact(len).map_err(|_| {
-            Error::OutOfMemory(format!("host allocation of {len} elements of {} bytes failed", std::mem::size_of::<T>()))
+            Error::OutOfMemory(format!(
+                "host allocation of {len} elements of {} bytes failed",
+                std::mem::size_of::<T>()
+            ))
         })?;
         Ok(Unfilled { v, len })
     }

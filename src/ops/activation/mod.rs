@@ -34,7 +34,7 @@ pub(crate) mod cuda;
 pub(crate) mod wgpu;
 
 use crate::ops::norm::float_dtype;
-use crate::ops::{Operands, SharedMut, Unfilled, operands, write_at};
+use crate::ops::{Operands, SharedMut, Unfilled, convert, operands};
 use crate::tensor::{StorageElement, with_elems};
 use crate::{Error, Result, Tensor};
 use rayon::prelude::*;
@@ -116,7 +116,8 @@ fn run<const I: usize, const O: usize>(act: Act, inputs: [&Tensor; I]) -> Result
         }
     }
     let outputs = || -> Result<[Tensor; O]> {
-        let v = (0..O).map(|_| Tensor::empty(first.shape(), first.dtype(), &first.device())).collect::<Result<Vec<_>>>()?;
+        let v =
+            (0..O).map(|_| Tensor::empty(first.shape(), first.dtype(), &first.device())).collect::<Result<Vec<_>>>()?;
         v.try_into().map_err(|_| Error::InvalidArgument(format!("{op}: output count")))
     };
     if first.elem_count() == 0 {
@@ -226,7 +227,10 @@ const CHUNK: usize = 4096;
 
 /// `act` over the inputs on the CPU: chunks converted to f32, the formula over each in a
 /// loop without branches (it vectorises), the results rounded back.
-fn cpu_pointwise<T: StorageElement, const I: usize, const O: usize>(act: Act, inputs: [&[T]; I]) -> Result<[Vec<T>; O]> {
+fn cpu_pointwise<T: StorageElement, const I: usize, const O: usize>(
+    act: Act,
+    inputs: [&[T]; I],
+) -> Result<[Vec<T>; O]> {
     let n = inputs[0].len();
     let mut outs: Vec<Unfilled<T>> = (0..O).map(|_| Unfilled::new(n)).collect::<Result<_>>()?;
     let ptrs: Vec<SharedMut<T>> = outs.iter_mut().map(|o| o.ptr()).collect();
@@ -237,44 +241,78 @@ fn cpu_pointwise<T: StorageElement, const I: usize, const O: usize>(act: Act, in
             let span = c * CHUNK..((c + 1) * CHUNK).min(n);
             let len = span.len();
             for k in 0..I {
-                T::slice_to_f32(&inputs[k][span.clone()], &mut ins[k][..len]);
-            }
-            match act {
-                Act::Swiglu => {
-                    let (g, u) = (&ins[0][..len], &ins[1][..len]);
-                    for ((y, &g), &u) in res[0][..len].iter_mut().zip(g).zip(u) {
-                        *y = swiglu_f32(g, u);
-                    }
-                }
-                Act::SwigluBackward => {
-                    let (dy, g, u) = (&ins[0][..len], &ins[1][..len], &ins[2][..len]);
-                    let (dg, du) = res.split_at_mut(1);
-                    for ((((dg, du), &dy), &g), &u) in dg[0][..len].iter_mut().zip(&mut du[0][..len]).zip(dy).zip(g).zip(u) {
-                        (*dg, *du) = swiglu_backward_f32(dy, g, u);
-                    }
-                }
-                Act::Gelu => {
-                    for (y, &x) in res[0][..len].iter_mut().zip(&ins[0][..len]) {
-                        *y = gelu_f32(x);
-                    }
-                }
-                Act::GeluBackward => {
-                    let (dy, x) = (&ins[0][..len], &ins[1][..len]);
-                    for ((dx, &dy), &x) in res[0][..len].iter_mut().zip(dy).zip(x) {
-                        *dx = gelu_backward_f32(dy, x);
-                    }
+                if T::DTYPE != crate::DType::F32 {
+                    convert::to_f32::<T>(&inputs[k][span.clone()], &mut ins[k][..len]);
                 }
             }
+            // The inputs as f32: the slices themselves for f32, else the converted runs.
+            let mut views: [&[f32]; I] = [&[]; I];
+            for k in 0..I {
+                views[k] = if T::DTYPE == crate::DType::F32 {
+                    bytemuck::cast_slice(&inputs[k][span.clone()])
+                } else {
+                    &ins[k][..len]
+                };
+            }
+            let ins = views;
+            apply(act, &ins, res, len);
             for (k, &ptr) in ptrs.iter().enumerate() {
-                T::slice_from_f32(&res[k][..len], &mut out[..len]);
                 // SAFETY: chunk c's span of each output is written by this task alone.
-                unsafe { write_at(ptr, span.start, &out[..len]) };
+                unsafe { convert::store(ptr, span.start, &res[k][..len], out) };
             }
         },
     );
     // SAFETY: the chunks cover 0..n and each wrote its span of every output.
     let outs: Vec<Vec<T>> = outs.into_iter().map(|o| unsafe { o.filled() }).collect();
     outs.try_into().map_err(|_| Error::InvalidArgument("activation: output count".into()))
+}
+
+/// The formula of `act` over runs of `len` inputs into `res`.
+#[inline(always)]
+fn apply_run(act: Act, ins: &[&[f32]], res: &mut [[f32; CHUNK]], len: usize) {
+    match act {
+        Act::Swiglu => {
+            let (g, u) = (&ins[0][..len], &ins[1][..len]);
+            for ((y, &g), &u) in res[0][..len].iter_mut().zip(g).zip(u) {
+                *y = swiglu_f32(g, u);
+            }
+        }
+        Act::SwigluBackward => {
+            let (dy, g, u) = (&ins[0][..len], &ins[1][..len], &ins[2][..len]);
+            let (dg, du) = res.split_at_mut(1);
+            for ((((dg, du), &dy), &g), &u) in dg[0][..len].iter_mut().zip(&mut du[0][..len]).zip(dy).zip(g).zip(u) {
+                (*dg, *du) = swiglu_backward_f32(dy, g, u);
+            }
+        }
+        Act::Gelu => {
+            for (y, &x) in res[0][..len].iter_mut().zip(&ins[0][..len]) {
+                *y = gelu_f32(x);
+            }
+        }
+        Act::GeluBackward => {
+            let (dy, x) = (&ins[0][..len], &ins[1][..len]);
+            for ((dx, &dy), &x) in res[0][..len].iter_mut().zip(dy).zip(x) {
+                *dx = gelu_backward_f32(dy, x);
+            }
+        }
+    }
+}
+
+/// [`apply_run`] with 8-wide vectors where the CPU has AVX2 (the same operations, so the
+/// same results), else with the baseline's 4-wide ones.
+fn apply(act: Act, ins: &[&[f32]], res: &mut [[f32; CHUNK]], len: usize) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU has AVX2.
+        return unsafe { apply_avx2(act, ins, res, len) };
+    }
+    apply_run(act, ins, res, len)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn apply_avx2(act: Act, ins: &[&[f32]], res: &mut [[f32; CHUNK]], len: usize) {
+    apply_run(act, ins, res, len)
 }
 
 #[cfg(test)]

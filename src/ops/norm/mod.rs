@@ -22,7 +22,7 @@ pub(crate) mod cuda;
 #[cfg(feature = "wgpu")]
 pub(crate) mod wgpu;
 
-use crate::ops::{Operands, Unfilled, operands, write_at};
+use crate::ops::{Operands, Unfilled, convert, operands};
 use crate::tensor::{CpuStorage, StorageElement, try_collect, try_vec, with_elems};
 use crate::{DType, Error, Result, Tensor};
 use rayon::prelude::*;
@@ -81,7 +81,11 @@ fn check_forward(op: &str, x: &Tensor, w: &Tensor, eps: f32) -> Result<Rows> {
         return Err(Error::Shape(format!("{op}: x must be [.., d], got a rank-0 tensor")));
     };
     if w.shape() != [d] {
-        return Err(Error::Shape(format!("{op}: w {:?} must be [{d}], the last dimension of x {:?}", w.shape(), x.shape())));
+        return Err(Error::Shape(format!(
+            "{op}: w {:?} must be [{d}], the last dimension of x {:?}",
+            w.shape(),
+            x.shape()
+        )));
     }
     float_dtype(op, "x", x.dtype())?;
     float_dtype(op, "w", w.dtype())?;
@@ -107,7 +111,10 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f32) -> Result<RmsNormOutput> {
     let ops = operands("rms_norm", [x, w])?;
     let Rows { rows, d } = check_forward("rms_norm", x, w, eps)?;
     if rows == 0 || d == 0 {
-        return Ok(RmsNormOutput { y: Tensor::empty(x.shape(), x.dtype(), &x.device())?, rstd: empty_rows_rstd(x, eps)? });
+        return Ok(RmsNormOutput {
+            y: Tensor::empty(x.shape(), x.dtype(), &x.device())?,
+            rstd: empty_rows_rstd(x, eps)?,
+        });
     }
     match ops {
         Operands::Cpu([xs, ws]) => {
@@ -214,7 +221,11 @@ pub fn rms_norm_backward(dy: &Tensor, x: &Tensor, w: &Tensor, rstd: &Tensor) -> 
         return Err(Error::Shape(format!("{op}: dy {:?} must have x's shape {:?}", dy.shape(), x.shape())));
     }
     if w.shape() != [d] {
-        return Err(Error::Shape(format!("{op}: w {:?} must be [{d}], the last dimension of x {:?}", w.shape(), x.shape())));
+        return Err(Error::Shape(format!(
+            "{op}: w {:?} must be [{d}], the last dimension of x {:?}",
+            w.shape(),
+            x.shape()
+        )));
     }
     if rstd.shape() != lead_dims {
         return Err(Error::Shape(format!(
@@ -319,29 +330,33 @@ fn cpu_forward<T: StorageElement>(
     let (y_ptr, h_ptr) = (y.ptr(), h.as_mut().map(|h| h.ptr()));
     let zero = T::from_f32(0.0);
     rstd.par_iter_mut().enumerate().for_each_init(
-        || (vec![0f32; d], vec![0f32; d], vec![zero; d]),
-        |(row, other, out), (r, rstd_r)| {
+        || (vec![0f32; d], vec![0f32; d], vec![0f32; d], vec![zero; d]),
+        |(a, b, c, out), (r, rstd_r)| {
             let span = r * d..(r + 1) * d;
-            T::slice_to_f32(&x[span.clone()], row);
-            if let (Some(res), Some(h_ptr)) = (residual, h_ptr) {
-                T::slice_to_f32(&res[span.clone()], other);
-                for (a, b) in row.iter_mut().zip(other.iter()) {
-                    *a += *b;
+            let v: &[f32] = match (residual, h_ptr) {
+                (Some(res), Some(h_ptr)) => {
+                    let xa = convert::as_f32(&x[span.clone()], a);
+                    let rb = convert::as_f32(&res[span.clone()], b);
+                    for ((h, &xj), &rj) in c.iter_mut().zip(xa).zip(rb) {
+                        *h = xj + rj;
+                    }
+                    // SAFETY: row r's span of h is written by this task alone.
+                    unsafe { convert::store(h_ptr, r * d, c, out) };
+                    if T::DTYPE != crate::DType::F32 {
+                        // The norm is of h as stored.
+                        convert::to_f32(out, c);
+                    }
+                    c
                 }
-                T::slice_from_f32(row, out);
-                // SAFETY: row r's span of h is written by this task alone.
-                unsafe { write_at(h_ptr, r * d, out) };
-                // The norm is of h as stored.
-                T::slice_to_f32(out, row);
-            }
-            let s = rstd_of(sum_squares(row), d, eps);
+                _ => convert::as_f32(&x[span.clone()], a),
+            };
+            let s = rstd_of(sum_squares(v), d, eps);
             *rstd_r = s;
-            for (v, &wj) in row.iter_mut().zip(w) {
-                *v = (*v * s) * wj;
+            for ((yj, &vj), &wj) in b.iter_mut().zip(v).zip(w) {
+                *yj = (vj * s) * wj;
             }
-            T::slice_from_f32(row, out);
             // SAFETY: row r's span of y is written by this task alone.
-            unsafe { write_at(y_ptr, r * d, out) };
+            unsafe { convert::store(y_ptr, r * d, b, out) };
         },
     );
     // SAFETY: every row of y (and h) was written above.
@@ -367,8 +382,8 @@ fn cpu_backward<T: StorageElement>(
         let mut out_t = try_vec(d, T::from_f32(0.0))?;
         for r in g * per_group..((g + 1) * per_group).min(rows) {
             let span = r * d..(r + 1) * d;
-            T::slice_to_f32(&dy[span.clone()], &mut dyr);
-            T::slice_to_f32(&x[span], &mut xr);
+            let dyr = convert::as_f32(&dy[span.clone()], &mut dyr);
+            let xr = convert::as_f32(&x[span], &mut xr);
             let s = rstd[r];
             // mean(g ⊙ x̂) in eight lanes.
             let mut lanes = [0f32; 8];
@@ -392,9 +407,8 @@ fn cpu_backward<T: StorageElement>(
                 out[j] = s * (dyr[j] * w[j] - xh * c);
                 acc[j] += dyr[j] * xh;
             }
-            T::slice_from_f32(&out, &mut out_t);
             // SAFETY: row r's span of dx is written by this group alone.
-            unsafe { write_at(dx_ptr, r * d, &out_t) };
+            unsafe { convert::store(dx_ptr, r * d, &out, &mut out_t) };
         }
         Ok(acc)
     }))?;
