@@ -380,11 +380,11 @@ fn cpu_backward<T: StorageElement>(
         let mut acc = try_vec(d, 0f32)?;
         let (mut dyr, mut xr, mut out) = (try_vec(d, 0f32)?, try_vec(d, 0f32)?, try_vec(d, 0f32)?);
         let mut out_t = try_vec(d, T::from_f32(0.0))?;
-        for r in g * per_group..((g + 1) * per_group).min(rows) {
+        let first = g * per_group;
+        for (r, &s) in rstd.iter().enumerate().take(((g + 1) * per_group).min(rows)).skip(first) {
             let span = r * d..(r + 1) * d;
             let dyr = convert::as_f32(&dy[span.clone()], &mut dyr);
             let xr = convert::as_f32(&x[span], &mut xr);
-            let s = rstd[r];
             // mean(g ⊙ x̂) in eight lanes.
             let mut lanes = [0f32; 8];
             let (cd, cx, cw) = (dyr.chunks_exact(8), xr.chunks_exact(8), w.chunks_exact(8));

@@ -30,7 +30,7 @@ kernel_params! {
 /// whole words, else f32 (odd rows of f16/bf16, whose last word would straddle two rows),
 /// rounded by a cast after.
 fn row_out_dtype(dtype: DType, d: usize) -> DType {
-    if d % elems_per_word(dtype) as usize == 0 { dtype } else { DType::F32 }
+    if d.is_multiple_of(elems_per_word(dtype) as usize) { dtype } else { DType::F32 }
 }
 
 fn native(dev: &WgpuDevice, dtypes: &[DType]) -> (bool, &'static str) {
