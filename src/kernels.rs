@@ -43,6 +43,8 @@ pub(crate) mod cuda {
     pub(crate) const SAMPLING: KernelSource = program!("sampling": "common.cuh");
     pub(crate) const LOSS: KernelSource = program!("loss": "common.cuh");
     pub(crate) const ROPE: KernelSource = program!("rope": "common.cuh");
+    pub(crate) const NORM: KernelSource = program!("norm": "common.cuh");
+    pub(crate) const ACTIVATION: KernelSource = program!("activation": "common.cuh");
 
     /// Every CUDA program of the crate; the compile check builds each for each real arch.
     pub const ALL: &[KernelSource] = &[
@@ -58,6 +60,8 @@ pub(crate) mod cuda {
         LOSS,
         EMBEDDING,
         ROPE,
+        NORM,
+        ACTIVATION,
     ];
 }
 
@@ -101,6 +105,11 @@ pub(crate) mod wgsl {
     pub(crate) const LOSS_GRAD: &str = shader!("loss_grad");
     pub(crate) const LOSS_FINISH: &str = shader!("loss_finish");
     pub(crate) const ROPE: &str = shader!("rope");
+    pub(crate) const NORM_FORWARD: &str = shader!("norm_forward");
+    pub(crate) const NORM_BACKWARD_DX: &str = shader!("norm_backward_dx");
+    pub(crate) const NORM_DW_PARTIAL: &str = shader!("norm_dw_partial");
+    pub(crate) const NORM_DW_REDUCE: &str = shader!("norm_dw_reduce");
+    pub(crate) const ACTIVATION_MAP: &str = shader!("activation_map");
 }
 
 /// A `#[repr(C)]` struct of kernel parameters. Its twin is declared field for field, in the

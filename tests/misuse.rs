@@ -118,6 +118,16 @@ fn opts(causal: bool, scale: Option<f32>, seq_lens: Option<Vec<usize>>) -> Atten
     AttentionOptions { causal, scale, seq_lens }
 }
 
+fn norm(x: &Tensor, w: &Tensor, eps: f32) -> kiln::Result<Vec<Tensor>> {
+    let out = ops::rms_norm(x, w, eps)?;
+    Ok(vec![out.y, out.rstd])
+}
+
+fn norm_back(dy: &Tensor, x: &Tensor, w: &Tensor, rstd: &Tensor) -> kiln::Result<Vec<Tensor>> {
+    let g = ops::rms_norm_backward(dy, x, w, rstd)?;
+    Ok(vec![g.dx, g.dw])
+}
+
 fn step_one(master: &mut Tensor, grad: &Tensor, h: &AdamWHyper, step: u64) -> kiln::Result<Vec<Tensor>> {
     let d = master.device();
     let (mut m, mut v) = (z(master.shape(), &d)?, z(master.shape(), &d)?);
@@ -234,6 +244,85 @@ fn cases() -> Vec<Case> {
         case("rope_backward: NaN x propagates", Accepted, |d| {
             let x = Tensor::from_f32(&[NAN, 1.0, 2.0, 3.0], &[1, 1, 1, 4], DType::F32, d)?;
             Ok(vec![ops::rope_backward(&x, &pos(&[1, 1], d)?, &RopeConfig::default())?])
+        }),
+        // Norm.
+        case("rms_norm: eps = 0", Refused, |d| norm(&ints(&[2, 4], d)?, &z(&[4], d)?, 0.0)),
+        case("rms_norm: eps < 0", Refused, |d| norm(&ints(&[2, 4], d)?, &z(&[4], d)?, -1e-5)),
+        case("rms_norm: eps NaN", Refused, |d| norm(&ints(&[2, 4], d)?, &z(&[4], d)?, NAN)),
+        case("rms_norm: eps infinite", Refused, |d| norm(&ints(&[2, 4], d)?, &z(&[4], d)?, f32::INFINITY)),
+        case("rms_norm: w of the wrong width", Refused, |d| norm(&ints(&[2, 4], d)?, &z(&[3], d)?, 1e-5)),
+        case("rms_norm: rank-2 w", Refused, |d| norm(&ints(&[2, 4], d)?, &z(&[1, 4], d)?, 1e-5)),
+        case("rms_norm: rank-0 x", Refused, |d| norm(&z(&[], d)?, &z(&[1], d)?, 1e-5)),
+        case("rms_norm: zeros give zeros, rstd 1/√eps", Accepted, |d| norm(&z(&[3, 5], d)?, &ints(&[5], d)?, 0.25)),
+        case("rms_norm: no rows beside huge", Accepted, |d| norm(&z(&[HUGE, 0, 4], d)?, &z(&[4], d)?, 1e-5)),
+        case("rms_norm: rows of width 0", Accepted, |d| norm(&z(&[3, 0], d)?, &z(&[0], d)?, 0.25)),
+        case("rms_norm: bf16 x, f32 w, no rows", Accepted, |d| norm(&zt(&[0, 8], DType::BF16, d)?, &z(&[8], d)?, 1e-5)),
+        case("add_rms_norm: residual of another shape", Refused, |d| {
+            let out = ops::add_rms_norm(&z(&[2, 4], d)?, &z(&[4, 2], d)?, &z(&[4], d)?, 1e-5)?;
+            Ok(vec![out.h, out.y, out.rstd])
+        }),
+        case("add_rms_norm: residual of another dtype", Refused, |d| {
+            let out = ops::add_rms_norm(&z(&[2, 4], d)?, &zt(&[2, 4], DType::F16, d)?, &z(&[4], d)?, 1e-5)?;
+            Ok(vec![out.h, out.y, out.rstd])
+        }),
+        case("add_rms_norm: eps = 0", Refused, |d| {
+            let out = ops::add_rms_norm(&z(&[2, 4], d)?, &z(&[2, 4], d)?, &z(&[4], d)?, 0.0)?;
+            Ok(vec![out.h, out.y, out.rstd])
+        }),
+        case("add_rms_norm: exact sums, zero weight", Accepted, |d| {
+            let out = ops::add_rms_norm(&ints(&[2, 4], d)?, &ints(&[2, 4], d)?, &z(&[4], d)?, 1e-5)?;
+            Ok(vec![out.h, out.y])
+        }),
+        case("rms_norm_backward: bf16 rstd", Refused, |d| {
+            let x = ints(&[2, 4], d)?;
+            norm_back(&x, &x, &z(&[4], d)?, &zt(&[2], DType::BF16, d)?)
+        }),
+        case("rms_norm_backward: rstd of the wrong shape", Refused, |d| {
+            let x = ints(&[2, 4], d)?;
+            norm_back(&x, &x, &z(&[4], d)?, &z(&[2, 1], d)?)
+        }),
+        case("rms_norm_backward: dy of another shape", Refused, |d| {
+            norm_back(&z(&[4, 2], d)?, &ints(&[2, 4], d)?, &z(&[4], d)?, &z(&[2], d)?)
+        }),
+        case("rms_norm_backward: dy of another dtype", Refused, |d| {
+            norm_back(&zt(&[2, 4], DType::BF16, d)?, &ints(&[2, 4], d)?, &z(&[4], d)?, &z(&[2], d)?)
+        }),
+        case("rms_norm_backward: w of the wrong width", Refused, |d| {
+            let x = ints(&[2, 4], d)?;
+            norm_back(&x, &x, &z(&[5], d)?, &z(&[2], d)?)
+        }),
+        case("rms_norm_backward: no rows give a zero dw", Accepted, |d| {
+            let x = z(&[0, 4], d)?;
+            norm_back(&x, &x, &ints(&[4], d)?, &z(&[0], d)?)
+        }),
+        case("rms_norm_backward: zero dy gives zeros", Accepted, |d| {
+            norm_back(&z(&[3, 4], d)?, &ints(&[3, 4], d)?, &ints(&[4], d)?, &full(&[3], 0.5, d)?)
+        }),
+        // Activations.
+        case("swiglu: shapes differ", Refused, |d| Ok(vec![ops::swiglu(&z(&[2, 3], d)?, &z(&[3, 2], d)?)?])),
+        case("swiglu: dtypes differ", Refused, |d| Ok(vec![ops::swiglu(&z(&[2], d)?, &zt(&[2], DType::F16, d)?)?])),
+        case("swiglu: rank 0", Accepted, |d| Ok(vec![ops::swiglu(&z(&[], d)?, &ints(&[], d)?)?])),
+        case("swiglu: empty beside huge", Accepted, |d| Ok(vec![ops::swiglu(&z(&[HUGE, 0], d)?, &z(&[HUGE, 0], d)?)?])),
+        case("swiglu_backward: u of another shape", Refused, |d| {
+            let (dg, du) = ops::swiglu_backward(&z(&[4], d)?, &z(&[4], d)?, &z(&[5], d)?)?;
+            Ok(vec![dg, du])
+        }),
+        case("swiglu_backward: dy of another dtype", Refused, |d| {
+            let (dg, du) = ops::swiglu_backward(&zt(&[4], DType::BF16, d)?, &z(&[4], d)?, &z(&[4], d)?)?;
+            Ok(vec![dg, du])
+        }),
+        case("swiglu_backward: empty", Accepted, |d| {
+            let (dg, du) = ops::swiglu_backward(&z(&[0, 3], d)?, &z(&[0, 3], d)?, &z(&[0, 3], d)?)?;
+            Ok(vec![dg, du])
+        }),
+        case("gelu: empty", Accepted, |d| Ok(vec![ops::gelu(&zt(&[5, 0], DType::BF16, d)?)?])),
+        case("gelu: zeros give zeros", Accepted, |d| Ok(vec![ops::gelu(&z(&[3], d)?)?])),
+        case("gelu_backward: shapes differ", Refused, |d| Ok(vec![ops::gelu_backward(&z(&[3], d)?, &z(&[4], d)?)?])),
+        case("gelu_backward: dtypes differ", Refused, |d| {
+            Ok(vec![ops::gelu_backward(&z(&[3], d)?, &zt(&[3], DType::F16, d)?)?])
+        }),
+        case("gelu_backward: the slope at 0 is ½", Accepted, |d| {
+            Ok(vec![ops::gelu_backward(&full(&[3], 1.0, d)?, &z(&[3], d)?)?])
         }),
         // Matmul.
         case("matmul: rank 1", Refused, |d| Ok(vec![ops::matmul(&z(&[3], d)?, &z(&[3, 2], d)?)?])),
@@ -952,6 +1041,8 @@ fn walk(backend: Backend) {
             [
                 ops::matmul(&here, &cpu).err(),
                 ops::add(&here, &z(&[2, 3], &Device::Cpu).unwrap()).err(),
+                ops::rms_norm(&here, &z(&[3], &Device::Cpu).unwrap(), 1e-5).err(),
+                ops::swiglu(&here, &z(&[2, 3], &Device::Cpu).unwrap()).err(),
                 ops::qmatmul(&z(&[2, 32], device).unwrap(), &w).err(),
                 ops::embedding(&here, &Tensor::from_slice(&[0u32], &[1], &Device::Cpu).unwrap()).err(),
                 ops::qembedding(&w, &Tensor::from_slice(&[0u32], &[1], device).unwrap(), DType::F32).err(),

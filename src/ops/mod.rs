@@ -1,22 +1,27 @@
 //! Ops, one folder per family: `mod.rs` holds the public function with its contract and the
 //! CPU implementation; `cuda.rs` and `wgpu.rs` hold the launchers of the GPU kernels.
 
+pub mod activation;
 pub mod attention;
+pub(crate) mod convert;
 pub mod elementwise;
 pub mod embedding;
 pub(crate) mod hash;
 pub mod lora;
 pub mod loss;
 pub mod matmul;
+pub mod norm;
 pub mod optim;
 pub mod quant;
 pub mod rope;
 pub mod sampling;
 
+pub use activation::{gelu, gelu_backward, swiglu, swiglu_backward};
 pub use elementwise::{add, add_bias, cast, dropout, mul, scale, sum_rows};
 pub use embedding::{embedding, embedding_backward, qembedding};
 pub use loss::{cross_entropy, cross_entropy_with, linear_cross_entropy};
 pub use matmul::{MatmulOptions, matmul, matmul_with};
+pub use norm::{add_rms_norm, rms_norm, rms_norm_backward};
 pub use quant::{QMatmulOptions, QTensor, QuantFormat, qmatmul, qmatmul_input_grad, qmatmul_with};
 pub use rope::{RopeConfig, RopeLayout, RopeScaling, rope, rope_backward};
 pub use sampling::{SamplingParams, argmax, sample};
@@ -101,6 +106,51 @@ impl<T> SharedMut<T> {
     pub(crate) fn ptr(self) -> *mut T {
         self.0
     }
+}
+
+/// A host vector of `len` elements that parallel tasks fill through [`Unfilled::ptr`] and
+/// [`write_at`] before [`Unfilled::filled`] hands it over: an output the op writes in full
+/// needs no zeroing pass first. The allocation is fallible, as `try_vec`'s.
+pub(crate) struct Unfilled<T> {
+    v: Vec<T>,
+    len: usize,
+}
+
+impl<T: Copy> Unfilled<T> {
+    pub(crate) fn new(len: usize) -> Result<Unfilled<T>> {
+        let mut v = Vec::new();
+        v.try_reserve_exact(len).map_err(|_| {
+            Error::OutOfMemory(format!(
+                "host allocation of {len} elements of {} bytes failed",
+                std::mem::size_of::<T>()
+            ))
+        })?;
+        Ok(Unfilled { v, len })
+    }
+
+    /// Where the elements go.
+    pub(crate) fn ptr(&mut self) -> SharedMut<T> {
+        SharedMut(self.v.as_mut_ptr())
+    }
+
+    /// The vector.
+    ///
+    /// # Safety
+    /// Every element of `0..len` was written through [`Self::ptr`].
+    pub(crate) unsafe fn filled(mut self) -> Vec<T> {
+        // SAFETY: the capacity is len (reserved in new) and the caller wrote every element.
+        unsafe { self.v.set_len(self.len) };
+        self.v
+    }
+}
+
+/// Copies `src` to elements `at..at + src.len()` of `dst`.
+///
+/// # Safety
+/// The range lies within the allocation behind `dst`, and no other task touches it.
+pub(crate) unsafe fn write_at<T: Copy>(dst: SharedMut<T>, at: usize, src: &[T]) {
+    // SAFETY: the caller's contract; src is a separate live slice.
+    unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), dst.ptr().add(at), src.len()) }
 }
 
 /// Dot product with eight independent partial sums, so it vectorises.

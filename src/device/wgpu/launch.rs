@@ -73,3 +73,49 @@ pub(crate) fn grid_2d(groups: usize) -> (u32, u32) {
 pub(crate) fn fits_u32(what: &str, v: usize) -> Result<u32> {
     u32::try_from(v).map_err(|_| Error::Unsupported(format!("{what} = {v} exceeds WGSL's 32-bit indexing")))
 }
+
+/// WGSL of the roundings the word stores below use: `bf16_bits(x)`, x rounded to bf16 to
+/// nearest even in integer arithmetic (NaN stays NaN), and `round_to_f16(x)` and
+/// `round_to_bf16(x)`, x rounded and widened back to f32. Included once per shader that
+/// uses [`wgsl_word_output`].
+pub(crate) const WGSL_ROUNDING: &str = "fn bf16_bits(x: f32) -> u32 {\n    let b = bitcast<u32>(x);\n    \
+     if ((b & 0x7fffffffu) > 0x7f800000u) { return (b >> 16u) | 0x40u; }\n    \
+     return (b + 0x7fffu + ((b >> 16u) & 1u)) >> 16u;\n}\n\
+     fn round_to_f16(x: f32) -> f32 { return unpack2x16float(pack2x16float(vec2<f32>(x, 0.0))).x; }\n\
+     fn round_to_bf16(x: f32) -> f32 { return bitcast<f32>(bf16_bits(x) << 16u); }\n";
+
+/// Elements of `dtype` in one 32-bit word: 1 for f32, 2 for the packed halves.
+pub(crate) fn elems_per_word(dtype: crate::DType) -> u32 {
+    (4 / dtype.size_in_bytes()) as u32
+}
+
+/// WGSL that binds output `name` at `binding` as 32-bit words of `dtype` and defines
+/// `store_<name>(w: u32, v: vec2<f32>)` writing word w: v.x alone for f32, v.x in the low
+/// half and v.y in the high half for f16 and bf16, rounded to nearest even. Needs
+/// [`WGSL_ROUNDING`] in the shader. (Integer outputs store v.x truncated; the float ops
+/// refuse integer tensors before they get here.)
+pub(crate) fn wgsl_word_output(name: &str, binding: u32, dtype: crate::DType) -> String {
+    use crate::DType;
+    let (ty, body) = match dtype {
+        DType::F32 => ("f32", "v.x"),
+        DType::F16 => ("u32", "pack2x16float(v)"),
+        DType::BF16 => ("u32", "bf16_bits(v.x) | (bf16_bits(v.y) << 16u)"),
+        DType::U32 => ("u32", "u32(v.x)"),
+        DType::I32 => ("i32", "i32(v.x)"),
+    };
+    format!(
+        "@group(0) @binding({binding}) var<storage, read_write> {name}: array<{ty}>;\n\
+         fn store_{name}(w: u32, v: vec2<f32>) {{ {name}[w] = {body}; }}\n"
+    )
+}
+
+/// The WGSL expression rounding the f32 expression `v` to `dtype` and back (for a value
+/// a shader stores in that dtype and then computes with). Needs [`WGSL_ROUNDING`].
+pub(crate) fn wgsl_round(dtype: crate::DType, v: &str) -> String {
+    use crate::DType;
+    match dtype {
+        DType::F32 | DType::U32 | DType::I32 => v.to_string(),
+        DType::F16 => format!("round_to_f16({v})"),
+        DType::BF16 => format!("round_to_bf16({v})"),
+    }
+}
