@@ -287,10 +287,22 @@ fn apply(op: &str, x: &Tensor, positions: &Tensor, cfg: &RopeConfig, dir: Direct
     match operands {
         Operands::Cpu([xs, ps]) => {
             let pos = ps.as_u32().ok_or_else(|| Error::DType(format!("{op}: positions must be u32")))?;
-            let mut out = Tensor::empty(x.shape(), x.dtype(), &x.device())?;
-            let storage = out.storage_mut()?.as_cpu_mut().ok_or_else(|| Error::Unsupported(format!("{op}: output")))?;
-            with_elems!(storage, o => rotate_tokens(xs, pos, &inv_freq, o, &shape)?);
-            Ok(out)
+            if crate::device::poison_outputs() {
+                let mut out = Tensor::empty(x.shape(), x.dtype(), &x.device())?;
+                let storage =
+                    out.storage_mut()?.as_cpu_mut().ok_or_else(|| Error::Unsupported(format!("{op}: output")))?;
+                with_elems!(storage, o => rotate_tokens(xs, pos, &inv_freq, o, &shape)?);
+                return Ok(out);
+            }
+            // Zeroed pages cost no pass over the output (the NaN fill of `Tensor::empty`
+            // took as long as the rotation itself); every element is written below.
+            let storage = match x.dtype() {
+                DType::F32 => CpuStorage::F32(rotate_into_new(xs, pos, &inv_freq, &shape)?),
+                DType::F16 => CpuStorage::F16(rotate_into_new(xs, pos, &inv_freq, &shape)?),
+                DType::BF16 => CpuStorage::BF16(rotate_into_new(xs, pos, &inv_freq, &shape)?),
+                other => return Err(Error::DType(format!("{op}: x must be a float tensor, got {other}"))),
+            };
+            Ok(Tensor::from_cpu_storage(storage, x.shape(), x.dtype()))
         }
         #[cfg(feature = "cuda")]
         Operands::Cuda(dev, [xb, pb]) => cuda::rope(dev, x, xb, pb, &inv_freq, &shape),
@@ -307,6 +319,13 @@ fn rename(e: Error, op: &str) -> Error {
         Error::InvalidArgument(m) => Error::InvalidArgument(fix(m)),
         other => other,
     }
+}
+
+/// [`rotate_tokens`] into a new zeroed vector.
+fn rotate_into_new<T: RopeElement>(x: &CpuStorage, positions: &[u32], inv_freq: &[f32], s: &RopeShape) -> Result<Vec<T>> {
+    let mut out = crate::tensor::try_zeros::<T>(s.tokens * s.heads * s.head_dim)?;
+    rotate_tokens(x, positions, inv_freq, &mut out, s)?;
+    Ok(out)
 }
 
 /// The CPU kernel: per token, the cos/sin table of its angles ([`sincos::cos_sin_table`]),
@@ -386,10 +405,10 @@ fn rotate_token<T: RopeElement>(
             RopeLayout::HalfSplit => {
                 let (oa, ob) = o.split_at_mut(half);
                 let (xa, xb) = x.split_at(half);
-                for i in 0..half {
-                    let (a, b, c, s) = (xa[i], xb[i], cos[i], sin[i]);
-                    oa[i] = a * c - b * s;
-                    ob[i] = b * c + a * s;
+                let pairs = oa.iter_mut().zip(ob.iter_mut()).zip(xa.iter().zip(xb)).zip(cos.iter().zip(sin));
+                for (((oa, ob), (&a, &b)), (&c, &s)) in pairs {
+                    *oa = a * c - b * s;
+                    *ob = b * c + a * s;
                 }
             }
             RopeLayout::Interleaved => {
