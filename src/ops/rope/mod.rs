@@ -322,7 +322,12 @@ fn rename(e: Error, op: &str) -> Error {
 }
 
 /// [`rotate_tokens`] into a new zeroed vector.
-fn rotate_into_new<T: RopeElement>(x: &CpuStorage, positions: &[u32], inv_freq: &[f32], s: &RopeShape) -> Result<Vec<T>> {
+fn rotate_into_new<T: RopeElement>(
+    x: &CpuStorage,
+    positions: &[u32],
+    inv_freq: &[f32],
+    s: &RopeShape,
+) -> Result<Vec<T>> {
     let mut out = crate::tensor::try_zeros::<T>(s.tokens * s.heads * s.head_dim)?;
     rotate_tokens(x, positions, inv_freq, &mut out, s)?;
     Ok(out)
@@ -478,6 +483,24 @@ impl RopeElement for bf16 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn zeroed_output_is_written_in_full() {
+        let (tokens, heads, head_dim) = (5, 3, 10);
+        let x: Vec<bf16> = (0..tokens * heads * head_dim).map(|i| bf16::from_f32(i as f32 * 0.37 - 20.0)).collect();
+        let x = CpuStorage::BF16(x);
+        let positions: Vec<u32> = (0..tokens as u32).map(|p| p * 977).collect();
+        let inv_freq = RopeConfig::new(10000.0).with_rotary_dim(6).inv_freq(head_dim).unwrap();
+        for layout in [RopeLayout::HalfSplit, RopeLayout::Interleaved] {
+            let shape = RopeShape { tokens, heads, head_dim, rot: 6, layout, sign: -1.0 };
+            let fresh: Vec<bf16> = rotate_into_new(&x, &positions, &inv_freq, &shape).unwrap();
+            let mut poisoned = vec![bf16::NAN; fresh.len()];
+            rotate_tokens(&x, &positions, &inv_freq, &mut poisoned, &shape).unwrap();
+            let bits = |v: &[bf16]| v.iter().map(|b| b.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&fresh), bits(&poisoned));
+            assert!(poisoned.iter().all(|v| v.is_finite()));
+        }
+    }
 
     #[test]
     fn bf16_conversions_match_half() {
