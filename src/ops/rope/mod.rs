@@ -16,7 +16,8 @@
 //! Arithmetic, as transformers does it in float32: `inv_freq` comes from the host once per
 //! call ([`RopeConfig::inv_freq`]); the angle is the f32 product `f32(position) · inv_freq[i]`
 //! (the position rounded to nearest f32, as torch's `.float()`), its cosine and sine are
-//! taken in f32 with a full range reduction (angles reach 10⁵ and more), the rotation is
+//! taken in f32 with a full range reduction (angles reach 10⁵ and more; correctly rounded
+//! on the CPU), the rotation is
 //! computed in f32 and rounded once to x's dtype. (transformers rounds cos and sin to a
 //! half-precision x's dtype before multiplying; kiln keeps them in f32.)
 //!
