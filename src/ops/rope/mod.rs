@@ -17,8 +17,7 @@
 //! call ([`RopeConfig::inv_freq`]); the angle is the f32 product `f32(position) · inv_freq[i]`
 //! (the position rounded to nearest f32, as torch's `.float()`), its cosine and sine are
 //! taken in f32 with a full range reduction (angles reach 10⁵ and more; correctly rounded
-//! on the CPU), the rotation is
-//! computed in f32 and rounded once to x's dtype. (transformers rounds cos and sin to a
+//! on the CPU), the rotation is computed in f32 and rounded once to x's dtype. (transformers rounds cos and sin to a
 //! half-precision x's dtype before multiplying; kiln keeps them in f32.)
 //!
 //! Kernels: CPU here (rayon over tokens); CUDA `kernels/rope.cu`, one block per token with
