@@ -16,8 +16,8 @@
 //! Arithmetic, as transformers does it in float32: `inv_freq` comes from the host once per
 //! call ([`RopeConfig::inv_freq`]); the angle is the f32 product `f32(position) · inv_freq[i]`
 //! (the position rounded to nearest f32, as torch's `.float()`), its cosine and sine are
-//! taken in f32 with a full range reduction (angles reach 10⁵ and more), the rotation is
-//! computed in f32 and rounded once to x's dtype. (transformers rounds cos and sin to a
+//! taken in f32 with a full range reduction (angles reach 10⁵ and more; correctly rounded
+//! on the CPU), the rotation is computed in f32 and rounded once to x's dtype. (transformers rounds cos and sin to a
 //! half-precision x's dtype before multiplying; kiln keeps them in f32.)
 //!
 //! Kernels: CPU here (rayon over tokens); CUDA `kernels/rope.cu`, one block per token with
@@ -27,12 +27,15 @@
 
 #[cfg(feature = "cuda")]
 pub(crate) mod cuda;
+mod sincos;
 #[cfg(feature = "wgpu")]
 pub(crate) mod wgpu;
 
 use crate::ops::{Operands, operands};
 use crate::tensor::{CpuStorage, StorageElement, with_elems};
 use crate::{DType, Error, Result, Tensor};
+use half::slice::HalfFloatSliceExt;
+use half::{bf16, f16};
 use rayon::prelude::*;
 
 /// Which features form a rotated pair.
@@ -284,10 +287,22 @@ fn apply(op: &str, x: &Tensor, positions: &Tensor, cfg: &RopeConfig, dir: Direct
     match operands {
         Operands::Cpu([xs, ps]) => {
             let pos = ps.as_u32().ok_or_else(|| Error::DType(format!("{op}: positions must be u32")))?;
-            let mut out = Tensor::empty(x.shape(), x.dtype(), &x.device())?;
-            let storage = out.storage_mut()?.as_cpu_mut().ok_or_else(|| Error::Unsupported(format!("{op}: output")))?;
-            with_elems!(storage, o => rotate_tokens(xs, pos, &inv_freq, o, &shape)?);
-            Ok(out)
+            if crate::device::poison_outputs() {
+                let mut out = Tensor::empty(x.shape(), x.dtype(), &x.device())?;
+                let storage =
+                    out.storage_mut()?.as_cpu_mut().ok_or_else(|| Error::Unsupported(format!("{op}: output")))?;
+                with_elems!(storage, o => rotate_tokens(xs, pos, &inv_freq, o, &shape)?);
+                return Ok(out);
+            }
+            // Zeroed pages cost no pass over the output (the NaN fill of `Tensor::empty`
+            // took as long as the rotation itself); every element is written below.
+            let storage = match x.dtype() {
+                DType::F32 => CpuStorage::F32(rotate_into_new(xs, pos, &inv_freq, &shape)?),
+                DType::F16 => CpuStorage::F16(rotate_into_new(xs, pos, &inv_freq, &shape)?),
+                DType::BF16 => CpuStorage::BF16(rotate_into_new(xs, pos, &inv_freq, &shape)?),
+                other => return Err(Error::DType(format!("{op}: x must be a float tensor, got {other}"))),
+            };
+            Ok(Tensor::from_cpu_storage(storage, x.shape(), x.dtype()))
         }
         #[cfg(feature = "cuda")]
         Operands::Cuda(dev, [xb, pb]) => cuda::rope(dev, x, xb, pb, &inv_freq, &shape),
@@ -306,10 +321,23 @@ fn rename(e: Error, op: &str) -> Error {
     }
 }
 
-/// The CPU kernel: per token, the cos/sin table of its angles, its row widened to f32,
-/// every head's pairs rotated (plain slices, so the loops vectorise), and the row rounded
-/// back once.
-fn rotate_tokens<T: StorageElement>(
+/// [`rotate_tokens`] into a new zeroed vector.
+fn rotate_into_new<T: RopeElement>(
+    x: &CpuStorage,
+    positions: &[u32],
+    inv_freq: &[f32],
+    s: &RopeShape,
+) -> Result<Vec<T>> {
+    let mut out = crate::tensor::try_zeros::<T>(s.tokens * s.heads * s.head_dim)?;
+    rotate_tokens(x, positions, inv_freq, &mut out, s)?;
+    Ok(out)
+}
+
+/// The CPU kernel: per token, the cos/sin table of its angles ([`sincos::cos_sin_table`]),
+/// its row widened to f32, every head's pairs rotated (plain slices, so the loops
+/// vectorise), and the row rounded back once. Compiled twice: for the baseline target and,
+/// chosen at run time, for AVX2 (the same IEEE operations, so the same bits).
+fn rotate_tokens<T: RopeElement>(
     x: &CpuStorage,
     positions: &[u32],
     inv_freq: &[f32],
@@ -318,57 +346,178 @@ fn rotate_tokens<T: StorageElement>(
 ) -> Result<()> {
     let x = T::slice_of(x).ok_or_else(|| Error::DType("rope: x and the output differ in dtype".into()))?;
     let row = s.heads * s.head_dim;
-    let half = s.rot / 2;
-    /// Per-thread scratch: cos, sign · sin, the token's row in f32, its result.
-    #[derive(Default)]
-    struct Scratch {
-        cos: Vec<f32>,
-        sin: Vec<f32>,
-        x: Vec<f32>,
-        out: Vec<f32>,
-    }
+    #[cfg(target_arch = "x86_64")]
+    let avx2 = std::arch::is_x86_feature_detected!("avx2");
     out.par_chunks_mut(row).zip(x.par_chunks(row)).zip(positions[..s.tokens].par_iter()).for_each_init(
-        Scratch::default,
+        || Scratch::new(row, inv_freq.len()),
         |w, ((out, x), &position)| {
-            // Rust's u32 → f32 rounds to nearest even, as torch's `.float()`.
-            let p = position as f32;
-            w.cos.clear();
-            w.sin.clear();
-            for &f in inv_freq {
-                let (sin, cos) = (p * f).sin_cos();
-                w.cos.push(cos);
-                w.sin.push(s.sign * sin);
+            #[cfg(target_arch = "x86_64")]
+            if avx2 {
+                // SAFETY: the CPU has AVX2 (checked above).
+                return unsafe { rotate_token_avx2(x, position, inv_freq, out, s, w) };
             }
-            w.x.resize(row, 0.0);
-            w.out.resize(row, 0.0);
-            T::slice_to_f32(x, &mut w.x);
-            let (cos, sin) = (&w.cos[..], &w.sin[..]);
-            for (o, x) in w.out.chunks_exact_mut(s.head_dim).zip(w.x.chunks_exact(s.head_dim)) {
-                let (o, pass_out) = o.split_at_mut(s.rot);
-                let (x, pass_in) = x.split_at(s.rot);
-                match s.layout {
-                    RopeLayout::HalfSplit => {
-                        let (oa, ob) = o.split_at_mut(half);
-                        let (xa, xb) = x.split_at(half);
-                        for i in 0..half {
-                            let (a, b, c, s) = (xa[i], xb[i], cos[i], sin[i]);
-                            oa[i] = a * c - b * s;
-                            ob[i] = b * c + a * s;
-                        }
-                    }
-                    RopeLayout::Interleaved => {
-                        for ((o, x), (&c, &s)) in o.chunks_exact_mut(2).zip(x.chunks_exact(2)).zip(cos.iter().zip(sin))
-                        {
-                            o[0] = x[0] * c - x[1] * s;
-                            o[1] = x[1] * c + x[0] * s;
-                        }
-                    }
-                }
-                pass_out.copy_from_slice(pass_in);
-            }
-            // Rounded once; pass-through values come back unchanged (f32 holds every f16 and bf16).
-            T::slice_from_f32(&w.out, out);
+            rotate_token(x, position, inv_freq, out, s, w)
         },
     );
     Ok(())
+}
+
+/// Per-thread scratch: cos, sign · sin, the token's row in f32, its result.
+struct Scratch {
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+    x: Vec<f32>,
+    out: Vec<f32>,
+}
+
+impl Scratch {
+    fn new(row: usize, half: usize) -> Scratch {
+        Scratch { cos: vec![0.0; half], sin: vec![0.0; half], x: vec![0.0; row], out: vec![0.0; row] }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn rotate_token_avx2<T: RopeElement>(
+    x: &[T],
+    position: u32,
+    inv_freq: &[f32],
+    out: &mut [T],
+    s: &RopeShape,
+    w: &mut Scratch,
+) {
+    rotate_token(x, position, inv_freq, out, s, w)
+}
+
+#[inline(always)]
+fn rotate_token<T: RopeElement>(
+    x: &[T],
+    position: u32,
+    inv_freq: &[f32],
+    out: &mut [T],
+    s: &RopeShape,
+    w: &mut Scratch,
+) {
+    let half = s.rot / 2;
+    // Rust's u32 → f32 rounds to nearest even, as torch's `.float()`.
+    sincos::cos_sin_table(position as f32, inv_freq, s.sign, &mut w.cos, &mut w.sin);
+    T::widen(x, &mut w.x);
+    let (cos, sin) = (&w.cos[..], &w.sin[..]);
+    for (o, x) in w.out.chunks_exact_mut(s.head_dim).zip(w.x.chunks_exact(s.head_dim)) {
+        let (o, pass_out) = o.split_at_mut(s.rot);
+        let (x, pass_in) = x.split_at(s.rot);
+        match s.layout {
+            RopeLayout::HalfSplit => {
+                let (oa, ob) = o.split_at_mut(half);
+                let (xa, xb) = x.split_at(half);
+                let pairs = oa.iter_mut().zip(ob.iter_mut()).zip(xa.iter().zip(xb)).zip(cos.iter().zip(sin));
+                for (((oa, ob), (&a, &b)), (&c, &s)) in pairs {
+                    *oa = a * c - b * s;
+                    *ob = b * c + a * s;
+                }
+            }
+            RopeLayout::Interleaved => {
+                for ((o, x), (&c, &s)) in o.chunks_exact_mut(2).zip(x.chunks_exact(2)).zip(cos.iter().zip(sin)) {
+                    o[0] = x[0] * c - x[1] * s;
+                    o[1] = x[1] * c + x[0] * s;
+                }
+            }
+        }
+        pass_out.copy_from_slice(pass_in);
+    }
+    // Rounded once; pass-through values come back unchanged (f32 holds every f16 and bf16).
+    T::narrow(&w.out, out);
+}
+
+/// The row conversions of the CPU kernel, inlined into it (so they vectorise for its target).
+trait RopeElement: StorageElement {
+    /// Widens to f32, as `Element::to_f32`.
+    fn widen(src: &[Self], dst: &mut [f32]);
+    /// Rounds to nearest even, as `Element::from_f32`.
+    fn narrow(src: &[f32], dst: &mut [Self]);
+}
+
+impl RopeElement for f32 {
+    #[inline(always)]
+    fn widen(src: &[f32], dst: &mut [f32]) {
+        dst.copy_from_slice(src);
+    }
+    #[inline(always)]
+    fn narrow(src: &[f32], dst: &mut [f32]) {
+        dst.copy_from_slice(src);
+    }
+}
+
+impl RopeElement for f16 {
+    #[inline(always)]
+    fn widen(src: &[f16], dst: &mut [f32]) {
+        src.convert_to_f32_slice(dst);
+    }
+    #[inline(always)]
+    fn narrow(src: &[f32], dst: &mut [f16]) {
+        dst.convert_from_f32_slice(src);
+    }
+}
+
+impl RopeElement for bf16 {
+    /// Branch-free bit operations with `half`'s results (a NaN comes back quiet).
+    #[inline(always)]
+    fn widen(src: &[bf16], dst: &mut [f32]) {
+        for (d, s) in dst.iter_mut().zip(src) {
+            let b = s.to_bits() as u32;
+            let quiet = if b & 0x7FFF > 0x7F80 { 0x0040 } else { 0 };
+            *d = f32::from_bits((b | quiet) << 16);
+        }
+    }
+    #[inline(always)]
+    fn narrow(src: &[f32], dst: &mut [bf16]) {
+        for (d, s) in dst.iter_mut().zip(src) {
+            let b = s.to_bits();
+            let rounded = b.wrapping_add(0x7FFF + ((b >> 16) & 1)) >> 16;
+            let nan = (b >> 16) | 0x0040;
+            *d = bf16::from_bits(if b & 0x7FFF_FFFF > 0x7F80_0000 { nan } else { rounded } as u16);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn zeroed_output_is_written_in_full() {
+        let (tokens, heads, head_dim) = (5, 3, 10);
+        let x: Vec<bf16> = (0..tokens * heads * head_dim).map(|i| bf16::from_f32(i as f32 * 0.37 - 20.0)).collect();
+        let x = CpuStorage::BF16(x);
+        let positions: Vec<u32> = (0..tokens as u32).map(|p| p * 977).collect();
+        let inv_freq = RopeConfig::new(10000.0).with_rotary_dim(6).inv_freq(head_dim).unwrap();
+        for layout in [RopeLayout::HalfSplit, RopeLayout::Interleaved] {
+            let shape = RopeShape { tokens, heads, head_dim, rot: 6, layout, sign: -1.0 };
+            let fresh: Vec<bf16> = rotate_into_new(&x, &positions, &inv_freq, &shape).unwrap();
+            let mut poisoned = vec![bf16::NAN; fresh.len()];
+            rotate_tokens(&x, &positions, &inv_freq, &mut poisoned, &shape).unwrap();
+            let bits = |v: &[bf16]| v.iter().map(|b| b.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&fresh), bits(&poisoned));
+            assert!(poisoned.iter().all(|v| v.is_finite()));
+        }
+    }
+
+    #[test]
+    fn bf16_conversions_match_half() {
+        let mut bits: Vec<u32> = (0..=u32::MAX).step_by(65_521).collect();
+        bits.extend([0, 0x8000_0000, 0x7F80_0000, 0xFF80_0000, 0x7F7F_FFFF, 0x7F7F_8000, 0x7FC0_0000, 0x7F80_0001]);
+        bits.extend([0x7FFF_FFFF, 0x0000_8000, 0x0001_8000, 0x0000_7FFF, 0x3F80_8000, 0x3F81_8000, 0xFF7F_8000]);
+        let f: Vec<f32> = bits.iter().map(|&b| f32::from_bits(b)).collect();
+        let mut narrow = vec![bf16::ZERO; f.len()];
+        <bf16 as RopeElement>::narrow(&f, &mut narrow);
+        for (v, n) in f.iter().zip(&narrow) {
+            assert_eq!(n.to_bits(), bf16::from_f32(*v).to_bits(), "narrow {:#x}", v.to_bits());
+        }
+        let all: Vec<bf16> = (0..=u16::MAX).map(bf16::from_bits).collect();
+        let mut wide = vec![0f32; all.len()];
+        <bf16 as RopeElement>::widen(&all, &mut wide);
+        for (b, w) in all.iter().zip(&wide) {
+            assert_eq!(w.to_bits(), b.to_f32().to_bits(), "widen {:#x}", b.to_bits());
+        }
+    }
 }
