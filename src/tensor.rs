@@ -159,12 +159,21 @@ impl CpuStorage {
     /// `len` elements, zero, or when output poisoning is on NaN (floats) or all bits set
     /// (integers: `u32::MAX`, −1), so an element an op leaves unwritten shows.
     pub(crate) fn alloc(dtype: DType, len: usize) -> Result<CpuStorage> {
-        let poison = crate::device::poison_outputs();
-        match dtype {
-            DType::U32 => Ok(CpuStorage::U32(try_vec(len, if poison { u32::MAX } else { 0 })?)),
-            DType::I32 => Ok(CpuStorage::I32(try_vec(len, if poison { -1 } else { 0 })?)),
-            _ => Self::filled(dtype, len, |_| if poison { f32::NAN } else { 0.0 }),
+        if crate::device::poison_outputs() {
+            return match dtype {
+                DType::U32 => Ok(CpuStorage::U32(try_vec(len, u32::MAX)?)),
+                DType::I32 => Ok(CpuStorage::I32(try_vec(len, -1)?)),
+                _ => Self::filled(dtype, len, |_| f32::NAN),
+            };
         }
+        // Zeroed pages from the allocator: no pass over memory the op is about to write.
+        Ok(match dtype {
+            DType::F32 => CpuStorage::F32(try_zeros(len)?),
+            DType::F16 => CpuStorage::F16(try_zeros(len)?),
+            DType::BF16 => CpuStorage::BF16(try_zeros(len)?),
+            DType::U32 => CpuStorage::U32(try_zeros(len)?),
+            DType::I32 => CpuStorage::I32(try_zeros(len)?),
+        })
     }
 
     /// `len` copies of `value`: rounded for a float dtype; for an integer dtype, `value`

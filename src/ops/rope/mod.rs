@@ -287,22 +287,10 @@ fn apply(op: &str, x: &Tensor, positions: &Tensor, cfg: &RopeConfig, dir: Direct
     match operands {
         Operands::Cpu([xs, ps]) => {
             let pos = ps.as_u32().ok_or_else(|| Error::DType(format!("{op}: positions must be u32")))?;
-            if crate::device::poison_outputs() {
-                let mut out = Tensor::empty(x.shape(), x.dtype(), &x.device())?;
-                let storage =
-                    out.storage_mut()?.as_cpu_mut().ok_or_else(|| Error::Unsupported(format!("{op}: output")))?;
-                with_elems!(storage, o => rotate_tokens(xs, pos, &inv_freq, o, &shape)?);
-                return Ok(out);
-            }
-            // Zeroed pages cost no pass over the output (the NaN fill of `Tensor::empty`
-            // took as long as the rotation itself); every element is written below.
-            let storage = match x.dtype() {
-                DType::F32 => CpuStorage::F32(rotate_into_new(xs, pos, &inv_freq, &shape)?),
-                DType::F16 => CpuStorage::F16(rotate_into_new(xs, pos, &inv_freq, &shape)?),
-                DType::BF16 => CpuStorage::BF16(rotate_into_new(xs, pos, &inv_freq, &shape)?),
-                other => return Err(Error::DType(format!("{op}: x must be a float tensor, got {other}"))),
-            };
-            Ok(Tensor::from_cpu_storage(storage, x.shape(), x.dtype()))
+            let mut out = Tensor::empty(x.shape(), x.dtype(), &x.device())?;
+            let storage = out.storage_mut()?.as_cpu_mut().ok_or_else(|| Error::Unsupported(format!("{op}: output")))?;
+            with_elems!(storage, o => rotate_tokens(xs, pos, &inv_freq, o, &shape)?);
+            Ok(out)
         }
         #[cfg(feature = "cuda")]
         Operands::Cuda(dev, [xb, pb]) => cuda::rope(dev, x, xb, pb, &inv_freq, &shape),
@@ -319,18 +307,6 @@ fn rename(e: Error, op: &str) -> Error {
         Error::InvalidArgument(m) => Error::InvalidArgument(fix(m)),
         other => other,
     }
-}
-
-/// [`rotate_tokens`] into a new zeroed vector.
-fn rotate_into_new<T: RopeElement>(
-    x: &CpuStorage,
-    positions: &[u32],
-    inv_freq: &[f32],
-    s: &RopeShape,
-) -> Result<Vec<T>> {
-    let mut out = crate::tensor::try_zeros::<T>(s.tokens * s.heads * s.head_dim)?;
-    rotate_tokens(x, positions, inv_freq, &mut out, s)?;
-    Ok(out)
 }
 
 /// The CPU kernel: per token, the cos/sin table of its angles ([`sincos::cos_sin_table`]),
@@ -483,24 +459,6 @@ impl RopeElement for bf16 {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn zeroed_output_is_written_in_full() {
-        let (tokens, heads, head_dim) = (5, 3, 10);
-        let x: Vec<bf16> = (0..tokens * heads * head_dim).map(|i| bf16::from_f32(i as f32 * 0.37 - 20.0)).collect();
-        let x = CpuStorage::BF16(x);
-        let positions: Vec<u32> = (0..tokens as u32).map(|p| p * 977).collect();
-        let inv_freq = RopeConfig::new(10000.0).with_rotary_dim(6).inv_freq(head_dim).unwrap();
-        for layout in [RopeLayout::HalfSplit, RopeLayout::Interleaved] {
-            let shape = RopeShape { tokens, heads, head_dim, rot: 6, layout, sign: -1.0 };
-            let fresh: Vec<bf16> = rotate_into_new(&x, &positions, &inv_freq, &shape).unwrap();
-            let mut poisoned = vec![bf16::NAN; fresh.len()];
-            rotate_tokens(&x, &positions, &inv_freq, &mut poisoned, &shape).unwrap();
-            let bits = |v: &[bf16]| v.iter().map(|b| b.to_bits()).collect::<Vec<_>>();
-            assert_eq!(bits(&fresh), bits(&poisoned));
-            assert!(poisoned.iter().all(|v| v.is_finite()));
-        }
-    }
 
     #[test]
     fn bf16_conversions_match_half() {
