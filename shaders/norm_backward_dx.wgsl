@@ -8,17 +8,7 @@
 // `rstd: array<f32>`, `store_dx(w, v2)`, `params: NormParams` and `ELEMS` (as in
 // norm_forward.wgsl). Dispatch: 2-D, (groups_x, ceil(rows / groups_x)) workgroups.
 
-// NormParams in src/ops/norm/wgpu.rs.
-struct NormParams {
-    rows: u32,
-    d: u32,
-    groups_x: u32,
-    eps: f32,
-    rows_per_group: u32,
-    groups: u32,
-    pad0: u32,
-    pad1: u32,
-}
+// `params: NormParams` is prepended, generated from NormParams in src/ops/norm/wgpu.rs.
 
 var<workgroup> partial: array<f32, 256>;
 

@@ -5,17 +5,7 @@
 // The Rust side prepends the bindings with `partials: array<f32>`, `store_dw(w, v2)`,
 // `params: NormParams` and `ELEMS` for w's dtype. Dispatch: 2-D, (groups_x, rows) of 256.
 
-// NormParams in src/ops/norm/wgpu.rs.
-struct NormParams {
-    rows: u32,
-    d: u32,
-    groups_x: u32,
-    eps: f32,
-    rows_per_group: u32,
-    groups: u32,
-    pad0: u32,
-    pad1: u32,
-}
+// `params: NormParams` is prepended, generated from NormParams in src/ops/norm/wgpu.rs.
 
 @compute @workgroup_size(256)
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) li: u32) {

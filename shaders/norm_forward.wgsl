@@ -14,17 +14,7 @@
 // rounded by a cast after).
 // Dispatch: 2-D, (groups_x, ceil(rows / groups_x)) workgroups.
 
-// NormParams in src/ops/norm/wgpu.rs.
-struct NormParams {
-    rows: u32,
-    d: u32,
-    groups_x: u32,
-    eps: f32,
-    rows_per_group: u32,
-    groups: u32,
-    pad0: u32,
-    pad1: u32,
-}
+// `params: NormParams` is prepended, generated from NormParams in src/ops/norm/wgpu.rs.
 
 var<workgroup> partial: array<f32, 256>;
 
