@@ -4,17 +4,7 @@
 // One workgroup of 256 invocations: each sums a strided slice of the rows (rows/256
 // iterations), then a tree reduction in workgroup memory. Dispatch: (1, 1, 1).
 
-// LossParams in src/ops/loss/mod.rs.
-struct LossParams {
-    rows: u32,
-    cols: u32,
-    col0: u32,
-    fresh: u32,
-    scale: f32,
-    inv_count: f32,
-    groups_x: u32,
-    pad0: u32,
-}
+// `struct LossParams` is prepended, generated from LossParams in src/ops/loss/mod.rs.
 
 @group(0) @binding(0) var<storage, read> state: array<f32>;
 @group(0) @binding(1) var<storage, read> targets: array<i32>;

@@ -7,17 +7,7 @@
 // `load_x(i)` and binding 3 with `out`, `ELEMS` and `store_word`.
 // Dispatch: 2-D, (groups_x, ceil(words / 256 / groups_x)).
 
-// LossParams in src/ops/loss/mod.rs.
-struct LossParams {
-    rows: u32,
-    cols: u32,
-    col0: u32,
-    fresh: u32,
-    scale: f32,
-    inv_count: f32,
-    groups_x: u32,
-    pad0: u32,
-}
+// `struct LossParams` is prepended, generated from LossParams in src/ops/loss/mod.rs.
 
 @group(0) @binding(1) var<storage, read> targets: array<i32>;
 @group(0) @binding(2) var<storage, read> state: array<f32>;

@@ -8,17 +8,7 @@
 // and writes it. The Rust side prepends binding 0 with `load_x(i)`.
 // Dispatch: 2-D, (groups_x, ceil(rows / groups_x)).
 
-// LossParams in src/ops/loss/mod.rs.
-struct LossParams {
-    rows: u32,
-    cols: u32,
-    col0: u32,
-    fresh: u32,
-    scale: f32,
-    inv_count: f32,
-    groups_x: u32,
-    pad0: u32,
-}
+// `struct LossParams` is prepended, generated from LossParams in src/ops/loss/mod.rs.
 
 @group(0) @binding(1) var<storage, read> targets: array<i32>;
 @group(0) @binding(2) var<storage, read_write> state: array<f32>;

@@ -22,7 +22,9 @@ pub(crate) fn lse(
 ) -> Result<()> {
     let (n, cols) = (logits.shape()[0], logits.shape()[1]);
     let key = format!("loss_lse_{}", logits.dtype());
-    let pipeline = dev.pipeline(&key, || format!("{}{}", wgsl_input("x", 0, logits.dtype(), false), wgsl::LOSS_LSE))?;
+    let pipeline = dev.pipeline(&key, || {
+        format!("{}{}{}", params_struct(), wgsl_input("x", 0, logits.dtype(), false), wgsl::LOSS_LSE)
+    })?;
     let (gx, gy) = grid_2d(n);
     let params = LossParams { groups_x: gx, ..LossParams::new(n, cols, c0, fresh, 0.0, 0.0)? };
     dev.dispatch(&pipeline, &[x.get(), targets.get(), state.wgpu_buffer()?], &params, (gx, gy, 1))
@@ -43,7 +45,13 @@ pub(crate) fn grad(
     let (n, cols) = (logits.shape()[0], logits.shape()[1]);
     let key = format!("loss_grad_{}_{out_dtype}", logits.dtype());
     let pipeline = dev.pipeline(&key, || {
-        format!("{}{}{}", wgsl_input("x", 0, logits.dtype(), false), wgsl_output_words(3, out_dtype), wgsl::LOSS_GRAD)
+        format!(
+            "{}{}{}{}",
+            params_struct(),
+            wgsl_input("x", 0, logits.dtype(), false),
+            wgsl_output_words(3, out_dtype),
+            wgsl::LOSS_GRAD
+        )
     })?;
     let g = Tensor::empty(logits.shape(), out_dtype, &logits.device())?;
     let words = (n * cols).div_ceil(4 / out_dtype.size_in_bytes());
@@ -63,7 +71,7 @@ pub(crate) fn finish(
     inv_count: f32,
 ) -> Result<Tensor> {
     let n = state_t.shape()[0];
-    let pipeline = dev.pipeline("loss_finish", || wgsl::LOSS_FINISH.to_string())?;
+    let pipeline = dev.pipeline("loss_finish", || params_struct() + wgsl::LOSS_FINISH)?;
     let loss = Tensor::empty(&[], DType::F32, &state_t.device())?;
     let params = LossParams::new(n, 0, 0, false, 0.0, inv_count)?;
     dev.dispatch(&pipeline, &[state.get(), targets.get(), loss.wgpu_buffer()?], &params, (1, 1, 1))?;
@@ -86,15 +94,7 @@ pub(crate) fn copy_elems(dst: &Tensor, dst_at: usize, src: &Tensor, src_at: usiz
     dev.copy_region(s, src_at * es, d, dst_at * es, (len * es).div_ceil(4) * 4)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::kernels::mirror::{Lang, assert_mirrored};
-
-    #[test]
-    fn parameters_mirror_the_shaders() {
-        for shader in [wgsl::LOSS_LSE, wgsl::LOSS_GRAD, wgsl::LOSS_FINISH] {
-            assert_mirrored::<LossParams>(shader, Lang::Wgsl);
-        }
-    }
+/// `struct LossParams` for the shaders, generated from the Rust struct.
+fn params_struct() -> String {
+    crate::kernels::wgsl_struct::<LossParams>("LossParams")
 }
