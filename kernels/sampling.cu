@@ -96,6 +96,22 @@ __device__ void sample_reduce(SampleShared& sh, float acc, u32& cnt, u32& mn, u3
     mx = sh.hi[0];
 }
 
+// The canonical sum of the weights of the row's tokens whose key is at least `tau` (left in
+// sh.tree, levels kept, for the draw's walk down it).
+template <class T>
+__device__ float sample_kept_mass(SampleShared& sh, const typename T::storage* x, u32 V, u32 tau, float mx,
+                                  u32 max_key, float scale24, const float* table) {
+    float acc = 0.f, total;
+    u32 c0 = 0, m0 = 0, x0 = 0;
+    for (u32 i = threadIdx.x; i < V; i += SAMPLE_THREADS) {
+        const float v = T::load(x[i]);
+        const u32 k = order_key(v);
+        if (k >= tau) acc = __fadd_rn(acc, sample_weight(v, k, mx, max_key, scale24, table));
+    }
+    sample_reduce(sh, acc, c0, m0, x0, total);
+    return total;
+}
+
 template <class T>
 __device__ void sample_impl(const typename T::storage* logits, u32* ids, const float* table, SampleParams p) {
     __shared__ SampleShared sh;
@@ -151,14 +167,7 @@ __device__ void sample_impl(const typename T::storage* logits, u32* ids, const f
 
     // 3. top-p over the top-k survivors.
     if (p.top_p < 1.f) {
-        float acc = 0.f, total;
-        u32 c0 = 0, m0 = 0, x0 = 0;
-        for (u32 i = t; i < V; i += SAMPLE_THREADS) {
-            const float v = T::load(x[i]);
-            const u32 k = order_key(v);
-            if (k >= tau) acc = __fadd_rn(acc, sample_weight(v, k, mx, max_key, p.scale24, table));
-        }
-        sample_reduce(sh, acc, c0, m0, x0, total);
+        const float total = sample_kept_mass<T>(sh, x, V, tau, mx, max_key, p.scale24, table);
         const float bound = __fmul_rn(p.top_p, total);
         u32 lo = tau, hi = max_key;
         while (lo < hi) {
@@ -182,14 +191,7 @@ __device__ void sample_impl(const typename T::storage* logits, u32* ids, const f
     }
 
     // 4. the draw over the kept weights.
-    float acc = 0.f, total;
-    u32 c0 = 0, m0 = 0, x0 = 0;
-    for (u32 i = t; i < V; i += SAMPLE_THREADS) {
-        const float v = T::load(x[i]);
-        const u32 k = order_key(v);
-        if (k >= tau) acc = __fadd_rn(acc, sample_weight(v, k, mx, max_key, p.scale24, table));
-    }
-    sample_reduce(sh, acc, c0, m0, x0, total);
+    const float total = sample_kept_mass<T>(sh, x, V, tau, mx, max_key, p.scale24, table);
     const u32 h = sample_mix32(p.key ^ sample_mix32((row * 0x9e3779b1u) ^ 0x165667b1u));
     const float r = __fmul_rn(__fmul_rn((float)(h >> 8), 1.f / 16777216.f), total);
     u32 lane = 0;
