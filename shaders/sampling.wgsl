@@ -108,6 +108,20 @@ fn reduce(li: u32, acc: f32, cnt: u32, mn: u32, mx: u32) -> Reduced {
     return workgroupUniformLoad(&reduced);
 }
 
+// The canonical sum of the weights of the row's tokens whose key is at least `tau` (left in
+// `tree`, levels kept, for the draw's walk down it).
+fn kept_mass(li: u32, base: u32, V: u32, tau: u32, mx: f32, max_key: u32) -> f32 {
+    var acc = 0.0;
+    for (var i = li; i < V; i += THREADS) {
+        let v = load_x(base + i);
+        let k = order_key(v);
+        if (k >= tau) {
+            acc += weight(v, k, mx, max_key);
+        }
+    }
+    return reduce(li, acc, 0u, 0u, 0u).sum;
+}
+
 @compute @workgroup_size(256)
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) li: u32) {
     let row = wg.y * params.groups_x + wg.x;
@@ -187,15 +201,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
 
     // 3. top-p: the smallest key v >= tau_k with mass(keys > v) < top_p * mass(top-k).
     if (params.top_p < 1.0) {
-        var acc = 0.0;
-        for (var i = li; i < V; i += THREADS) {
-            let v = load_x(base + i);
-            let k = order_key(v);
-            if (k >= tau) {
-                acc += weight(v, k, mx, max_key);
-            }
-        }
-        let bound = params.top_p * reduce(li, acc, 0u, 0u, 0u).sum;
+        let bound = params.top_p * kept_mass(li, base, V, tau, mx, max_key);
         var lo = tau;
         var hi = max_key;
         while (lo < hi) {
@@ -224,15 +230,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     }
 
     // 4. the draw: down the canonical tree of the kept weights, then along one lane.
-    var acc = 0.0;
-    for (var i = li; i < V; i += THREADS) {
-        let v = load_x(base + i);
-        let k = order_key(v);
-        if (k >= tau) {
-            acc += weight(v, k, mx, max_key);
-        }
-    }
-    let total = reduce(li, acc, 0u, 0u, 0u).sum;
+    let total = kept_mass(li, base, V, tau, mx, max_key);
     let h = mix32(params.key ^ mix32((row * 0x9e3779b1u) ^ 0x165667b1u));
     let r = (f32(h >> 8u) * (1.0 / 16777216.0)) * total;
     if (li == 0u) {
