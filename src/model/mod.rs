@@ -1,5 +1,8 @@
-//! The model side: adapters as PEFT writes them.
+//! The model side: a Llama-style transformer, its tokenizer and chat template, and adapters
+//! as PEFT writes them.
 
 mod adapter;
+mod fetch;
 
 pub use adapter::{LoraAdapter, LoraConfig, LoraLayer};
+pub use fetch::{DEFAULT_MODEL_FILE, DEFAULT_MODEL_PACKAGE, cache_dir, cached_default_model, default_model};
