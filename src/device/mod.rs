@@ -11,7 +11,7 @@ pub(crate) mod pool;
 #[cfg(feature = "wgpu")]
 pub(crate) mod wgpu;
 
-use crate::Result;
+use crate::{Error, Result};
 use std::fmt;
 #[cfg(any(feature = "cuda", feature = "wgpu"))]
 use std::sync::Arc;
@@ -124,6 +124,27 @@ impl fmt::Display for Device {
             Device::Cpu => write!(f, "cpu"),
             Device::Cuda(i) => write!(f, "cuda:{i}"),
             Device::Wgpu(i) => write!(f, "wgpu:{i}"),
+        }
+    }
+}
+
+impl std::str::FromStr for Device {
+    type Err = Error;
+
+    /// Parses `cpu`, `cuda`, `cuda:N`, `wgpu`, `wgpu:N` (as [`Device`]'s `Display` writes
+    /// them). Whether the device exists is not checked here: [`Device::info`] tells.
+    fn from_str(s: &str) -> Result<Device> {
+        let bad = || Error::InvalidArgument(format!("unknown device {s:?}; write cpu, cuda:N or wgpu:N"));
+        let index = |n: Option<&str>| n.map_or(Ok(0), |n| n.parse::<usize>().map_err(|_| bad()));
+        let (kind, n) = match s.split_once(':') {
+            Some((k, n)) => (k, Some(n)),
+            None => (s, None),
+        };
+        match kind.to_ascii_lowercase().as_str() {
+            "cpu" if n.is_none() => Ok(Device::Cpu),
+            "cuda" => Ok(Device::Cuda(index(n)?)),
+            "wgpu" => Ok(Device::Wgpu(index(n)?)),
+            _ => Err(bad()),
         }
     }
 }

@@ -688,6 +688,46 @@ impl GgufFile {
         }
     }
 
+    /// [`GgufFile::load`] with the rows (outermost index) taken in `order`: row i of the
+    /// result is row `order[i]` of the file. The rows of every type kiln reads are whole
+    /// blocks, so this reorders without decoding (the model loader undoes llama.cpp's q/k
+    /// permutation with it). `Err(Shape)` unless `order` is a permutation of the rows.
+    pub fn load_rows(&self, name: &str, order: &[usize], device: &Device) -> Result<GgufTensor> {
+        let info = self.tensor_info(name)?;
+        let holding = self.holding_of(info)?;
+        let shape = info.shape();
+        let rows = shape.first().copied().unwrap_or(1);
+        let mut seen = vec![false; rows];
+        let is_permutation =
+            order.len() == rows && order.iter().all(|&r| r < rows && !std::mem::replace(&mut seen[r], true));
+        if !is_permutation {
+            return Err(Error::Shape(format!(
+                "{}: {} has {rows} rows; the row order given is not a permutation of them",
+                self.path.display(),
+                info.describe()
+            )));
+        }
+        let bytes = self.bytes_of(info);
+        let row_bytes = bytes.len() / rows.max(1);
+        let mut reordered = crate::tensor::try_vec(bytes.len(), 0u8)?;
+        for (dst, &src) in reordered.chunks_exact_mut(row_bytes.max(1)).zip(order) {
+            dst.copy_from_slice(&bytes[src * row_bytes..(src + 1) * row_bytes]);
+        }
+        let context = |e| with_context(e, &format!("{}: {}", self.path.display(), info.describe()));
+        match holding {
+            Holding::Dense(dtype) => {
+                Tensor::from_le_bytes(&reordered, &shape, dtype, device).map(GgufTensor::Dense).map_err(context)
+            }
+            // A quantized tensor must be [out, in]: `quantized` gives the error otherwise.
+            Holding::Quantized(format) if shape.len() != 2 => {
+                self.quantized(info, format, device).map(GgufTensor::Quantized)
+            }
+            Holding::Quantized(format) => QTensor::from_ggml_blocks(format, &reordered, &shape, device)
+                .map(GgufTensor::Quantized)
+                .map_err(context),
+        }
+    }
+
     /// Dense tensor `name` (f32, f16, bf16 or i32) on `device`, in the file's dtype and the
     /// row-major shape (the file's dims reversed).
     ///
