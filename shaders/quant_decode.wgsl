@@ -1,7 +1,10 @@
 // Decoding quantized weights on the fly: `quant_weight(e)` is element e (row-major, flat)
 // of an [out, in] quantized weight, bound as `w: array<u32>` (the raw bytes; see
 // src/ops/quant/formats.rs for the formats). The including shader's `Params` holds
-// `q: QuantParams`. Each weight is `code · scale` rounded once in f32 (Q4_1: `+ min`, rounded
+// `q: QuantParams`, and the Rust side prepends `const QUANT_FORMAT: u32` (the format's code):
+// a pipeline per format, so every switch below folds away. Left to the uniform, a software
+// rasterizer such as llvmpipe runs every case of a switch under a mask, NF4's table lookup
+// included, for every weight. Each weight is `code · scale` rounded once in f32 (Q4_1: `+ min`, rounded
 // again), as the CPU decodes it.
 
 // The weight's format and the place of its NF4 state (QuantParams in src/ops/quant/wgpu.rs).
@@ -43,12 +46,12 @@ fn f32_at(addr: u32) -> f32 {
 }
 
 fn block_size() -> u32 {
-    return select(32u, 64u, params.q.format >= 3u);
+    return select(32u, 64u, QUANT_FORMAT >= 3u);
 }
 
 // The scale of block b.
 fn block_scale(b: u32) -> f32 {
-    switch params.q.format {
+    switch QUANT_FORMAT {
         case 0u: { return f16_at(b * BLOCK_Q8_0_BYTES); }
         case 1u: { return f16_at(b * BLOCK_Q4_0_BYTES); }
         case 2u: { return f16_at(b * BLOCK_Q4_1_BYTES); }
@@ -62,7 +65,7 @@ fn block_scale(b: u32) -> f32 {
 
 // The minimum of block b, added to each of its weights: Q4_1's `m`, zero otherwise.
 fn block_min(b: u32) -> f32 {
-    if (params.q.format == 2u) {
+    if (QUANT_FORMAT == 2u) {
         return f16_at(b * BLOCK_Q4_1_BYTES + 2u);
     }
     return 0.0;
@@ -72,14 +75,14 @@ fn block_min(b: u32) -> f32 {
 // code value.
 fn block_code(e: u32) -> f32 {
     let j = e % 32u;
-    switch params.q.format {
+    switch QUANT_FORMAT {
         case 0u: {
             let q = byte_at((e / 32u) * BLOCK_Q8_0_BYTES + 2u + j);
             return f32(bitcast<i32>(q << 24u) >> 24u);
         }
         case 1u, 2u: {
             // ggml's 4-bit packing: byte i holds weight i (low nibble) and i + 16 (high).
-            let q41 = params.q.format == 2u;
+            let q41 = QUANT_FORMAT == 2u;
             let start = (e / 32u) * select(BLOCK_Q4_0_BYTES, BLOCK_Q4_1_BYTES, q41) + select(2u, 4u, q41);
             let byte = byte_at(start + (j & 15u));
             let q = i32(select(byte & 15u, byte >> 4u, j >= 16u));
@@ -96,7 +99,7 @@ fn block_code(e: u32) -> f32 {
 // others keep the sign of a zero product as the CPU does.
 fn weight_of(code: f32, scale: f32, minimum: f32) -> f32 {
     let product = code * scale;
-    if (params.q.format == 2u) {
+    if (QUANT_FORMAT == 2u) {
         return product + minimum;
     }
     return product;

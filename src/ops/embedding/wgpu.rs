@@ -97,13 +97,13 @@ pub(crate) fn qgather(
     dtype: DType,
     out_shape: &[usize],
 ) -> Result<Tensor> {
-    let pipeline = dev.pipeline(&format!("embedding_qgather_{dtype}"), || {
+    let pipeline = dev.pipeline(&format!("embedding_qgather_{dtype}_{}", table.format()), || {
         format!(
             "{}{}{}@group(0) @binding(1) var<storage, read> ids: array<u32>;\n{}\
              @group(0) @binding(3) var<uniform> params: Params;\n{}{}",
             wgsl::EMBEDDING_COMMON,
             wgsl_struct::<QGatherUniform>("Params"),
-            decode_binding(0),
+            decode_binding(0, table.format()),
             wgsl_output_words(2, dtype),
             wgsl::EMBEDDING_QGATHER,
             wgsl::ELEMENTWISE_MAP,

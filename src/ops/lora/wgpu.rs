@@ -104,10 +104,12 @@ pub(crate) fn fused(dev: &Arc<WgpuDevice>, f: &Fused<'_>) -> Result<(Tensor, Ten
     let (tokens, r) = (x.shape()[0], f.rank());
     let native = x.dtype() == DType::F16 && dev.shader_f16;
     let in_kernel = f.xa_in_kernel();
-    let quantized = matches!(f.base, BaseWeight::Quantized(_));
     let key = format!(
         "lora_fused_{}_{}{}_{}",
-        if quantized { "quant" } else { "dense" },
+        match f.base {
+            BaseWeight::Quantized(q) => format!("quant_{}", q.format()),
+            BaseWeight::Dense(_) => "dense".to_string(),
+        },
         x.dtype(),
         if native { "_native" } else { "" },
         if in_kernel { "xa" } else { "pre" }
@@ -116,9 +118,9 @@ pub(crate) fn fused(dev: &Arc<WgpuDevice>, f: &Fused<'_>) -> Result<(Tensor, Ten
         let enable = if native { "enable f16;\n" } else { "" };
         let (uniform, weight) = match f.base {
             BaseWeight::Dense(w) => (wgsl_struct::<DenseUniform>("Params"), wgsl_input("b", 1, w.dtype(), native)),
-            BaseWeight::Quantized(_) => (
+            BaseWeight::Quantized(q) => (
                 wgsl_struct::<QuantUniform>("Params"),
-                format!("{}fn load_b(i: u32) -> f32 {{ return quant_weight(i); }}\n", decode_binding(1)),
+                format!("{}fn load_b(i: u32) -> f32 {{ return quant_weight(i); }}\n", decode_binding(1, q.format())),
             ),
         };
         format!(

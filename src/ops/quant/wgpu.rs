@@ -2,7 +2,7 @@
 //! quantized loader), GEMV (`shaders/quant_gemv.wgsl`) and GEMM (`shaders/matmul.wgsl` with
 //! a loader that decodes W tiles as it stages them).
 
-use super::{Direction, GEMV_MAX_TOKENS, QProblem, QTensor};
+use super::{Direction, GEMV_MAX_TOKENS, QProblem, QTensor, QuantFormat};
 use crate::device::wgpu::launch::{fits_u32, grid_2d, wgsl_input, wgsl_output_words};
 use crate::device::wgpu::{WgpuBuffer, WgpuDevice};
 use crate::kernels::{kernel_params, wgsl, wgsl_struct};
@@ -77,9 +77,14 @@ kernel_params! {
     }
 }
 
-/// The `w` binding with the decoders of `shaders/quant_decode.wgsl`.
-pub(crate) fn decode_binding(binding: u32) -> String {
-    format!("@group(0) @binding({binding}) var<storage, read> w: array<u32>;\n{}", wgsl::QUANT_DECODE)
+/// The `w` binding with the decoders of `shaders/quant_decode.wgsl`, built for `format`:
+/// pipelines that include it are cached per format (their keys end in the format's name).
+pub(crate) fn decode_binding(binding: u32, format: QuantFormat) -> String {
+    format!(
+        "const QUANT_FORMAT: u32 = {}u;\n@group(0) @binding({binding}) var<storage, read> w: array<u32>;\n{}",
+        format.code(),
+        wgsl::QUANT_DECODE
+    )
 }
 
 fn native_f16(dev: &WgpuDevice, dtype: DType) -> bool {
@@ -87,12 +92,12 @@ fn native_f16(dev: &WgpuDevice, dtype: DType) -> bool {
 }
 
 pub(crate) fn dequantize(dev: &Arc<WgpuDevice>, w: &QTensor, buf: &WgpuBuffer, dtype: DType) -> Result<Tensor> {
-    let pipeline = dev.pipeline(&format!("dequantize_{dtype}"), || {
+    let pipeline = dev.pipeline(&format!("dequantize_{dtype}_{}", w.format), || {
         format!(
             "{}@group(0) @binding(2) var<uniform> params: Params;\n{}{}\
              fn apply(i: u32) -> f32 {{ return quant_weight(i); }}\n{}",
             wgsl_struct::<DequantizeUniform>("Params"),
-            decode_binding(0),
+            decode_binding(0, w.format),
             wgsl_output_words(1, dtype),
             wgsl::ELEMENTWISE_MAP,
         )
@@ -120,16 +125,17 @@ pub(crate) fn product(
     let y = Tensor::empty(out_shape, DType::F32, &x.device())?;
     let q = QuantParams::of(w)?;
     if p.tokens <= GEMV_MAX_TOKENS && p.direction == Direction::Forward {
-        let pipeline = dev.pipeline(&format!("quant_gemv_{suffix}"), || {
+        let pipeline = dev.pipeline(&format!("quant_gemv_{suffix}_{}", w.format), || {
             format!(
                 "{enable}{}{}{}{}",
                 wgsl_struct::<GemvUniform>("Params"),
-                decode_binding(0),
+                decode_binding(0, w.format),
                 wgsl_input("x", 1, x.dtype(), native),
                 wgsl::QUANT_GEMV,
             )
         })?;
-        let (gx, gy) = grid_2d(w.rows);
+        // Eight rows per workgroup (quant_gemv.wgsl).
+        let (gx, gy) = grid_2d(w.rows.div_ceil(8));
         let gemv = QuantGemvParams {
             rows: fits_u32("out", w.rows)?,
             cols: fits_u32("in", w.cols)?,
@@ -139,12 +145,12 @@ pub(crate) fn product(
         dev.dispatch(&pipeline, &[wbuf.get(), xbuf.get(), y.wgpu_buffer()?], &GemvUniform { gemv, q }, (gx, gy, 1))?;
     } else {
         // matmul.wgsl with A = x and B = W (Wᵀ forward): its B index is then W's flat index.
-        let pipeline = dev.pipeline(&format!("quant_gemm_{suffix}"), || {
+        let pipeline = dev.pipeline(&format!("quant_gemm_{suffix}_{}", w.format), || {
             format!(
                 "{enable}{}{}{}fn load_b(i: u32) -> f32 {{ return quant_weight(i); }}\n{PLAIN_HOOKS}{}",
                 wgsl_struct::<GemmUniform>("Params"),
                 wgsl_input("a", 0, x.dtype(), native),
-                decode_binding(1),
+                decode_binding(1, w.format),
                 wgsl::MATMUL,
             )
         })?;
