@@ -1,16 +1,20 @@
 //! The model side: a Llama-style transformer (config, weights from safetensors or GGUF,
-//! forward, generation), and adapters as PEFT writes them.
+//! forward, generation), its tokenizer and chat template, and adapters as PEFT writes them.
 
 mod adapter;
+mod chat;
 mod config;
 mod fetch;
 mod generate;
 mod llama;
+mod tokenizer;
 mod weights;
 
 pub use adapter::{LoraAdapter, LoraConfig, LoraLayer};
+pub use chat::ChatMessage;
 pub use config::LlamaConfig;
 pub use fetch::{DEFAULT_MODEL_FILE, DEFAULT_MODEL_PACKAGE, cache_dir, cached_default_model, default_model};
 pub use generate::{FinishReason, Flow, Generated, GenerationConfig, Prompt};
 pub use llama::{KvState, Llama, Logits, Sequence};
+pub use tokenizer::{TokenStream, Tokenizer};
 pub use weights::{LayerWeights, Linear, LoadOptions, ModelWeights, PROJECTIONS, Weight, unpermute_order};
