@@ -119,7 +119,7 @@ impl Llama {
 
     fn new(config: LlamaConfig, weights: ModelWeights, options: &LoadOptions) -> Llama {
         let packed = (0..config.num_layers).map(|_| Default::default()).collect();
-        Llama { config, weights, dtype: options.dtype, device: options.device.clone(), adapters: Vec::new(), packed }
+        Llama { config, weights, dtype: options.dtype, device: options.device, adapters: Vec::new(), packed }
     }
 
     /// The activations' dtype.

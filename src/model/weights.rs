@@ -139,7 +139,7 @@ pub struct LoadOptions {
 
 impl LoadOptions {
     pub fn new(device: &Device) -> LoadOptions {
-        LoadOptions { device: device.clone(), dtype: DType::F32, quantize: None }
+        LoadOptions { device: *device, dtype: DType::F32, quantize: None }
     }
 
     pub fn dtype(self, dtype: DType) -> LoadOptions {
@@ -305,7 +305,7 @@ impl SafetensorsSource {
             drop(parsed);
             files.push((path, map));
         }
-        Ok(SafetensorsSource { index, files, device: device.clone() })
+        Ok(SafetensorsSource { index, files, device: *device })
     }
 }
 
@@ -345,7 +345,7 @@ impl Source for SafetensorsSource {
 pub(crate) fn load_gguf(file: &GgufFile, config: &LlamaConfig, options: &LoadOptions) -> Result<ModelWeights> {
     // llama.cpp permutes q and k for the architectures it rotates interleaved.
     let permuted = matches!(config.architecture.as_str(), "llama" | "mistral");
-    let source = GgufSource { file, device: options.device.clone() };
+    let source = GgufSource { file, device: options.device };
     load(&source, config, options, permuted)
 }
 
