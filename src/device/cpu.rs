@@ -4,6 +4,7 @@ use super::{Device, DeviceInfo, DeviceKind};
 
 pub(crate) fn info() -> DeviceInfo {
     let threads = rayon::current_num_threads();
+    #[cfg_attr(not(target_arch = "x86_64"), allow(unused_mut))]
     let mut details = vec![("threads".to_string(), threads.to_string())];
     #[cfg(target_arch = "x86_64")]
     {

@@ -15,8 +15,12 @@
 //!   `m·d_x·Σq`, as `vec_dot_q4_1_q8_1` does.
 //! - NF4: codes looked up with two 8-entry permutes, then as the exact kernel.
 
-use super::formats::{BlockQ4_0, BlockQ4_1, BlockQ8_0, GgmlBlock, decode_block, nf4_absmax};
-use super::{GEMV_MAX_TOKENS, NF4_CODE, QTensor, QuantFormat};
+#[cfg(target_arch = "x86_64")]
+use super::formats::nf4_absmax;
+use super::formats::{BlockQ4_0, BlockQ4_1, BlockQ8_0, GgmlBlock, decode_block};
+#[cfg(target_arch = "x86_64")]
+use super::{GEMV_MAX_TOKENS, NF4_CODE};
+use super::{QTensor, QuantFormat};
 use crate::tensor::try_zeros;
 use rayon::prelude::*;
 
@@ -39,6 +43,7 @@ fn ggml_kind(format: QuantFormat) -> Option<u8> {
 
 /// Binds the constant `$t` to `$tokens` (1 to [`GEMV_MAX_TOKENS`]) and evaluates `$body`, so
 /// kernels keep one accumulator per token row in registers.
+#[cfg(target_arch = "x86_64")]
 #[rustfmt::skip]
 macro_rules! with_token_count {
     ($tokens:expr, $t:ident => $body:expr) => {
@@ -63,7 +68,8 @@ pub(crate) struct Q8Rows {
     /// `[tokens, cols / 32]`: each block's `d`.
     pub d: Vec<f32>,
     /// `[tokens, cols / 32]`: each block's `−8·Σq`, the correction of a product with Q4_0's
-    /// unsigned codes (`Σ (c − 8)·q = Σ c·q − 8·Σ q`).
+    /// unsigned codes (`Σ (c − 8)·q = Σ c·q − 8·Σ q`). Read by the SIMD kernels.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     pub q4_bias: Vec<i32>,
     /// `[tokens, cols / 32]`: each block's `d·Σq` (ggml's `block_q8_1::s`, kept in f32), the
     /// part of a product that Q4_1's minimum contributes (`Σ (d_w·c + m)·d·q = d_w·d·Σ c·q +
