@@ -451,3 +451,34 @@ fn bad_adapters_and_prompts_are_refused() {
     );
     assert!(text.contains("none"), "{text}");
 }
+
+/// SmolLM2 through its own tokenizer and chat template: greedy decoding answers the way
+/// transformers does (`The capital of France is Paris.` then `<|im_end|>`), and a stop string
+/// ends the answer at the token that completes it.
+#[test]
+fn smollm2_chat_answers_and_stops_at_a_stop_string() {
+    let Some(path) = kiln::model::cached_default_model() else {
+        assert!(std::env::var("CI").map_or(true, |v| v != "true"), "CI: the default model is not cached");
+        println!("SKIP: the default model is not cached");
+        return;
+    };
+    let file = kiln::GgufFile::open(&path).unwrap();
+    let tokenizer = kiln::model::Tokenizer::from_gguf(&file).unwrap();
+    let model = Llama::from_gguf(&file, &LoadOptions::new(&Device::Cpu)).unwrap();
+    let text = tokenizer
+        .apply_chat_template(&[kiln::model::ChatMessage::user("What is the capital of France?")], true)
+        .unwrap();
+    let ids = tokenizer.encode(&text, false).unwrap();
+    let config = GenerationConfig { max_new_tokens: 20, ..GenerationConfig::default() };
+    let out = model.generate(&[Prompt::new(ids.clone())], &config, &mut |_, _| Ok(Flow::Continue)).unwrap();
+    // transformers 5.24, greedy, on this GGUF (dequantized to f32): the same ids.
+    assert_eq!(out[0].ids, [504, 3575, 282, 4649, 314, 7042, 30, 2]);
+    assert_eq!(out[0].finish, kiln::model::FinishReason::Eos);
+    assert_eq!(tokenizer.decode(&out[0].ids, true).unwrap(), "The capital of France is Paris.");
+
+    let mut stops = kiln::model::StopStrings::new(&tokenizer, &["France"], 1);
+    let out = model.generate(&[Prompt::new(ids)], &config, &mut |i, id| stops.check(i, id)).unwrap();
+    assert_eq!(out[0].finish, kiln::model::FinishReason::Stopped);
+    assert_eq!(tokenizer.decode(&out[0].ids, true).unwrap(), "The capital of France");
+    assert_eq!(stops.text(0), Some("The capital of France"));
+}

@@ -1,9 +1,11 @@
 //! Generation: the prompts of a batch go through one prefill, then every sequence decodes a
 //! token per step against the KV cache, greedy or sampled (temperature, top-k, top-p, seed),
-//! until its end-of-sequence token, a stop the caller signals, or the token budget. Each
+//! until its end-of-sequence token, a stop the caller signals (a stop string, with
+//! [`StopStrings`]), or the token budget. Each
 //! sequence may run with its own adapter; one forward per step serves the whole batch.
 
 use super::llama::{KvState, Llama, Logits, Sequence};
+use super::tokenizer::{TokenStream, Tokenizer};
 use crate::ops::SamplingParams;
 use crate::{Error, Result};
 
@@ -147,5 +149,51 @@ impl Llama {
             logits = self.forward(&batch, Some(&mut state), Logits::Last)?;
         }
         Ok(results)
+    }
+}
+
+/// Ends sequences at stop strings: the generation callback feeds it each new token, and it
+/// answers [`Flow::Stop`] once a sequence's decoded completion contains one of the strings
+/// (the token that completes it is kept, as transformers' `stop_strings` keeps it).
+pub struct StopStrings<'t> {
+    stops: Vec<String>,
+    streams: Vec<TokenStream<'t>>,
+    texts: Vec<String>,
+}
+
+impl<'t> StopStrings<'t> {
+    /// For a batch of `batch` sequences. Empty strings are ignored.
+    pub fn new(tokenizer: &'t Tokenizer, stops: &[&str], batch: usize) -> StopStrings<'t> {
+        StopStrings {
+            stops: stops.iter().filter(|s| !s.is_empty()).map(|s| s.to_string()).collect(),
+            streams: (0..batch).map(|_| tokenizer.decoder_stream(false)).collect(),
+            texts: vec![String::new(); batch],
+        }
+    }
+
+    /// Feeds sequence `seq`'s new token `id`. `Err` for a sequence past the batch or an id
+    /// past the vocabulary.
+    pub fn check(&mut self, seq: usize, id: u32) -> Result<Flow> {
+        let batch = self.streams.len();
+        let (stream, text) = self
+            .streams
+            .get_mut(seq)
+            .zip(self.texts.get_mut(seq))
+            .ok_or_else(|| Error::InvalidArgument(format!("sequence {seq} of a batch of {batch}")))?;
+        let Some(piece) = stream.step(id)? else { return Ok(Flow::Continue) };
+        // Only the new text and the longest stop's worth before it can complete a stop.
+        let longest = self.stops.iter().map(String::len).max().unwrap_or(0);
+        let mut from = text.len().saturating_sub(longest);
+        while !text.is_char_boundary(from) {
+            from -= 1;
+        }
+        text.push_str(&piece);
+        let tail = &text[from..];
+        Ok(if self.stops.iter().any(|s| tail.contains(s.as_str())) { Flow::Stop } else { Flow::Continue })
+    }
+
+    /// Sequence `seq`'s completion text so far.
+    pub fn text(&self, seq: usize) -> Option<&str> {
+        self.texts.get(seq).map(String::as_str)
     }
 }

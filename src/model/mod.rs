@@ -14,7 +14,7 @@ pub use adapter::{LoraAdapter, LoraConfig, LoraLayer};
 pub use chat::ChatMessage;
 pub use config::LlamaConfig;
 pub use fetch::{DEFAULT_MODEL_FILE, DEFAULT_MODEL_PACKAGE, cache_dir, cached_default_model, default_model};
-pub use generate::{FinishReason, Flow, Generated, GenerationConfig, Prompt};
+pub use generate::{FinishReason, Flow, Generated, GenerationConfig, Prompt, StopStrings};
 pub use llama::{KvState, Llama, Logits, Sequence};
 pub use tokenizer::{TokenStream, Tokenizer};
 pub use weights::{LayerWeights, Linear, LoadOptions, ModelWeights, PROJECTIONS, Weight, unpermute_order};
