@@ -124,15 +124,25 @@ fn run() -> Result<()> {
     };
     let started = Instant::now();
     let options = LoadOptions::new(&device).quantize(args.quantize);
+    // The tokenizer is needed for a text prompt and to print text; ids work without one.
     let (mut model, tokenizer) = if path.is_dir() {
         let model = Llama::from_hf_dir(&path, &options)?;
-        let tokenizer = if path.join("tokenizer.json").is_file() { Some(Tokenizer::from_hf_dir(&path)?) } else { None };
+        let tokenizer = if path.join("tokenizer.json").is_file() { Some(Tokenizer::from_hf_dir(&path)) } else { None };
         (model, tokenizer)
     } else {
         let file = GgufFile::open(&path)?;
         let tokenizer =
-            if file.get("tokenizer.ggml.tokens").is_some() { Some(Tokenizer::from_gguf(&file)?) } else { None };
+            if file.get("tokenizer.ggml.tokens").is_some() { Some(Tokenizer::from_gguf(&file)) } else { None };
         (Llama::from_gguf(&file, &options)?, tokenizer)
+    };
+    let tokenizer = match tokenizer {
+        Some(Err(e)) if args.prompt.is_some() => return Err(e),
+        Some(Err(e)) => {
+            eprintln!("no tokenizer ({e}): the completion is printed as ids");
+            None
+        }
+        Some(Ok(t)) => Some(t),
+        None => None,
     };
     eprintln!(
         "{}: {} layers, hidden {}, vocab {}, on {device}, loaded in {:.2} s",
