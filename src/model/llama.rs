@@ -246,6 +246,16 @@ impl Llama {
     /// position), an adapter that is not loaded, or a sequence that would pass the state's
     /// capacity or the model's context; `Shape` when the batch does not match the state.
     pub fn forward(&self, batch: &[Sequence<'_>], state: Option<&mut KvState>, which: Logits) -> Result<Tensor> {
+        // On the CPU, the whole pass runs on one of rayon's workers: each op's parallel loop
+        // is then split among the workers directly, instead of handed over from an outside
+        // thread and waited for (a sleep and a wake-up per op, hundreds per token).
+        if self.device.is_cpu() && rayon::current_thread_index().is_none() {
+            return rayon::scope(|_| self.forward_on_worker(batch, state, which));
+        }
+        self.forward_on_worker(batch, state, which)
+    }
+
+    fn forward_on_worker(&self, batch: &[Sequence<'_>], state: Option<&mut KvState>, which: Logits) -> Result<Tensor> {
         let c = &self.config;
         let b = batch.len();
         let lens: Vec<usize> = batch.iter().map(|s| s.ids.len()).collect();
