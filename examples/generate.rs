@@ -13,7 +13,8 @@
 //! `{"prompt_ids": [...], "completion_ids": [...], "completion": "..."}` instead.
 //! `--logits-out` writes a safetensors file with `ids` (the prompt's ids, i64) and `logits`
 //! (`[prompt_len, vocab]` f32: the logits at every prompt position, the adapter included).
-//! `--prompt-ids` feeds ids directly, so a model folder without tokenizer files works too
+//! `--int8-activations` lets quantized products round activations to 8 bits on the CPU, as
+//! llama.cpp does (faster, not exact). `--prompt-ids` feeds ids directly, so a model folder without tokenizer files works too
 //! (the completion is then printed as ids, and `completion` in `--json` is empty).
 
 use kiln::io::GgufFile;
@@ -36,11 +37,12 @@ struct Args {
     quantize: Option<QuantFormat>,
     logits_out: Option<PathBuf>,
     json: bool,
+    int8_activations: bool,
 }
 
 const USAGE: &str = "usage: generate [--model GGUF_FILE|HF_DIR] [--adapter DIR] [--prompt TEXT | --prompt-ids 1,2,3] \
 [--chat] [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P] [--seed S] [--device cpu|cuda:N|wgpu:N] \
-[--quantize nf4|nf4dq|q8_0|q4_0|q4_1] [--logits-out FILE] [--json]";
+[--quantize nf4|nf4dq|q8_0|q4_0|q4_1] [--logits-out FILE] [--json] [--int8-activations]";
 
 fn parse_args() -> Result<Args> {
     let mut args = Args {
@@ -55,6 +57,7 @@ fn parse_args() -> Result<Args> {
         quantize: None,
         logits_out: None,
         json: false,
+        int8_activations: false,
     };
     let mut it = std::env::args().skip(1);
     let bad = |m: String| Error::InvalidArgument(format!("{m}\n{USAGE}"));
@@ -85,6 +88,7 @@ fn parse_args() -> Result<Args> {
             "--quantize" => args.quantize = Some(value("--quantize")?.parse::<QuantFormat>()?),
             "--logits-out" => args.logits_out = Some(value("--logits-out")?.into()),
             "--json" => args.json = true,
+            "--int8-activations" => args.int8_activations = true,
             "-h" | "--help" => {
                 println!("{USAGE}");
                 std::process::exit(0);
@@ -123,7 +127,7 @@ fn run() -> Result<()> {
         None => kiln::model::default_model()?,
     };
     let started = Instant::now();
-    let options = LoadOptions::new(&device).quantize(args.quantize);
+    let options = LoadOptions::new(&device).quantize(args.quantize).int8_activations(args.int8_activations);
     // The tokenizer is needed for a text prompt and to print text; ids work without one.
     let (mut model, tokenizer) = if path.is_dir() {
         let model = Llama::from_hf_dir(&path, &options)?;

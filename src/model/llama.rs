@@ -87,6 +87,7 @@ pub struct Llama {
     pub weights: ModelWeights,
     dtype: DType,
     device: Device,
+    quantized_matmul: crate::ops::QMatmulOptions,
     /// Loaded adapters by name, in loading order.
     adapters: Vec<(String, LoraAdapter)>,
     /// `[layer][projection]`, rebuilt when an adapter loads or unloads.
@@ -119,7 +120,15 @@ impl Llama {
 
     fn new(config: LlamaConfig, weights: ModelWeights, options: &LoadOptions) -> Llama {
         let packed = (0..config.num_layers).map(|_| Default::default()).collect();
-        Llama { config, weights, dtype: options.dtype, device: options.device, adapters: Vec::new(), packed }
+        Llama {
+            config,
+            weights,
+            dtype: options.dtype,
+            device: options.device,
+            quantized_matmul: options.quantized_matmul,
+            adapters: Vec::new(),
+            packed,
+        }
     }
 
     /// The activations' dtype.
@@ -351,7 +360,7 @@ impl Llama {
             Logits::Last => (0..b).map(|i| (i * s + lens[i].max(1) - 1) as u32).collect(),
         };
         let picked = crate::ops::embedding(&normed, &Tensor::from_slice(&rows, &[rows.len()], &self.device)?)?;
-        let logits = self.weights.head().forward(&picked)?.to_dtype(DType::F32)?;
+        let logits = self.weights.head().forward(&picked, self.quantized_matmul)?.to_dtype(DType::F32)?;
         if which == Logits::Last && lens.contains(&0) {
             let mut host = logits.to_vec::<f32>()?;
             for (i, _) in lens.iter().enumerate().filter(|(_, l)| **l == 0) {
@@ -365,7 +374,7 @@ impl Llama {
     /// A projection of layer `l` with each row's adapter: `x·Wᵀ + b` and, for rows whose
     /// adapter adapts it, `s·(x·Aᵀ)·Bᵀ`.
     fn project(&self, l: usize, p: usize, linear: &Linear, x: &Tensor, step: &Step<'_>) -> Result<Tensor> {
-        let y = linear.forward(x)?;
+        let y = linear.forward(x, self.quantized_matmul)?;
         let Some(packed) = &self.packed[l][p] else { return Ok(y) };
         let entries: Vec<i32> =
             step.row_adapters.iter().map(|a| a.and_then(|a| packed.entry_of[a]).unwrap_or(-1)).collect();

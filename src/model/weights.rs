@@ -7,7 +7,7 @@
 
 use super::config::LlamaConfig;
 use crate::io::{GgufFile, GgufTensor};
-use crate::ops::{MatmulOptions, QTensor, QuantFormat};
+use crate::ops::{MatmulOptions, QMatmulOptions, QTensor, QuantFormat};
 use crate::{DType, Device, Error, Result, Tensor};
 use memmap2::Mmap;
 use safetensors::SafeTensors;
@@ -30,11 +30,11 @@ impl Weight {
         }
     }
 
-    /// `x·Wᵀ`, x `[tokens, in]`, in x's dtype.
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    /// `x·Wᵀ`, x `[tokens, in]`, in x's dtype; `quantized` is how a quantized W multiplies.
+    pub fn forward(&self, x: &Tensor, quantized: QMatmulOptions) -> Result<Tensor> {
         match self {
             Weight::Dense(w) => crate::ops::matmul_with(x, w, MatmulOptions::nt()),
-            Weight::Quantized(q) => crate::ops::qmatmul(x, q),
+            Weight::Quantized(q) => crate::ops::qmatmul_with(x, q, quantized),
         }
     }
 
@@ -63,8 +63,8 @@ pub struct Linear {
 
 impl Linear {
     /// `x·Wᵀ + b`, x `[tokens, in]`.
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = self.weight.forward(x)?;
+    pub fn forward(&self, x: &Tensor, quantized: QMatmulOptions) -> Result<Tensor> {
+        let y = self.weight.forward(x, quantized)?;
         match &self.bias {
             Some(b) => crate::ops::add_bias(&y, b),
             None => Ok(y),
@@ -135,11 +135,20 @@ pub struct LoadOptions {
     /// Quantize dense projections at load (the QLoRA base). Weights the file holds
     /// quantized stay as they are; embeddings, the head and the norms are not quantized.
     pub quantize: Option<QuantFormat>,
+    /// How quantized projections multiply: [`QMatmulOptions::int8_activations`] rounds the
+    /// activations to 8 bits per block on the CPU's decoding path, as llama.cpp does (faster,
+    /// not exact); off by default.
+    pub quantized_matmul: QMatmulOptions,
 }
 
 impl LoadOptions {
     pub fn new(device: &Device) -> LoadOptions {
-        LoadOptions { device: *device, dtype: DType::F32, quantize: None }
+        LoadOptions { device: *device, dtype: DType::F32, quantize: None, quantized_matmul: QMatmulOptions::default() }
+    }
+
+    /// Allows 8-bit activations in quantized products (see the field).
+    pub fn int8_activations(self, on: bool) -> LoadOptions {
+        LoadOptions { quantized_matmul: QMatmulOptions { int8_activations: on }, ..self }
     }
 
     pub fn dtype(self, dtype: DType) -> LoadOptions {
