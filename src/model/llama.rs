@@ -360,7 +360,8 @@ impl Llama {
             Logits::Last => (0..b).map(|i| (i * s + lens[i].max(1) - 1) as u32).collect(),
         };
         let picked = crate::ops::embedding(&normed, &Tensor::from_slice(&rows, &[rows.len()], &self.device)?)?;
-        let logits = self.weights.head().forward(&picked, self.quantized_matmul)?.to_dtype(DType::F32)?;
+        // The head stays exact: near ties between logits decide the tokens.
+        let logits = self.weights.head().forward(&picked, Default::default())?.to_dtype(DType::F32)?;
         if which == Logits::Last && lens.contains(&0) {
             let mut host = logits.to_vec::<f32>()?;
             for (i, _) in lens.iter().enumerate().filter(|(_, l)| **l == 0) {

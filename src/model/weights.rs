@@ -137,7 +137,7 @@ pub struct LoadOptions {
     pub quantize: Option<QuantFormat>,
     /// How quantized projections multiply: [`QMatmulOptions::int8_activations`] rounds the
     /// activations to 8 bits per block on the CPU's decoding path, as llama.cpp does (faster,
-    /// not exact); off by default.
+    /// not exact); off by default. The output head always multiplies exactly.
     pub quantized_matmul: QMatmulOptions,
 }
 
