@@ -887,3 +887,43 @@ fn check_dequantizes(q: &QTensor) -> Outcome {
         None => Ok(Loaded::Accepted),
     }
 }
+
+// ---------------------------------------------------------------------------------------
+// Models (kiln::model::Llama): GGUF files and Hugging Face config.json.
+
+#[test]
+fn the_model_loader_survives_mutated_files() {
+    let fixtures = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/llama");
+    let seeds: Vec<Vec<u8>> = ["tiny-q4_1.gguf", "tiny-mixed.gguf"]
+        .iter()
+        .map(|f| std::fs::read(format!("{fixtures}/{f}")).unwrap())
+        .collect();
+    let fields: Vec<Vec<common::gguf::Field>> = seeds.iter().map(|s| common::gguf::fields(s)).collect();
+    let others: Vec<&[u8]> = seeds.iter().map(Vec::as_slice).collect();
+    let config = std::fs::read(format!("{fixtures}/tiny/config.json")).unwrap();
+    let keys =
+        ["hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim", "vocab_size", "rope_parameters"];
+    let options = kiln::model::LoadOptions::new(&Device::Cpu);
+    run("model", |rng, input| {
+        // A loaded model must run: the forward pass of a short prompt gives finite logits
+        // or a clean error.
+        let model = if rng.below(2) == 0 {
+            let i = rng.below(seeds.len());
+            std::fs::write(input, mutate_gguf(rng, &seeds[i], &fields[i], &others)).unwrap();
+            kiln::model::Llama::load(input, &options)
+        } else {
+            std::fs::create_dir_all(input).unwrap();
+            std::fs::write(input.join("config.json"), mutate_json(rng, &config, &keys)).unwrap();
+            std::fs::copy(format!("{fixtures}/tiny/model.safetensors"), input.join("model.safetensors")).unwrap();
+            kiln::model::Llama::load(input, &options)
+        };
+        let Ok(model) = model else { return Ok(Loaded::Refused) };
+        let vocab = model.config.vocab_size as u32;
+        let ids = [1 % vocab, 5 % vocab, 7 % vocab];
+        match model.forward(&[kiln::model::Sequence::new(&ids)], None, kiln::model::Logits::Last) {
+            Ok(logits) if logits.shape() == [1, vocab as usize] => Ok(Loaded::Accepted),
+            Ok(logits) => Err(format!("logits of shape {:?} for a vocabulary of {vocab}", logits.shape())),
+            Err(_) => Ok(Loaded::Refused),
+        }
+    });
+}

@@ -106,7 +106,7 @@ impl Llama {
             return Ok(results);
         }
         // One slot more than any sequence needs; the context bounds it.
-        let capacity = (longest + config.max_new_tokens).min(context).max(1);
+        let capacity = longest.saturating_add(config.max_new_tokens).min(context).max(1);
         let mut state: KvState = self.new_state(prompts.len(), capacity)?;
         let batch: Vec<Sequence<'_>> =
             prompts.iter().map(|p| Sequence::new(&p.ids).with_adapter(p.adapter.as_deref())).collect();

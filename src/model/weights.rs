@@ -438,7 +438,8 @@ fn load(source: &dyn Source, c: &LlamaConfig, options: &LoadOptions, permuted: b
         Ok(Linear { weight, bias })
     };
     let embed = matrix("model.embed_tokens.weight", [c.vocab_size, c.hidden_size], None, None)?;
-    let mut layers = Vec::with_capacity(c.num_layers);
+    // No capacity from the config: a hostile layer count fails at its first missing tensor.
+    let mut layers = Vec::new();
     for i in 0..c.num_layers {
         let p = format!("model.layers.{i}");
         let (h, f) = (c.hidden_size, c.intermediate_size);
