@@ -488,20 +488,37 @@ pub fn lora_batched(x: &Tensor, y: &Tensor, set: &AdapterSet, adapters: &[i32]) 
 }
 
 fn cpu_batched(x: &Tensor, y: &Tensor, set: &AdapterSet, adapters: &[i32]) -> Result<Tensor> {
+    use crate::tensor::{CpuStorage, Storage};
     use rayon::prelude::*;
-    let (xv, mut yv, av, bv) = (x.to_vec::<f32>()?, y.to_vec::<f32>()?, set.a.to_vec::<f32>()?, set.b.to_vec::<f32>()?);
-    let (inp, out) = (set.inp, set.out);
-    yv.par_chunks_mut(out).zip(adapters.par_iter()).enumerate().for_each(|(t, (row, &a))| {
-        if a < 0 {
-            return;
+    // Borrowed, not copied: the packed adapters are read in place on every call.
+    fn f32_of(t: &Tensor) -> Result<&[f32]> {
+        match t.storage() {
+            Storage::Cpu(CpuStorage::F32(v)) => Ok(v.as_slice()),
+            _ => Err(Error::InvalidArgument("lora_batched: the CPU path takes f32 host tensors".into())),
         }
-        let e = set.table[a as usize];
+    }
+    let (xv, av, bv) = (f32_of(x)?, f32_of(&set.a)?, f32_of(&set.b)?);
+    let mut out = y.copy()?;
+    let Storage::Cpu(CpuStorage::F32(yv)) = out.storage_mut()? else {
+        return Err(Error::InvalidArgument("lora_batched: the CPU path takes f32 host tensors".into()));
+    };
+    let (inp, outs) = (set.inp, set.out);
+    // Per row: v = A·x (r values), then y += s·(B·v).
+    let expand = |t: usize, row: &mut [f32]| {
+        let Ok(a) = usize::try_from(adapters[t]) else { return };
+        let e = set.table[a];
         let (ao, bo, r, s) = (e.a_offset as usize, e.b_offset as usize, e.rank as usize, e.scale);
         let xr = &xv[t * inp..(t + 1) * inp];
         let v: Vec<f32> = (0..r).map(|j| crate::ops::dot(xr, &av[ao + j * inp..ao + (j + 1) * inp])).collect();
         for (o, yo) in row.iter_mut().enumerate() {
             *yo += s * crate::ops::dot(&v, &bv[bo + o * r..bo + (o + 1) * r]);
         }
-    });
-    Tensor::from_slice(&yv, y.shape(), &crate::Device::Cpu)
+    };
+    if adapters.len() * (inp + outs) < 1 << 16 {
+        // A few decoding rows: less work than handing it to other threads costs.
+        yv.chunks_mut(outs).enumerate().for_each(|(t, row)| expand(t, row));
+    } else {
+        yv.par_chunks_mut(outs).enumerate().for_each(|(t, row)| expand(t, row));
+    }
+    Ok(out)
 }
