@@ -154,6 +154,7 @@ pub(crate) unsafe fn write_at<T: Copy>(dst: SharedMut<T>, at: usize, src: &[T]) 
 }
 
 /// Dot product with eight independent partial sums, so it vectorises.
+#[inline]
 pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
     debug_assert_eq!(a.len(), b.len());
     let mut s = [0f32; 8];

@@ -24,6 +24,9 @@ use crate::tensor::{try_vec, try_zeros};
 use crate::{DType, Error, Result, Tensor};
 use rayon::prelude::*;
 
+/// Keys per block of the CPU forward's online softmax.
+const KEY_BLOCK: usize = 64;
+
 /// Largest head dimension the kernels take.
 pub const MAX_HEAD_DIM: usize = 256;
 
@@ -155,6 +158,61 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, options: &AttentionOptions)
     }
 }
 
+/// Whether this CPU runs the AVX2+FMA builds of the row kernels.
+#[cfg(target_arch = "x86_64")]
+static AVX2_FMA: std::sync::LazyLock<bool> =
+    std::sync::LazyLock::new(|| std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma"));
+
+/// One query row against its first `visible` keys (key j at `keys[j·stride..][..d]`, its
+/// value likewise): the attention output row and its logsumexp (−∞ with no key).
+///
+/// Keys go in blocks: the block's scores first, then one rescale of the running sum per
+/// block and one exp per key (a rescale and two exps per key otherwise).
+#[inline(always)]
+fn attend_row(q: &[f32], keys: &[f32], values: &[f32], stride: usize, visible: usize, scale: f32) -> (Vec<f32>, f32) {
+    let d = q.len();
+    let (mut m, mut l, mut acc) = (f32::NEG_INFINITY, 0f32, vec![0f32; d]);
+    let mut scores = [0f32; KEY_BLOCK];
+    for start in (0..visible).step_by(KEY_BLOCK) {
+        let n = KEY_BLOCK.min(visible - start);
+        let mut block_max = f32::NEG_INFINITY;
+        for (j, score) in scores[..n].iter_mut().enumerate() {
+            *score = crate::ops::dot(q, &keys[(start + j) * stride..][..d]) * scale;
+            block_max = block_max.max(*score);
+        }
+        let m_new = m.max(block_max);
+        let correction = (m - m_new).exp();
+        l *= correction;
+        acc.iter_mut().for_each(|a| *a *= correction);
+        for (j, &score) in scores[..n].iter().enumerate() {
+            let p = (score - m_new).exp();
+            l += p;
+            acc.iter_mut().zip(&values[(start + j) * stride..][..d]).for_each(|(a, &x)| *a += p * x);
+        }
+        m = m_new;
+    }
+    if l > 0.0 {
+        acc.iter_mut().for_each(|a| *a /= l);
+        (acc, m + l.ln())
+    } else {
+        (acc, f32::NEG_INFINITY)
+    }
+}
+
+/// [`attend_row`] compiled for AVX2 and FMA: the dots and the running sums in 256-bit lanes.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn attend_row_avx2(
+    q: &[f32],
+    keys: &[f32],
+    values: &[f32],
+    stride: usize,
+    visible: usize,
+    scale: f32,
+) -> (Vec<f32>, f32) {
+    attend_row(q, keys, values, stride, visible, scale)
+}
+
 fn cpu_forward(q: &Tensor, k: &Tensor, v: &Tensor, s: &AttnShape, lens: &[usize]) -> Result<AttentionOutput> {
     let (qv, kv, vv) = (q.to_vec_f32()?, k.to_vec_f32()?, v.to_vec_f32()?);
     let (d, group) = (s.dim, s.heads / s.kv_heads);
@@ -166,25 +224,17 @@ fn cpu_forward(q: &Tensor, k: &Tensor, v: &Tensor, s: &AttnShape, lens: &[usize]
             let (b, h, i) = (r / (s.heads * s.q_len), (r / s.q_len) % s.heads, r % s.q_len);
             let kh = h / group;
             let qrow = &qv[((b * s.q_len + i) * s.heads + h) * d..][..d];
-            let (mut m, mut l, mut acc) = (f32::NEG_INFINITY, 0f32, vec![0f32; d]);
-            for j in 0..s.visible(i, lens[b]) {
-                let base = ((b * s.kv_len + j) * s.kv_heads + kh) * d;
-                let score = crate::ops::dot(qrow, &kv[base..base + d]) * s.scale;
-                let m_new = m.max(score);
-                let correction = (m - m_new).exp();
-                let p = (score - m_new).exp();
-                l = l * correction + p;
-                for (a, &x) in acc.iter_mut().zip(&vv[base..base + d]) {
-                    *a = *a * correction + p * x;
-                }
-                m = m_new;
+            // Key j of this row's kv head starts at keys[j * stride].
+            let first = (b * s.kv_len * s.kv_heads + kh) * d;
+            let stride = s.kv_heads * d;
+            let visible = s.visible(i, lens[b]);
+            let (keys, values) = (&kv[first..], &vv[first..]);
+            #[cfg(target_arch = "x86_64")]
+            if *AVX2_FMA {
+                // SAFETY: the CPU has AVX2 and FMA (checked once at run time).
+                return unsafe { attend_row_avx2(qrow, keys, values, stride, visible, s.scale) };
             }
-            if l > 0.0 {
-                acc.iter_mut().for_each(|a| *a /= l);
-                (acc, m + l.ln())
-            } else {
-                (acc, f32::NEG_INFINITY)
-            }
+            attend_row(qrow, keys, values, stride, visible, s.scale)
         })
         .collect();
     let mut o = try_zeros::<f32>(rows * d)?;
