@@ -482,3 +482,46 @@ fn smollm2_chat_answers_and_stops_at_a_stop_string() {
     assert_eq!(tokenizer.decode(&out[0].ids, true).unwrap(), "The capital of France");
     assert_eq!(stops.text(0), Some("The capital of France"));
 }
+
+/// The config names of the three families, old and new rope spellings.
+#[test]
+fn configs_of_llama_mistral_and_qwen2() {
+    // Qwen2: q/k/v biases without `attention_bias`, no o bias; the window only when used.
+    let qwen2 = LlamaConfig::from_hf_json(
+        r#"{"model_type": "qwen2", "vocab_size": 1000, "hidden_size": 64, "intermediate_size": 128,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "rope_theta": 1000000.0, "rms_norm_eps": 1e-6, "tie_word_embeddings": true,
+            "sliding_window": 32, "use_sliding_window": false, "max_position_embeddings": 512,
+            "eos_token_id": [7, 8]}"#,
+    )
+    .unwrap();
+    assert!(qwen2.qkv_bias && !qwen2.o_bias && qwen2.tie_word_embeddings);
+    assert_eq!(
+        (qwen2.head_dim, qwen2.rope.theta, qwen2.sliding_window, qwen2.eos_token_ids.as_slice()),
+        (16, 1e6, None, &[7, 8][..])
+    );
+    // Mistral: its window bounds the sequences kiln runs.
+    let mistral = LlamaConfig::from_hf_json(
+        r#"{"model_type": "mistral", "vocab_size": 1000, "hidden_size": 64, "intermediate_size": 128,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 1, "head_dim": 32,
+            "sliding_window": 128, "max_position_embeddings": 4096}"#,
+    )
+    .unwrap();
+    assert!(!mistral.qkv_bias && !mistral.o_bias && !mistral.tie_word_embeddings);
+    assert_eq!((mistral.head_dim, mistral.sliding_window, mistral.max_sequence()), (32, Some(128), 128));
+    // Llama 3.1's legacy `rope_scaling` beside a top-level `rope_theta`.
+    let llama = LlamaConfig::from_hf_json(
+        r#"{"model_type": "llama", "vocab_size": 1000, "hidden_size": 64, "intermediate_size": 128,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "rope_theta": 500000.0,
+            "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                             "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+            "attention_bias": true, "mlp_bias": true}"#,
+    )
+    .unwrap();
+    assert!(llama.qkv_bias && llama.o_bias && llama.mlp_bias && llama.num_kv_heads == 4);
+    assert_eq!(llama.rope.theta, 500000.0);
+    assert!(matches!(
+        llama.rope.scaling,
+        kiln::ops::RopeScaling::Llama3 { original_max_position_embeddings: 8192, .. }
+    ));
+}

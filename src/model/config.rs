@@ -35,6 +35,9 @@ pub struct LlamaConfig {
     pub bos_token_id: Option<u32>,
     /// Tokens that end a generation.
     pub eos_token_ids: Vec<u32>,
+    /// Mistral's (and Qwen2's, when `use_sliding_window`) attention window. The kernels
+    /// attend to the whole prefix, so sequences stop at this length (an `Err` past it).
+    pub sliding_window: Option<usize>,
 }
 
 impl LlamaConfig {
@@ -145,6 +148,11 @@ impl LlamaConfig {
             mlp_bias: j.bool("mlp_bias")?.unwrap_or(false),
             bos_token_id: j.token("bos_token_id")?.first().copied(),
             eos_token_ids: j.token("eos_token_id")?,
+            sliding_window: match architecture.as_str() {
+                "mistral" => j.usize("sliding_window")?,
+                "qwen2" if j.bool("use_sliding_window")?.unwrap_or(false) => j.usize("sliding_window")?,
+                _ => None,
+            },
             architecture,
         };
         config.validate()?;
@@ -240,10 +248,17 @@ impl LlamaConfig {
             mlp_bias: file.tensor_info("blk.0.ffn_up.bias").is_ok(),
             bos_token_id: gguf_uint(file, "tokenizer.ggml.bos_token_id").map_err(context)?.map(|v| v as u32),
             eos_token_ids,
+            sliding_window: uint("attention.sliding_window")?,
             architecture,
         };
         config.validate().map_err(context)?;
         Ok(config)
+    }
+
+    /// The longest sequence the model runs as trained: the context, or the attention window
+    /// when that is shorter.
+    pub fn max_sequence(&self) -> usize {
+        self.sliding_window.map_or(self.max_position_embeddings, |w| w.min(self.max_position_embeddings))
     }
 
     /// Query heads per key/value head.

@@ -88,7 +88,7 @@ impl Llama {
         config: &GenerationConfig,
         on_token: &mut dyn FnMut(usize, u32) -> Result<Flow>,
     ) -> Result<Vec<Generated>> {
-        let context = self.config.max_position_embeddings;
+        let context = self.config.max_sequence();
         if let Some(i) = prompts.iter().position(|p| p.ids.is_empty()) {
             return Err(Error::InvalidArgument(format!("prompt {i} is empty: generation needs at least one token")));
         }

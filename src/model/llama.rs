@@ -286,17 +286,17 @@ impl Llama {
                 )));
             }
             let end = past[i] + seq.ids.len();
-            let limit =
-                state.as_ref().map_or(c.max_position_embeddings, |st| st.capacity().min(c.max_position_embeddings));
+            let limit = state.as_ref().map_or(c.max_sequence(), |st| st.capacity().min(c.max_sequence()));
             if end > limit {
+                let what = if state.as_ref().is_some_and(|st| st.capacity() < c.max_sequence()) {
+                    "cache holds"
+                } else if c.max_sequence() < c.max_position_embeddings {
+                    "model's attention window holds (kiln attends to the whole prefix)"
+                } else {
+                    "model's context holds"
+                };
                 return Err(Error::InvalidArgument(format!(
-                    "sequence {i} would reach {end} positions, past the {} the {} holds",
-                    limit,
-                    if state.as_ref().is_some_and(|st| st.capacity() < c.max_position_embeddings) {
-                        "cache"
-                    } else {
-                        "model's context"
-                    }
+                    "sequence {i} would reach {end} positions, past the {limit} the {what}"
                 )));
             }
         }
