@@ -19,7 +19,9 @@ llama.cpp's spinning OpenMP threads by up to seconds). llama.cpp's own timings
 (llama_perf_context, mean over all its calls) are printed next to them.
 
 kiln's side is `cargo run --release --example peer_model -- --json` (RAYON_NUM_THREADS set to
-the thread count). llama.cpp's side needs llama-cpp-python, which builds llama.cpp from source
+the thread count), run with the environment as it is; llama.cpp runs in this process after
+OPENBLAS_CORETYPE and OPENBLAS_L2_SIZE are removed from it, as for every CPU peer (see
+examples/peer_cpu.rs). llama.cpp's side needs llama-cpp-python, which builds llama.cpp from source
 (`pip install llama-cpp-python`, minutes on 2 cores; see BENCHMARKS.md for the flags used).
 Not part of CI.
 """
@@ -38,6 +40,7 @@ DECODE_CONTEXT = 128
 DECODE_STEPS = 32
 RUNS = 5
 REPO = Path(__file__).resolve().parent.parent
+FORCING_VARIABLES = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
 
 
 def token_id(seq, i):
@@ -195,6 +198,12 @@ def main():
     print(f"date: {time.strftime('%Y-%m-%d %H:%M %Z')}; threads: {args.threads}; model: {args.model}")
     kiln = None if args.skip_kiln else run_kiln(args.threads)
 
+    # llama.cpp runs in this process, kiln's side above in its own with the environment as it
+    # was. Some machines set these to force OpenBLAS's kernels; llama-cpp-python loads numpy's
+    # OpenBLAS, so they go before it is imported (llama.cpp built without GGML_BLAS calls its
+    # own kernels either way).
+    removed = {v: os.environ.pop(v, None) for v in FORCING_VARIABLES}
+    print("removed for llama.cpp: " + ", ".join(f"{v}={'unset' if x is None else x}" for v, x in removed.items()))
     import llama_cpp as lc
 
     peer = LlamaCpp(args.model, args.threads, args.verbose)
