@@ -54,6 +54,21 @@ impl fmt::Display for Error {
 
 impl std::error::Error for Error {}
 
+impl Error {
+    /// The same error with `context` (a file, a tensor) before its message; errors from the
+    /// devices are left as they are.
+    pub(crate) fn context(self, context: &str) -> Error {
+        match self {
+            Error::Shape(m) => Error::Shape(format!("{context}: {m}")),
+            Error::DType(m) => Error::DType(format!("{context}: {m}")),
+            Error::Unsupported(m) => Error::Unsupported(format!("{context}: {m}")),
+            Error::InvalidArgument(m) => Error::InvalidArgument(format!("{context}: {m}")),
+            Error::Io(m) => Error::Io(format!("{context}: {m}")),
+            other => other,
+        }
+    }
+}
+
 impl From<std::io::Error> for Error {
     fn from(e: std::io::Error) -> Self {
         Error::Io(e.to_string())

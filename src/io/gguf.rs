@@ -713,7 +713,7 @@ impl GgufFile {
         for (dst, &src) in reordered.chunks_exact_mut(row_bytes.max(1)).zip(order) {
             dst.copy_from_slice(&bytes[src * row_bytes..(src + 1) * row_bytes]);
         }
-        let context = |e| with_context(e, &format!("{}: {}", self.path.display(), info.describe()));
+        let context = |e: Error| e.context(&format!("{}: {}", self.path.display(), info.describe()));
         match holding {
             Holding::Dense(dtype) => {
                 Tensor::from_le_bytes(&reordered, &shape, dtype, device).map(GgufTensor::Dense).map_err(context)
@@ -779,17 +779,7 @@ impl GgufFile {
             )));
         }
         QTensor::from_ggml_blocks(format, self.bytes_of(info), &shape, device)
-            .map_err(|e| with_context(e, &format!("{}: {}", self.path.display(), info.describe())))
-    }
-}
-
-/// `e` with `context` before its message.
-fn with_context(e: Error, context: &str) -> Error {
-    match e {
-        Error::Shape(m) => Error::Shape(format!("{context}: {m}")),
-        Error::InvalidArgument(m) => Error::InvalidArgument(format!("{context}: {m}")),
-        Error::Unsupported(m) => Error::Unsupported(format!("{context}: {m}")),
-        other => other,
+            .map_err(|e| e.context(&format!("{}: {}", self.path.display(), info.describe())))
     }
 }
 

@@ -96,7 +96,7 @@ impl LlamaConfig {
     pub fn from_hf_file(path: impl AsRef<Path>) -> Result<LlamaConfig> {
         let path = path.as_ref();
         let text = std::fs::read_to_string(path).map_err(|e| Error::Io(format!("reading {}: {e}", path.display())))?;
-        Self::from_hf_json(&text).map_err(|e| prefixed(e, &path.display().to_string()))
+        Self::from_hf_json(&text).map_err(|e| e.context(&path.display().to_string()))
     }
 
     /// Parses the text of a Hugging Face `config.json`.
@@ -163,7 +163,7 @@ impl LlamaConfig {
     /// converter writes them. The rotary layout stays half-split: the loader undoes the
     /// converter's q/k row permutation.
     pub fn from_gguf(file: &GgufFile) -> Result<LlamaConfig> {
-        let context = |e: Error| prefixed(e, &file.path().display().to_string());
+        let context = |e: Error| e.context(&file.path().display().to_string());
         let architecture = file.get_str("general.architecture").map_err(context)?.to_string();
         if !["llama", "mistral", "qwen2"].contains(&architecture.as_str()) {
             return Err(Error::Unsupported(format!(
@@ -264,17 +264,6 @@ impl LlamaConfig {
     /// Query heads per key/value head.
     pub fn group_size(&self) -> usize {
         self.num_heads / self.num_kv_heads
-    }
-}
-
-fn prefixed(e: Error, context: &str) -> Error {
-    match e {
-        Error::Shape(m) => Error::Shape(format!("{context}: {m}")),
-        Error::InvalidArgument(m) => Error::InvalidArgument(format!("{context}: {m}")),
-        Error::Unsupported(m) => Error::Unsupported(format!("{context}: {m}")),
-        Error::DType(m) => Error::DType(format!("{context}: {m}")),
-        Error::Io(m) => Error::Io(format!("{context}: {m}")),
-        other => other,
     }
 }
 

@@ -201,22 +201,18 @@ impl Llama {
     /// `(layer, projection)` of a module path `model.layers.{i}.self_attn.q_proj`.
     fn module(&self, module: &str) -> Option<(usize, &'static str)> {
         let rest = module.strip_prefix("model.layers.")?;
-        let (layer, tail) = rest.split_once('.')?;
+        let (layer, _) = rest.split_once('.')?;
         let layer: usize = layer.parse().ok().filter(|&l| l < self.config.num_layers)?;
-        let projection = PROJECTIONS.into_iter().find(|p| {
-            let group = if ["gate_proj", "up_proj", "down_proj"].contains(p) { "mlp" } else { "self_attn" };
-            tail == format!("{group}.{p}")
-        })?;
-        Some((layer, projection))
+        let p = (0..PROJECTIONS.len()).find(|&p| module == module_path(layer, p))?;
+        Some((layer, PROJECTIONS[p]))
     }
 
     fn pack(&self, adapters: &[(String, LoraAdapter)]) -> Result<Vec<[Option<PackedProjection>; 7]>> {
         let mut packed: Vec<[Option<PackedProjection>; 7]> =
             (0..self.config.num_layers).map(|_| Default::default()).collect();
         for (layer, slots) in packed.iter_mut().enumerate() {
-            for (p, projection) in PROJECTIONS.iter().enumerate() {
-                let group = if p >= 4 { "mlp" } else { "self_attn" };
-                let module = format!("model.layers.{layer}.{group}.{projection}");
+            for (p, slot) in slots.iter_mut().enumerate() {
+                let module = module_path(layer, p);
                 let mut members = Vec::new();
                 let mut entry_of = Vec::new();
                 for (_, adapter) in adapters {
@@ -229,7 +225,7 @@ impl Llama {
                     }
                 }
                 if !members.is_empty() {
-                    slots[p] = Some(PackedProjection { set: AdapterSet::new(&members)?, entry_of });
+                    *slot = Some(PackedProjection { set: AdapterSet::new(&members)?, entry_of });
                 }
             }
         }
@@ -436,14 +432,20 @@ impl Llama {
         let mut out = BTreeMap::new();
         for (l, layer) in self.weights.layers.iter().enumerate() {
             for (p, name) in PROJECTIONS.iter().enumerate() {
-                let group = if p >= 4 { "mlp" } else { "self_attn" };
                 if let Some(linear) = layer.projection(name) {
-                    out.insert(format!("model.layers.{l}.{group}.{name}"), linear);
+                    out.insert(module_path(l, p), linear);
                 }
             }
         }
         out
     }
+}
+
+/// Hugging Face's path of projection `p` (an index into [`PROJECTIONS`]) of `layer`:
+/// `model.layers.{layer}.self_attn.q_proj`, ..., `model.layers.{layer}.mlp.down_proj`.
+fn module_path(layer: usize, p: usize) -> String {
+    let group = if p >= 4 { "mlp" } else { "self_attn" };
+    format!("model.layers.{layer}.{group}.{}", PROJECTIONS[p])
 }
 
 /// One forward call's shape, shared by the layers.

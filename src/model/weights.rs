@@ -254,8 +254,17 @@ impl Source for GgufSource<'_> {
 struct SafetensorsSource {
     /// Tensor name → index of its file.
     index: BTreeMap<String, usize>,
-    files: Vec<(PathBuf, Mmap)>,
+    files: Vec<Shard>,
     device: Device,
+}
+
+/// One memory-mapped safetensors file and its header, parsed once.
+struct Shard {
+    path: PathBuf,
+    map: Mmap,
+    /// Where the data starts: past the 8-byte length and the header.
+    data_start: usize,
+    header: safetensors::tensor::Metadata,
 }
 
 impl SafetensorsSource {
@@ -289,30 +298,29 @@ impl SafetensorsSource {
                 dir.display()
             )));
         };
-        let mut files = Vec::new();
+        let mut files: Vec<Shard> = Vec::new();
         let mut index = BTreeMap::new();
         for (i, path) in names.into_iter().enumerate() {
             let file = std::fs::File::open(&path).map_err(|e| Error::Io(format!("opening {}: {e}", path.display())))?;
             // SAFETY: the map is read-only; a file truncated underneath would fault, as with
             // any memory-mapped reader, and the file is only read while the model loads.
             let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::Io(format!("mapping {}: {e}", path.display())))?;
-            let parsed = SafeTensors::deserialize(&map)
-                .map_err(|e| Error::Io(format!("{} is not a valid safetensors file: {e}", path.display())))?;
-            for name in parsed.names() {
-                if let Some(other) = index.insert(name.to_string(), i) {
+            // Checked whole once (offsets inside the file), then read through its header.
+            let invalid = |e: safetensors::SafeTensorError| {
+                Error::Io(format!("{} is not a valid safetensors file: {e}", path.display()))
+            };
+            SafeTensors::deserialize(&map).map_err(invalid)?;
+            let (header_len, header) = SafeTensors::read_metadata(&map).map_err(invalid)?;
+            for name in header.tensors().keys() {
+                if let Some(other) = index.insert(name.clone(), i) {
                     return Err(Error::Io(format!(
                         "tensor {name} is in both {} and {}",
-                        files
-                            .iter()
-                            .map(|(p, _): &(PathBuf, Mmap)| p)
-                            .nth(other)
-                            .map_or(String::new(), |p| p.display().to_string()),
+                        files[other].path.display(),
                         path.display()
                     )));
                 }
             }
-            drop(parsed);
-            files.push((path, map));
+            files.push(Shard { path, map, data_start: 8 + header_len, header });
         }
         Ok(SafetensorsSource { index, files, device: *device })
     }
@@ -321,32 +329,37 @@ impl SafetensorsSource {
 impl Source for SafetensorsSource {
     fn describe(&self) -> String {
         match self.files.as_slice() {
-            [(p, _)] => p.display().to_string(),
+            [shard] => shard.path.display().to_string(),
             _ => format!(
                 "{} shards in {}",
                 self.files.len(),
-                self.files[0].0.parent().unwrap_or(Path::new(".")).display()
+                self.files[0].path.parent().unwrap_or(Path::new(".")).display()
             ),
         }
     }
 
     fn read(&self, hf_name: &str, _permute_heads: Option<usize>) -> Result<Option<Raw>> {
         let Some(&i) = self.index.get(hf_name) else { return Ok(None) };
-        let (path, map) = &self.files[i];
-        let parsed = SafeTensors::deserialize(map).map_err(|e| Error::Io(format!("{}: {e}", path.display())))?;
-        let view = parsed.tensor(hf_name).map_err(|e| Error::Io(format!("{}: {hf_name}: {e}", path.display())))?;
-        let dtype = match view.dtype() {
+        let shard = &self.files[i];
+        let Some(info) = shard.header.info(hf_name) else { return Ok(None) };
+        let dtype = match info.dtype {
             safetensors::Dtype::F32 => DType::F32,
             safetensors::Dtype::F16 => DType::F16,
             safetensors::Dtype::BF16 => DType::BF16,
             other => {
                 return Err(Error::DType(format!(
                     "{}: {hf_name} is {other:?}; kiln reads f32, f16 and bf16 weights",
-                    path.display()
+                    shard.path.display()
                 )));
             }
         };
-        Tensor::from_le_bytes(view.data(), view.shape(), dtype, &self.device).map(|t| Some(Raw::Dense(t)))
+        // `deserialize` checked at open that every tensor's bytes lie inside the file.
+        let (start, end) = info.data_offsets;
+        let data = shard
+            .map
+            .get(shard.data_start + start..shard.data_start + end)
+            .ok_or_else(|| Error::Io(format!("{}: {hf_name}'s bytes lie outside the file", shard.path.display())))?;
+        Tensor::from_le_bytes(data, &info.shape, dtype, &self.device).map(|t| Some(Raw::Dense(t)))
     }
 }
 
