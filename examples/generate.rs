@@ -255,5 +255,15 @@ fn write_logits(path: &std::path::Path, ids: &[i64], logits: &kiln::Tensor) -> R
         ),
     ];
     let bytes = safetensors::serialize(views, None).map_err(|e| Error::Io(e.to_string()))?;
-    std::fs::write(path, bytes).map_err(|e| Error::Io(format!("writing {}: {e}", path.display())))
+    // Written beside the target, synced, then renamed over it: a crash leaves the old file or
+    // the new one, never half of one.
+    let io = |e: std::io::Error| Error::Io(format!("writing {}: {e}", path.display()));
+    let temporary = path.with_extension(format!("tmp.{}", std::process::id()));
+    let written = std::fs::File::create(&temporary)
+        .and_then(|mut file| file.write_all(&bytes).and_then(|_| file.sync_all()))
+        .and_then(|_| std::fs::rename(&temporary, path));
+    if written.is_err() {
+        let _ = std::fs::remove_file(&temporary);
+    }
+    written.map_err(io)
 }
