@@ -443,7 +443,7 @@ impl Llama {
 
 /// Hugging Face's path of projection `p` (an index into [`PROJECTIONS`]) of `layer`:
 /// `model.layers.{layer}.self_attn.q_proj`, ..., `model.layers.{layer}.mlp.down_proj`.
-fn module_path(layer: usize, p: usize) -> String {
+pub(super) fn module_path(layer: usize, p: usize) -> String {
     let group = if p >= 4 { "mlp" } else { "self_attn" };
     format!("model.layers.{layer}.{group}.{}", PROJECTIONS[p])
 }

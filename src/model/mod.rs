@@ -8,6 +8,7 @@ mod fetch;
 mod generate;
 mod llama;
 mod tokenizer;
+mod train;
 mod weights;
 
 pub use adapter::{LoraAdapter, LoraConfig, LoraLayer};
@@ -17,4 +18,5 @@ pub use fetch::{DEFAULT_MODEL_FILE, DEFAULT_MODEL_PACKAGE, cache_dir, cached_def
 pub use generate::{FinishReason, Flow, Generated, GenerationConfig, Prompt, StopStrings};
 pub use llama::{KvState, Llama, Logits, Sequence};
 pub use tokenizer::{TokenStream, Tokenizer};
+pub use train::{StepOptions, StepOutput, TrainSequence, Trainable, lora_tensor_names};
 pub use weights::{LayerWeights, Linear, LoadOptions, ModelWeights, PROJECTIONS, Weight, unpermute_order};

@@ -93,10 +93,12 @@ impl BaseWeight<'_> {
         }
     }
 
-    /// dy·W as f32.
+    /// dy·W as f32 (dy rounded to a dense W's dtype first, as an unfused bf16 step rounds it).
     fn input_grad(&self, dy: &Tensor) -> Result<Tensor> {
         match self {
-            BaseWeight::Dense(w) => matmul_with(dy, w, MatmulOptions::default().out_dtype(DType::F32)),
+            BaseWeight::Dense(w) => {
+                matmul_with(&dy.to_dtype(w.dtype())?, w, MatmulOptions::default().out_dtype(DType::F32))
+            }
             BaseWeight::Quantized(q) => crate::ops::qmatmul_input_grad(&dy.to_dtype(DType::F32)?, q),
         }
     }
