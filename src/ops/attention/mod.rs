@@ -323,50 +323,108 @@ pub(crate) struct BackwardInputs<'a> {
     pub delta: &'a Tensor,
 }
 
+/// Query rows per tile of the CPU backward: the tile's scores `[QUERY_TILE, keys]` are
+/// formed with the matmul kernel and live only while the tile is processed.
+const QUERY_TILE: usize = 64;
+
+/// The CPU backward, one task per (sequence, kv head): the task gathers its keys and values
+/// once, then for each query head of the group and each tile of query rows forms the tile's
+/// scores `S = Q·Kᵀ` with the dense matmul kernel, `P = exp(S·scale − lse)` (masked),
+/// `dP = dO·Vᵀ`, `dS = P ⊙ (dP − D)`, and the products `dQ = scale·dS·K`,
+/// `dK += scale·dSᵀ·Q`, `dV += Pᵀ·dO`. A tile reads only the keys its last row sees.
 fn cpu_backward(inputs: &BackwardInputs<'_>, s: &AttnShape, lens: &[usize]) -> Result<AttentionGrads> {
+    use crate::ops::matmul::{MatmulProblem, cpu_matmul_into};
     let BackwardInputs { q, k, v, d_o, lse, delta } = *inputs;
     let (qv, kv, vv, dov) = (q.to_vec_f32()?, k.to_vec_f32()?, v.to_vec_f32()?, d_o.to_vec_f32()?);
     let (lse, dd) = (lse.to_vec::<f32>()?, delta.to_vec::<f32>()?);
     let (d, group) = (s.dim, s.heads / s.kv_heads);
     let q_at = |b: usize, i: usize, h: usize| ((b * s.q_len + i) * s.heads + h) * d;
     let kv_at = |b: usize, j: usize, kh: usize| ((b * s.kv_len + j) * s.kv_heads + kh) * d;
-    // p and dS of one (query row, key) pair.
-    let pair = |b: usize, h: usize, i: usize, j: usize| -> (f32, f32) {
-        let (qb, kb) = (q_at(b, i, h), kv_at(b, j, h / group));
-        let score = crate::ops::dot(&qv[qb..qb + d], &kv[kb..kb + d]) * s.scale;
-        let p = (score - lse[(b * s.heads + h) * s.q_len + i]).exp();
-        let dp = crate::ops::dot(&dov[qb..qb + d], &vv[kb..kb + d]);
-        (p, p * (dp - dd[(b * s.q_len + i) * s.heads + h]))
-    };
-    let mut dq = try_zeros::<f32>(qv.len())?;
-    dq.par_chunks_mut(d).enumerate().for_each(|(row, out)| {
-        let (b, i, h) = (row / (s.q_len * s.heads), (row / s.heads) % s.q_len, row % s.heads);
-        for j in 0..s.visible(i, lens[b]) {
-            let (_, ds) = pair(b, h, i, j);
-            let kb = kv_at(b, j, h / group);
-            for (o, &x) in out.iter_mut().zip(&kv[kb..kb + d]) {
-                *o += s.scale * ds * x;
+    // [m, k]·[k, n] (or with either side stored transposed) into `c`, f32.
+    let product =
+        |m: usize, n: usize, k: usize, trans_a: bool, trans_b: bool, a: &[f32], b: &[f32], c: &mut [f32], acc: bool| {
+            let p = MatmulProblem { trans_a, ..MatmulProblem::unbatched(m, n, k, trans_b, DType::F32) };
+            cpu_matmul_into(&p, a, b, c, acc);
+        };
+
+    // Per task: (dq rows of each head of the group, dk, dv), each [rows, d].
+    type TaskGrads = (Vec<Vec<f32>>, Vec<f32>, Vec<f32>);
+    let tasks: Vec<Result<TaskGrads>> = (0..s.batch * s.kv_heads)
+        .into_par_iter()
+        .map(|task| -> Result<TaskGrads> {
+            let (b, kh) = (task / s.kv_heads, task % s.kv_heads);
+            let q_rows = lens[b].min(s.q_len);
+            let n_keys = (0..q_rows).map(|i| s.visible(i, lens[b])).max().unwrap_or(0);
+            let gather = |src: &[f32], rows: usize, at: &dyn Fn(usize) -> usize| -> Result<Vec<f32>> {
+                let mut out = try_zeros::<f32>(rows * d)?;
+                for (r, row) in out.chunks_exact_mut(d).enumerate() {
+                    row.copy_from_slice(&src[at(r)..at(r) + d]);
+                }
+                Ok(out)
+            };
+            let keys = gather(&kv, n_keys, &|j| kv_at(b, j, kh))?;
+            let values = gather(&vv, n_keys, &|j| kv_at(b, j, kh))?;
+            let mut dk = try_zeros::<f32>(n_keys * d)?;
+            let mut dv = try_zeros::<f32>(n_keys * d)?;
+            let mut dq_heads = Vec::with_capacity(group);
+            for h in kh * group..(kh + 1) * group {
+                let qh = gather(&qv, q_rows, &|i| q_at(b, i, h))?;
+                let doh = gather(&dov, q_rows, &|i| q_at(b, i, h))?;
+                let mut dq = try_zeros::<f32>(q_rows * d)?;
+                for i0 in (0..q_rows).step_by(QUERY_TILE) {
+                    let rows = QUERY_TILE.min(q_rows - i0);
+                    let keys_seen = (i0..i0 + rows).map(|i| s.visible(i, lens[b])).max().unwrap_or(0);
+                    if keys_seen == 0 {
+                        continue;
+                    }
+                    let (q_tile, do_tile) = (&qh[i0 * d..(i0 + rows) * d], &doh[i0 * d..(i0 + rows) * d]);
+                    let mut p = try_zeros::<f32>(rows * keys_seen)?;
+                    let mut dp = try_zeros::<f32>(rows * keys_seen)?;
+                    product(rows, keys_seen, d, false, true, q_tile, &keys, &mut p, false);
+                    product(rows, keys_seen, d, false, true, do_tile, &values, &mut dp, false);
+                    for (r, (p_row, dp_row)) in
+                        p.chunks_exact_mut(keys_seen).zip(dp.chunks_exact_mut(keys_seen)).enumerate()
+                    {
+                        let i = i0 + r;
+                        let (row_lse, row_d) =
+                            (lse[(b * s.heads + h) * s.q_len + i], dd[(b * s.q_len + i) * s.heads + h]);
+                        let visible = s.visible(i, lens[b]);
+                        for (j, (pj, dpj)) in p_row.iter_mut().zip(dp_row.iter_mut()).enumerate() {
+                            // p = exp(score − lse); dS = p·(dP − D), stored in dp.
+                            let prob = if j < visible { (*pj * s.scale - row_lse).exp() } else { 0.0 };
+                            *pj = prob;
+                            *dpj = prob * (*dpj - row_d);
+                        }
+                    }
+                    let ds = &mut dp;
+                    ds.iter_mut().for_each(|x| *x *= s.scale);
+                    product(rows, d, keys_seen, false, false, ds, &keys, &mut dq[i0 * d..(i0 + rows) * d], false);
+                    product(keys_seen, d, rows, true, false, ds, q_tile, &mut dk[..keys_seen * d], true);
+                    product(keys_seen, d, rows, true, false, &p, do_tile, &mut dv[..keys_seen * d], true);
+                }
+                dq_heads.push(dq);
             }
-        }
-    });
+            Ok((dq_heads, dk, dv))
+        })
+        .collect();
+    let mut dq = try_zeros::<f32>(qv.len())?;
     let mut dk = try_zeros::<f32>(kv.len())?;
     let mut dv = try_zeros::<f32>(vv.len())?;
-    dk.par_chunks_mut(d).zip(dv.par_chunks_mut(d)).enumerate().for_each(|(row, (dk_row, dv_row))| {
-        let (b, j, kh) = (row / (s.kv_len * s.kv_heads), (row / s.kv_heads) % s.kv_len, row % s.kv_heads);
-        for h in kh * group..(kh + 1) * group {
-            for i in 0..s.q_len {
-                if j >= s.visible(i, lens[b]) {
-                    continue;
-                }
-                let (p, ds) = pair(b, h, i, j);
-                let qb = q_at(b, i, h);
-                for c in 0..d {
-                    dv_row[c] += p * dov[qb + c];
-                    dk_row[c] += s.scale * ds * qv[qb + c];
-                }
+    for (task, grads) in tasks.into_iter().enumerate() {
+        let (dq_heads, dk_task, dv_task) = grads?;
+        let (b, kh) = (task / s.kv_heads, task % s.kv_heads);
+        for (g, dq_head) in dq_heads.iter().enumerate() {
+            for (i, row) in dq_head.chunks_exact(d).enumerate() {
+                let at = q_at(b, i, kh * group + g);
+                dq[at..at + d].copy_from_slice(row);
             }
         }
-    });
+        for (j, (k_row, v_row)) in dk_task.chunks_exact(d).zip(dv_task.chunks_exact(d)).enumerate() {
+            let at = kv_at(b, j, kh);
+            dk[at..at + d].copy_from_slice(k_row);
+            dv[at..at + d].copy_from_slice(v_row);
+        }
+    }
     let cpu = crate::Device::Cpu;
     Ok(AttentionGrads {
         dq: Tensor::from_slice(&dq, q.shape(), &cpu)?,
