@@ -249,3 +249,54 @@ fn bad_flags_exit_2_with_a_message() {
     let run = grads(&["--help"]);
     assert!(run.status.success() && String::from_utf8_lossy(&run.stdout).contains("usage: grads"));
 }
+
+/// An adapter file whose keys lack `base_model.model.` (which the loader accepts): the
+/// gradients are written under those keys, with the same values.
+#[test]
+fn gradients_keep_the_adapter_files_own_keys() {
+    let source = fixtures().join("adapter-tiny");
+    let dir = std::env::temp_dir().join(format!("kiln-grads-bare-keys-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::copy(source.join("adapter_config.json"), dir.join("adapter_config.json")).unwrap();
+    let file = SafetensorsFile::open(source.join("adapter_model.safetensors")).unwrap();
+    let tensors: Vec<(String, kiln::Tensor)> = file
+        .names()
+        .unwrap()
+        .into_iter()
+        .map(|n| (n.strip_prefix("base_model.model.").unwrap().to_string(), file.tensor(&n, &Device::Cpu).unwrap()))
+        .collect();
+    let named: Vec<(&str, &kiln::Tensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
+    let bytes = kiln::io::to_bytes(&named, &Default::default()).unwrap();
+    std::fs::write(dir.join("adapter_model.safetensors"), bytes).unwrap();
+
+    let expected = expected();
+    let batch = batch_flag(&expected);
+    let tiny = fixtures().join("tiny");
+    let out = dir.join("grads.safetensors");
+    let args = [
+        "--model",
+        tiny.to_str().unwrap(),
+        "--adapter",
+        dir.to_str().unwrap(),
+        "--prompt-ids",
+        &batch,
+        "--device",
+        "cpu",
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    let run = grads(&args);
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    let got = SafetensorsFile::open(&out).unwrap();
+    let mut names = got.names().unwrap();
+    names.sort();
+    let mut want: Vec<String> = tensors.iter().map(|(n, _)| format!("grad.{n}")).chain(["loss".into()]).collect();
+    want.sort();
+    assert_eq!(names, want);
+    for (name, _) in &tensors {
+        let (_, g) = f32s(&got, &format!("grad.{name}"));
+        let (_, w) = f32s(&expected, &format!("tiny.grad.base_model.model.{name}"));
+        assert_close(name, &g, &w);
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
