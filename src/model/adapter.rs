@@ -7,7 +7,9 @@
 //! The saver refuses what the loader would refuse, and the two are inverse: save, load and
 //! save again gives the same bytes. An adapter folder is replaced as a whole, in one step.
 
-use crate::{Device, Error, Result, Tensor};
+use super::llama::{Llama, module_path};
+use super::weights::PROJECTIONS;
+use crate::{DType, Device, Error, Result, Tensor};
 use serde_json::{Map, Number, Value, json};
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -218,6 +220,14 @@ fn f32_of(n: &Number) -> Option<f32> {
     n.as_f64().map(|v| v as f32).filter(|v| v.is_finite())
 }
 
+/// SplitMix64's finaliser: well-spread seeds from neighbouring integers.
+fn mix(x: u64) -> u64 {
+    let mut z = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
 /// One adapted module: A [r, in] and B [out, r].
 #[derive(Debug, Clone)]
 pub struct LoraLayer {
@@ -252,6 +262,79 @@ impl LoraAdapter {
     /// The scale s of `module`.
     pub fn scale(&self, module: &str) -> f32 {
         self.config.scale_for(module)
+    }
+
+    /// A new adapter for `model`, initialised as PEFT initialises one by default: for every
+    /// projection `target_modules` names (a module path or its last parts, `q_proj` or
+    /// `self_attn.q_proj`, as PEFT matches them; `all-linear` for all seven), lora_A
+    /// `[r, in]` uniform in `[-1/√in, 1/√in)` (PyTorch's `kaiming_uniform_` with a = √5) and
+    /// lora_B `[out, r]` zero, so the adapted model starts as the base. f32 on the model's
+    /// device; r per module from `rank_pattern`. The same `seed` gives the same values on
+    /// every device. `Err` for a config [`LoraConfig::validate`] refuses or one that targets
+    /// no projection of the model.
+    pub fn init(config: LoraConfig, model: &Llama, seed: u64) -> Result<LoraAdapter> {
+        config.validate()?;
+        let all_linear = config.target_modules.iter().any(|t| t == "all-linear");
+        let targeted = |module: &str| {
+            all_linear || config.target_modules.iter().any(|t| module == t || module.ends_with(&format!(".{t}")))
+        };
+        let mut layers = BTreeMap::new();
+        for (l, weights) in model.weights.layers.iter().enumerate() {
+            for (p, name) in PROJECTIONS.iter().enumerate() {
+                let module = module_path(l, p);
+                if !targeted(&module) {
+                    continue;
+                }
+                let linear = weights
+                    .projection(name)
+                    .ok_or_else(|| Error::InvalidArgument(format!("the model has no projection {module}")))?;
+                let [out, inp] = linear.weight.shape();
+                let r = config.rank_for(&module);
+                let bound = 1.0 / (inp as f32).sqrt();
+                let module_seed = mix(seed ^ mix((l * PROJECTIONS.len() + p) as u64 + 1));
+                let a = Tensor::rand(&[r, inp], -bound, bound, module_seed, DType::F32, model.device())?;
+                let b = Tensor::zeros(&[out, r], DType::F32, model.device())?;
+                layers.insert(module, LoraLayer { a, b });
+            }
+        }
+        if layers.is_empty() {
+            return Err(Error::InvalidArgument(format!(
+                "target_modules {:?} names no projection of the model ({})",
+                config.target_modules,
+                PROJECTIONS.join(", ")
+            )));
+        }
+        let adapter = LoraAdapter { config, layers };
+        adapter.validate()?;
+        Ok(adapter)
+    }
+
+    /// Every tensor with its PEFT name (`base_model.model.<module>.lora_A.weight`, then
+    /// `….lora_B.weight`), modules in the order of their paths: the names the training step's
+    /// gradients are keyed by, in an order that stays fixed, for an optimizer to bind to.
+    pub fn tensors(&self) -> Vec<(String, &Tensor)> {
+        self.layers
+            .iter()
+            .flat_map(|(module, layer)| {
+                [
+                    (format!("{PREFIX}{module}.lora_A.weight"), &layer.a),
+                    (format!("{PREFIX}{module}.lora_B.weight"), &layer.b),
+                ]
+            })
+            .collect()
+    }
+
+    /// [`LoraAdapter::tensors`], mutable, in the same order.
+    pub fn tensors_mut(&mut self) -> Vec<(String, &mut Tensor)> {
+        self.layers
+            .iter_mut()
+            .flat_map(|(module, layer)| {
+                [
+                    (format!("{PREFIX}{module}.lora_A.weight"), &mut layer.a),
+                    (format!("{PREFIX}{module}.lora_B.weight"), &mut layer.b),
+                ]
+            })
+            .collect()
     }
 
     /// `Err` naming the tensor and the shapes unless `module` is adapted with A [r, in] and
@@ -299,16 +382,7 @@ impl LoraAdapter {
         let dir = dir.as_ref();
         self.validate()?;
         let config = self.config.to_json()?;
-        let names: Vec<(String, &Tensor)> = self
-            .layers
-            .iter()
-            .flat_map(|(module, layer)| {
-                [
-                    (format!("{PREFIX}{module}.lora_A.weight"), &layer.a),
-                    (format!("{PREFIX}{module}.lora_B.weight"), &layer.b),
-                ]
-            })
-            .collect();
+        let names = self.tensors();
         let named: Vec<(&str, &Tensor)> = names.iter().map(|(n, t)| (n.as_str(), *t)).collect();
         let meta = [("format".to_string(), "pt".to_string())].into_iter().collect();
         let weights = crate::io::to_bytes(&named, &meta)?;
