@@ -11,6 +11,7 @@
 mod common;
 
 use common::Backend;
+use kiln::model::{Llama, LoadOptions, StepOptions, TrainSequence, Trainable};
 use kiln::ops::attention::{AttentionOptions, AttentionOutput, DecodeOptions, KvCache, attention_decode};
 use kiln::ops::lora::{AdapterSet, BaseWeight, LoraLinear, lora_backward, lora_batched, lora_forward, merge, unmerge};
 use kiln::ops::loss::{Head, LinearCrossEntropyOptions};
@@ -76,6 +77,21 @@ fn ids(values: &[u32], shape: &[usize], d: &Device) -> kiln::Result<Tensor> {
 /// The GGUF fixture gguf-py wrote (tests/fixtures/make_gguf.py).
 fn gguf() -> kiln::Result<kiln::GgufFile> {
     kiln::GgufFile::open(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/kiln.gguf"))
+}
+
+/// One training step of the tiny Llama fixture (tests/fixtures/make_llama.py), full
+/// fine-tuning; the outputs are the loss and the gradients.
+fn train(batch: &[TrainSequence], options: StepOptions, d: &Device) -> kiln::Result<Vec<Tensor>> {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/llama/tiny");
+    let model = Llama::load(dir, &LoadOptions::new(d))?;
+    let out = model.train_step(batch, Trainable::Full, &options)?;
+    let mut all = vec![Tensor::from_f32(&[out.loss], &[1], DType::F32, d)?];
+    all.extend(out.grads.into_values());
+    Ok(all)
+}
+
+fn seq(ids: &[u32], targets: &[i32]) -> TrainSequence {
+    TrainSequence { ids: ids.to_vec(), targets: targets.to_vec() }
 }
 
 /// Positions, all 0, of `shape`.
@@ -941,6 +957,25 @@ fn cases() -> Vec<Case> {
             let x = Tensor::from_f32(&[NAN, f32::INFINITY, f32::NEG_INFINITY, 1.0], &[2, 2], DType::F32, d)?;
             let p = ops::SamplingParams { top_k: 1, top_p: 0.3, temperature: 1e-30, seed: 7 };
             Ok(vec![ops::sample(&x, &p, 0)?])
+        }),
+        case("train_step: empty batch", Refused, |d| train(&[], StepOptions::default(), d)),
+        case("train_step: no counted target", Refused, |d| {
+            train(&[seq(&[5, 6], &[-100, -100]), seq(&[], &[])], StepOptions::default(), d)
+        }),
+        case("train_step: id u32::MAX", Refused, |d| {
+            train(&[seq(&[u32::MAX, 6], &[6, -100])], StepOptions::default(), d)
+        }),
+        case("train_step: target i32::MIN", Refused, |d| {
+            train(&[seq(&[5, 6], &[i32::MIN, -100])], StepOptions::default(), d)
+        }),
+        case("train_step: more targets than ids", Refused, |d| {
+            train(&[seq(&[5], &[6, -100])], StepOptions::default(), d)
+        }),
+        case("train_step: past the context", Refused, |d| {
+            train(&[TrainSequence::causal(&[9; 1 << 16])], StepOptions::default(), d)
+        }),
+        case("train_step: infinite grad_scale", Refused, |d| {
+            train(&[seq(&[5, 6], &[6, -100])], StepOptions::default().grad_scale(f32::INFINITY), d)
         }),
     ];
     // Every dtype through the ops that take any float dtype, with empty and huge-beside-empty
