@@ -9,6 +9,7 @@
 //! process of its own.
 
 #[path = "../benches/common/llama.rs"]
+#[allow(dead_code)]
 mod workload;
 
 use kiln::model::{StepOptions, TrainSequence, Trainable};

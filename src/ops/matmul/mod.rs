@@ -93,12 +93,6 @@ impl MatmulProblem {
     fn a_index(&self, i: usize, p: usize) -> usize {
         if self.trans_a { p * self.lda() + i } else { i * self.lda() + p }
     }
-
-    /// Offset of B(p, j) within a batch.
-    #[inline(always)]
-    fn b_index(&self, p: usize, j: usize) -> usize {
-        if self.trans_b { j * self.ldb() + p } else { p * self.ldb() + j }
-    }
 }
 
 /// `a · b` with the inputs' dtype out. See [`matmul_with`].
@@ -340,24 +334,28 @@ fn small_m<T: Element>(p: &MatmulProblem, a: &[T], b: &[T], c: &mut [f32], accum
 }
 
 /// Packs B(pc..pc+kc, 0..n) as strips of NR columns: strip j holds, for each depth step,
-/// NR consecutive values (zero past column n).
+/// NR consecutive values (zero past column n). Stored runs are converted whole: a row of B
+/// (or of Bᵀ) at a time.
 fn pack_b<T: Element>(p: &MatmulProblem, b: &[T], pc: usize, kc: usize) -> Vec<f32> {
     let strips = p.n.div_ceil(NR);
+    let ldb = p.ldb();
     let mut out = vec![0f32; strips * NR * kc];
     out.par_chunks_mut(NR * kc).enumerate().for_each(|(js, strip)| {
-        let cols = NR.min(p.n - js * NR);
-        // Walk the stored rows contiguously: along k when B is transposed, along n otherwise.
+        let (j0, cols) = (js * NR, NR.min(p.n - js * NR));
         if p.trans_b {
+            // Column j of B is stored as a run along k: convert it, then spread it at stride NR.
+            let mut run = vec![0f32; kc];
             for jj in 0..cols {
-                for d in 0..kc {
-                    strip[d * NR + jj] = b[p.b_index(pc + d, js * NR + jj)].to_f32();
+                let start = (j0 + jj) * ldb + pc;
+                T::slice_to_f32(&b[start..start + kc], &mut run);
+                for (d, &v) in run.iter().enumerate() {
+                    strip[d * NR + jj] = v;
                 }
             }
         } else {
             for d in 0..kc {
-                for jj in 0..cols {
-                    strip[d * NR + jj] = b[p.b_index(pc + d, js * NR + jj)].to_f32();
-                }
+                let start = (pc + d) * ldb + j0;
+                T::slice_to_f32(&b[start..start + cols], &mut strip[d * NR..d * NR + cols]);
             }
         }
     });
@@ -367,20 +365,23 @@ fn pack_b<T: Element>(p: &MatmulProblem, b: &[T], pc: usize, kc: usize) -> Vec<f
 /// Packs A(i0..i0+mc, pc..pc+kc) as strips of MR rows, like [`pack_b`].
 fn pack_a<T: Element>(p: &MatmulProblem, a: &[T], i0: usize, mc: usize, pc: usize, kc: usize) -> Vec<f32> {
     let strips = mc.div_ceil(MR);
+    let lda = p.lda();
     let mut out = vec![0f32; strips * MR * kc];
+    let mut run = vec![0f32; if p.trans_a { 0 } else { kc }];
     for (s, strip) in out.chunks_mut(MR * kc).enumerate() {
-        let rows = MR.min(mc - s * MR);
-        // Walk the stored rows contiguously: along m when A is transposed, along k otherwise.
+        let (r0, rows) = (i0 + s * MR, MR.min(mc - s * MR));
         if p.trans_a {
+            // Aᵀ is stored [k, m]: each depth step's MR rows are a stored run.
             for d in 0..kc {
-                for ii in 0..rows {
-                    strip[d * MR + ii] = a[p.a_index(i0 + s * MR + ii, pc + d)].to_f32();
-                }
+                let start = (pc + d) * lda + r0;
+                T::slice_to_f32(&a[start..start + rows], &mut strip[d * MR..d * MR + rows]);
             }
         } else {
             for ii in 0..rows {
-                for d in 0..kc {
-                    strip[d * MR + ii] = a[p.a_index(i0 + s * MR + ii, pc + d)].to_f32();
+                let start = (r0 + ii) * lda + pc;
+                T::slice_to_f32(&a[start..start + kc], &mut run);
+                for (d, &v) in run.iter().enumerate() {
+                    strip[d * MR + ii] = v;
                 }
             }
         }
