@@ -530,7 +530,92 @@ fn a_bitsandbytes_nf4_state_loads_and_comes_back(device: &Device) {
     assert!(matches!(q8.nf4_state(), Err(Error::InvalidArgument(_))));
 }
 
+/// Where two byte strings first differ, and how many of their positions do.
+fn differences<T: PartialEq + Copy + std::fmt::Debug>(got: &[T], want: &[T]) -> Option<String> {
+    if got.len() != want.len() {
+        return Some(format!("{} values, bnb {}", got.len(), want.len()));
+    }
+    let differ: Vec<usize> = (0..got.len()).filter(|&i| got[i] != want[i]).collect();
+    let &first = differ.first()?;
+    Some(format!(
+        "{} of {} differ, first at {first}: kiln {:?} bnb {:?}",
+        differ.len(),
+        got.len(),
+        got[first],
+        want[first]
+    ))
+}
+
+/// kiln's NF4 double quantization is bitsandbytes' on the CPU byte for byte (packed codes,
+/// 8-bit absmax codes, nested scales, offset), on weights where a quantizer that rounds or
+/// sums differently would not be: the tiny Llama's weights, absmax values next to the
+/// midpoints of the dynamic map and of bnb's lookup table, ratios on NF4's midpoints, equal,
+/// zero and sub-1e-38 absmax values, and long absmax vectors for the mean
+/// (tests/fixtures/make_bnb_nf4dq.py).
+fn nf4_double_quant_is_bitsandbytes_byte_for_byte(device: &Device) {
+    let file =
+        kiln::io::SafetensorsFile::open(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/bnb_nf4dq.safetensors"))
+            .unwrap();
+    let tiny = kiln::io::SafetensorsFile::open(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/llama/tiny/model.safetensors"
+    ))
+    .unwrap();
+    let cases: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_str(&file.metadata().unwrap()["cases"]).unwrap();
+    assert!(cases.len() >= 20, "{} cases", cases.len());
+    let floats = |name: &str| file.tensor(name, &Device::Cpu).unwrap().to_vec::<f32>().unwrap();
+    let bits = |v: Vec<f32>| v.into_iter().map(f32::to_bits).collect::<Vec<u32>>();
+    let bytes = |name: &str| file.raw(name).unwrap().2.to_vec();
+    let mut failures = Vec::new();
+    for (name, case) in &cases {
+        let shape: Vec<usize> =
+            case["shape"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as usize).collect();
+        let w = match case["source"].as_str().unwrap() {
+            "w" => floats(&format!("{name}.w")),
+            "llama/tiny" => {
+                tiny.tensor(name.strip_prefix("tiny.").unwrap(), &Device::Cpu).unwrap().to_vec::<f32>().unwrap()
+            }
+            "absmax_rows" => {
+                let mut w = vec![0f32; shape[0] * shape[1]];
+                for (row, a) in floats(&format!("{name}.absmax_values")).into_iter().enumerate() {
+                    w[row * shape[1]] = a;
+                }
+                w
+            }
+            other => panic!("{name}: unknown source {other}"),
+        };
+        let q =
+            QTensor::quantize(&Tensor::from_slice(&w, &shape, device).unwrap(), QuantFormat::Nf4DoubleQuant).unwrap();
+        let state = q.nf4_state().unwrap();
+        let Nf4Absmax::DoubleQuant { quantized, nested_absmax, offset, nested_block_size, .. } = &state.absmax else {
+            panic!("{name}: not double-quantized");
+        };
+        assert_eq!(*nested_block_size, 256);
+        let mut check = |part: &str, difference: Option<String>| {
+            if let Some(d) = difference {
+                failures.push(format!("{name} {part}: {d}"));
+            }
+        };
+        check("offset", differences(&[offset.to_bits()], &bits(floats(&format!("{name}.offset")))));
+        check("absmax codes", differences(quantized, &bytes(&format!("{name}.absmax"))));
+        check(
+            "nested absmax",
+            differences(&bits(nested_absmax.clone()), &bits(floats(&format!("{name}.nested_absmax")))),
+        );
+        if file.raw(&format!("{name}.weight")).is_ok() {
+            check("packed codes", differences(&state.packed, &bytes(&format!("{name}.weight"))));
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{device}: kiln's NF4 double quantization differs from bitsandbytes':\n{}",
+        failures.join("\n")
+    );
+}
+
 device_tests!(
+    nf4_double_quant_is_bitsandbytes_byte_for_byte,
     a_bitsandbytes_nf4_state_loads_and_comes_back,
     q8_0_blocks_match_ggml_byte_for_byte,
     q4_0_blocks_match_ggml_byte_for_byte,

@@ -41,7 +41,7 @@ use crate::ops::{Operands, operands};
 use crate::tensor::{CpuStorage, RawBuffer, try_zeros};
 use crate::{DType, Device, Error, Result, Tensor};
 use formats::{GgmlBlock, decode_block, nf4_absmax};
-use quantize::{quantize_blockwise_8bit, quantize_nf4, quantize_q4_0, quantize_q4_1, quantize_q8_0};
+use quantize::{quantize_blockwise_8bit, quantize_nf4, quantize_q4_0, quantize_q4_1, quantize_q8_0, torch_mean_f32};
 use rayon::prelude::*;
 use std::fmt;
 use std::sync::Arc;
@@ -324,6 +324,13 @@ impl QTensor {
     /// format's f16 scale holds (|w| > 65504·127 for Q8_0, 65504·8 for Q4_0; for Q4_1 a block
     /// minimum below −65504 or a block range past 15·65504; where ggml would write an infinite
     /// scale), a shape that is not `[out, in]` or an `in` that is not a multiple of the block.
+    ///
+    /// NF4 and NF4 with double quantization give the bytes of bitsandbytes'
+    /// `quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=...)` on the CPU:
+    /// its bucketing of the 4-bit codes, its lookup table for the 8-bit absmax codes (not
+    /// always the nearest code), and for the offset torch's f32 `absmax.mean()` in torch's
+    /// summation order (one thread; torch splits 32768 or more absmax values over its threads,
+    /// which can move the offset's last bit).
     pub fn quantize(w: &Tensor, format: QuantFormat) -> Result<QTensor> {
         crate::ops::floats("quantize", &[w])?;
         let (rows, cols) = check_shape(format, w.shape())?;
@@ -357,7 +364,8 @@ impl QTensor {
             }
             QuantFormat::Nf4DoubleQuant => {
                 let (packed, absmax) = quantize_nf4(&values);
-                let offset = (absmax.iter().map(|&v| v as f64).sum::<f64>() / absmax.len().max(1) as f64) as f32;
+                // bitsandbytes' `absmax.mean()`: torch's f32 mean, in torch's summation order.
+                let offset = if absmax.is_empty() { 0.0 } else { torch_mean_f32(&absmax) };
                 let code = dynamic_code();
                 let centered: Vec<f32> = absmax.iter().map(|v| v - offset).collect();
                 let (quantized, nested_absmax) = quantize_blockwise_8bit(&centered, &code);
