@@ -58,8 +58,10 @@ fn main() -> kiln::Result<()> {
     for step in 0..=steps {
         let t = Instant::now();
         let out = model.train_step(&batch, Trainable::Lora(&adapter), &options)?;
+        let secs = t.elapsed().as_secs_f64();
+        eprintln!("step {step}: {secs:.3} s, peak RSS {:.0} MiB", peak_rss_mib());
         if step > 0 {
-            times.push(t.elapsed().as_secs_f64());
+            times.push(secs);
         }
         loss = out.loss;
     }

@@ -239,8 +239,8 @@ fn column_sums(dy: &Tensor) -> Result<Tensor> {
 struct LayerTrace {
     /// The layer's input, the residual stream `[tokens, d]`.
     input: Tensor,
-    /// `rms_norm(input)`, the attention's input, and its rstd.
-    attn_in: Tensor,
+    /// rstd of `rms_norm(input)`, the attention's input (recomputed in the backward: one
+    /// elementwise pass, where keeping it would cost a `[tokens, d]` per layer).
     attn_rstd: Tensor,
     /// q and k after the rotary embedding, and v, `[b, s, heads, head_dim]`.
     q: Tensor,
@@ -249,13 +249,12 @@ struct LayerTrace {
     attn: AttentionOutput,
     /// The residual stream after the attention, `input + o_proj(..)`.
     mid: Tensor,
-    /// `rms_norm(mid)`, the MLP's input, and its rstd.
-    mlp_in: Tensor,
+    /// rstd of `rms_norm(mid)`, the MLP's input (recomputed likewise).
     mlp_rstd: Tensor,
+    /// gate_proj's and up_proj's outputs; `swiglu(gate, up)`, down_proj's input, is
+    /// recomputed in the backward.
     gate: Tensor,
     up: Tensor,
-    /// `swiglu(gate, up)`, down_proj's input.
-    act: Tensor,
     /// `x·Aᵀ` of each projection that carries an adapter.
     xa: [Option<Tensor>; 7],
 }
@@ -532,18 +531,15 @@ impl<'a> Stepper<'a> {
         let out = crate::ops::add(&mid.h, &down)?;
         let trace = LayerTrace {
             input: h.clone(),
-            attn_in: attn_norm.y,
             attn_rstd: attn_norm.rstd,
             q,
             k,
             v,
             attn,
             mid: mid.h,
-            mlp_in: mid.y,
             mlp_rstd: mid.rstd,
             gate,
             up,
-            act,
             xa,
         };
         Ok((trace, out))
@@ -566,12 +562,16 @@ impl<'a> Stepper<'a> {
         let full = matches!(self.trainable, Trainable::Full);
         let [attn_norm_name, mlp_norm_name] = norm_names(l);
 
-        // out = mid + down(swiglu(gate(mlp_in), up(mlp_in))), mlp_in = rms_norm(mid).
-        let d_act = projections[6].backward(d_out, &t.act, t.xa[6].as_ref(), grads)?;
+        // out = mid + down(swiglu(gate(mlp_in), up(mlp_in))), mlp_in = rms_norm(mid): the
+        // same ops on the same inputs as the forward, so the same bits.
+        let mlp_in = crate::ops::rms_norm(&t.mid, &weights.mlp_norm, c.rms_norm_eps)?.y;
+        let act = crate::ops::swiglu(&t.gate, &t.up)?;
+        let d_act = projections[6].backward(d_out, &act, t.xa[6].as_ref(), grads)?;
+        drop(act);
         let (d_gate, d_up) = crate::ops::swiglu_backward(&d_act.to_dtype(act_dtype)?, &t.gate, &t.up)?;
         let d_mlp_in = crate::ops::add(
-            &projections[4].backward(&d_gate.to_dtype(DType::F32)?, &t.mlp_in, t.xa[4].as_ref(), grads)?,
-            &projections[5].backward(&d_up.to_dtype(DType::F32)?, &t.mlp_in, t.xa[5].as_ref(), grads)?,
+            &projections[4].backward(&d_gate.to_dtype(DType::F32)?, &mlp_in, t.xa[4].as_ref(), grads)?,
+            &projections[5].backward(&d_up.to_dtype(DType::F32)?, &mlp_in, t.xa[5].as_ref(), grads)?,
         )?;
         let mlp_norm =
             crate::ops::rms_norm_backward(&d_mlp_in.to_dtype(act_dtype)?, &t.mid, &weights.mlp_norm, &t.mlp_rstd)?;
@@ -583,6 +583,7 @@ impl<'a> Stepper<'a> {
         // mid = input + o(attention(rope(q(attn_in)), rope(k(attn_in)), v(attn_in))).
         let o_in = t.attn.o.reshape(&[b * s, c.num_heads * c.head_dim])?;
         let d_o = projections[3].backward(&d_mid, &o_in, t.xa[3].as_ref(), grads)?;
+        drop((mlp_in, t.gate, t.up));
         let d_o = d_o.reshape(&[b, s, c.num_heads, c.head_dim])?.to_dtype(act_dtype)?;
         let ag = attention_backward(&t.q, &t.k, &t.v, &t.attn, &d_o, &self.attention_options())?;
         drop((t.attn, t.q, t.k, t.v, d_o));
@@ -592,9 +593,10 @@ impl<'a> Stepper<'a> {
             let n = x.elem_count() / (b * s);
             x.reshape(&[b * s, n])
         };
-        let dx_q = projections[0].backward(&rows(dq)?, &t.attn_in, t.xa[0].as_ref(), grads)?;
-        let dx_k = projections[1].backward(&rows(dk)?, &t.attn_in, t.xa[1].as_ref(), grads)?;
-        let dx_v = projections[2].backward(&rows(ag.dv)?, &t.attn_in, t.xa[2].as_ref(), grads)?;
+        let attn_in = crate::ops::rms_norm(&t.input, &weights.attn_norm, c.rms_norm_eps)?.y;
+        let dx_q = projections[0].backward(&rows(dq)?, &attn_in, t.xa[0].as_ref(), grads)?;
+        let dx_k = projections[1].backward(&rows(dk)?, &attn_in, t.xa[1].as_ref(), grads)?;
+        let dx_v = projections[2].backward(&rows(ag.dv)?, &attn_in, t.xa[2].as_ref(), grads)?;
         let d_attn_in = crate::ops::add(&crate::ops::add(&dx_q, &dx_k)?, &dx_v)?;
         let attn_norm =
             crate::ops::rms_norm_backward(&d_attn_in.to_dtype(act_dtype)?, &t.input, &weights.attn_norm, &t.attn_rstd)?;
