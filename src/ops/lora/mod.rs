@@ -330,11 +330,25 @@ pub fn lora_backward(dy: &Tensor, x: &Tensor, xa: &Tensor, layer: &LoraLinear<'_
     }
     let f32_of = |t: &Tensor| t.to_dtype(DType::F32);
     let (dy, xa, a, b) = (f32_of(dy)?, f32_of(xa)?, f32_of(layer.a)?, f32_of(layer.b)?);
+    // The scale goes on the rank-r factors, never on a [tokens, in] or [out, in] product.
     let s = layer.scale;
-    let dyb = matmul(&dy, &b)?; // [tokens, r]
-    let dx = add(&layer.base.input_grad(&dy)?, &layer.drop(&scale_op(&matmul(&dyb, &a)?, s)?)?)?;
-    let da = scale_op(&matmul_with(&dyb, &f32_of(&layer.drop(x)?)?, MatmulOptions::tn())?, s)?;
-    let db = scale_op(&matmul_with(&dy, &xa, MatmulOptions::tn())?, s)?;
+    let s_dyb = scale_op(&matmul(&dy, &b)?, s)?; // s·dy·B, [tokens, r]
+    let da = matmul_with(&s_dyb, &f32_of(&layer.drop(x)?)?, MatmulOptions::tn())?;
+    let db = matmul_with(&dy, &scale_op(&xa, s)?, MatmulOptions::tn())?;
+    let mut dx = layer.base.input_grad(&dy)?;
+    let cpu_in_place = dx.device().is_cpu() && layer.dropout.is_none();
+    if cpu_in_place {
+        // dx += (s·dy·B)·A straight into the base gradient's tiles.
+        let (s_dyb, a) = (s_dyb.to_vec::<f32>()?, a.to_vec::<f32>()?);
+        let [tokens, inp] = [dx.shape()[0], dx.shape()[1]];
+        let p = crate::ops::matmul::MatmulProblem::unbatched(tokens, inp, r, false, DType::F32);
+        let crate::tensor::Storage::Cpu(crate::tensor::CpuStorage::F32(out)) = dx.storage_mut()? else {
+            return Err(Error::DType("lora backward: the base gradient is not f32 on the CPU".into()));
+        };
+        crate::ops::matmul::cpu_matmul_into(&p, &s_dyb, &a, out, true);
+    } else {
+        dx = add(&dx, &layer.drop(&matmul(&s_dyb, &a)?)?)?;
+    }
     Ok(LoraGrads { dx, da, db })
 }
 

@@ -124,9 +124,10 @@ pub fn cross_entropy_with(logits: &Tensor, targets: &Tensor, options: CrossEntro
 pub enum Head<'a> {
     /// f32, f16 or bf16, the hidden states' dtype.
     Dense(&'a Tensor),
-    /// A frozen quantized weight (any [`crate::ops::QuantFormat`]); logits come from
-    /// [`crate::ops::qmatmul`] on f32 hidden states, `dh` from
-    /// [`crate::ops::qmatmul_input_grad`].
+    /// A frozen quantized weight (any [`crate::ops::QuantFormat`]): each chunk's rows are
+    /// dequantized to f32 once per pass and multiply f32 hidden states as a dense band (the
+    /// values `qmatmul` decodes, through the dense kernels: a chunk's rows serve `tokens`
+    /// products each, so decoding them once and running the faster dense product pays).
     Quantized(&'a QTensor),
 }
 
@@ -182,8 +183,8 @@ pub struct LinearCrossEntropy {
 /// logsumexp; a second pass computes each chunk's logits again, forms its gradient
 /// `grad_scale · (softmax − onehot) / counted` and accumulates `dh += g · W_chunk` (f32) and
 /// `dW_chunk = gᵀ · h`. Memory beyond the inputs and outputs: one chunk of f32 logits, its
-/// gradient, a copy of the chunk's rows of W (none on the CPU, which reads W in place) and a
-/// few `[n, d]` f32 accumulators.
+/// gradient, a copy of the chunk's rows of W (f32 for a quantized head) and a few `[n, d]`
+/// f32 accumulators.
 ///
 /// `h` is `[n, d]` (f32, f16 or bf16); a dense head is `[vocab, d]` of `h`'s dtype, a
 /// quantized one `[vocab, d]`; `targets` as [`cross_entropy`]. On a dense head the logits and
@@ -319,18 +320,15 @@ fn chunked_linear(
         Head::Dense(_) => h.clone(),
         Head::Quantized(_) => h.to_dtype(DType::F32)?,
     };
-    let band = |c0: usize, cols: usize| -> Result<Band> {
+    // A chunk's rows of the head, dense: a quantized head's rows dequantized to f32.
+    let band = |c0: usize, cols: usize| -> Result<Tensor> {
         match head {
-            Head::Dense(w) => Ok(Band::Dense(rows_of(w, c0, cols)?)),
-            Head::Quantized(w) => Ok(Band::Quantized(w.row_band(c0, c0 + cols)?)),
+            Head::Dense(w) => rows_of(w, c0, cols),
+            Head::Quantized(w) => w.row_band(c0, c0 + cols)?.dequantize(DType::F32),
         }
     };
-    let logits_of = |b: &Band| -> Result<Tensor> {
-        match b {
-            Band::Dense(w) => crate::ops::matmul_with(&h_for_head, w, MatmulOptions::nt().out_dtype(DType::F32)),
-            Band::Quantized(w) => crate::ops::qmatmul(&h_for_head, w),
-        }
-    };
+    let logits_of =
+        |band: &Tensor| crate::ops::matmul_with(&h_for_head, band, MatmulOptions::nt().out_dtype(DType::F32));
     let mut state = Tensor::empty(&[n, 3], DType::F32, &device)?;
     for (c0, cols) in plan.chunks() {
         let logits = logits_of(&band(c0, cols)?)?;
@@ -351,10 +349,7 @@ fn chunked_linear(
         let logits = logits_of(&b)?;
         let g = grad_chunk(&logits, targets, &state, c0, plan.scale, g_dtype)?;
         drop(logits);
-        let part = match &b {
-            Band::Dense(w) => crate::ops::matmul_with(&g, w, MatmulOptions::default().out_dtype(DType::F32))?,
-            Band::Quantized(w) => crate::ops::qmatmul_input_grad(&g, w)?,
-        };
+        let part = crate::ops::matmul_with(&g, &b, MatmulOptions::default().out_dtype(DType::F32))?;
         dh = Some(match dh {
             Some(acc) => crate::ops::add(&acc, &part)?,
             None => part,
@@ -369,12 +364,6 @@ fn chunked_linear(
         None => Tensor::zeros(&[n, d], h.dtype(), &device)?,
     };
     Ok(LinearCrossEntropy { loss, dh, dw, counted })
-}
-
-/// One chunk's rows of the head.
-enum Band {
-    Dense(Tensor),
-    Quantized(QTensor),
 }
 
 /// Rows `r0..r0 + rows` of a `[rows, d]` tensor as a tensor of their own.
