@@ -447,7 +447,10 @@ impl<'a> Stepper<'a> {
         for l in 0..c.num_layers {
             let (trace, out) = self.layer_forward(l, &h)?;
             inputs.push(h);
-            traces.push((!self.options.checkpointing).then_some(trace));
+            // Checkpointing keeps the last layer's trace: its backward comes first, so it is
+            // the one layer's worth of activations the backward holds anyway.
+            let keep = !self.options.checkpointing || l + 1 == c.num_layers;
+            traces.push(keep.then_some(trace));
             h = out;
         }
 

@@ -124,6 +124,42 @@ impl ModelWeights {
     pub fn head(&self) -> &Weight {
         self.lm_head.as_ref().unwrap_or(&self.embed)
     }
+
+    /// Every dense weight under its Hugging Face name (the names of a full fine-tuning
+    /// step's gradients), in a fixed order, for an optimizer to update in place. Quantized
+    /// weights are frozen and left out.
+    pub fn dense_mut(&mut self) -> Vec<(String, &mut Tensor)> {
+        let mut out = Vec::new();
+        if let Weight::Dense(t) = &mut self.embed {
+            out.push(("model.embed_tokens.weight".to_string(), t));
+        }
+        for (l, layer) in self.layers.iter_mut().enumerate() {
+            out.push((format!("model.layers.{l}.input_layernorm.weight"), &mut layer.attn_norm));
+            out.push((format!("model.layers.{l}.post_attention_layernorm.weight"), &mut layer.mlp_norm));
+            let projections = [
+                ("self_attn.q_proj", &mut layer.q),
+                ("self_attn.k_proj", &mut layer.k),
+                ("self_attn.v_proj", &mut layer.v),
+                ("self_attn.o_proj", &mut layer.o),
+                ("mlp.gate_proj", &mut layer.gate),
+                ("mlp.up_proj", &mut layer.up),
+                ("mlp.down_proj", &mut layer.down),
+            ];
+            for (name, linear) in projections {
+                if let Weight::Dense(t) = &mut linear.weight {
+                    out.push((format!("model.layers.{l}.{name}.weight"), t));
+                }
+                if let Some(bias) = &mut linear.bias {
+                    out.push((format!("model.layers.{l}.{name}.bias"), bias));
+                }
+            }
+        }
+        out.push(("model.norm.weight".to_string(), &mut self.norm));
+        if let Some(Weight::Dense(t)) = &mut self.lm_head {
+            out.push(("lm_head.weight".to_string(), t));
+        }
+        out
+    }
 }
 
 /// How weights are loaded.
