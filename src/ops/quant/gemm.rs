@@ -5,7 +5,7 @@ use super::formats::{decode_block, decode_blocks};
 use super::{Direction, QProblem, QTensor};
 use crate::ops::matmul::{KC, MatmulProblem, NR, PackB, cpu_matmul_packed, pack_strips};
 use crate::tensor::try_zeros;
-use crate::{DType, Result};
+use crate::{Element, Result};
 use rayon::prelude::*;
 
 /// B of the product as W's blocks: `Wᵀ` (`[in, out]`) forward, `W` (`[out, in]`) for the
@@ -27,7 +27,7 @@ impl PackB for QuantB<'_> {
             // and spread at stride NR. Slices start on block boundaries (KC and `in` are
             // multiples of the block size).
             Direction::Forward => {
-                debug_assert!(pc % bs == 0 && kc % bs == 0);
+                debug_assert!(pc.is_multiple_of(bs) && kc.is_multiple_of(bs));
                 pack_strips(w.rows, kc, out, |j0, cols, strip| {
                     let mut run = vec![0f32; kc];
                     for jj in 0..cols {
@@ -41,7 +41,7 @@ impl PackB for QuantB<'_> {
             // B(d, j) = W[d, j]: one block of W row d spans bs / NR strips, so the strips
             // covering a block column are filled together and each block is decoded once.
             Direction::InputGrad => {
-                debug_assert!(bs % NR == 0 && w.cols % bs == 0);
+                debug_assert!(bs.is_multiple_of(NR) && w.cols.is_multiple_of(bs));
                 out.par_chunks_mut(bs * kc).enumerate().for_each(|(bc, strips)| {
                     let mut block = [0f32; 64];
                     for d in 0..kc {
@@ -58,10 +58,10 @@ impl PackB for QuantB<'_> {
 
 /// GEMM: `x·Wᵀ` or `dy·W` through the dense CPU kernel's blocking, W decoded one depth
 /// slice at a time into the kernel's packed B.
-pub(super) fn cpu_gemm(w: &QTensor, bytes: &[u8], x: &[f32], p: &QProblem) -> Result<Vec<f32>> {
-    debug_assert_eq!(KC % w.format.block_size(), 0);
+pub(super) fn cpu_gemm<T: Element>(w: &QTensor, bytes: &[u8], x: &[T], p: &QProblem) -> Result<Vec<f32>> {
+    debug_assert!(KC.is_multiple_of(w.format.block_size()));
     let mut y = try_zeros::<f32>(p.tokens * p.n)?;
-    let mp = MatmulProblem::unbatched(p.tokens, p.n, p.k, p.direction == Direction::Forward, DType::F32);
+    let mp = MatmulProblem::unbatched(p.tokens, p.n, p.k, p.direction == Direction::Forward, T::DTYPE);
     cpu_matmul_packed(&mp, x, &QuantB { w, bytes, direction: p.direction }, &mut y, false);
     Ok(y)
 }
