@@ -364,6 +364,15 @@ fn every_format_and_path_is_covered(device: &Device) {
                 check(device, &Case { tokens, out: 72, blocks: 3, format, dtype, input_grad, seed: 9 });
             }
         }
+        // The CPU GEMM reduces in depth slices of 512: a depth of 1152 (two whole slices and
+        // a part) forward, 600 for the input gradient, and 600 columns (not a multiple of the
+        // 16-wide strips) forward.
+        if device.is_cpu() {
+            let blocks = 1152 / format.block_size();
+            for input_grad in [false, true] {
+                check(device, &Case { tokens: 20, out: 600, blocks, format, dtype: DType::F32, input_grad, seed: 10 });
+            }
+        }
     }
 }
 

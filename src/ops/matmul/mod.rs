@@ -202,9 +202,9 @@ fn plan(a: &Tensor, b: &Tensor, o: MatmulOptions) -> Result<(MatmulProblem, Vec<
 /// Rows of A per micro-kernel call.
 const MR: usize = 6;
 /// Columns of B per micro-kernel call (two 8-wide AVX registers).
-const NR: usize = 16;
+pub(crate) const NR: usize = 16;
 /// Depth of one packed panel (tuned on a 2-core AVX2 machine; 256 and 384 were slower).
-const KC: usize = 512;
+pub(crate) const KC: usize = 512;
 /// Rows of A packed together (a multiple of MR), sized for L2.
 const MC: usize = 72;
 /// Columns of C per task, so narrow and wide problems both split across threads.
@@ -236,48 +236,80 @@ pub(crate) fn cpu_matmul_into<T: Element>(p: &MatmulProblem, a: &[T], b: &[T], c
         let b = &b[bi * p.batch_stride_b..];
         if m <= SMALL_M {
             small_m(p, a, b, c_batch, accumulate);
-            continue;
+        } else {
+            cpu_matmul_packed(p, a, &DenseB { p, b }, c_batch, accumulate);
         }
-        let c_ptr = SharedMut(c_batch.as_mut_ptr());
-        for pc in (0..p.k).step_by(KC) {
-            let kc = KC.min(p.k - pc);
-            let b_packed = pack_b(p, b, pc, kc);
-            let row_blocks = m.div_ceil(MC);
-            // Split columns too only when rows alone leave threads idle: each column block
-            // packs its A block again.
-            let col_blocks = if row_blocks >= 4 * rayon::current_num_threads() { 1 } else { n.div_ceil(NC) };
-            let nc_block = n.div_ceil(col_blocks);
-            (0..row_blocks * col_blocks).into_par_iter().for_each(|t| {
-                let (ib, jb) = (t / col_blocks, t % col_blocks);
-                let (i0, j0) = (ib * MC, (jb * nc_block).div_ceil(NR) * NR);
-                let mc = MC.min(m - i0);
-                let j1 = (((jb + 1) * nc_block).div_ceil(NR) * NR).min(n);
-                if j0 >= j1 {
-                    return;
-                }
-                let nc = j1 - j0;
-                let a_packed = pack_a(p, a, i0, mc, pc, kc);
-                for s in 0..mc.div_ceil(MR) {
-                    for js in (j0 / NR)..(j0 + nc).div_ceil(NR) {
-                        let (ri, cj) = (i0 + s * MR, js * NR);
-                        // SAFETY: tasks own disjoint (rows, columns) tiles of C, and the
-                        // micro-kernel writes only rows ri..ri+mr, columns cj..cj+nr.
-                        unsafe {
-                            micro_kernel(
-                                kc,
-                                &a_packed[s * MR * kc..],
-                                &b_packed[js * NR * kc..],
-                                c_ptr.ptr().add(ri * n + cj),
-                                n,
-                                MR.min(m - ri),
-                                NR.min(n - cj),
-                                accumulate || pc > 0,
-                            );
-                        }
+    }
+}
+
+/// How the blocked CPU product gets its B: it packs one depth slice of B at a time, so B
+/// may be stored in any form (dense, transposed, quantized blocks) as long as a slice can be
+/// produced in the packed layout.
+pub(crate) trait PackB: Sync {
+    /// Writes B(pc..pc+kc, 0..n) into `out` (`n.div_ceil(NR)·NR·kc` values, zeroed on entry)
+    /// as strips of [`NR`] columns: strip `js` holds at `js·NR·kc + d·NR` the values
+    /// B(pc+d, js·NR..js·NR+NR). Columns past n stay zero. `pc` is a multiple of [`KC`].
+    fn pack(&self, pc: usize, kc: usize, out: &mut [f32]);
+}
+
+/// Fills the strips of a packed B slice in parallel: `fill(j0, cols, strip)` writes columns
+/// `j0..j0+cols` (at most NR of them) into `strip` (`NR·kc` values).
+pub(crate) fn pack_strips(n: usize, kc: usize, out: &mut [f32], fill: impl Fn(usize, usize, &mut [f32]) + Sync) {
+    out.par_chunks_mut(NR * kc).enumerate().for_each(|(js, strip)| fill(js * NR, NR.min(n - js * NR), strip));
+}
+
+/// One batch of `c (+)= op(A)·B` through the blocked kernel (KC depth slices, MC row
+/// blocks, NC column blocks, the MR×NR micro-kernel), with each depth slice of B packed by
+/// `b`. `p` gives m, n, k and A's layout; its B fields are not read.
+pub(crate) fn cpu_matmul_packed<T: Element>(
+    p: &MatmulProblem,
+    a: &[T],
+    b: &impl PackB,
+    c: &mut [f32],
+    accumulate: bool,
+) {
+    let (m, n) = (p.m, p.n);
+    debug_assert_eq!(c.len(), m * n);
+    let c_ptr = SharedMut(c.as_mut_ptr());
+    for pc in (0..p.k).step_by(KC) {
+        let kc = KC.min(p.k - pc);
+        let mut b_packed = vec![0f32; n.div_ceil(NR) * NR * kc];
+        b.pack(pc, kc, &mut b_packed);
+        let row_blocks = m.div_ceil(MC);
+        // Split columns too only when rows alone leave threads idle: each column block
+        // packs its A block again.
+        let col_blocks = if row_blocks >= 4 * rayon::current_num_threads() { 1 } else { n.div_ceil(NC) };
+        let nc_block = n.div_ceil(col_blocks);
+        (0..row_blocks * col_blocks).into_par_iter().for_each(|t| {
+            let (ib, jb) = (t / col_blocks, t % col_blocks);
+            let (i0, j0) = (ib * MC, (jb * nc_block).div_ceil(NR) * NR);
+            let mc = MC.min(m - i0);
+            let j1 = (((jb + 1) * nc_block).div_ceil(NR) * NR).min(n);
+            if j0 >= j1 {
+                return;
+            }
+            let nc = j1 - j0;
+            let a_packed = pack_a(p, a, i0, mc, pc, kc);
+            for s in 0..mc.div_ceil(MR) {
+                for js in (j0 / NR)..(j0 + nc).div_ceil(NR) {
+                    let (ri, cj) = (i0 + s * MR, js * NR);
+                    // SAFETY: tasks own disjoint (rows, columns) tiles of C, and the
+                    // micro-kernel writes only rows ri..ri+mr, columns cj..cj+nr.
+                    unsafe {
+                        micro_kernel(
+                            kc,
+                            &a_packed[s * MR * kc..],
+                            &b_packed[js * NR * kc..],
+                            c_ptr.ptr().add(ri * n + cj),
+                            n,
+                            MR.min(m - ri),
+                            NR.min(n - cj),
+                            accumulate || pc > 0,
+                        );
                     }
                 }
-            });
-        }
+            }
+        });
     }
 }
 
@@ -333,36 +365,40 @@ fn small_m<T: Element>(p: &MatmulProblem, a: &[T], b: &[T], c: &mut [f32], accum
     }
 }
 
-/// Packs B(pc..pc+kc, 0..n) as strips of NR columns: strip j holds, for each depth step,
-/// NR consecutive values (zero past column n). Stored runs are converted whole: a row of B
-/// (or of Bᵀ) at a time.
-fn pack_b<T: Element>(p: &MatmulProblem, b: &[T], pc: usize, kc: usize) -> Vec<f32> {
-    let strips = p.n.div_ceil(NR);
-    let ldb = p.ldb();
-    let mut out = vec![0f32; strips * NR * kc];
-    out.par_chunks_mut(NR * kc).enumerate().for_each(|(js, strip)| {
-        let (j0, cols) = (js * NR, NR.min(p.n - js * NR));
-        if p.trans_b {
-            // Column j of B is stored as a run along k: convert it, then spread it at stride NR.
-            let mut run = vec![0f32; kc];
-            for jj in 0..cols {
-                let start = (j0 + jj) * ldb + pc;
-                T::slice_to_f32(&b[start..start + kc], &mut run);
-                for (d, &v) in run.iter().enumerate() {
-                    strip[d * NR + jj] = v;
-                }
-            }
-        } else {
-            for d in 0..kc {
-                let start = (pc + d) * ldb + j0;
-                T::slice_to_f32(&b[start..start + cols], &mut strip[d * NR..d * NR + cols]);
-            }
-        }
-    });
-    out
+/// A dense B (`[k, n]`, or `[n, k]` with `trans_b`) of one batch. Stored runs are converted
+/// whole: a row of B (or of Bᵀ) at a time.
+struct DenseB<'a, T> {
+    p: &'a MatmulProblem,
+    b: &'a [T],
 }
 
-/// Packs A(i0..i0+mc, pc..pc+kc) as strips of MR rows, like [`pack_b`].
+impl<T: Element> PackB for DenseB<'_, T> {
+    fn pack(&self, pc: usize, kc: usize, out: &mut [f32]) {
+        let (p, b) = (self.p, self.b);
+        let ldb = p.ldb();
+        pack_strips(p.n, kc, out, |j0, cols, strip| {
+            if p.trans_b {
+                // Column j of B is stored as a run along k: convert it, then spread it at
+                // stride NR.
+                let mut run = vec![0f32; kc];
+                for jj in 0..cols {
+                    let start = (j0 + jj) * ldb + pc;
+                    T::slice_to_f32(&b[start..start + kc], &mut run);
+                    for (d, &v) in run.iter().enumerate() {
+                        strip[d * NR + jj] = v;
+                    }
+                }
+            } else {
+                for d in 0..kc {
+                    let start = (pc + d) * ldb + j0;
+                    T::slice_to_f32(&b[start..start + cols], &mut strip[d * NR..d * NR + cols]);
+                }
+            }
+        });
+    }
+}
+
+/// Packs A(i0..i0+mc, pc..pc+kc) as strips of MR rows, like [`PackB`]'s strips of B.
 fn pack_a<T: Element>(p: &MatmulProblem, a: &[T], i0: usize, mc: usize, pc: usize, kc: usize) -> Vec<f32> {
     let strips = mc.div_ceil(MR);
     let lda = p.lda();

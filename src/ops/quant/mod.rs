@@ -38,7 +38,7 @@ pub use formats::{
 };
 
 use crate::ops::{Operands, operands};
-use crate::tensor::{CpuStorage, RawBuffer, try_zeros};
+use crate::tensor::{CpuStorage, RawBuffer, try_zeros, with_elems};
 use crate::{DType, Device, Error, Result, Tensor};
 use formats::{GgmlBlock, decode_block, nf4_absmax};
 use quantize::{quantize_blockwise_8bit, quantize_nf4, quantize_q4_0, quantize_q4_1, quantize_q8_0, torch_mean_f32};
@@ -511,11 +511,11 @@ fn product(x: &Tensor, w: &QTensor, direction: Direction, options: QMatmulOption
     match operands("quantized product", [x])? {
         Operands::Cpu([xs]) => {
             let bytes = w.raw().as_cpu().ok_or_else(mismatch)?;
-            let xf = xs.to_f32_vec()?;
             let y = if tokens <= GEMV_MAX_TOKENS && direction == Direction::Forward {
-                gemv::cpu_gemv(w, bytes, &xf, tokens, options.int8_activations)?
+                gemv::cpu_gemv(w, bytes, &xs.to_f32_vec()?, tokens, options.int8_activations)?
             } else {
-                gemm::cpu_gemm(w, bytes, &xf, &p)?
+                // The GEMM converts rows of x as it packs them: no f32 copy of x.
+                with_elems!(xs, xv => gemm::cpu_gemm(w, bytes, xv, &p)?)
             };
             Ok(Tensor::from_cpu_storage(CpuStorage::from_f32_vec(x.dtype(), y)?, &out_shape, x.dtype()))
         }
