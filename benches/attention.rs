@@ -2,6 +2,8 @@
 //! - `attention_fwd/<device>` and `attention_bwd/<device>`: causal, in FLOP/s of the
 //!   unmasked work only (criterion's elem/s column): 4·b·h·d·Σ visible keys forward, 2.5×
 //!   that backward (FlashAttention's convention);
+//! - `attention_fwd/cpu/causal_gqa`: the forward at a training shape with grouped-query
+//!   heads (batch 4, sequence 256, 9 heads over 3 kv heads of 64);
 //! - `attention_decode/<device>`: one new token per sequence against the KV cache, in bytes
 //!   of cache read per second (K and V), beside a device-to-device copy of the same bytes
 //!   (counted read + written, as STREAM does).
@@ -61,6 +63,10 @@ fn bench_attention(c: &mut Criterion) {
         });
         group.finish();
 
+        if info.kind == DeviceKind::Cpu {
+            bench_training_shape(c, &device);
+        }
+
         let mut cache = KvCache::new(1, cache_len, d_kv, dim, dtype, &device).expect("cache");
         let kv = Tensor::randn(&[1, cache_len, d_kv, dim], 0.0, 1.0, 5, dtype, &device).expect("kv");
         cache.append(&kv, &kv, None).expect("fill the cache");
@@ -86,6 +92,25 @@ fn bench_attention(c: &mut Criterion) {
         });
         group.finish();
     }
+}
+
+/// The forward at a small model's training shape on the CPU: batch 4, sequence 256, 9
+/// query heads over 3 kv heads of 64, causal.
+fn bench_training_shape(c: &mut Criterion, device: &Device) {
+    let (batch, seq, heads, kv_heads, dim) = (4, 256, 9, 3, 64);
+    let q = Tensor::randn(&[batch, seq, heads, dim], 0.0, 1.0, 1, DType::F32, device).expect("q");
+    let k = Tensor::randn(&[batch, seq, kv_heads, dim], 0.0, 1.0, 2, DType::F32, device).expect("k");
+    let v = Tensor::randn(&[batch, seq, kv_heads, dim], 0.0, 1.0, 3, DType::F32, device).expect("v");
+    let options = AttentionOptions { causal: true, ..Default::default() };
+    let visible = (seq * (seq + 1) / 2) as u64;
+    let mut group = c.benchmark_group(format!("attention_fwd/{device}"));
+    common::configure(&mut group, 3);
+    group.throughput(Throughput::Elements(4 * (batch * heads * dim) as u64 * visible));
+    let label = format!("b{batch}/s{seq}/h{heads}/kv{kv_heads}/d{dim}/f32");
+    group.bench_function(BenchmarkId::new("causal_gqa", label), |b| {
+        b.iter(|| attention(&q, &k, &v, &options).expect("forward"))
+    });
+    group.finish();
 }
 
 criterion_group!(benches, bench_attention);

@@ -1,5 +1,6 @@
-//! Attention forward: `o = softmax(q·kᵀ·scale + mask)·v`, computed key by key with an
-//! online softmax (running max and sum), so no [seq, seq] score matrix is ever stored.
+//! Attention forward: `o = softmax(q·kᵀ·scale + mask)·v`. No [seq, seq] score matrix is
+//! ever stored: few query rows go key by key with an online softmax (running max and sum),
+//! many in tiles of query rows whose scores live only while the tile is processed.
 //!
 //! Layout: q `[batch, q_len, heads, head_dim]`, k and v `[batch, kv_len, kv_heads, head_dim]`
 //! (what the projections produce; no transpose), `heads` a multiple of `kv_heads`
@@ -8,7 +9,8 @@
 //! past a sequence's length are masked and its query rows at or past it give zeros. A row
 //! with no visible key gives zeros and a logsumexp of −∞, never NaN.
 //!
-//! Kernels: CPU here (rayon over rows); CUDA `kernels/attention_fwd.cu` and WGSL
+//! Kernels: CPU here (rayon over rows, or over (sequence, kv head) tasks and their tiles
+//! with the matmul kernel); CUDA `kernels/attention_fwd.cu` and WGSL
 //! `shaders/attention_fwd.wgsl`, one query row per thread.
 
 #[cfg(feature = "cuda")]
@@ -20,8 +22,8 @@ pub(crate) mod wgpu;
 pub use decode::{DECODE_SPLIT, DecodeOptions, KvCache, attention_decode};
 
 use crate::ops::{Operands, operands};
-use crate::tensor::{try_vec, try_zeros};
-use crate::{DType, Error, Result, Tensor};
+use crate::tensor::{CpuStorage, StorageElement, try_vec, try_zeros, with_elems};
+use crate::{DType, Element, Error, Result, Tensor};
 use rayon::prelude::*;
 
 /// Keys per block of the CPU forward's online softmax.
@@ -150,7 +152,7 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, options: &AttentionOptions)
         return Ok(AttentionOutput { o: Tensor::zeros(q.shape(), q.dtype(), &q.device())?, lse });
     }
     match operands("attention", [q, k, v])? {
-        Operands::Cpu(_) => cpu_forward(q, k, v, &s, &lens),
+        Operands::Cpu([qs, ks, vs]) => cpu_forward(q, k, v, [qs, ks, vs], &s, &lens),
         #[cfg(feature = "cuda")]
         Operands::Cuda(dev, _) => cuda::forward(dev, q, k, v, &s, &lens),
         #[cfg(feature = "wgpu")]
@@ -213,7 +215,37 @@ unsafe fn attend_row_avx2(
     attend_row(q, keys, values, stride, visible, scale)
 }
 
-fn cpu_forward(q: &Tensor, k: &Tensor, v: &Tensor, s: &AttnShape, lens: &[usize]) -> Result<AttentionOutput> {
+/// Query rows from which the CPU forward works in tiles with the matmul kernel; fewer rows
+/// (decoding, short appends) go one row at a time, where a tile would be mostly empty.
+const TILED_FORWARD_MIN_ROWS: usize = 16;
+
+fn cpu_forward(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    [qs, ks, vs]: [&CpuStorage; 3],
+    s: &AttnShape,
+    lens: &[usize],
+) -> Result<AttentionOutput> {
+    if s.q_len < TILED_FORWARD_MIN_ROWS {
+        return cpu_forward_rows(q, k, v, s, lens);
+    }
+    let differ = || Error::DType("attention: q, k and v differ in dtype".into());
+    let (o, lse) = with_elems!(qs, qe => cpu_forward_tiled(
+        qe,
+        StorageElement::slice_of(ks).ok_or_else(differ)?,
+        StorageElement::slice_of(vs).ok_or_else(differ)?,
+        s,
+        lens
+    )?);
+    Ok(AttentionOutput {
+        o: Tensor::from_cpu_storage(CpuStorage::from_f32_vec(q.dtype(), o)?, q.shape(), q.dtype()),
+        lse: Tensor::from_slice(&lse, &[s.batch, s.heads, s.q_len], &crate::Device::Cpu)?,
+    })
+}
+
+/// The CPU forward one query row at a time with [`attend_row`], rayon over rows.
+fn cpu_forward_rows(q: &Tensor, k: &Tensor, v: &Tensor, s: &AttnShape, lens: &[usize]) -> Result<AttentionOutput> {
     let (qv, kv, vv) = (q.to_vec_f32()?, k.to_vec_f32()?, v.to_vec_f32()?);
     let (d, group) = (s.dim, s.heads / s.kv_heads);
     let rows = s.batch * s.heads * s.q_len;
@@ -248,6 +280,169 @@ fn cpu_forward(q: &Tensor, k: &Tensor, v: &Tensor, s: &AttnShape, lens: &[usize]
         o: Tensor::from_f32(&o, q.shape(), q.dtype(), &crate::Device::Cpu)?,
         lse: Tensor::from_slice(&lse, &[s.batch, s.heads, s.q_len], &crate::Device::Cpu)?,
     })
+}
+
+/// Scaled scores `[rows, keys]` (`row_visible[r]` keys visible to row r) into probabilities
+/// in place, `p = exp(score − max) / Σ`, masked keys 0; writes each row's logsumexp
+/// `max + ln Σ`, −∞ for a row with no visible key (its probabilities all 0).
+#[inline(always)]
+fn softmax_rows(scores: &mut [f32], keys: usize, row_visible: &[usize], lse: &mut [f32]) {
+    use crate::ops::activation::exp;
+    for ((row, &visible), row_lse) in scores.chunks_exact_mut(keys).zip(row_visible).zip(lse.iter_mut()) {
+        let (seen, masked) = row.split_at_mut(visible);
+        masked.fill(0.0);
+        if visible == 0 {
+            *row_lse = f32::NEG_INFINITY;
+            continue;
+        }
+        // Max and sum in LANES independent partials, so the loops vectorise.
+        let mut maxes = [f32::NEG_INFINITY; LANES];
+        let mut chunks = seen.chunks_exact(LANES);
+        for chunk in &mut chunks {
+            maxes.iter_mut().zip(chunk).for_each(|(m, &x)| *m = if x > *m { x } else { *m });
+        }
+        let m = chunks.remainder().iter().chain(&maxes).fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+        let mut sums = [0f32; LANES];
+        let mut chunks = seen.chunks_exact_mut(LANES);
+        for chunk in &mut chunks {
+            sums.iter_mut().zip(chunk).for_each(|(sum, x)| {
+                *x = exp(*x - m);
+                *sum += *x;
+            });
+        }
+        let mut sum: f32 = sums.iter().sum();
+        for x in chunks.into_remainder() {
+            *x = exp(*x - m);
+            sum += *x;
+        }
+        let inv = 1.0 / sum;
+        seen.iter_mut().for_each(|x| *x *= inv);
+        *row_lse = m + sum.ln();
+    }
+}
+
+/// Independent partial maxima and sums per softmax row: two AVX2 vectors.
+const LANES: usize = 16;
+
+/// [`softmax_rows`] compiled for AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn softmax_rows_avx2(scores: &mut [f32], keys: usize, row_visible: &[usize], lse: &mut [f32]) {
+    softmax_rows(scores, keys, row_visible, lse)
+}
+
+/// The CPU forward for many query rows, one task per (sequence, kv head) like
+/// [`cpu_backward`]: the task gathers its keys and values once, then for each tile of query
+/// positions (in parallel) stacks the rows of every query head of the group (they share
+/// the keys, so the keys are packed once for all of them) and forms the scores `S = Q·Kᵀ`
+/// with the dense matmul kernel (the scale applied to Q), the masked row softmax `P` with
+/// its logsumexp, and `O = P·V`. A tile reads only the keys its last row sees.
+/// Returns o (f32, q's layout) and the logsumexps.
+fn cpu_forward_tiled<T: Element>(
+    qv: &[T],
+    kv: &[T],
+    vv: &[T],
+    s: &AttnShape,
+    lens: &[usize],
+) -> Result<(Vec<f32>, Vec<f32>)> {
+    use crate::ops::matmul::{MatmulProblem, cpu_matmul_into};
+    let (d, group) = (s.dim, s.heads / s.kv_heads);
+    let q_at = |b: usize, i: usize, h: usize| ((b * s.q_len + i) * s.heads + h) * d;
+    let kv_at = |b: usize, j: usize, kh: usize| ((b * s.kv_len + j) * s.kv_heads + kh) * d;
+    let product = |m: usize, n: usize, k: usize, trans_b: bool, a: &[f32], b: &[f32], c: &mut [f32]| {
+        cpu_matmul_into(&MatmulProblem::unbatched(m, n, k, trans_b, DType::F32), a, b, c, false);
+    };
+
+    // Per task, tile after tile, the tile's rows head after head: output rows [_, d] and
+    // their logsumexps (rows past the sequence's length are not stored).
+    type TaskOut = (Vec<f32>, Vec<f32>);
+    let tasks: Vec<Result<TaskOut>> = (0..s.batch * s.kv_heads)
+        .into_par_iter()
+        .map(|task| -> Result<TaskOut> {
+            let (b, kh) = (task / s.kv_heads, task % s.kv_heads);
+            let q_rows = lens[b].min(s.q_len);
+            let row_visible: Vec<usize> = (0..q_rows).map(|i| s.visible(i, lens[b])).collect();
+            let n_keys = row_visible.iter().copied().max().unwrap_or(0);
+            let gather = |src: &[T]| -> Result<Vec<f32>> {
+                let mut out = try_zeros::<f32>(n_keys * d)?;
+                for (j, row) in out.chunks_exact_mut(d).enumerate() {
+                    T::slice_to_f32(&src[kv_at(b, j, kh)..][..d], row);
+                }
+                Ok(out)
+            };
+            let (keys, values) = (gather(kv)?, gather(vv)?);
+            let mut o = try_zeros::<f32>(group * q_rows * d)?;
+            let mut lse = try_vec(group * q_rows, f32::NEG_INFINITY)?;
+            o.par_chunks_mut(group * QUERY_TILE * d)
+                .zip(lse.par_chunks_mut(group * QUERY_TILE))
+                .enumerate()
+                .try_for_each(|(tile, (o_tile, lse_tile))| -> Result<()> {
+                    let (i0, rows) = (tile * QUERY_TILE, lse_tile.len() / group);
+                    let visible = &row_visible[i0..i0 + rows];
+                    let keys_seen = visible.iter().copied().max().unwrap_or(0);
+                    if keys_seen == 0 {
+                        return Ok(());
+                    }
+                    // The scale goes on q: rows·d products instead of rows·keys.
+                    let mut q_tile = try_zeros::<f32>(group * rows * d)?;
+                    let mut tile_visible = try_zeros::<usize>(group * rows)?;
+                    for (g, (q_head, visible_head)) in
+                        q_tile.chunks_exact_mut(rows * d).zip(tile_visible.chunks_exact_mut(rows)).enumerate()
+                    {
+                        for (r, row) in q_head.chunks_exact_mut(d).enumerate() {
+                            T::slice_to_f32(&qv[q_at(b, i0 + r, kh * group + g)..][..d], row);
+                            row.iter_mut().for_each(|x| *x *= s.scale);
+                        }
+                        visible_head.copy_from_slice(visible);
+                    }
+                    let m = group * rows;
+                    let mut p = try_zeros::<f32>(m * keys_seen)?;
+                    product(m, keys_seen, d, true, &q_tile, &keys[..keys_seen * d], &mut p);
+                    #[cfg(target_arch = "x86_64")]
+                    if *AVX2_FMA {
+                        // SAFETY: the CPU has AVX2 and FMA (checked once at run time).
+                        unsafe { softmax_rows_avx2(&mut p, keys_seen, &tile_visible, lse_tile) };
+                    } else {
+                        softmax_rows(&mut p, keys_seen, &tile_visible, lse_tile);
+                    }
+                    #[cfg(not(target_arch = "x86_64"))]
+                    softmax_rows(&mut p, keys_seen, &tile_visible, lse_tile);
+                    product(m, d, keys_seen, false, &p, &values[..keys_seen * d], o_tile);
+                    Ok(())
+                })?;
+            Ok((o, lse))
+        })
+        .collect();
+    let tasks = tasks.into_iter().collect::<Result<Vec<_>>>()?;
+    // Where head g's row i sits in its task's tile-major buffers (None past the length).
+    let task_row = |b: usize, i: usize, g: usize| -> Option<usize> {
+        let q_rows = lens[b].min(s.q_len);
+        (i < q_rows).then(|| {
+            let (tile, r) = (i / QUERY_TILE, i % QUERY_TILE);
+            let rows = QUERY_TILE.min(q_rows - tile * QUERY_TILE);
+            group * tile * QUERY_TILE + g * rows + r
+        })
+    };
+    let mut o = try_zeros::<f32>(qv.len())?;
+    let mut lse = try_vec(s.batch * s.heads * s.q_len, f32::NEG_INFINITY)?;
+    // One (sequence, position) row of o holds every head.
+    o.par_chunks_mut(s.heads * d).enumerate().for_each(|(row, out)| {
+        let (b, i) = (row / s.q_len, row % s.q_len);
+        for (h, out_head) in out.chunks_exact_mut(d).enumerate() {
+            if let Some(at) = task_row(b, i, h % group) {
+                out_head.copy_from_slice(&tasks[b * s.kv_heads + h / group].0[at * d..][..d]);
+            }
+        }
+    });
+    for (row, out) in lse.chunks_exact_mut(s.q_len).enumerate() {
+        let (b, h) = (row / s.heads, row % s.heads);
+        for (i, x) in out.iter_mut().enumerate() {
+            if let Some(at) = task_row(b, i, h % group) {
+                *x = tasks[b * s.kv_heads + h / group].1[at];
+            }
+        }
+    }
+    Ok((o, lse))
 }
 
 /// The backward pass's results, f32, shaped like q, k and v.
@@ -323,8 +518,9 @@ pub(crate) struct BackwardInputs<'a> {
     pub delta: &'a Tensor,
 }
 
-/// Query rows per tile of the CPU backward: the tile's scores `[QUERY_TILE, keys]` are
-/// formed with the matmul kernel and live only while the tile is processed.
+/// Query rows per tile of the CPU forward and backward: the tile's scores
+/// `[QUERY_TILE, keys]` are formed with the matmul kernel and live only while the tile is
+/// processed.
 const QUERY_TILE: usize = 64;
 
 /// The CPU backward, one task per (sequence, kv head): the task gathers its keys and values
