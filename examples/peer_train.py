@@ -10,7 +10,8 @@ input_ids (Hugging Face's causal-LM loss), one forward + backward per step (no o
 step is the part both sides compute). Token ids are fixed (`1000 + (7919*i + 104729*seq) %
 40000`, benches/common/llama.rs). Each configuration runs in a process of its own so its peak
 resident memory is its own; the step time is the median of `--steps` steps after one untimed
-step.
+step (PyTorch's bf16: one timed step unless `--bf16-all-steps`, as it takes minutes per step
+on a CPU without AVX512-BF16 or AMX).
 
 - PyTorch: transformers loads the GGUF dequantized (f32 weights), PEFT adds the adapters
   (lora_B initialised to random values as kiln's side does, so every gradient is live);
@@ -111,6 +112,8 @@ def main():
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--model", default=default_model())
     ap.add_argument("--skip-kiln", action="store_true")
+    ap.add_argument("--bf16-all-steps", action="store_true",
+                    help="time PyTorch's bf16 over --steps steps too (one step otherwise)")
     ap.add_argument("--torch-child", choices=["f32", "bf16"], help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.torch_child:
@@ -130,7 +133,9 @@ def main():
     kiln = str(REPO / "target" / "release" / "examples" / "peer_train")
     configs = []
     for dtype in ("f32", "bf16"):
-        configs.append(([sys.executable, __file__, "--torch-child", dtype, "--steps", str(a.steps),
+        # PyTorch's bf16 without AVX512-BF16 or AMX takes minutes per step: one timed step.
+        torch_steps = a.steps if dtype == "f32" or a.bf16_all_steps else 1
+        configs.append(([sys.executable, __file__, "--torch-child", dtype, "--steps", str(torch_steps),
                          "--threads", str(a.threads), "--model", a.model], torch_env))
         if not a.skip_kiln:
             configs.append(([kiln, "--dtype", dtype, "--steps", str(a.steps)], kiln_env))

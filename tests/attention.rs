@@ -150,12 +150,21 @@ fn forward_matches_naive_attention(device: &Device) {
             cases.push(Case { batch: 2, q_len, kv_len, heads: 4, kv_heads: 2, dim, causal, dtype });
         }
     }
+    // f32 with 16+ query rows: the CPU's tiled forward (the row kernel takes fewer rows), a
+    // tile and a partial one, both causal offsets, and the training shape's head grouping.
+    for (q_len, kv_len) in [(16, 16), (70, 130), (130, 70), (67, 67)] {
+        for causal in [false, true] {
+            cases.push(Case { batch: 2, q_len, kv_len, heads: 9, kv_heads: 3, dim: 64, causal, dtype: DType::F32 });
+        }
+    }
     for c in &cases {
         check(device, c, None);
     }
     let long =
         Case { batch: 3, q_len: 70, kv_len: 70, heads: 2, kv_heads: 1, dim: 96, causal: true, dtype: DType::BF16 };
     check(device, &long, Some(vec![70, 66, 3]));
+    let long_f32 = Case { dtype: DType::F32, heads: 6, kv_heads: 2, ..long };
+    check(device, &long_f32, Some(vec![70, 17, 0]));
 }
 
 fn padded_rows_give_what_the_unpadded_sequence_gives(device: &Device) {
