@@ -182,7 +182,9 @@ pub struct LinearCrossEntropy {
 /// chunk's logits with the crate's matmul (or qmatmul) and folds them into each row's online
 /// logsumexp; a second pass computes each chunk's logits again, forms its gradient
 /// `grad_scale · (softmax − onehot) / counted` and accumulates `dh += g · W_chunk` (f32) and
-/// `dW_chunk = gᵀ · h`. Memory beyond the inputs and outputs: one chunk of f32 logits, its
+/// `dW_chunk = gᵀ · h`. On the CPU, f32 hidden states without `head_grad` take one pass
+/// instead (an online softmax carried into the gradient's product: two products per chunk
+/// where the two passes take three). Memory beyond the inputs and outputs: one chunk of f32 logits, its
 /// gradient, a copy of the chunk's rows of W (f32 for a quantized head) and a few `[n, d]`
 /// f32 accumulators.
 ///
@@ -329,6 +331,9 @@ fn chunked_linear(
     };
     let logits_of =
         |band: &Tensor| crate::ops::matmul_with(&h_for_head, band, MatmulOptions::nt().out_dtype(DType::F32));
+    if device.is_cpu() && !plan.head_grad && h_for_head.dtype() == DType::F32 {
+        return cpu_single_pass(&h_for_head, &band, targets, plan, counted);
+    }
     let mut state = Tensor::empty(&[n, 3], DType::F32, &device)?;
     for (c0, cols) in plan.chunks() {
         let logits = logits_of(&band(c0, cols)?)?;
@@ -364,6 +369,81 @@ fn chunked_linear(
         None => Tensor::zeros(&[n, d], h.dtype(), &device)?,
     };
     Ok(LinearCrossEntropy { loss, dh, dw, counted })
+}
+
+/// The CPU's single pass for f32 hidden states without a head gradient: per chunk, its
+/// logits, then per row the running max m, the running sum l of `exp(z − m)` and the
+/// accumulator `U = Σ exp(z − m)·W_j`, rescaled by `exp(m_old − m_new)` when the max moves
+/// (online softmax, applied to the gradient's product as well); at the end
+/// `dh = scale·(U/l − W_target)` and the loss `mean(m + ln l − z_target)`. Two products per
+/// chunk where the two passes take three.
+fn cpu_single_pass(
+    h: &Tensor,
+    band: &dyn Fn(usize, usize) -> Result<Tensor>,
+    targets: &Tensor,
+    plan: &Plan,
+    counted: usize,
+) -> Result<LinearCrossEntropy> {
+    use crate::ops::matmul::{MatmulProblem, cpu_matmul_into};
+    let (n, d) = (plan.n, plan.d);
+    let hv = h.to_vec::<f32>()?;
+    let t: Vec<i32> = targets.to_vec()?;
+    let mut max = vec![f32::NEG_INFINITY; n];
+    let mut sum = try_zeros::<f32>(n)?;
+    let mut target_logit = try_zeros::<f32>(n)?;
+    let mut acc = try_zeros::<f32>(n * d)?;
+    let mut target_row = try_zeros::<f32>(n * d)?;
+    for (c0, cols) in plan.chunks() {
+        let w = band(c0, cols)?.to_vec::<f32>()?;
+        let mut z = try_zeros::<f32>(n * cols)?;
+        cpu_matmul_into(&MatmulProblem::unbatched(n, cols, d, true, DType::F32), &hv, &w, &mut z, false);
+        z.par_chunks_mut(cols)
+            .zip(acc.par_chunks_mut(d))
+            .zip(target_row.par_chunks_mut(d))
+            .zip(max.par_iter_mut().zip(sum.par_iter_mut()).zip(target_logit.par_iter_mut()))
+            .enumerate()
+            .for_each(|(r, (((z, acc), w_t), ((m, l), z_t)))| {
+                if t[r] == IGNORE_INDEX {
+                    z.fill(0.0);
+                    return;
+                }
+                let target = t[r] as usize;
+                if (c0..c0 + cols).contains(&target) {
+                    *z_t = z[target - c0];
+                    w_t.copy_from_slice(&w[(target - c0) * d..(target - c0 + 1) * d]);
+                }
+                let m_new = z.iter().fold(*m, |a, &b| a.max(b));
+                let correction = if *m == f32::NEG_INFINITY { 0.0 } else { exp_nonpositive(*m - m_new) };
+                let mut chunk_sum = 0f32;
+                for x in z.iter_mut() {
+                    *x = exp_nonpositive(*x - m_new);
+                    chunk_sum += *x;
+                }
+                *l = *l * correction + chunk_sum;
+                if correction != 1.0 {
+                    acc.iter_mut().for_each(|a| *a *= correction);
+                }
+                *m = m_new;
+            });
+        cpu_matmul_into(&MatmulProblem::unbatched(n, d, cols, false, DType::F32), &z, &w, &mut acc, true);
+    }
+    let total: f64 =
+        (0..n).filter(|&r| t[r] != IGNORE_INDEX).map(|r| row_loss(max[r], sum[r], target_logit[r]) as f64).sum();
+    acc.par_chunks_mut(d).zip(target_row.par_chunks(d)).enumerate().for_each(|(r, (dh, w_t))| {
+        if t[r] == IGNORE_INDEX {
+            dh.fill(0.0);
+            return;
+        }
+        let inv_l = 1.0 / sum[r];
+        dh.iter_mut().zip(w_t).for_each(|(g, &wt)| *g = plan.scale * (*g * inv_l - wt));
+    });
+    let device = h.device();
+    Ok(LinearCrossEntropy {
+        loss: Tensor::from_slice(&[(total * plan.inv_count as f64) as f32], &[], &device)?,
+        dh: Tensor::from_slice(&acc, &[n, d], &device)?,
+        dw: None,
+        counted,
+    })
 }
 
 /// Rows `r0..r0 + rows` of a `[rows, d]` tensor as a tensor of their own.
