@@ -231,6 +231,9 @@ pub(crate) fn cpu_matmul_f32_out<T: Element>(p: &MatmulProblem, a: &[T], b: &[T]
 pub(crate) fn cpu_matmul_into<T: Element>(p: &MatmulProblem, a: &[T], b: &[T], c: &mut [f32], accumulate: bool) {
     let (m, n) = (p.m, p.n);
     debug_assert_eq!(c.len(), p.batch * m * n);
+    if m * n == 0 {
+        return;
+    }
     for (bi, c_batch) in c.chunks_mut(m * n).enumerate() {
         let a = &a[bi * p.batch_stride_a..];
         let b = &b[bi * p.batch_stride_b..];
