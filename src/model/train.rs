@@ -155,28 +155,14 @@ enum Projection<'a> {
 }
 
 impl Projection<'_> {
-    fn lora(&self) -> Option<LoraLinear<'_>> {
-        match self {
-            Projection::Lora { linear, layer, scale, dropout, .. } => Some(LoraLinear {
-                base: linear.weight.as_base(),
-                bias: linear.bias.as_ref(),
-                a: &layer.a,
-                b: &layer.b,
-                scale: *scale,
-                dropout: *dropout,
-            }),
-            _ => None,
-        }
-    }
-
     /// `x·Wᵀ + b (+ the LoRA delta)`, and `x·Aᵀ` when the projection has an adapter.
     fn forward(&self, x: &Tensor) -> Result<(Tensor, Option<Tensor>)> {
         match self {
             Projection::Frozen(linear) | Projection::Full { linear, .. } => {
                 Ok((linear.forward(x, QMatmulOptions::default())?, None))
             }
-            Projection::Lora { .. } => {
-                let out = lora_forward(x, &self.lora().expect("a LoRA projection"))?;
+            Projection::Lora { linear, layer, scale, dropout, .. } => {
+                let out = lora_forward(x, &lora_linear(linear, layer, *scale, *dropout))?;
                 Ok((out.y, Some(out.xa)))
             }
         }
@@ -193,8 +179,8 @@ impl Projection<'_> {
     ) -> Result<Tensor> {
         match self {
             Projection::Frozen(linear) => input_grad(&linear.weight, dy),
-            Projection::Lora { module, .. } => {
-                let layer = self.lora().expect("a LoRA projection");
+            Projection::Lora { linear, layer, scale, dropout, module } => {
+                let layer = lora_linear(linear, layer, *scale, *dropout);
                 let xa = xa.ok_or_else(|| Error::InvalidArgument(format!("{module}: x·Aᵀ was not kept")))?;
                 let g = lora_backward(dy, x, xa, &layer)?;
                 let [a, b] = lora_tensor_names(module);
@@ -213,6 +199,16 @@ impl Projection<'_> {
             }
         }
     }
+}
+
+/// A LoRA projection as the fused ops take it: the frozen linear with the adapter's pair.
+fn lora_linear<'l>(
+    linear: &'l Linear,
+    layer: &'l LoraLayer,
+    scale: f32,
+    dropout: Option<(f32, u64)>,
+) -> LoraLinear<'l> {
+    LoraLinear { base: linear.weight.as_base(), bias: linear.bias.as_ref(), a: &layer.a, b: &layer.b, scale, dropout }
 }
 
 /// `dy·W` in f32, dy `[tokens, out]` f32: a dense W multiplies dy rounded to W's dtype, a
