@@ -380,14 +380,21 @@ impl LoraAdapter {
     /// [`LoraAdapter::validate`] refuses.
     pub fn save_peft(&self, dir: impl AsRef<Path>) -> Result<()> {
         let dir = dir.as_ref();
+        let files = self.peft_files()?;
+        let files: Vec<(&str, &[u8])> = files.iter().map(|(n, b)| (*n, b.as_slice())).collect();
+        crate::fs::write_dir(dir, &files).map_err(|e| Error::Io(format!("writing {}: {e}", dir.display())))
+    }
+
+    /// The files [`LoraAdapter::save_peft`] writes, by name, for a caller that writes them
+    /// into a folder of its own (a checkpoint). `Err` for what [`LoraAdapter::validate`] refuses.
+    pub fn peft_files(&self) -> Result<Vec<(&'static str, Vec<u8>)>> {
         self.validate()?;
         let config = self.config.to_json()?;
         let names = self.tensors();
         let named: Vec<(&str, &Tensor)> = names.iter().map(|(n, t)| (n.as_str(), *t)).collect();
         let meta = [("format".to_string(), "pt".to_string())].into_iter().collect();
         let weights = crate::io::to_bytes(&named, &meta)?;
-        crate::fs::write_dir(dir, &[(CONFIG_FILE, config.as_bytes()), (WEIGHTS_FILE, &weights)])
-            .map_err(|e| Error::Io(format!("writing {}: {e}", dir.display())))
+        Ok(vec![(CONFIG_FILE, config.into_bytes()), (WEIGHTS_FILE, weights)])
     }
 
     /// Reads a PEFT LoRA adapter from `dir` onto `device`. `Err` naming the file or tensor
@@ -401,6 +408,12 @@ impl LoraAdapter {
             .map_err(|e| Error::Io(format!("reading {}: {e}", dir.display())))?
             .try_into()
             .map_err(|_| Error::Io(format!("reading {}: a file is missing", dir.display())))?;
+        Self::from_peft_files(dir, text, weights, device)
+    }
+
+    /// An adapter from the bytes of the two files [`LoraAdapter::peft_files`] names, read
+    /// from the folder `dir` (named in errors).
+    pub fn from_peft_files(dir: &Path, text: Vec<u8>, weights: Vec<u8>, device: &Device) -> Result<LoraAdapter> {
         let file = crate::io::SafetensorsFile::from_bytes(weights, &dir.join(WEIGHTS_FILE))?;
         let text = String::from_utf8(text).map_err(|_| Error::Io(format!("{CONFIG_FILE} is not UTF-8")))?;
         let config = LoraConfig::from_json(&text)?;

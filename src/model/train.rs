@@ -137,11 +137,24 @@ impl Llama {
         trainable: Trainable<'_>,
         options: &StepOptions,
     ) -> Result<StepOutput> {
-        if self.device().is_cpu() && rayon::current_thread_index().is_none() {
-            return rayon::scope(|_| Stepper::new(self, batch, trainable, options)?.run());
-        }
-        Stepper::new(self, batch, trainable, options)?.run()
+        on_cpu_pool(self, || Stepper::new(self, batch, Some(trainable), options)?.run())
     }
+
+    /// The mean loss over the counted targets of `batch` and how many were counted, with
+    /// `adapter` on the base (or the base alone): the step's forward without its backward,
+    /// for evaluation. Errors as [`Llama::train_step`].
+    pub fn eval_loss(&self, batch: &[TrainSequence], adapter: Option<&LoraAdapter>) -> Result<(f32, usize)> {
+        let trainable = adapter.map(Trainable::Lora);
+        on_cpu_pool(self, || Stepper::new(self, batch, trainable, &StepOptions::default())?.loss_only())
+    }
+}
+
+/// Runs `f` inside rayon's pool on the CPU, so its parallel loops do not each enter it anew.
+fn on_cpu_pool<T: Send>(model: &Llama, f: impl FnOnce() -> Result<T> + Send) -> Result<T> {
+    if model.device().is_cpu() && rayon::current_thread_index().is_none() {
+        return rayon::scope(|_| f());
+    }
+    f()
 }
 
 /// How one projection of one layer runs in a step.
@@ -258,7 +271,8 @@ struct LayerTrace {
 /// One step's state: the batch laid out as the kernels want it and what is trained.
 struct Stepper<'a> {
     model: &'a Llama,
-    trainable: Trainable<'a>,
+    /// `None` for a forward alone (evaluation): every projection frozen.
+    trainable: Option<Trainable<'a>>,
     options: StepOptions,
     b: usize,
     s: usize,
@@ -278,7 +292,7 @@ impl<'a> Stepper<'a> {
     fn new(
         model: &'a Llama,
         batch: &[TrainSequence],
-        trainable: Trainable<'a>,
+        trainable: Option<Trainable<'a>>,
         options: &StepOptions,
     ) -> Result<Stepper<'a>> {
         let c = &model.config;
@@ -364,9 +378,13 @@ impl<'a> Stepper<'a> {
 
     /// Each layer's seven projections as the step runs them; `Err` when the adapter does not
     /// fit the model or full fine-tuning meets a quantized weight.
-    fn projections(model: &'a Llama, trainable: Trainable<'a>, seed: u64) -> Result<Vec<Vec<Projection<'a>>>> {
+    fn projections(
+        model: &'a Llama,
+        trainable: Option<Trainable<'a>>,
+        seed: u64,
+    ) -> Result<Vec<Vec<Projection<'a>>>> {
         let device = model.device();
-        if let Trainable::Lora(adapter) = trainable {
+        if let Some(Trainable::Lora(adapter)) = trainable {
             adapter.validate()?;
             let known: Vec<String> = (0..model.config.num_layers)
                 .flat_map(|l| (0..PROJECTIONS.len()).map(move |p| module_path(l, p)))
@@ -388,7 +406,7 @@ impl<'a> Stepper<'a> {
                 }
             }
         }
-        if let Trainable::Full = trainable {
+        if let Some(Trainable::Full) = trainable {
             let quantized = model.projections().into_iter().find(|(_, l)| matches!(l.weight, Weight::Quantized(_)));
             let embed_quantized = matches!(model.weights.embed, Weight::Quantized(_));
             let head_quantized = matches!(model.weights.head(), Weight::Quantized(_));
@@ -411,8 +429,9 @@ impl<'a> Stepper<'a> {
                         let linear = projection(weights, p)?;
                         let module = module_path(l, p);
                         Ok(match trainable {
-                            Trainable::Full => Projection::Full { linear, module },
-                            Trainable::Lora(adapter) => match adapter.layers.get(&module) {
+                            None => Projection::Frozen(linear),
+                            Some(Trainable::Full) => Projection::Full { linear, module },
+                            Some(Trainable::Lora(adapter)) => match adapter.layers.get(&module) {
                                 None => Projection::Frozen(linear),
                                 Some(layer) => {
                                     adapter.check_fits(&module, linear.weight.shape())?;
@@ -428,16 +447,45 @@ impl<'a> Stepper<'a> {
             .collect()
     }
 
+    /// The forward and the loss, keeping nothing for a backward.
+    fn loss_only(self) -> Result<(f32, usize)> {
+        let model = self.model;
+        let mut h = self.embed()?;
+        for l in 0..model.config.num_layers {
+            h = self.layer_forward(l, &h)?.1;
+        }
+        let final_norm = crate::ops::rms_norm(&h, &model.weights.norm, model.config.rms_norm_eps)?;
+        let picked = crate::ops::embedding(&final_norm.y, &self.rows)?;
+        let loss = crate::ops::linear_cross_entropy(
+            &picked,
+            self.head(),
+            &self.targets,
+            LinearCrossEntropyOptions::default(),
+        )?;
+        Ok((loss.loss.to_vec_f32()?[0], self.counted))
+    }
+
+    fn embed(&self) -> Result<Tensor> {
+        match &self.model.weights.embed {
+            Weight::Dense(t) => crate::ops::embedding(t, &self.ids),
+            Weight::Quantized(q) => crate::ops::qembedding(q, &self.ids, self.model.dtype()),
+        }
+    }
+
+    fn head(&self) -> Head<'a> {
+        match self.model.weights.head() {
+            Weight::Dense(w) => Head::Dense(w),
+            Weight::Quantized(q) => Head::Quantized(q),
+        }
+    }
+
     fn run(self) -> Result<StepOutput> {
         let model = self.model;
         let c = &model.config;
         let mut grads = BTreeMap::new();
 
         // Forward: the trace of every layer, or only each layer's input when checkpointing.
-        let mut h = match &model.weights.embed {
-            Weight::Dense(t) => crate::ops::embedding(t, &self.ids)?,
-            Weight::Quantized(q) => crate::ops::qembedding(q, &self.ids, model.dtype())?,
-        };
+        let mut h = self.embed()?;
         let mut traces: Vec<Option<LayerTrace>> = Vec::with_capacity(c.num_layers);
         let mut inputs: Vec<Tensor> = Vec::with_capacity(c.num_layers);
         for l in 0..c.num_layers {
@@ -454,11 +502,8 @@ impl<'a> Stepper<'a> {
         let last = model.weights.norm.clone();
         let final_norm = crate::ops::rms_norm(&h, &last, c.rms_norm_eps)?;
         let picked = crate::ops::embedding(&final_norm.y, &self.rows)?;
-        let full = matches!(self.trainable, Trainable::Full);
-        let head = match model.weights.head() {
-            Weight::Dense(w) => Head::Dense(w),
-            Weight::Quantized(q) => Head::Quantized(q),
-        };
+        let full = matches!(self.trainable, Some(Trainable::Full));
+        let head = self.head();
         let mut loss_options = LinearCrossEntropyOptions::default().grad_scale(self.options.grad_scale);
         if full {
             loss_options = loss_options.head_grad();
@@ -558,7 +603,7 @@ impl<'a> Stepper<'a> {
         let projections = &self.projections[l];
         let (b, s) = (self.b, self.s);
         let act_dtype = t.input.dtype();
-        let full = matches!(self.trainable, Trainable::Full);
+        let full = matches!(self.trainable, Some(Trainable::Full));
         let [attn_norm_name, mlp_norm_name] = norm_names(l);
 
         // out = mid + down(swiglu(gate(mlp_in), up(mlp_in))), mlp_in = rms_norm(mid): the

@@ -251,6 +251,14 @@ impl AdamW {
     /// anchor, Fisher) to a safetensors file, atomically. `Err` (nothing written) for what
     /// [`AdamW::validate`] refuses. The same state always gives the same bytes.
     pub fn save(&self, path: impl AsRef<Path>) -> Result<()> {
+        let path = path.as_ref();
+        let bytes = self.to_bytes()?;
+        crate::fs::write_file(path, &bytes).map_err(|e| Error::Io(format!("writing {}: {e}", path.display())))
+    }
+
+    /// The bytes [`AdamW::save`] writes (a safetensors file), for a caller that writes them
+    /// with other files (a checkpoint).
+    pub fn to_bytes(&self) -> Result<Vec<u8>> {
         self.validate()?;
         let mut tensors: Vec<(String, &Tensor)> = Vec::new();
         let mut meta = HashMap::new();
@@ -290,7 +298,7 @@ impl AdamW {
             meta.insert(k.to_string(), v);
         }
         let named: Vec<(&str, &Tensor)> = tensors.iter().map(|(n, t)| (n.as_str(), *t)).collect();
-        crate::io::save(path, &named, &meta)
+        crate::io::to_bytes(&named, &meta)
     }
 
     /// Reads a state written by [`AdamW::save`] onto `device`. `Err` naming what is wrong for
@@ -298,7 +306,11 @@ impl AdamW {
     /// second moment with a negative or NaN element.
     pub fn load(path: impl AsRef<Path>, device: &Device) -> Result<AdamW> {
         let path = path.as_ref();
-        let file = crate::io::SafetensorsFile::open(path)?;
+        Self::from_file(&crate::io::SafetensorsFile::open(path)?, path, device)
+    }
+
+    /// [`AdamW::load`] from the file `path` already read.
+    pub(crate) fn from_file(file: &crate::io::SafetensorsFile, path: &Path, device: &Device) -> Result<AdamW> {
         let meta = file.metadata()?;
         let get = |k: &str| meta.get(k).ok_or_else(|| Error::Io(format!("optimizer state lacks {k:?}")));
         let v1 = match get("format")?.as_str() {
