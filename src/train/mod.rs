@@ -6,6 +6,8 @@ mod adamw;
 pub mod company;
 pub mod data;
 pub mod eval;
+pub mod job;
+pub mod plot;
 mod rng;
 pub mod schedule;
 pub mod trainer;
