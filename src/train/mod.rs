@@ -2,5 +2,6 @@
 //! built on them.
 
 mod adamw;
+pub mod data;
 
 pub use adamw::{AdamW, ParamState};
