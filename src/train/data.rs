@@ -351,7 +351,7 @@ fn tokenize_with_eos(text: &str, learned_from: usize, tokenizer: &Tokenizer) -> 
     let mut counted = if learned_from == 0 {
         vec![true; ids.len()]
     } else {
-        inside(encoding.get_offsets(), &[learned_from..text.len()])
+        inside(encoding.get_offsets(), std::slice::from_ref(&(learned_from..text.len())))
     };
     if ids.last() != Some(&eos) {
         ids.push(eos);
