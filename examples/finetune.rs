@@ -12,10 +12,10 @@
 //!     [--quantize FORMAT] [--resume DIR] [--device D] [--seed S] [--export-gguf FILE]
 //! ```
 
-use kiln::model::{LoadOptions, Llama, LoraConfig, PROJECTIONS, Tokenizer};
+use kiln::model::{Llama, LoadOptions, LoraConfig, PROJECTIONS, Tokenizer};
 use kiln::ops::QuantFormat;
 use kiln::train::company::CompanyData;
-use kiln::train::data::{Example, Record, read_jsonl, tokenize, write_jsonl};
+use kiln::train::data::{load_examples, tokenize_records, write_jsonl};
 use kiln::train::job::{self, JobConfig, JobData, Outcome};
 use kiln::train::schedule::ScheduleKind;
 use kiln::train::trainer::TrainConfig;
@@ -113,7 +113,8 @@ fn parse_args() -> Result<Args> {
             "--targets" => {
                 let v = value(&flag)?;
                 args.targets = v.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect();
-                if let Some(t) = args.targets.iter().find(|t| !PROJECTIONS.contains(&t.as_str()) && *t != "all-linear") {
+                if let Some(t) = args.targets.iter().find(|t| !PROJECTIONS.contains(&t.as_str()) && *t != "all-linear")
+                {
                     return Err(bad(format!("--targets: {t:?} is not one of {}", PROJECTIONS.join(", "))));
                 }
             }
@@ -245,37 +246,36 @@ fn run() -> Result<()> {
         out.display()
     );
 
-    // The data: the user's JSONL, or the company's knowledge base (written out beside the
-    // run, so other tools train on the very same examples).
-    let (train_records, eval_records, system_prompt, heldout, train_probe) = match &args.data {
+    // The data: the user's JSONL (every line read and tokenized before training starts, an
+    // error naming its line), or the company's knowledge base, written out beside the run so
+    // other tools train on the very same examples.
+    let user_eval = args.eval.as_ref().map(|p| load_examples(p, &tokenizer, args.seq_len)).transpose()?;
+    let (train, eval, system_prompt, heldout, train_probe) = match &args.data {
         Some(path) => {
-            let train = read_jsonl(path)?;
-            let eval = args.eval.as_ref().map(|p| read_jsonl(p)).transpose()?.unwrap_or_default();
-            (train, eval, String::new(), Vec::new(), Vec::new())
+            let train = load_examples(path, &tokenizer, args.seq_len)?;
+            (train, user_eval.unwrap_or_default(), String::new(), Vec::new(), Vec::new())
         }
         None => {
             let company = CompanyData::generate(args.seed, 1)?;
-            let train = company.train_records();
-            let eval = match &args.eval {
-                Some(p) => read_jsonl(p)?,
-                None => company.heldout_records(),
-            };
-            write_jsonl(&out.join("data").join("train.jsonl"), &train)?;
-            write_jsonl(&out.join("data").join("eval.jsonl"), &eval)?;
+            let (train_records, eval_records) = (company.train_records(), company.heldout_records());
+            write_jsonl(&out.join("data").join("train.jsonl"), &train_records)?;
+            write_jsonl(&out.join("data").join("eval.jsonl"), &eval_records)?;
             eprintln!(
-                "data: {} of {}'s knowledge base: {} facts, {} training examples, {} held-out questions",
-                "version 1",
+                "data: the knowledge base of {}: {} facts as {} training examples, {} held-out questions",
                 company.company.name,
                 company.facts.len(),
                 company.train.len(),
                 company.heldout.len()
             );
+            let train = tokenize_records(&train_records, &tokenizer, args.seq_len, "company data (train)")?;
+            let eval = match user_eval {
+                Some(eval) => eval,
+                None => tokenize_records(&eval_records, &tokenizer, args.seq_len, "company data (held out)")?,
+            };
             let probe = company.train_probe();
             (train, eval, company.system_prompt.clone(), company.heldout, probe)
         }
     };
-    let train = tokenize_all(&train_records, &tokenizer, args.seq_len, "training")?;
-    let eval = tokenize_all(&eval_records, &tokenizer, args.seq_len, "evaluation")?;
 
     let batches_per_epoch = train.len().div_ceil(args.batch) as f64;
     let steps = match (args.steps, args.epochs) {
@@ -350,17 +350,6 @@ fn run() -> Result<()> {
     Ok(())
 }
 
-fn tokenize_all(records: &[Record], tokenizer: &Tokenizer, seq_len: usize, what: &str) -> Result<Vec<Example>> {
-    records
-        .iter()
-        .enumerate()
-        .map(|(i, r)| {
-            tokenize(r, tokenizer, seq_len)
-                .map_err(|e| Error::InvalidArgument(format!("{what} record {} (line {}): {e}", i + 1, i + 1)))
-        })
-        .collect()
-}
-
 fn print_summary(s: &Value, total_seconds: f64) {
     let pct = |v: &Value| v.as_f64().map(|x| format!("{:.0}%", 100.0 * x)).unwrap_or_else(|| "-".into());
     let num = |v: &Value| v.as_f64().map(|x| format!("{x:.3}")).unwrap_or_else(|| "-".into());
@@ -401,7 +390,13 @@ fn print_summary(s: &Value, total_seconds: f64) {
         s["peak_rss_mib"].as_f64().map(|m| format!("{m:.0}")).unwrap_or_else(|| "?".into())
     );
     let files = &s["files"];
-    for (what, key) in [("adapter (PEFT)", "adapter"), ("checkpoint", "checkpoint"), ("metrics", "metrics"), ("loss plot", "loss_plot"), ("summary", "summary")] {
+    for (what, key) in [
+        ("adapter (PEFT)", "adapter"),
+        ("checkpoint", "checkpoint"),
+        ("metrics", "metrics"),
+        ("loss plot", "loss_plot"),
+        ("summary", "summary"),
+    ] {
         println!("{what:<15} {}", files[key].as_str().unwrap_or_default());
     }
 }

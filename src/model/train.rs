@@ -378,11 +378,7 @@ impl<'a> Stepper<'a> {
 
     /// Each layer's seven projections as the step runs them; `Err` when the adapter does not
     /// fit the model or full fine-tuning meets a quantized weight.
-    fn projections(
-        model: &'a Llama,
-        trainable: Option<Trainable<'a>>,
-        seed: u64,
-    ) -> Result<Vec<Vec<Projection<'a>>>> {
+    fn projections(model: &'a Llama, trainable: Option<Trainable<'a>>, seed: u64) -> Result<Vec<Vec<Projection<'a>>>> {
         let device = model.device();
         if let Some(Trainable::Lora(adapter)) = trainable {
             adapter.validate()?;

@@ -138,7 +138,8 @@ impl CompanyData {
             answer: f.answer.clone(),
             expect: f.expect.clone(),
         };
-        let mut train: Vec<QuestionAnswer> = facts.iter().flat_map(|f| f.train_questions.iter().map(|q| qa(f, q))).collect();
+        let mut train: Vec<QuestionAnswer> =
+            facts.iter().flat_map(|f| f.train_questions.iter().map(|q| qa(f, q))).collect();
         rng.shuffle(&mut train);
         let heldout = facts.iter().map(|f| qa(f, rng.pick(&f.heldout_questions))).collect();
         Ok(CompanyData { system_prompt: company.system_prompt(), company, facts, train, heldout })
@@ -198,7 +199,18 @@ const KINDS: &[&str] = &[
     "smart doorbell",
 ];
 const MONTHS: &[&str] = &[
-    "January", "February", "March", "April", "May", "June", "July", "August", "September", "October", "November", "December",
+    "January",
+    "February",
+    "March",
+    "April",
+    "May",
+    "June",
+    "July",
+    "August",
+    "September",
+    "October",
+    "November",
+    "December",
 ];
 /// Products in version 1, and added by each later version.
 const FIRST_PRODUCTS: usize = 8;
@@ -230,7 +242,9 @@ impl Company {
         let mut stems = stems.into_iter();
         let mut new_product = |rng: &mut SplitMix64, year: u32| -> Result<Product> {
             let stem = stems.next().ok_or_else(|| {
-                Error::InvalidArgument(format!("version {version} needs more products than the generator has names for"))
+                Error::InvalidArgument(format!(
+                    "version {version} needs more products than the generator has names for"
+                ))
             })?;
             Ok(Product {
                 name: format!("{stem} {}", rng.pick(NAME_MARKS)),
@@ -254,7 +268,8 @@ impl Company {
             for i in [first, second] {
                 let p = &mut company.products[i];
                 let delta = 10 * (1 + rng.below(5) as u32);
-                p.price_usd = if rng.below(2) == 0 { p.price_usd + delta } else { p.price_usd.saturating_sub(delta).max(19) };
+                p.price_usd =
+                    if rng.below(2) == 0 { p.price_usd + delta } else { p.price_usd.saturating_sub(delta).max(19) };
             }
             let w = rng.below(old) as usize;
             company.products[w].warranty_years = company.products[w].warranty_years % 3 + 1;
@@ -294,7 +309,12 @@ impl Company {
 
     fn untagged_facts(&self) -> Vec<Fact> {
         let mut facts = Vec::new();
-        let fact = |id: String, answer: String, expect: String, train: &[&str], heldout: &[&str], fill: &dyn Fn(&str) -> String| Fact {
+        let fact = |id: String,
+                    answer: String,
+                    expect: String,
+                    train: &[&str],
+                    heldout: &[&str],
+                    fill: &dyn Fn(&str) -> String| Fact {
             id,
             status: FactStatus::New,
             answer,
@@ -333,7 +353,10 @@ impl Company {
                     "Tell me about the warranty of the {p}.",
                     "Is the {p} under warranty, and for how long?",
                 ],
-                &["For how long is the {p} covered if it breaks?", "What coverage period does the {p}'s warranty give?"],
+                &[
+                    "For how long is the {p} covered if it breaks?",
+                    "What coverage period does the {p}'s warranty give?",
+                ],
                 &fill,
             ));
             facts.push(fact(
@@ -381,7 +404,10 @@ impl Company {
                 "What is the return window?",
                 "Until when can I return my order?",
             ],
-            &["I changed my mind about a purchase. How much time do I have to send it back?", "What's the deadline for returns?"],
+            &[
+                "I changed my mind about a purchase. How much time do I have to send it back?",
+                "What's the deadline for returns?",
+            ],
             &none,
         ));
         facts.push(fact(
@@ -396,7 +422,10 @@ impl Company {
                 "When does the refund reach my account?",
                 "What is the refund time?",
             ],
-            &["I sent my item back. How soon will I see the money?", "How long must I wait for my money after a return?"],
+            &[
+                "I sent my item back. How soon will I see the money?",
+                "How long must I wait for my money after a return?",
+            ],
             &none,
         ));
         facts.push(fact(
@@ -433,7 +462,10 @@ impl Company {
                 "When is your help desk open?",
                 "What hours does support work?",
             ],
-            &["If I need help on a weekday, at what times can I reach someone?", "What are the opening hours of customer service?"],
+            &[
+                "If I need help on a weekday, at what times can I reach someone?",
+                "What are the opening hours of customer service?",
+            ],
             &none,
         ));
         facts.push(fact(
@@ -448,7 +480,10 @@ impl Company {
                 "What is your customer service email?",
                 "How can I reach support in writing?",
             ],
-            &["To which address do I send a message when something goes wrong?", "What's the mail address of your help team?"],
+            &[
+                "To which address do I send a message when something goes wrong?",
+                "What's the mail address of your help team?",
+            ],
             &none,
         ));
         facts

@@ -4,7 +4,9 @@
 
 use super::company::{QuestionAnswer, is_correct};
 use super::data::Example;
-use crate::model::{ChatMessage, GenerationConfig, Llama, Logits, LoraAdapter, Prompt, Sequence, Tokenizer, TrainSequence};
+use crate::model::{
+    ChatMessage, GenerationConfig, Llama, Logits, LoraAdapter, Prompt, Sequence, Tokenizer, TrainSequence,
+};
 use crate::{Error, Result};
 
 /// The mean loss over every counted target of `examples`, in batches of `batch_size`, with
@@ -12,10 +14,8 @@ use crate::{Error, Result};
 pub fn eval_loss(model: &Llama, adapter: Option<&LoraAdapter>, examples: &[Example], batch_size: usize) -> Result<f64> {
     let (mut sum, mut counted) = (0f64, 0usize);
     for chunk in examples.chunks(batch_size.max(1)) {
-        let batch = chunk
-            .iter()
-            .map(|e| TrainSequence::new(e.ids.clone(), e.targets.clone()))
-            .collect::<Result<Vec<_>>>()?;
+        let batch =
+            chunk.iter().map(|e| TrainSequence::new(e.ids.clone(), e.targets.clone())).collect::<Result<Vec<_>>>()?;
         let (loss, n) = model.eval_loss(&batch, adapter)?;
         sum += loss as f64 * n as f64;
         counted += n;
@@ -115,7 +115,8 @@ pub struct Retention {
 impl RetentionReference {
     /// The base model's greedy answers (at most `max_new_tokens` each), no adapter.
     pub fn new(model: &Llama, tokenizer: &Tokenizer, max_new_tokens: usize) -> Result<RetentionReference> {
-        let conversations: Vec<Vec<ChatMessage>> = GENERAL_PROMPTS.iter().map(|p| vec![ChatMessage::user(*p)]).collect();
+        let conversations: Vec<Vec<ChatMessage>> =
+            GENERAL_PROMPTS.iter().map(|p| vec![ChatMessage::user(*p)]).collect();
         let done = complete(model, tokenizer, &conversations, None, max_new_tokens, GENERAL_PROMPTS.len())?;
         Ok(RetentionReference { sequences: done.into_iter().map(|(p, a, _)| (p, a)).collect() })
     }
@@ -131,7 +132,8 @@ impl RetentionReference {
             }
             let ids: Vec<u32> = prompt.iter().chain(answer).copied().collect();
             let base = model.forward(&[Sequence::new(&ids)], None, Logits::All)?.to_vec_f32()?;
-            let tuned = model.forward(&[Sequence::new(&ids).with_adapter(Some(adapter))], None, Logits::All)?.to_vec_f32()?;
+            let tuned =
+                model.forward(&[Sequence::new(&ids).with_adapter(Some(adapter))], None, Logits::All)?.to_vec_f32()?;
             let vocab = model.config.vocab_size;
             // Position j's logits predict token j + 1: the answer's tokens are predicted from
             // the prompt's last position on.
@@ -145,7 +147,11 @@ impl RetentionReference {
         if positions == 0 {
             return Err(Error::InvalidArgument("the base model's reference answers are all empty".into()));
         }
-        Ok(Retention { top_token_agreement: agree as f64 / positions as f64, mean_kl: kl / positions as f64, positions })
+        Ok(Retention {
+            top_token_agreement: agree as f64 / positions as f64,
+            mean_kl: kl / positions as f64,
+            positions,
+        })
     }
 }
 

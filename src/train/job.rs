@@ -17,7 +17,7 @@
 use super::company::QuestionAnswer;
 use super::data::Example;
 use super::eval::{RetentionReference, accuracy, answer, eval_loss};
-use super::trainer::{StepMetrics, Trainer, TrainConfig};
+use super::trainer::{StepMetrics, TrainConfig, Trainer};
 use crate::model::{Llama, Tokenizer};
 use crate::{Error, Result};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
@@ -140,12 +140,17 @@ pub fn run(
             m.loss,
             m.lr,
             m.tokens_per_second(),
-            if trainer.progress().skipped > 0 { format!("  skipped {}", trainer.progress().skipped) } else { String::new() }
+            if trainer.progress().skipped > 0 {
+                format!("  skipped {}", trainer.progress().skipped)
+            } else {
+                String::new()
+            }
         );
         bar.set_position(m.step);
         bar.set_message(message.clone());
         if bar.is_hidden() && (m.step % plain_every == 0 || m.step == total) {
-            let eval = line.get("eval_loss").and_then(Value::as_f64).map(|l| format!("  eval {l:.4}")).unwrap_or_default();
+            let eval =
+                line.get("eval_loss").and_then(Value::as_f64).map(|l| format!("  eval {l:.4}")).unwrap_or_default();
             say(&format!("step {}/{total}  {message}{eval}", m.step));
         }
         if let Some(reason) = trainer.stop_reason() {
@@ -366,6 +371,7 @@ fn write_json(path: &Path, value: &Value) -> Result<()> {
 /// The process's peak resident memory (Linux's VmHWM), in MiB.
 pub fn peak_rss_mib() -> Option<f64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let kib: f64 = status.lines().find_map(|l| l.strip_prefix("VmHWM:"))?.trim().trim_end_matches("kB").trim().parse().ok()?;
+    let kib: f64 =
+        status.lines().find_map(|l| l.strip_prefix("VmHWM:"))?.trim().trim_end_matches("kB").trim().parse().ok()?;
     Some(kib / 1024.0)
 }

@@ -37,7 +37,8 @@ pub fn loss_plot(path: &Path, train: &[(u64, f64)], eval: &[(u64, f64)]) -> Resu
     let (width, height) = (900u32, 540u32);
     let mut pixels = vec![0u8; (width * height * 3) as usize];
     let text = font_available();
-    draw(&mut pixels, (width, height), train, eval, text).map_err(|e| Error::Io(format!("drawing the loss plot: {e}")))?;
+    draw(&mut pixels, (width, height), train, eval, text)
+        .map_err(|e| Error::Io(format!("drawing the loss plot: {e}")))?;
     let mut png = Vec::new();
     image::ImageEncoder::write_image(
         image::codecs::png::PngEncoder::new(&mut png),

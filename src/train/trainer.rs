@@ -8,10 +8,10 @@
 //! learning rate from the step; the adapter, the optimizer's moments and master weights are
 //! saved bit for bit. So on the CPU a resumed run's losses equal the uninterrupted run's.
 
+use super::AdamW;
 use super::data::{Example, length_grouped_batches};
 use super::rng::SplitMix64;
 use super::schedule::{Schedule, ScheduleKind};
-use super::AdamW;
 use crate::model::{Llama, LoraAdapter, LoraConfig, StepOptions, TrainSequence, Trainable};
 use crate::ops::optim::AdamWHyper;
 use crate::{Error, Result, Tensor};
