@@ -233,7 +233,9 @@ fn quant_format(t: GgmlType) -> QuantFormat {
 }
 
 fn unsupported(name: &str, t: GgmlType) -> Error {
-    Error::Unsupported(format!("GGUF tensor {name:?}: kiln writes f32, f16, bf16, q8_0, q4_0 and q4_1 tensors, not {t}"))
+    Error::Unsupported(format!(
+        "GGUF tensor {name:?}: kiln writes f32, f16, bf16, q8_0, q4_0 and q4_1 tensors, not {t}"
+    ))
 }
 
 fn type_id(value: &GgufValue) -> u32 {
