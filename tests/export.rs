@@ -730,3 +730,69 @@ fn export_quantizes_as_qtensor_does() {
     let q = QTensor::quantize(&t, QuantFormat::Q8_0).unwrap();
     assert_eq!(q.to_bytes().unwrap(), reference_q8_0(&t.to_vec_f32().unwrap()));
 }
+
+/// The real model: SmolLM2-135M-Instruct (Q4_1) with a LoRA adapter whose B is non-zero,
+/// exported, runs in llama.cpp (through llama-cpp-python), which tokenizes the chat prompt
+/// as kiln does and answers greedily with the adapted model's tokens. Skipped without the
+/// cached model or `llama_cpp`.
+#[test]
+fn smollm2_export_runs_in_llama_cpp() {
+    let Some(path) = kiln::model::cached_default_model() else {
+        println!("SKIP: the default model is not cached (kiln::model::default_model() fetches it)");
+        return;
+    };
+    if let Err(why) = python_has("llama_cpp") {
+        println!("SKIP the llama.cpp run of SmolLM2: {why}");
+        return;
+    }
+    let dir = temp("smollm2");
+    let mut model = load(&path, &Device::Cpu);
+    let config = LoraConfig::new(8, 16.0, &["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]);
+    let mut adapter = LoraAdapter::init(config, &model, 1).unwrap();
+    for (i, layer) in adapter.layers.values_mut().enumerate() {
+        layer.b = Tensor::randn(layer.b.shape(), 0.0, 0.01, 100 + i as u64, DType::F32, &Device::Cpu).unwrap();
+    }
+    let out = dir.join("smollm2-merged.gguf");
+    let started = std::time::Instant::now();
+    export_gguf(&model, Some(&adapter), &path, &out).unwrap();
+    println!("exported in {:.1} s, {} MB", started.elapsed().as_secs_f64(), std::fs::metadata(&out).unwrap().len() >> 20);
+
+    let tokenizer = Tokenizer::from_gguf(&GgufFile::open(&out).unwrap()).unwrap();
+    let text = tokenizer
+        .apply_chat_template(&[kiln::model::ChatMessage::user("What is the capital of France?")], true)
+        .unwrap();
+    let ids = tokenizer.encode(&text, true).unwrap();
+    model.load_adapter("tuned", adapter).unwrap();
+    let steps = 12;
+    let config = kiln::model::GenerationConfig { max_new_tokens: steps, ..Default::default() };
+    let prompt = kiln::model::Prompt::new(ids.clone()).with_adapter(Some("tuned"));
+    let kiln_ids = model.generate(&[prompt], &config, &mut |_, _| Ok(kiln::model::Flow::Continue)).unwrap().remove(0).ids;
+    let kiln_text = tokenizer.decode(&kiln_ids, true).unwrap();
+
+    let ids_i32: Vec<i32> = ids.iter().map(|&x| x as i32).collect();
+    let prompt_path = dir.join("prompt.safetensors");
+    write_safetensors(&prompt_path, &[("ids".into(), Tensor::from_slice(&ids_i32, &[ids.len()], &Device::Cpu).unwrap())]);
+    let text_path = dir.join("prompt.txt");
+    std::fs::write(&text_path, &text).unwrap();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/check_gguf_export.py");
+    let result = Command::new("python3")
+        .arg(&script)
+        .arg(&out)
+        .arg("--generate")
+        .args([&prompt_path, &text_path])
+        .arg(steps.to_string())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&result.stdout);
+    assert!(result.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&result.stderr));
+    let line = stdout.lines().find_map(|l| l.strip_prefix("RESULT ")).expect("no RESULT line");
+    let json: serde_json::Value = serde_json::from_str(line).unwrap();
+    let llama_ids: Vec<u32> = json["tokens"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+    println!("kiln (base + adapter): {kiln_text:?} {kiln_ids:?}");
+    println!("llama.cpp (export):    {:?} {llama_ids:?}", json["text"]);
+    assert_eq!(json["tokenizes_alike"], true, "llama.cpp tokenizes the chat prompt otherwise");
+    // The first tokens of an answer lead by a wide margin; later ones may part under
+    // llama.cpp's 8-bit activations.
+    assert_eq!(llama_ids[..3], kiln_ids[..3], "llama.cpp's answer starts otherwise");
+    let _ = std::fs::remove_dir_all(&dir);
+}
