@@ -123,8 +123,7 @@ fn writer_round_trip(alignment: Option<u32>) {
     assert_eq!(file.tensor("f32", &Device::Cpu).unwrap().to_vec_f32().unwrap(), f32_t.to_vec_f32().unwrap());
     let f16_back = file.tensor("f16", &Device::Cpu).unwrap();
     assert_eq!((f16_back.dtype(), f16_back.shape()), (DType::F16, &[2usize, 3, 7][..]));
-    let f16_want: Vec<f32> =
-        f16_src.to_vec_f32().unwrap().iter().map(|&v| half::f16::from_f32(v).to_f32()).collect();
+    let f16_want: Vec<f32> = f16_src.to_vec_f32().unwrap().iter().map(|&v| half::f16::from_f32(v).to_f32()).collect();
     assert_eq!(f16_back.to_vec_f32().unwrap(), f16_want);
     let bf16_want: Vec<f32> =
         bf16_src.to_vec_f32().unwrap().iter().map(|&v| half::bf16::from_f32(v).to_f32()).collect();
@@ -227,8 +226,7 @@ fn hf_folder_with_tokenizer(model: &str, dir: &Path) -> PathBuf {
     out
 }
 
-const CHAT_TEMPLATE: &str =
-    "{% for m in messages %}<s>{{ m.role }}\n{{ m.content }}</s>\n{% endfor %}{% if add_generation_prompt %}<s>assistant\n{% endif %}";
+const CHAT_TEMPLATE: &str = "{% for m in messages %}<s>{{ m.role }}\n{{ m.content }}</s>\n{% endfor %}{% if add_generation_prompt %}<s>assistant\n{% endif %}";
 
 /// The merged weights computed here, in f64 from the base's f32 values: `W + s·B·A`, in
 /// Hugging Face's names and row order.
@@ -288,9 +286,7 @@ fn assert_q8_0_close(what: &str, got: &[f32], want: &[f32]) {
 /// The exported model's weights (loaded by kiln, q/k back in Hugging Face's order) against
 /// the merge computed here.
 fn assert_weights_match(exported: &Llama, merged: &BTreeMap<String, Vec<f32>>) {
-    let f32s = |w: &kiln::model::Weight| {
-        w.to_f32().unwrap().to_device(&Device::Cpu).unwrap().to_vec_f32().unwrap()
-    };
+    let f32s = |w: &kiln::model::Weight| w.to_f32().unwrap().to_device(&Device::Cpu).unwrap().to_vec_f32().unwrap();
     assert_q8_0_close("token_embd", &f32s(&exported.weights.embed), &merged["model.embed_tokens.weight"]);
     let names = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
     for (l, layer) in exported.weights.layers.iter().enumerate() {
@@ -405,10 +401,8 @@ fn python_checks(
         };
         vec![len / cols, cols]
     };
-    let tensors: Vec<(String, Tensor)> = merged
-        .iter()
-        .map(|(k, v)| (k.clone(), Tensor::from_slice(v, &shape_of(k), &Device::Cpu).unwrap()))
-        .collect();
+    let tensors: Vec<(String, Tensor)> =
+        merged.iter().map(|(k, v)| (k.clone(), Tensor::from_slice(v, &shape_of(k), &Device::Cpu).unwrap())).collect();
     let merged_path = dir.join("merged.safetensors");
     write_safetensors(&merged_path, &tensors);
     let mut args = vec![out.to_path_buf(), merged_path];
@@ -440,11 +434,7 @@ fn python_checks(
 /// Exports `base` (a fixture: a folder or a GGUF) with adapter-tiny merged and checks the file.
 fn export_matches_adapted_model(device: &Device, base: &str) {
     let dir = temp(&format!("{base}-{device}"));
-    let source = if base.ends_with(".gguf") {
-        fixtures().join(base)
-    } else {
-        hf_folder_with_tokenizer(base, &dir)
-    };
+    let source = if base.ends_with(".gguf") { fixtures().join(base) } else { hf_folder_with_tokenizer(base, &dir) };
     let mut model = load(&source, device);
     let adapter = LoraAdapter::load_peft(fixtures().join("adapter-tiny"), device).unwrap();
     let out = dir.join("merged.gguf");
@@ -455,7 +445,12 @@ fn export_matches_adapted_model(device: &Device, base: &str) {
     let c = model.config.clone();
     let mut expected: Vec<(String, GgmlType, Vec<u64>)> =
         vec![("token_embd.weight".into(), GgmlType::Q8_0, vec![c.hidden_size as u64, c.vocab_size as u64])];
-    let (h, f, q, kv) = (c.hidden_size as u64, c.intermediate_size as u64, (c.num_heads * c.head_dim) as u64, (c.num_kv_heads * c.head_dim) as u64);
+    let (h, f, q, kv) = (
+        c.hidden_size as u64,
+        c.intermediate_size as u64,
+        (c.num_heads * c.head_dim) as u64,
+        (c.num_kv_heads * c.head_dim) as u64,
+    );
     for l in 0..c.num_layers {
         expected.push((format!("blk.{l}.attn_norm.weight"), GgmlType::F32, vec![h]));
         expected.push((format!("blk.{l}.ffn_norm.weight"), GgmlType::F32, vec![h]));
@@ -497,8 +492,19 @@ fn export_matches_adapted_model(device: &Device, base: &str) {
 
     // The tokenizer: the GGUF's keys copied; from Hugging Face files, the converter's keys,
     // which for this vocabulary are the ones make_llama.py wrote as the converter does.
-    let reference = GgufFile::open(if base.ends_with(".gguf") { fixtures().join(base) } else { fixtures().join("tiny-f32.gguf") }).unwrap();
-    for key in ["tokenizer.ggml.tokens", "tokenizer.ggml.token_type", "tokenizer.ggml.merges", "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id", "tokenizer.ggml.padding_token_id", "tokenizer.ggml.add_bos_token", "tokenizer.ggml.model"] {
+    let reference =
+        GgufFile::open(if base.ends_with(".gguf") { fixtures().join(base) } else { fixtures().join("tiny-f32.gguf") })
+            .unwrap();
+    for key in [
+        "tokenizer.ggml.tokens",
+        "tokenizer.ggml.token_type",
+        "tokenizer.ggml.merges",
+        "tokenizer.ggml.bos_token_id",
+        "tokenizer.ggml.eos_token_id",
+        "tokenizer.ggml.padding_token_id",
+        "tokenizer.ggml.add_bos_token",
+        "tokenizer.ggml.model",
+    ] {
         assert_eq!(file.get(key), reference.get(key), "{key}");
     }
     if base.ends_with(".gguf") {
@@ -508,7 +514,7 @@ fn export_matches_adapted_model(device: &Device, base: &str) {
     } else {
         assert_eq!(file.get_str("tokenizer.ggml.pre").unwrap(), "gpt-2");
         assert_eq!(file.get_str("tokenizer.chat_template").unwrap(), CHAT_TEMPLATE);
-        assert_eq!(file.get_bool("tokenizer.ggml.add_eos_token").unwrap(), false);
+        assert!(!file.get_bool("tokenizer.ggml.add_eos_token").unwrap());
     }
 
     // The weights: the merge computed here, within Q8_0's rounding, q/k in kiln's order.
@@ -559,7 +565,10 @@ fn export_matches_adapted_model(device: &Device, base: &str) {
             }
         }
     }
-    println!("top tokens: {agreed} of {positions} positions agree; {compared} with a margin > {:.3} checked", 2.0 * tolerance);
+    println!(
+        "top tokens: {agreed} of {positions} positions agree; {compared} with a margin > {:.3} checked",
+        2.0 * tolerance
+    );
     assert!(compared >= 3, "only {compared} positions have a margin that allows the comparison");
 
     if device.is_cpu() {
@@ -648,7 +657,11 @@ fn export_of_biases_untied_head_and_llama3_rope() {
             let smooth = (32.0 / wavelen - 1.0) / (4.0 - 1.0);
             (1.0 - smooth) * inv_freq / 8.0 + smooth * inv_freq
         };
-        assert!(((inv_freq / scaled) as f32 - f).abs() <= 1e-5 * f, "rope_freqs[{i}] = {f}, want {}", inv_freq / scaled);
+        assert!(
+            ((inv_freq / scaled) as f32 - f).abs() <= 1e-5 * f,
+            "rope_freqs[{i}] = {f}, want {}",
+            inv_freq / scaled
+        );
     }
     if python_has("gguf").is_ok() {
         let shapes: Vec<(String, Tensor)> = merged
@@ -658,7 +671,13 @@ fn export_of_biases_untied_head_and_llama3_rope() {
                 let shape = if k.contains("norm") || k.ends_with(".bias") {
                     vec![v.len()]
                 } else {
-                    let cols = if k.contains("down_proj") { c.intermediate_size } else if k.contains("o_proj") { c.num_heads * c.head_dim } else { c.hidden_size };
+                    let cols = if k.contains("down_proj") {
+                        c.intermediate_size
+                    } else if k.contains("o_proj") {
+                        c.num_heads * c.head_dim
+                    } else {
+                        c.hidden_size
+                    };
                     vec![v.len() / cols, cols]
                 };
                 (k.clone(), t.reshape(&shape).unwrap())
@@ -747,7 +766,8 @@ fn smollm2_export_runs_in_llama_cpp() {
     }
     let dir = temp("smollm2");
     let mut model = load(&path, &Device::Cpu);
-    let config = LoraConfig::new(8, 16.0, &["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]);
+    let config =
+        LoraConfig::new(8, 16.0, &["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]);
     let mut adapter = LoraAdapter::init(config, &model, 1).unwrap();
     for (i, layer) in adapter.layers.values_mut().enumerate() {
         layer.b = Tensor::randn(layer.b.shape(), 0.0, 0.01, 100 + i as u64, DType::F32, &Device::Cpu).unwrap();
@@ -755,7 +775,11 @@ fn smollm2_export_runs_in_llama_cpp() {
     let out = dir.join("smollm2-merged.gguf");
     let started = std::time::Instant::now();
     export_gguf(&model, Some(&adapter), &path, &out).unwrap();
-    println!("exported in {:.1} s, {} MB", started.elapsed().as_secs_f64(), std::fs::metadata(&out).unwrap().len() >> 20);
+    println!(
+        "exported in {:.1} s, {} MB",
+        started.elapsed().as_secs_f64(),
+        std::fs::metadata(&out).unwrap().len() >> 20
+    );
 
     let tokenizer = Tokenizer::from_gguf(&GgufFile::open(&out).unwrap()).unwrap();
     let text = tokenizer
@@ -766,12 +790,16 @@ fn smollm2_export_runs_in_llama_cpp() {
     let steps = 12;
     let config = kiln::model::GenerationConfig { max_new_tokens: steps, ..Default::default() };
     let prompt = kiln::model::Prompt::new(ids.clone()).with_adapter(Some("tuned"));
-    let kiln_ids = model.generate(&[prompt], &config, &mut |_, _| Ok(kiln::model::Flow::Continue)).unwrap().remove(0).ids;
+    let kiln_ids =
+        model.generate(&[prompt], &config, &mut |_, _| Ok(kiln::model::Flow::Continue)).unwrap().remove(0).ids;
     let kiln_text = tokenizer.decode(&kiln_ids, true).unwrap();
 
     let ids_i32: Vec<i32> = ids.iter().map(|&x| x as i32).collect();
     let prompt_path = dir.join("prompt.safetensors");
-    write_safetensors(&prompt_path, &[("ids".into(), Tensor::from_slice(&ids_i32, &[ids.len()], &Device::Cpu).unwrap())]);
+    write_safetensors(
+        &prompt_path,
+        &[("ids".into(), Tensor::from_slice(&ids_i32, &[ids.len()], &Device::Cpu).unwrap())],
+    );
     let text_path = dir.join("prompt.txt");
     std::fs::write(&text_path, &text).unwrap();
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/check_gguf_export.py");

@@ -155,7 +155,7 @@ impl GgufWriter {
             )));
         }
         let row = *shape.last().unwrap_or(&1) as u64;
-        if row % ggml_type.block_size() != 0 {
+        if !row.is_multiple_of(ggml_type.block_size()) {
             return Err(Error::Shape(format!(
                 "GGUF tensor {name:?} has shape {shape:?}: rows of {row} are not a multiple of {ggml_type}'s block of {}",
                 ggml_type.block_size()

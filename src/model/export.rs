@@ -490,6 +490,6 @@ fn to_llama_cpp_rows(values: &[f32], rows: usize, cols: usize, heads: usize) -> 
 /// A matrix as Q8_0, or F16 when its rows are not whole blocks (the converter's fallback).
 fn add_matrix(gguf: &mut GgufWriter, name: &str, values: Vec<f32>, rows: usize, cols: usize) -> Result<()> {
     let t = Tensor::from_slice(&values, &[rows, cols], &Device::Cpu)?;
-    let ty = if cols % 32 == 0 { GgmlType::Q8_0 } else { GgmlType::F16 };
+    let ty = if cols.is_multiple_of(32) { GgmlType::Q8_0 } else { GgmlType::F16 };
     gguf.add_tensor(name, &t, ty)
 }
