@@ -414,8 +414,9 @@ fn python_checks(
                 t.push((format!("ids.{i}"), Tensor::from_slice(&ids, &[ids.len()], &Device::Cpu).unwrap()));
                 t.push((format!("logits.{i}"), Tensor::from_slice(l, &[p.len(), c.vocab_size], &Device::Cpu).unwrap()));
             }
-            // llama.cpp's CPU path multiplies Q8_0 weights by activations rounded to 8 bits
-            // per block, one more Q8_0 rounding on top of the file's: the same bound.
+            // llama.cpp's CPU path rounds the activations to 8 bits per block as well: on the
+            // converter's own tiny-q8_0.gguf its logits lie up to 0.33 from transformers'
+            // (measured with llama-cpp-python 0.3.36), within the same bound.
             t.push(("tolerance".into(), Tensor::from_slice(&[tolerance], &[1], &Device::Cpu).unwrap()));
             let logits_path = dir.join("kiln_logits.safetensors");
             write_safetensors(&logits_path, &t);
