@@ -55,6 +55,27 @@ pub(crate) fn write_file(path: &Path, bytes: &[u8]) -> io::Result<()> {
     sync_dir(&dir)
 }
 
+/// [`write_file`] with the bytes streamed by `fill`, so a large file need not be held whole
+/// in memory.
+pub(crate) fn write_file_with(path: &Path, fill: impl FnOnce(&mut dyn Write) -> io::Result<()>) -> io::Result<()> {
+    let dir = parent_of(path)?;
+    remove_leftovers(&dir, path);
+    let tmp = temp_beside(path)?;
+    let written = (|| {
+        let file = File::create_new(&tmp)?;
+        let mut buffered = io::BufWriter::with_capacity(1 << 20, file);
+        fill(&mut buffered)?;
+        let file = buffered.into_inner().map_err(|e| e.into_error())?;
+        file.sync_all()?;
+        fs::rename(&tmp, path)
+    })();
+    if written.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    written?;
+    sync_dir(&dir)
+}
+
 /// Writes the directory `path` holding exactly `files` (name, bytes) atomically as a whole:
 /// the previous version, if any, stays in place until the new one is complete on the disk,
 /// then the two are swapped in one step.

@@ -461,6 +461,30 @@ fn cases() -> Vec<Case> {
         }),
         case("gguf qtensor: q4_1", Accepted, |d| Ok(vec![gguf()?.qtensor("quant.q4_1", d)?.dequantize(DType::F32)?])),
         case("gguf tensor: no such name", Refused, |d| Ok(vec![gguf()?.tensor("dense.nowhere", d)?])),
+        // GGUF out, from tensors and models on each device.
+        case("gguf writer: q8_0 from the device", Accepted, |d| {
+            let mut w = kiln::io::GgufWriter::new();
+            w.add_tensor("w", &full(&[2, 64], 0.5, d)?, kiln::io::GgmlType::Q8_0)?;
+            Ok(vec![])
+        }),
+        case("gguf writer: q8_0 rows of 48", Refused, |d| {
+            let mut w = kiln::io::GgufWriter::new();
+            w.add_tensor("w", &z(&[2, 48], d)?, kiln::io::GgmlType::Q8_0)?;
+            Ok(vec![])
+        }),
+        case("export_gguf: an adapter of another shape", Refused, |d| {
+            let source =
+                std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/llama/tiny-q8_0.gguf"));
+            let model = Llama::load(source, &LoadOptions::new(d))?;
+            let mut adapter =
+                kiln::model::LoraAdapter::init(kiln::model::LoraConfig::new(2, 4.0, &["q_proj"]), &model, 1)?;
+            for layer in adapter.layers.values_mut() {
+                layer.a = z(&[2, 32], d)?;
+            }
+            let out = std::env::temp_dir().join(format!("kiln-misuse-export-{}.gguf", std::process::id()));
+            kiln::model::export_gguf(&model, Some(&adapter), source, &out)?;
+            Ok(vec![])
+        }),
         case("cross_entropy: target = vocab", Refused, |d| ce(&z(&[2, 5], d)?, &tgt(&[0, 5], d)?)),
         case("cross_entropy: target -1", Refused, |d| ce(&z(&[2, 5], d)?, &tgt(&[-1, 0], d)?)),
         case("cross_entropy: f32 targets", Refused, |d| ce(&z(&[2, 5], d)?, &z(&[2], d)?)),

@@ -1,5 +1,6 @@
 //! Tensors in and out of safetensors files (Hugging Face's format), on any device, through
-//! the `safetensors` crate; GGUF files (ggml's format) read through [`GgufFile`].
+//! the `safetensors` crate; GGUF files (ggml's format) read through [`GgufFile`] and written by
+//! [`GgufWriter`].
 //!
 //! ```no_run
 //! use kiln::{DType, Device, Tensor, io};
@@ -15,8 +16,10 @@
 //! ```
 
 pub mod gguf;
+pub mod gguf_write;
 
 pub use gguf::{GgmlType, GgufArray, GgufFile, GgufTensor, GgufTensorInfo, GgufValue, GgufValueType};
+pub use gguf_write::GgufWriter;
 
 use crate::{DType, Device, Error, Result, Tensor};
 use safetensors::{Dtype, SafeTensors};
