@@ -342,8 +342,7 @@ fn run() -> Result<()> {
     };
     if let Some(path) = &args.export_gguf {
         let adapter = kiln::model::LoraAdapter::load_peft(out.join(job::ADAPTER_DIR), &device)?;
-        let _ = adapter; // EXPORT-PENDING
-        return Err(Error::Unsupported("--export-gguf is not built yet".into()));
+        kiln::model::export_gguf(&model, Some(&adapter), &model_path, path)?;
         eprintln!("wrote {} (the adapter merged into the base, Q8_0)", path.display());
     }
     print_summary(&summary, started.elapsed().as_secs_f64());
