@@ -205,29 +205,6 @@ fn load(path: &Path, device: &Device) -> Llama {
     Llama::load(path, &LoadOptions::new(device)).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
-/// A Hugging Face folder of `model` (a fixture folder) with a tokenizer: the tiny GGUF's
-/// vocabulary and merges as a byte-level BPE `tokenizer.json`, and a `tokenizer_config.json`
-/// naming the special tokens and a chat template.
-fn hf_folder_with_tokenizer(model: &str, dir: &Path) -> PathBuf {
-    let out = dir.join(model);
-    std::fs::create_dir_all(&out).unwrap();
-    for entry in std::fs::read_dir(fixtures().join(model)).unwrap() {
-        let entry = entry.unwrap();
-        std::fs::copy(entry.path(), out.join(entry.file_name())).unwrap();
-    }
-    let gguf = GgufFile::open(fixtures().join("tiny-f32.gguf")).unwrap();
-    let tokenizer = Tokenizer::from_gguf(&gguf).unwrap();
-    std::fs::write(out.join("tokenizer.json"), tokenizer.inner().to_string(true).unwrap()).unwrap();
-    let config = serde_json::json!({
-        "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>",
-        "chat_template": CHAT_TEMPLATE,
-    });
-    std::fs::write(out.join("tokenizer_config.json"), config.to_string()).unwrap();
-    out
-}
-
-const CHAT_TEMPLATE: &str = "{% for m in messages %}<s>{{ m.role }}\n{{ m.content }}</s>\n{% endfor %}{% if add_generation_prompt %}<s>assistant\n{% endif %}";
-
 /// The merged weights computed here, in f64 from the base's f32 values: `W + s·B·A`, in
 /// Hugging Face's names and row order.
 fn merged_weights(model: &Llama, adapter: &LoraAdapter) -> BTreeMap<String, Vec<f32>> {
@@ -435,7 +412,8 @@ fn python_checks(
 /// Exports `base` (a fixture: a folder or a GGUF) with adapter-tiny merged and checks the file.
 fn export_matches_adapted_model(device: &Device, base: &str) {
     let dir = temp(&format!("{base}-{device}"));
-    let source = if base.ends_with(".gguf") { fixtures().join(base) } else { hf_folder_with_tokenizer(base, &dir) };
+    let source =
+        if base.ends_with(".gguf") { fixtures().join(base) } else { common::hf_folder_with_tokenizer(base, &dir) };
     let mut model = load(&source, device);
     let adapter = LoraAdapter::load_peft(fixtures().join("adapter-tiny"), device).unwrap();
     let out = dir.join("merged.gguf");
@@ -514,7 +492,7 @@ fn export_matches_adapted_model(device: &Device, base: &str) {
         }
     } else {
         assert_eq!(file.get_str("tokenizer.ggml.pre").unwrap(), "gpt-2");
-        assert_eq!(file.get_str("tokenizer.chat_template").unwrap(), CHAT_TEMPLATE);
+        assert_eq!(file.get_str("tokenizer.chat_template").unwrap(), common::CHAT_TEMPLATE);
         assert!(!file.get_bool("tokenizer.ggml.add_eos_token").unwrap());
     }
 
@@ -612,7 +590,7 @@ fn export_of_a_q8_0_base_reproduces_its_blocks() {
 #[test]
 fn export_of_biases_untied_head_and_llama3_rope() {
     let dir = temp("bias");
-    let source = hf_folder_with_tokenizer("tiny-bias", &dir);
+    let source = common::hf_folder_with_tokenizer("tiny-bias", &dir);
     let model = load(&source, &Device::Cpu);
     let adapter = LoraAdapter::load_peft(fixtures().join("adapter-tiny-bias"), &Device::Cpu).unwrap();
     let out = dir.join("bias.gguf");

@@ -159,3 +159,31 @@ pub fn assert_close(what: &str, got: &[f32], want: &[f64], atol: &[f64], dtype: 
 /// Output roundings allowed when a backend is compared with the CPU: each result may be one
 /// ulp (2u) from the exact value when a backend rounds either way, as WGSL allows.
 pub const BACKEND_ROUNDINGS: f64 = 4.0;
+
+/// The tiny Llama fixtures' folder.
+pub fn llama_fixtures() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/llama")
+}
+
+/// A Hugging Face folder of `model` (a fixture folder) with a tokenizer: the tiny GGUF's
+/// vocabulary and merges as a byte-level BPE `tokenizer.json`, and a `tokenizer_config.json`
+/// naming the special tokens and a chat template.
+pub fn hf_folder_with_tokenizer(model: &str, dir: &std::path::Path) -> std::path::PathBuf {
+    let out = dir.join(model);
+    std::fs::create_dir_all(&out).unwrap();
+    for entry in std::fs::read_dir(llama_fixtures().join(model)).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), out.join(entry.file_name())).unwrap();
+    }
+    let gguf = kiln::io::GgufFile::open(llama_fixtures().join("tiny-f32.gguf")).unwrap();
+    let tokenizer = kiln::model::Tokenizer::from_gguf(&gguf).unwrap();
+    std::fs::write(out.join("tokenizer.json"), tokenizer.inner().to_string(true).unwrap()).unwrap();
+    let config = serde_json::json!({
+        "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>",
+        "chat_template": CHAT_TEMPLATE,
+    });
+    std::fs::write(out.join("tokenizer_config.json"), config.to_string()).unwrap();
+    out
+}
+
+pub const CHAT_TEMPLATE: &str = "{% for m in messages %}<s>{{ m.role }}\n{{ m.content }}</s>\n{% endfor %}{% if add_generation_prompt %}<s>assistant\n{% endif %}";
