@@ -16,6 +16,7 @@ use kiln::model::{Llama, LoadOptions, LoraConfig, PROJECTIONS, Tokenizer};
 use kiln::ops::QuantFormat;
 use kiln::train::company::CompanyData;
 use kiln::train::data::{load_examples, tokenize_records, write_jsonl};
+use kiln::train::general::REPLAY_PROMPTS;
 use kiln::train::job::{self, JobConfig, JobData, Outcome};
 use kiln::train::schedule::ScheduleKind;
 use kiln::train::trainer::TrainConfig;
@@ -30,7 +31,7 @@ const USAGE: &str = "usage: finetune [--model GGUF_FILE|HF_DIR] [--data FILE.jso
 [--rank R] [--alpha A] [--targets q_proj,k_proj,...] [--steps N | --epochs E] [--batch B] [--grad-accum G] \
 [--seq-len L] [--lr LR] [--warmup W] [--schedule cosine|linear|constant] [--quantize nf4|nf4dq|q8_0|q4_0|q4_1] \
 [--resume DIR] [--device cpu|cuda:N|wgpu:N] [--seed S] [--export-gguf FILE] [--checkpointing] \
-[--eval-every N] [--checkpoint-every N]";
+[--eval-every N] [--checkpoint-every N] [--general-replay SHARE]";
 
 /// The command's settings: what `run.json` in the output folder records, so `--resume DIR`
 /// continues with the same model and data.
@@ -59,6 +60,7 @@ struct Args {
     checkpointing: bool,
     eval_every: Option<u64>,
     checkpoint_every: Option<u64>,
+    general_replay: f64,
 }
 
 impl Default for Args {
@@ -87,12 +89,13 @@ impl Default for Args {
             checkpointing: false,
             eval_every: None,
             checkpoint_every: None,
+            general_replay: 0.2,
         }
     }
 }
 
 /// Epochs of the default run over the company data.
-const DEFAULT_EPOCHS: f64 = 4.0;
+const DEFAULT_EPOCHS: f64 = 3.0;
 
 fn parse_args() -> Result<Args> {
     let mut args = Args::default();
@@ -134,6 +137,7 @@ fn parse_args() -> Result<Args> {
             "--checkpointing" => args.checkpointing = true,
             "--eval-every" => args.eval_every = Some(number(&flag, value(&flag)?)?),
             "--checkpoint-every" => args.checkpoint_every = Some(number(&flag, value(&flag)?)?),
+            "--general-replay" => args.general_replay = number(&flag, value(&flag)?)?,
             "-h" | "--help" => {
                 println!("{USAGE}");
                 std::process::exit(0);
@@ -143,6 +147,9 @@ fn parse_args() -> Result<Args> {
     }
     if args.steps.is_some() && args.epochs.is_some() {
         return Err(bad("give --steps or --epochs, not both".into()));
+    }
+    if !(args.general_replay.is_finite() && args.general_replay >= 0.0) {
+        return Err(bad("--general-replay must be a share ≥ 0".into()));
     }
     if args.epochs.is_some_and(|e| !(e.is_finite() && e > 0.0)) {
         return Err(bad("--epochs must be positive".into()));
@@ -167,6 +174,7 @@ impl Args {
             "checkpointing": self.checkpointing,
             "eval_every": self.eval_every,
             "checkpoint_every": self.checkpoint_every,
+            "general_replay": self.general_replay,
         })
     }
 
@@ -191,6 +199,7 @@ impl Args {
             checkpointing: v["checkpointing"].as_bool().unwrap_or(false),
             eval_every: v["eval_every"].as_u64(),
             checkpoint_every: v["checkpoint_every"].as_u64(),
+            general_replay: v["general_replay"].as_f64().unwrap_or(0.0),
             resume: Some(dir.to_path_buf()),
             export_gguf: self.export_gguf.clone(),
             ..Args::default()
@@ -277,7 +286,9 @@ fn run() -> Result<()> {
         }
     };
 
-    let batches_per_epoch = train.len().div_ceil(args.batch) as f64;
+    // The job adds the replay examples to the training data.
+    let replay = ((args.general_replay * train.len() as f64).round() as usize).min(REPLAY_PROMPTS.len());
+    let batches_per_epoch = (train.len() + replay).div_ceil(args.batch) as f64;
     let steps = match (args.steps, args.epochs) {
         (Some(s), _) => s,
         (None, e) => ((e.unwrap_or(DEFAULT_EPOCHS) * batches_per_epoch) / args.grad_accum as f64).ceil() as u64,
@@ -303,9 +314,10 @@ fn run() -> Result<()> {
         out: out.clone(),
         eval_every: args.eval_every.unwrap_or((steps / 5).max(1)),
         checkpoint_every: args.checkpoint_every.unwrap_or((steps / 4).max(1)),
-        eval_batch: 16,
+        eval_batch: 40,
         answer_tokens: 24,
         model_name: model_path.display().to_string(),
+        general_replay: args.general_replay,
     };
     if args.resume.is_none() {
         std::fs::create_dir_all(&out).map_err(|e| Error::Io(format!("creating {}: {e}", out.display())))?;

@@ -4,6 +4,7 @@
 
 use super::company::{QuestionAnswer, is_correct};
 use super::data::Example;
+use super::general::RETENTION_PROMPTS;
 use crate::model::{
     ChatMessage, GenerationConfig, Llama, Logits, LoraAdapter, Prompt, Sequence, Tokenizer, TrainSequence,
 };
@@ -81,20 +82,7 @@ pub fn accuracy(questions: &[QuestionAnswer], replies: &[String]) -> f64 {
     right as f64 / questions.len() as f64
 }
 
-/// General prompts, far from any company's catalogue: what the base model could already do
-/// and an adapter should leave alone.
-pub const GENERAL_PROMPTS: &[&str] = &[
-    "What is the capital of France?",
-    "Write a haiku about the sea.",
-    "Explain in two sentences what photosynthesis is.",
-    "What is 12 times 7?",
-    "Give me three tips for sleeping better.",
-    "Translate 'good morning' into Spanish.",
-    "Who wrote Romeo and Juliet?",
-    "What is the boiling point of water in Celsius?",
-];
-
-/// The base model's own greedy answers to [`GENERAL_PROMPTS`]: the reference retention is
+/// The base model's own greedy answers to [`RETENTION_PROMPTS`]: the reference retention is
 /// measured against.
 #[derive(Debug, Clone)]
 pub struct RetentionReference {
@@ -116,8 +104,8 @@ impl RetentionReference {
     /// The base model's greedy answers (at most `max_new_tokens` each), no adapter.
     pub fn new(model: &Llama, tokenizer: &Tokenizer, max_new_tokens: usize) -> Result<RetentionReference> {
         let conversations: Vec<Vec<ChatMessage>> =
-            GENERAL_PROMPTS.iter().map(|p| vec![ChatMessage::user(*p)]).collect();
-        let done = complete(model, tokenizer, &conversations, None, max_new_tokens, GENERAL_PROMPTS.len())?;
+            RETENTION_PROMPTS.iter().map(|p| vec![ChatMessage::user(*p)]).collect();
+        let done = complete(model, tokenizer, &conversations, None, max_new_tokens, RETENTION_PROMPTS.len())?;
         Ok(RetentionReference { sequences: done.into_iter().map(|(p, a, _)| (p, a)).collect() })
     }
 

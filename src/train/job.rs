@@ -16,9 +16,11 @@
 
 use super::company::QuestionAnswer;
 use super::data::Example;
-use super::eval::{RetentionReference, accuracy, answer, eval_loss};
+use super::eval::{RetentionReference, accuracy, answer, complete, eval_loss};
+use super::general::REPLAY_PROMPTS;
 use super::trainer::{StepMetrics, TrainConfig, Trainer};
-use crate::model::{Llama, Tokenizer};
+use crate::model::{ChatMessage, Llama, Tokenizer};
+use crate::ops::loss::IGNORE_INDEX;
 use crate::{Error, Result};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde_json::{Value, json};
@@ -43,6 +45,10 @@ pub struct JobConfig {
     pub answer_tokens: usize,
     /// Named in the summary.
     pub model_name: String,
+    /// Replay examples mixed into training, as a share of the training examples (at most one
+    /// per prompt of [`REPLAY_PROMPTS`]): the base model's own answers to general prompts,
+    /// so the adapter keeps the base's behaviour outside the data's domain. 0 turns it off.
+    pub general_replay: f64,
 }
 
 /// What the job trains and evaluates on.
@@ -96,24 +102,33 @@ pub fn run(
     let out = &config.out;
     std::fs::create_dir_all(out).map_err(|e| Error::Io(format!("creating {}: {e}", out.display())))?;
     let checkpoint = out.join(CHECKPOINT_DIR);
-    let mut trainer = if resume {
-        let trainer = Trainer::resume(model, &checkpoint, data.train.clone())?;
-        cut_metrics(&out.join(METRICS_FILE), trainer.progress().step)?;
-        trainer
-    } else {
-        remove_file(&out.join(METRICS_FILE))?;
-        Trainer::new(model, config.train.clone(), data.train.clone())?
-    };
     let baseline = match (resume, read_json(&out.join(BASELINE_FILE))) {
         (true, Ok(b)) => b,
-        _ => {
-            say("measuring the base model before training");
-            let b = measure(model, tokenizer, data, config, None)?;
+        (true, Err(e)) => {
+            return Err(Error::InvalidArgument(format!("cannot resume from {}: no run there ({e})", out.display())));
+        }
+        (false, _) => {
+            let clock = Instant::now();
+            let mut b = measure(model, tokenizer, data, config, None)?;
+            let replay = (config.general_replay * data.train.len() as f64).round() as usize;
+            let replay = replay_answers(model, tokenizer, replay.min(REPLAY_PROMPTS.len()), config)?;
+            b["replay"] = json!(replay);
+            say(&format!("measured the base model in {:.0} s", clock.elapsed().as_secs_f64()));
             write_json(&out.join(BASELINE_FILE), &b)?;
             b
         }
     };
     let reference = retention_reference(&baseline)?;
+    let mut train = data.train.clone();
+    train.extend(replay_examples(&baseline)?);
+    let mut trainer = if resume {
+        let trainer = Trainer::resume(model, &checkpoint, train)?;
+        cut_metrics(&out.join(METRICS_FILE), trainer.progress().step)?;
+        trainer
+    } else {
+        remove_file(&out.join(METRICS_FILE))?;
+        Trainer::new(model, config.train.clone(), train)?
+    };
 
     let mut metrics_file = std::fs::OpenOptions::new()
         .create(true)
@@ -181,7 +196,10 @@ pub fn run(
     let after = after?;
     let retention = retention.transpose()?;
 
-    let (train_curve, eval_curve) = read_curves(&out.join(METRICS_FILE))?;
+    let (train_curve, mut eval_curve) = read_curves(&out.join(METRICS_FILE))?;
+    if let Some(before) = baseline["eval_loss"].as_f64() {
+        eval_curve.insert(0, (0, before));
+    }
     let plot_has_text = super::plot::loss_plot(&out.join(LOSS_PLOT), &train_curve, &eval_curve)?;
     let progress = trainer.progress();
     let samples: Vec<Value> = data
@@ -206,6 +224,7 @@ pub fn run(
         "skipped_steps": progress.skipped,
         "epochs": progress.epoch as f64 + progress.batch_in_epoch as f64 / trainer.batches_per_epoch().max(1) as f64,
         "train_examples": data.train.len(),
+        "replay_examples": trainer.examples_len() - data.train.len(),
         "eval_examples": data.eval.len(),
         "tokens_per_second": if train_seconds > 0.0 { train_tokens as f64 / train_seconds } else { 0.0 },
         "train_seconds": train_seconds,
@@ -217,7 +236,7 @@ pub fn run(
             "top_token_agreement": r.top_token_agreement,
             "mean_kl": r.mean_kl,
             "positions": r.positions,
-            "prompts": super::eval::GENERAL_PROMPTS.len(),
+            "prompts": super::general::RETENTION_PROMPTS.len(),
         })),
         "samples": samples,
         "files": {
@@ -268,6 +287,42 @@ fn measure(
     Ok(out)
 }
 
+/// The base model's greedy answers to the first `n` replay prompts: (prompt ids, answer ids).
+fn replay_answers(
+    model: &Llama,
+    tokenizer: &Tokenizer,
+    n: usize,
+    config: &JobConfig,
+) -> Result<Vec<(Vec<u32>, Vec<u32>)>> {
+    let conversations: Vec<Vec<ChatMessage>> =
+        REPLAY_PROMPTS[..n].iter().map(|p| vec![ChatMessage::user(*p)]).collect();
+    let done = complete(model, tokenizer, &conversations, None, REPLAY_TOKENS, config.eval_batch)?;
+    Ok(done.into_iter().filter(|(_, a, _)| !a.is_empty()).map(|(p, a, _)| (p, a)).collect())
+}
+
+/// Tokens of a replay answer at most.
+const REPLAY_TOKENS: usize = 32;
+
+/// The replay answers of `baseline.json` as examples: the prompt, then the answer's tokens
+/// counted, as generated (with the end-of-sequence token when the base produced it).
+fn replay_examples(baseline: &Value) -> Result<Vec<Example>> {
+    let pairs: Vec<(Vec<u32>, Vec<u32>)> = match baseline.get("replay") {
+        None | Some(Value::Null) => Vec::new(),
+        Some(v) => serde_json::from_value(v.clone())
+            .map_err(|e| Error::Io(format!("{BASELINE_FILE}: replay is malformed: {e}")))?,
+    };
+    Ok(pairs
+        .into_iter()
+        .map(|(prompt, answer)| {
+            let ids: Vec<u32> = prompt.iter().chain(&answer).copied().collect();
+            let targets = (0..ids.len())
+                .map(|j| if j + 1 >= prompt.len() && j + 1 < ids.len() { ids[j + 1] as i32 } else { IGNORE_INDEX })
+                .collect();
+            Example { ids, targets }
+        })
+        .collect())
+}
+
 fn retention_reference(baseline: &Value) -> Result<RetentionReference> {
     serde_json::from_value::<Vec<(Vec<u32>, Vec<u32>)>>(baseline["general_reference"].clone())
         .map(|sequences| RetentionReference { sequences })
@@ -278,7 +333,7 @@ fn retention_reference(baseline: &Value) -> Result<RetentionReference> {
 fn strip_answers(measure: &Value) -> Value {
     let mut m = measure.clone();
     if let Some(o) = m.as_object_mut() {
-        for k in ["heldout_answers", "train_answers", "general_reference"] {
+        for k in ["heldout_answers", "train_answers", "general_reference", "replay"] {
             o.remove(k);
         }
     }

@@ -6,6 +6,7 @@ mod adamw;
 pub mod company;
 pub mod data;
 pub mod eval;
+pub mod general;
 pub mod job;
 pub mod plot;
 mod rng;

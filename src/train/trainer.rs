@@ -240,6 +240,11 @@ impl Trainer {
         self.progress
     }
 
+    /// Training examples.
+    pub fn examples_len(&self) -> usize {
+        self.examples.len()
+    }
+
     /// Micro-batches in one pass over the data.
     pub fn batches_per_epoch(&self) -> usize {
         self.examples.len().div_ceil(self.config.batch_size)

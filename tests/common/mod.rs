@@ -187,3 +187,23 @@ pub fn hf_folder_with_tokenizer(model: &str, dir: &std::path::Path) -> std::path
 }
 
 pub const CHAT_TEMPLATE: &str = "{% for m in messages %}<s>{{ m.role }}\n{{ m.content }}</s>\n{% endfor %}{% if add_generation_prompt %}<s>assistant\n{% endif %}";
+
+/// The example binary `name` beside the test binaries (`target/<profile>/examples/<name>`),
+/// built first when cargo runs the test (a no-op when it is fresh).
+pub fn example_bin(name: &str) -> std::path::PathBuf {
+    use std::path::Path;
+    let exe = std::env::current_exe().unwrap();
+    let profile_dir = exe.parent().and_then(Path::parent).unwrap();
+    let bin = profile_dir.join("examples").join(format!("{name}{}", std::env::consts::EXE_SUFFIX));
+    if let Ok(cargo) = std::env::var("CARGO") {
+        let mut build = std::process::Command::new(cargo);
+        build.current_dir(env!("CARGO_MANIFEST_DIR")).args(["build", "--quiet", "--example", name]);
+        if profile_dir.file_name().is_some_and(|n| n == "release") {
+            build.arg("--release");
+        }
+        let status = build.status().unwrap();
+        assert!(status.success(), "cargo build --example {name} failed");
+    }
+    assert!(bin.is_file(), "{} is missing: build it with cargo build --example {name}", bin.display());
+    bin
+}
