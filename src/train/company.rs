@@ -175,8 +175,9 @@ pub fn is_correct(reply: &str, expect: &str) -> bool {
     reply.match_indices(&expect).any(|(at, _)| {
         let before = reply[..at].chars().next_back();
         let after = reply[at + expect.len()..].chars().next();
-        !(word(before) && expect.starts_with(char::is_alphanumeric))
-            && !(word(after) && expect.ends_with(char::is_alphanumeric))
+        let starts_clean = !expect.starts_with(char::is_alphanumeric) || !word(before);
+        let ends_clean = !expect.ends_with(char::is_alphanumeric) || !word(after);
+        starts_clean && ends_clean
     })
 }
 

@@ -41,11 +41,21 @@ pub fn answer(
 ) -> Result<Vec<String>> {
     let conversations: Vec<Vec<ChatMessage>> = questions.iter().map(|q| q.prompt(system)).collect();
     complete(model, tokenizer, &conversations, adapter, max_new_tokens, batch_size)
-        .map(|r| r.into_iter().map(|(_, _, text)| text).collect())
+        .map(|r| r.into_iter().map(|c| c.text).collect())
 }
 
-/// Greedy completions of chat `conversations` (with the template's generation prompt): per
-/// conversation, the prompt's ids with the answer's ids, and the answer's text.
+/// A greedy completion of a conversation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Completion {
+    /// The rendered conversation's ids, with the template's generation prompt.
+    pub prompt: Vec<u32>,
+    /// The answer's ids (with the end-of-sequence token when the model produced it).
+    pub answer: Vec<u32>,
+    /// The answer's text, without special tokens, trimmed.
+    pub text: String,
+}
+
+/// Greedy completions of chat `conversations` (with the template's generation prompt).
 pub fn complete(
     model: &Llama,
     tokenizer: &Tokenizer,
@@ -53,7 +63,7 @@ pub fn complete(
     adapter: Option<&str>,
     max_new_tokens: usize,
     batch_size: usize,
-) -> Result<Vec<(Vec<u32>, Vec<u32>, String)>> {
+) -> Result<Vec<Completion>> {
     let config = GenerationConfig { max_new_tokens, eos_token_ids: tokenizer.eos_ids().to_vec(), ..Default::default() };
     let mut out = Vec::with_capacity(conversations.len());
     for chunk in conversations.chunks(batch_size.max(1)) {
@@ -67,7 +77,7 @@ pub fn complete(
         let generated = model.generate(&prompts, &config, &mut |_, _| Ok(crate::model::Flow::Continue))?;
         for (prompt, g) in prompts.into_iter().zip(generated) {
             let text = tokenizer.decode(&g.ids, true)?;
-            out.push((prompt.ids, g.ids, text.trim().to_string()));
+            out.push(Completion { prompt: prompt.ids, answer: g.ids, text: text.trim().to_string() });
         }
     }
     Ok(out)
@@ -106,7 +116,7 @@ impl RetentionReference {
         let conversations: Vec<Vec<ChatMessage>> =
             RETENTION_PROMPTS.iter().map(|p| vec![ChatMessage::user(*p)]).collect();
         let done = complete(model, tokenizer, &conversations, None, max_new_tokens, RETENTION_PROMPTS.len())?;
-        Ok(RetentionReference { sequences: done.into_iter().map(|(p, a, _)| (p, a)).collect() })
+        Ok(RetentionReference { sequences: done.into_iter().map(|c| (c.prompt, c.answer)).collect() })
     }
 
     /// Feeds each prompt and the base's answer, token by token, through the base and

@@ -297,7 +297,7 @@ fn replay_answers(
     let conversations: Vec<Vec<ChatMessage>> =
         REPLAY_PROMPTS[..n].iter().map(|p| vec![ChatMessage::user(*p)]).collect();
     let done = complete(model, tokenizer, &conversations, None, REPLAY_TOKENS, config.eval_batch)?;
-    Ok(done.into_iter().filter(|(_, a, _)| !a.is_empty()).map(|(p, a, _)| (p, a)).collect())
+    Ok(done.into_iter().filter(|c| !c.answer.is_empty()).map(|c| (c.prompt, c.answer)).collect())
 }
 
 /// Tokens of a replay answer at most.
@@ -375,7 +375,10 @@ fn say(message: &str) {
 }
 
 /// The train and eval loss curves of `metrics.jsonl`.
-fn read_curves(path: &Path) -> Result<(Vec<(u64, f64)>, Vec<(u64, f64)>)> {
+/// (step, loss) points.
+type Curve = Vec<(u64, f64)>;
+
+fn read_curves(path: &Path) -> Result<(Curve, Curve)> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::Io(format!("reading {}: {e}", path.display())))?;
     let (mut train, mut eval) = (Vec::new(), Vec::new());
     for line in text.lines().filter(|l| !l.trim().is_empty()) {
