@@ -95,7 +95,7 @@ impl Default for Args {
 }
 
 /// Epochs of the default run over the company data.
-const DEFAULT_EPOCHS: f64 = 3.0;
+const DEFAULT_EPOCHS: f64 = 4.0;
 
 fn parse_args() -> Result<Args> {
     let mut args = Args::default();
@@ -312,10 +312,10 @@ fn run() -> Result<()> {
             max_non_finite: 10,
         },
         out: out.clone(),
-        eval_every: args.eval_every.unwrap_or((steps / 5).max(1)),
+        eval_every: args.eval_every.unwrap_or((steps / 4).max(1)),
         checkpoint_every: args.checkpoint_every.unwrap_or((steps / 4).max(1)),
         eval_batch: 40,
-        answer_tokens: 24,
+        answer_tokens: 20,
         model_name: model_path.display().to_string(),
         general_replay: args.general_replay,
     };
